@@ -1,0 +1,2 @@
+//! Shared code of the dcache binaries; the binaries live in `src/bin/`.
+#![forbid(unsafe_code)]
