@@ -5,8 +5,33 @@
 //! bytes come in through `handle_*` methods, time comes in as a `now: Instant` argument,
 //! and bytes, events and timers go out through `poll_*` methods. That is what lets the test
 //! suite run a 40 ms link in microseconds and lets the fuzzer reach every state.
+//!
+//! The normative description of the bytes is `docs/PROTOCOL.md` in the repository.
 #![forbid(unsafe_code)]
 
+mod codec;
+mod decoder;
+mod error;
+mod error_code;
+mod frame;
+mod frame_type;
+mod header;
 mod job;
+mod key;
 
+pub use decoder::{FrameDecoder, MAX_CONSECUTIVE_FILLER};
+pub use error::{CommandError, ConnectionError, DecodeError, FrameError};
+pub use error_code::ErrorCode;
+pub use frame::{
+    EncodedFrame, Frame, HELLO_MAGIC, Hello, JobId, Limits, MAX_ARGS, MAX_OUTPUT_NAME,
+    MAX_OUTPUTS, MAX_STATS, OutputMeta, ResultHead, Stat,
+};
+pub use frame_type::{Flags, FrameType};
+pub use header::{FrameHeader, HEADER_LEN};
 pub use job::{JobDesc, JobResult, OutputFile};
+pub use key::{CacheKey, KeyHasher};
+
+/// The protocol versions this implementation speaks.
+pub const VERSION_MIN: u16 = 1;
+/// The highest protocol version this implementation speaks.
+pub const VERSION_MAX: u16 = 1;
