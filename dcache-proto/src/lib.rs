@@ -35,3 +35,13 @@ pub use key::{CacheKey, KeyHasher};
 pub const VERSION_MIN: u16 = 1;
 /// The highest protocol version this implementation speaks.
 pub const VERSION_MAX: u16 = 1;
+
+mod client;
+mod handshake;
+mod outbox;
+mod server;
+
+pub use client::{ClientConfig, ClientConnection, ClientEvent, JobOutcome, Strategy};
+pub use server::{ConnStats, ServerConfig, ServerConnection, ServerEvent};
+
+pub mod testing;

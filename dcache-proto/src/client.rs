@@ -1,0 +1,936 @@
+//! The client end of a connection.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::decoder::FrameDecoder;
+use crate::error::{CommandError, ConnectionError};
+use crate::error_code::ErrorCode;
+use crate::frame::{Frame, Hello, JobId, Limits, ResultHead, Stat};
+use crate::handshake::{check_peer_limits, clamp_own_limits, negotiate};
+use crate::job::{JobDesc, JobResult, OutputFile};
+use crate::key::CacheKey;
+use crate::outbox::{Outbox, Segments};
+use crate::{VERSION_MAX, VERSION_MIN};
+
+/// How a client uses HASH. All three run on the same code so they can be compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Strategy {
+    /// HASH, then the source at once without waiting: a hit costs one round trip and a miss
+    /// costs nothing extra. The default.
+    Speculative,
+    /// HASH, then wait for the verdict before sending any source: no byte is wasted on a
+    /// hit, a miss pays one extra round trip.
+    AskFirst,
+    /// No HASH: the server compiles (or finds the result by the key it computes itself
+    /// once it has the whole source). How an old or simple client talks.
+    SendAll,
+}
+
+impl Strategy {
+    /// The name used in configuration (`speculative`, `ask-first`, `send-all`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Speculative => "speculative",
+            Self::AskFirst => "ask-first",
+            Self::SendAll => "send-all",
+        }
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "speculative" => Ok(Self::Speculative),
+            "ask-first" => Ok(Self::AskFirst),
+            "send-all" => Ok(Self::SendAll),
+            other => Err(format!(
+                "unknown strategy {other:?}: expected speculative, ask-first or send-all"
+            )),
+        }
+    }
+}
+
+/// Settings of a [`ClientConnection`].
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// What we accept from the server; only `max_frame_payload` matters on this side.
+    pub limits: Limits,
+    /// Largest SOURCE chunk we send. Smaller chunks interleave concurrent jobs more finely
+    /// and let an early result stop the upload sooner; larger ones cost fewer headers.
+    pub chunk_size: u32,
+    /// The default strategy for jobs started with a key.
+    pub strategy: Strategy,
+    /// How long the server may take to answer HELLO.
+    pub handshake_timeout: Duration,
+    /// Largest result body we accept (stdout + stderr + outputs).
+    pub max_result_len: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            chunk_size: 64 * 1024,
+            strategy: Strategy::Speculative,
+            handshake_timeout: Duration::from_secs(10),
+            max_result_len: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// What a finished job produced and what it cost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobOutcome {
+    /// The compiler's output.
+    pub result: JobResult,
+    /// Whether the server answered from its cache before the upload finished
+    /// (EARLY_RESULT).
+    pub early: bool,
+    /// The strategy the job ran with.
+    pub strategy: Strategy,
+    /// Source bytes put on the wire for this job.
+    pub source_bytes_sent: u64,
+    /// Source bytes that never had to be sent because the result came first.
+    pub source_bytes_skipped: u64,
+}
+
+/// Something the owner of a [`ClientConnection`] must know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientEvent {
+    /// The server's HELLO arrived and a version was agreed.
+    Connected {
+        /// The agreed version.
+        version: u16,
+        /// The server's HELLO (its limits in particular).
+        server: Hello,
+    },
+    /// The server does not have the result; the upload goes on (or starts, for ask-first).
+    Miss {
+        /// The job.
+        job: JobId,
+    },
+    /// A job finished with a result (which may be a failed compile: see its exit code).
+    Done {
+        /// The job.
+        job: JobId,
+        /// Its result and costs.
+        outcome: JobOutcome,
+    },
+    /// The server ended a job without a result (refused, overloaded, hash mismatch...).
+    Failed {
+        /// The job.
+        job: JobId,
+        /// Why.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The server's counters, in answer to [`ClientConnection::request_stats`].
+    Stats(Vec<Stat>),
+    /// The server will take no new jobs on this connection; open jobs still finish.
+    GoAway,
+    /// The connection is over; `error` is `None` for a clean close. Jobs not reported
+    /// `Done` or `Failed` are lost and may be retried elsewhere.
+    Closed {
+        /// Why, when it was not clean.
+        error: Option<ConnectionError>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Handshaking { deadline: Instant },
+    Open,
+    GoingAway,
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upload {
+    /// Ask-first: waiting for the verdict before sending source.
+    Blocked,
+    /// Source may be sent.
+    Open,
+    /// FIN or ABORT sent; nothing more goes out for this job.
+    Closed,
+}
+
+#[derive(Debug)]
+enum Download {
+    /// Nothing (or only MISS) received yet.
+    Waiting,
+    /// A result head arrived; the body is being assembled.
+    Receiving {
+        head: ResultHead,
+        early: bool,
+        body: BytesMut,
+        total: u64,
+    },
+    /// Result complete or ABORT received.
+    Closed,
+}
+
+#[derive(Debug)]
+struct Job {
+    desc: JobDesc,
+    key: Option<CacheKey>,
+    strategy: Strategy,
+    announced: bool,
+    upload: Upload,
+    source: Segments,
+    source_fin: bool,
+    pushed: u64,
+    sent: u64,
+    in_ready: bool,
+    verdict: bool,
+    download: Download,
+    cancelled: bool,
+}
+
+impl Job {
+    fn sendable(&self) -> bool {
+        self.announced
+            && self.upload == Upload::Open
+            && (!self.source.is_empty() || self.source_fin)
+    }
+
+    fn total_len(&self) -> u64 {
+        self.desc.source_len.unwrap_or(self.pushed).max(self.pushed)
+    }
+}
+
+/// The client end of a dcache connection, without IO.
+///
+/// # Driving it
+/// - Inputs: [`handle_input`](Self::handle_input) with bytes read from the transport,
+///   [`handle_eof`](Self::handle_eof) when the read side ends, and
+///   [`handle_timeout`](Self::handle_timeout) when the instant from
+///   [`poll_timeout`](Self::poll_timeout) has passed.
+/// - Commands: [`start_job`](Self::start_job), [`push_source`](Self::push_source),
+///   [`cancel`](Self::cancel), [`request_stats`](Self::request_stats),
+///   [`close`](Self::close).
+/// - Outputs, drained after every input or command, in this order:
+///   [`poll_transmit`](Self::poll_transmit) until `None` (or until the transport stops
+///   accepting: call it again when it has room), [`poll_event`](Self::poll_event) until
+///   `None`, then [`poll_timeout`](Self::poll_timeout) to re-arm the timer. When
+///   [`is_closed`](Self::is_closed) turns true, everything is sent and the transport can be
+///   shut down.
+///
+/// The HELLO is queued at construction and the first jobs may be started at once: their
+/// frames follow the HELLO without waiting for the server's answer, within the protocol's
+/// baseline limits.
+#[derive(Debug)]
+pub struct ClientConnection {
+    config: ClientConfig,
+    state: State,
+    decoder: FrameDecoder,
+    inbuf: BytesMut,
+    outbox: Outbox,
+    events: VecDeque<ClientEvent>,
+    peer: Limits,
+    next_job: u32,
+    jobs: BTreeMap<u32, Job>,
+    announced: usize,
+    waiting: VecDeque<u32>,
+    ready: VecDeque<u32>,
+    stats_pending: u32,
+}
+
+impl ClientConnection {
+    /// A new connection that has queued its HELLO.
+    pub fn new(mut config: ClientConfig, now: Instant) -> Self {
+        config.limits = clamp_own_limits(config.limits);
+        config.chunk_size = config.chunk_size.max(1);
+        let mut outbox = Outbox::default();
+        let hello = Frame::Hello(Hello {
+            min_version: VERSION_MIN,
+            max_version: VERSION_MAX,
+            limits: config.limits,
+            features: 0,
+            extensions: Bytes::new(),
+        });
+        outbox.push(encode_control(&hello, Limits::BASELINE.max_frame_payload));
+        Self {
+            decoder: FrameDecoder::new(config.limits.max_frame_payload),
+            state: State::Handshaking {
+                deadline: now + config.handshake_timeout,
+            },
+            config,
+            inbuf: BytesMut::new(),
+            outbox,
+            events: VecDeque::new(),
+            peer: Limits::BASELINE,
+            next_job: 1,
+            jobs: BTreeMap::new(),
+            announced: 0,
+            waiting: VecDeque::new(),
+            ready: VecDeque::new(),
+            stats_pending: 0,
+        }
+    }
+
+    // ----- getters -----
+
+    /// Whether the handshake has completed.
+    pub fn is_connected(&self) -> bool {
+        matches!(self.state, State::Open | State::GoingAway)
+    }
+
+    /// Whether the connection is over and everything queued has been handed out.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed && self.outbox.is_empty()
+    }
+
+    /// Whether new jobs may still be started.
+    pub fn accepts_jobs(&self) -> bool {
+        matches!(self.state, State::Handshaking { .. } | State::Open)
+    }
+
+    /// Jobs started and not yet finished (including those waiting for a slot).
+    pub fn jobs_open(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// The limits in force for what we send: the server's, or the baseline before its HELLO.
+    pub fn peer_limits(&self) -> Limits {
+        self.peer
+    }
+
+    /// Source bytes sent so far for `job`, if it is open.
+    pub fn source_bytes_sent(&self, job: JobId) -> Option<u64> {
+        self.jobs.get(&job.0).map(|j| j.sent)
+    }
+
+    // ----- commands -----
+
+    /// Starts a job. With a `key` the job uses the configured strategy (speculative or
+    /// ask-first); without one it is sent whole with no HASH.
+    pub fn start_job(
+        &mut self,
+        now: Instant,
+        desc: JobDesc,
+        key: Option<CacheKey>,
+    ) -> Result<JobId, CommandError> {
+        let strategy = match key {
+            Some(_) => self.config.strategy,
+            None => Strategy::SendAll,
+        };
+        self.start_job_with(now, desc, key, strategy)
+    }
+
+    /// Starts a job with an explicit strategy. `SendAll` ignores the key; the other
+    /// strategies need one.
+    pub fn start_job_with(
+        &mut self,
+        _now: Instant,
+        desc: JobDesc,
+        key: Option<CacheKey>,
+        strategy: Strategy,
+    ) -> Result<JobId, CommandError> {
+        match self.state {
+            State::Closed => return Err(CommandError::Closed),
+            State::GoingAway => return Err(CommandError::GoingAway),
+            _ => {}
+        }
+        let key = match strategy {
+            Strategy::SendAll => None,
+            _ => Some(key.ok_or(CommandError::WrongState {
+                job: self.next_job,
+                why: "speculative and ask-first jobs need a cache key",
+            })?),
+        };
+        // Refuse what the server would refuse, before it costs a frame.
+        Frame::Job {
+            job: JobId(self.next_job),
+            desc: desc.clone(),
+        }
+        .encode(Limits::BASELINE.max_frame_payload)?;
+        let id = self.next_job;
+        // The id space is 2^32 jobs per connection; the owner opens a new connection long
+        // before, but refuse rather than wrap if it does not.
+        self.next_job = self.next_job.checked_add(1).ok_or(CommandError::Closed)?;
+        self.jobs.insert(
+            id,
+            Job {
+                desc,
+                key,
+                strategy,
+                announced: false,
+                upload: Upload::Blocked,
+                source: Segments::default(),
+                source_fin: false,
+                pushed: 0,
+                sent: 0,
+                in_ready: false,
+                verdict: false,
+                download: Download::Waiting,
+                cancelled: false,
+            },
+        );
+        self.waiting.push_back(id);
+        self.announce_waiting();
+        Ok(JobId(id))
+    }
+
+    /// Adds source bytes to a job; `fin` marks the end. The bytes are shared, not copied,
+    /// and go out in chunks as the transport takes them. After the job's result arrived
+    /// they are dropped silently: the server no longer wants them.
+    pub fn push_source(&mut self, job: JobId, data: Bytes, fin: bool) -> Result<(), CommandError> {
+        let j = self
+            .jobs
+            .get_mut(&job.0)
+            .ok_or(CommandError::UnknownJob(job.0))?;
+        if j.source_fin {
+            return Err(CommandError::SourceFinished(job.0));
+        }
+        j.pushed += data.len() as u64;
+        j.source_fin = fin;
+        if j.upload != Upload::Closed {
+            j.source.push(data);
+        }
+        self.mark_ready(job.0);
+        Ok(())
+    }
+
+    /// Cancels a job. No event is reported for it afterwards.
+    pub fn cancel(&mut self, job: JobId) -> Result<(), CommandError> {
+        let j = self
+            .jobs
+            .get_mut(&job.0)
+            .ok_or(CommandError::UnknownJob(job.0))?;
+        j.cancelled = true;
+        if !j.announced {
+            self.waiting.retain(|&id| id != job.0);
+            self.jobs.remove(&job.0);
+            return Ok(());
+        }
+        if j.upload != Upload::Closed {
+            j.upload = Upload::Closed;
+            j.source.clear();
+            queue_abort(&mut self.outbox, job, ErrorCode::CANCELLED, "cancelled");
+        }
+        self.maybe_forget(job.0);
+        Ok(())
+    }
+
+    /// Asks the server for its counters; the answer comes as [`ClientEvent::Stats`].
+    pub fn request_stats(&mut self) -> Result<(), CommandError> {
+        if self.state == State::Closed {
+            return Err(CommandError::Closed);
+        }
+        self.stats_pending += 1;
+        self.outbox.push(encode_control(
+            &Frame::StatsRequest,
+            self.peer.max_frame_payload,
+        ));
+        Ok(())
+    }
+
+    /// Closes the connection now with an ERROR frame; open jobs are lost.
+    pub fn close(&mut self, code: ErrorCode, reason: &str) {
+        self.fail_with(
+            ConnectionError::LocallyClosed {
+                code,
+                reason: reason.to_owned(),
+            },
+            true,
+        );
+    }
+
+    // ----- inputs -----
+
+    /// Feeds bytes read from the transport.
+    pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.inbuf.extend_from_slice(data);
+        loop {
+            match self.decoder.decode(&mut self.inbuf) {
+                Ok(Some(frame)) => {
+                    if let Err(e) = self.on_frame(now, frame) {
+                        self.fail_with(e, true);
+                    }
+                    if self.state == State::Closed {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.fail_with(protocol(e.code(), e.to_string()), true);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The transport's read side ended.
+    pub fn handle_eof(&mut self, _now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        if self.jobs.is_empty() && self.inbuf.is_empty() && self.is_connected() {
+            self.close_cleanly();
+        } else {
+            self.fail_with(ConnectionError::UnexpectedEof, false);
+        }
+    }
+
+    /// A timer from [`poll_timeout`](Self::poll_timeout) fired.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let State::Handshaking { deadline } = self.state {
+            if now >= deadline {
+                self.fail_with(
+                    ConnectionError::Timeout {
+                        what: "handshake",
+                    },
+                    true,
+                );
+            }
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next bytes to write to the transport.
+    ///
+    /// Source chunks are produced here, one per call, round-robin across jobs, so nothing
+    /// is committed to the wire before the transport asks: an early result can stop an
+    /// upload that has not been handed out yet.
+    pub fn poll_transmit(&mut self, _now: Instant) -> Option<Bytes> {
+        if let Some(bytes) = self.outbox.pop() {
+            return Some(bytes);
+        }
+        if self.state == State::Closed {
+            return None;
+        }
+        let max_chunk = self.config.chunk_size.min(self.peer.max_frame_payload) as usize;
+        while let Some(id) = self.ready.pop_front() {
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            job.in_ready = false;
+            if !job.sendable() {
+                continue;
+            }
+            let data = job.source.take(max_chunk);
+            let fin = job.source_fin && job.source.is_empty();
+            job.sent += data.len() as u64;
+            let frame = Frame::Source {
+                job: JobId(id),
+                data,
+                fin,
+            };
+            let encoded = match frame.encode(self.peer.max_frame_payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    // Unreachable: the chunk is bounded by the peer's limit above.
+                    self.fail_with(internal(e.to_string()), true);
+                    return self.outbox.pop();
+                }
+            };
+            if fin {
+                job.upload = Upload::Closed;
+                self.maybe_forget(id);
+            } else {
+                self.mark_ready(id);
+            }
+            self.outbox.set_tail(encoded.tail);
+            return Some(encoded.head);
+        }
+        None
+    }
+
+    /// The next event for the owner.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Handshaking { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    // ----- internals -----
+
+    fn on_frame(&mut self, _now: Instant, frame: Frame) -> Result<(), ConnectionError> {
+        if let State::Handshaking { .. } = self.state {
+            match frame {
+                Frame::Hello(_) | Frame::Error { .. } => {}
+                other => {
+                    return Err(unexpected(format!(
+                        "{} before the server's HELLO",
+                        other.frame_type()
+                    )));
+                }
+            }
+        }
+        match frame {
+            Frame::Hello(hello) => {
+                if !matches!(self.state, State::Handshaking { .. }) {
+                    return Err(unexpected("second HELLO".into()));
+                }
+                let version = negotiate(VERSION_MIN, VERSION_MAX, &hello)?;
+                check_peer_limits(&hello.limits)?;
+                self.peer = hello.limits;
+                self.state = State::Open;
+                self.events.push_back(ClientEvent::Connected {
+                    version,
+                    server: hello,
+                });
+                self.announce_waiting();
+            }
+            Frame::Error { code, message } => {
+                self.fail_with(ConnectionError::PeerError { code, message }, false);
+            }
+            Frame::GoAway { .. } => {
+                self.state = State::GoingAway;
+                self.events.push_back(ClientEvent::GoAway);
+                for id in std::mem::take(&mut self.waiting) {
+                    if let Some(job) = self.jobs.remove(&id) {
+                        if !job.cancelled {
+                            self.events.push_back(ClientEvent::Failed {
+                                job: JobId(id),
+                                code: ErrorCode::SHUTTING_DOWN,
+                                message: "server is going away; job was not sent".into(),
+                            });
+                        }
+                    }
+                }
+                if self.jobs.is_empty() {
+                    self.close_cleanly();
+                }
+            }
+            Frame::Stats(stats) => {
+                if self.stats_pending == 0 {
+                    return Err(unexpected("STATS without a request".into()));
+                }
+                self.stats_pending -= 1;
+                self.events.push_back(ClientEvent::Stats(stats));
+            }
+            Frame::Ignorable { .. } => {}
+            Frame::Miss { job } => self.on_miss(job)?,
+            Frame::Result {
+                job,
+                early,
+                head,
+                body,
+                fin,
+            } => self.on_result(job, early, head, body, fin)?,
+            Frame::Data { job, data, fin } => self.on_data(job, data, fin)?,
+            Frame::Abort { job, code, message } => self.on_abort(job, code, message)?,
+            other => {
+                return Err(unexpected(format!(
+                    "{} is not sent by servers",
+                    other.frame_type()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn open_job<'a>(
+        jobs: &'a mut BTreeMap<u32, Job>,
+        job: JobId,
+        what: &str,
+    ) -> Result<&'a mut Job, ConnectionError> {
+        match jobs.get_mut(&job.0) {
+            Some(j) if j.announced => Ok(j),
+            _ => Err(unexpected(format!("{what} for {job}, which is not open"))),
+        }
+    }
+
+    fn on_miss(&mut self, job: JobId) -> Result<(), ConnectionError> {
+        let j = Self::open_job(&mut self.jobs, job, "MISS")?;
+        if j.key.is_none() || j.verdict || !matches!(j.download, Download::Waiting) {
+            return Err(unexpected(format!("MISS for {job} that asked for no verdict")));
+        }
+        j.verdict = true;
+        if j.upload == Upload::Blocked {
+            j.upload = Upload::Open;
+        }
+        let cancelled = j.cancelled;
+        self.mark_ready(job.0);
+        if !cancelled {
+            self.events.push_back(ClientEvent::Miss { job });
+        }
+        Ok(())
+    }
+
+    fn on_result(
+        &mut self,
+        job: JobId,
+        early: bool,
+        head: ResultHead,
+        body: Bytes,
+        fin: bool,
+    ) -> Result<(), ConnectionError> {
+        let max = self.config.max_result_len;
+        let j = Self::open_job(&mut self.jobs, job, "RESULT")?;
+        if !matches!(j.download, Download::Waiting) {
+            return Err(unexpected(format!("second result for {job}")));
+        }
+        if early && (j.key.is_none() || j.verdict) {
+            return Err(unexpected(format!(
+                "EARLY_RESULT for {job} that sent no HASH or already had its verdict"
+            )));
+        }
+        // The decoder checked that the lengths add up without overflow.
+        let total = head.body_len().unwrap_or(u64::MAX);
+        if total > max {
+            return Err(ConnectionError::Protocol {
+                code: ErrorCode::LIMIT,
+                reason: format!("result of {total} bytes for {job} exceeds our limit of {max}"),
+            });
+        }
+        j.verdict = true;
+        // Any result means the server wants no more source: stop now and say so.
+        if j.upload != Upload::Closed {
+            j.upload = Upload::Closed;
+            j.source.clear();
+            queue_abort(
+                &mut self.outbox,
+                job,
+                ErrorCode::CANCELLED,
+                "result received",
+            );
+        }
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&body);
+        j.download = Download::Receiving {
+            head,
+            early,
+            body: buf,
+            total,
+        };
+        if fin {
+            self.complete(job);
+        }
+        Ok(())
+    }
+
+    fn on_data(&mut self, job: JobId, data: Bytes, fin: bool) -> Result<(), ConnectionError> {
+        let j = Self::open_job(&mut self.jobs, job, "DATA")?;
+        let Download::Receiving { body, total, .. } = &mut j.download else {
+            return Err(unexpected(format!("DATA for {job} without a result head")));
+        };
+        let have = body.len() as u64 + data.len() as u64;
+        if have > *total || (fin && have != *total) {
+            return Err(protocol(
+                ErrorCode::PROTOCOL,
+                format!("result body of {job} disagrees with its declared length {total}"),
+            ));
+        }
+        body.extend_from_slice(&data);
+        if fin {
+            self.complete(job);
+        }
+        Ok(())
+    }
+
+    fn on_abort(
+        &mut self,
+        job: JobId,
+        code: ErrorCode,
+        message: String,
+    ) -> Result<(), ConnectionError> {
+        let j = Self::open_job(&mut self.jobs, job, "ABORT")?;
+        if matches!(j.download, Download::Closed) {
+            return Err(unexpected(format!("ABORT for {job} after its result")));
+        }
+        j.download = Download::Closed;
+        if j.upload != Upload::Closed {
+            j.upload = Upload::Closed;
+            j.source.clear();
+            queue_abort(&mut self.outbox, job, ErrorCode::CANCELLED, "aborted by server");
+        }
+        if !j.cancelled {
+            self.events
+                .push_back(ClientEvent::Failed { job, code, message });
+        }
+        self.maybe_forget(job.0);
+        Ok(())
+    }
+
+    fn complete(&mut self, job: JobId) {
+        let Some(j) = self.jobs.get_mut(&job.0) else {
+            return;
+        };
+        let Download::Receiving {
+            head, early, body, ..
+        } = std::mem::replace(&mut j.download, Download::Closed)
+        else {
+            return;
+        };
+        let mut body = body.freeze();
+        // Lengths were checked against the body as it arrived, so these splits are in range.
+        let stdout = body.split_to(head.stdout_len as usize);
+        let stderr = body.split_to(head.stderr_len as usize);
+        let outputs = head
+            .outputs
+            .into_iter()
+            .map(|o| OutputFile {
+                name: o.name,
+                data: body.split_to(o.len as usize),
+            })
+            .collect();
+        if !j.cancelled {
+            let outcome = JobOutcome {
+                result: JobResult {
+                    exit_code: head.exit_code,
+                    stdout,
+                    stderr,
+                    outputs,
+                },
+                early,
+                strategy: j.strategy,
+                source_bytes_sent: j.sent,
+                source_bytes_skipped: j.total_len().saturating_sub(j.sent),
+            };
+            self.events.push_back(ClientEvent::Done { job, outcome });
+        }
+        self.maybe_forget(job.0);
+    }
+
+    fn announce_waiting(&mut self) {
+        let max_jobs = self.peer.max_jobs as usize;
+        while self.announced < max_jobs && self.state != State::Closed {
+            let Some(id) = self.waiting.pop_front() else {
+                return;
+            };
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            job.announced = true;
+            self.announced += 1;
+            let frame = Frame::Job {
+                job: JobId(id),
+                desc: job.desc.clone(),
+            };
+            // Checked by start_job against the baseline limit, which every peer accepts.
+            self.outbox
+                .push(encode_control(&frame, self.peer.max_frame_payload));
+            match (job.strategy, job.key) {
+                (Strategy::SendAll, _) | (_, None) => job.upload = Upload::Open,
+                (strategy, Some(key)) => {
+                    self.outbox.push(encode_control(
+                        &Frame::Hash {
+                            job: JobId(id),
+                            key,
+                        },
+                        self.peer.max_frame_payload,
+                    ));
+                    job.upload = if strategy == Strategy::AskFirst {
+                        Upload::Blocked
+                    } else {
+                        Upload::Open
+                    };
+                }
+            }
+            self.mark_ready(id);
+        }
+    }
+
+    fn mark_ready(&mut self, id: u32) {
+        if let Some(job) = self.jobs.get_mut(&id) {
+            if !job.in_ready && job.sendable() {
+                job.in_ready = true;
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    fn maybe_forget(&mut self, id: u32) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        if job.upload == Upload::Closed && matches!(job.download, Download::Closed) {
+            self.jobs.remove(&id);
+            self.announced -= 1;
+            self.announce_waiting();
+            if self.state == State::GoingAway && self.jobs.is_empty() {
+                self.close_cleanly();
+            }
+        }
+    }
+
+    fn close_cleanly(&mut self) {
+        self.state = State::Closed;
+        self.jobs.clear();
+        self.waiting.clear();
+        self.ready.clear();
+        self.events.push_back(ClientEvent::Closed { error: None });
+    }
+
+    /// Ends the connection; with `send` an ERROR frame tells the peer why.
+    fn fail_with(&mut self, error: ConnectionError, send: bool) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.outbox.clear_frames();
+        if send && !matches!(error, ConnectionError::PeerError { .. }) {
+            let frame = Frame::Error {
+                code: error.code(),
+                message: truncate_message(&error.to_string()),
+            };
+            self.outbox
+                .push(encode_control(&frame, self.peer.max_frame_payload));
+        }
+        self.state = State::Closed;
+        self.jobs.clear();
+        self.waiting.clear();
+        self.ready.clear();
+        self.events.push_back(ClientEvent::Closed { error: Some(error) });
+    }
+}
+
+/// Encodes a small control frame. Control frames built by this crate always fit the
+/// baseline limit (messages are truncated to fit), so failure here is a bug; it degrades to
+/// an empty write rather than a panic.
+pub(crate) fn encode_control(frame: &Frame, max: u32) -> Bytes {
+    frame.to_bytes(max).unwrap_or_default()
+}
+
+pub(crate) fn queue_abort(outbox: &mut Outbox, job: JobId, code: ErrorCode, message: &str) {
+    let frame = Frame::Abort {
+        job,
+        code,
+        message: truncate_message(message),
+    };
+    outbox.push(encode_control(&frame, Limits::BASELINE.max_frame_payload));
+}
+
+/// Error messages are for people; keep them short enough for any frame.
+pub(crate) fn truncate_message(message: &str) -> String {
+    const MAX: usize = 1024;
+    if message.len() <= MAX {
+        return message.to_owned();
+    }
+    let mut end = MAX;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_owned()
+}
+
+pub(crate) fn unexpected(reason: String) -> ConnectionError {
+    protocol(ErrorCode::UNEXPECTED_FRAME, reason)
+}
+
+pub(crate) fn protocol(code: ErrorCode, reason: String) -> ConnectionError {
+    ConnectionError::Protocol { code, reason }
+}
+
+pub(crate) fn internal(reason: String) -> ConnectionError {
+    protocol(ErrorCode::INTERNAL, reason)
+}

@@ -1,0 +1,102 @@
+//! Outgoing bytes of a connection, in the order they must hit the wire.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+/// Queued control frames plus, at most, the unsent tail of a bulk frame.
+///
+/// A bulk frame (SOURCE, RESULT, DATA) goes out as its head then its shared payload; once
+/// the head has been handed out, the tail must follow before anything else, or the peer
+/// would read the next frame as payload. Keeping the tail apart lets a connection drop its
+/// queued control frames on a fatal error without tearing a frame in half.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    tail: Option<Bytes>,
+    frames: VecDeque<Bytes>,
+    queued_bytes: usize,
+}
+
+impl Outbox {
+    /// Queues a whole frame behind the others.
+    pub(crate) fn push(&mut self, frame: Bytes) {
+        self.queued_bytes += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    /// The next bytes to write, if any are queued.
+    pub(crate) fn pop(&mut self) -> Option<Bytes> {
+        if let Some(tail) = self.tail.take() {
+            return Some(tail);
+        }
+        let frame = self.frames.pop_front()?;
+        self.queued_bytes -= frame.len();
+        Some(frame)
+    }
+
+    /// Records the payload that must follow the head just handed out.
+    pub(crate) fn set_tail(&mut self, tail: Bytes) {
+        debug_assert!(self.tail.is_none(), "a tail is already pending");
+        if !tail.is_empty() {
+            self.tail = Some(tail);
+        }
+    }
+
+    /// Drops queued frames but keeps a pending tail, so the stream stays well-framed.
+    pub(crate) fn clear_frames(&mut self) {
+        self.frames.clear();
+        self.queued_bytes = 0;
+    }
+
+    /// Whether nothing is waiting to be written.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.tail.is_none() && self.frames.is_empty()
+    }
+
+    /// Bytes of whole frames waiting (tail excluded).
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+}
+
+/// A body to send in pieces: a list of shared buffers consumed front to back. Pieces never
+/// span two buffers, so they are slices of the caller's memory, never copies.
+#[derive(Debug, Default)]
+pub(crate) struct Segments {
+    parts: VecDeque<Bytes>,
+    len: u64,
+}
+
+impl Segments {
+    pub(crate) fn push(&mut self, part: Bytes) {
+        if !part.is_empty() {
+            self.len += part.len() as u64;
+            self.parts.push_back(part);
+        }
+    }
+
+    /// Takes up to `max` bytes from the front.
+    pub(crate) fn take(&mut self, max: usize) -> Bytes {
+        let Some(front) = self.parts.front_mut() else {
+            return Bytes::new();
+        };
+        let piece = if front.len() <= max {
+            let whole = std::mem::take(front);
+            self.parts.pop_front();
+            whole
+        } else {
+            front.split_to(max)
+        };
+        self.len -= piece.len() as u64;
+        piece
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.parts.clear();
+        self.len = 0;
+    }
+}

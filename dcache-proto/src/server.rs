@@ -1,0 +1,929 @@
+//! The server end of a connection.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::client::{encode_control, internal, protocol, queue_abort, truncate_message, unexpected};
+use crate::decoder::FrameDecoder;
+use crate::error::{CommandError, ConnectionError};
+use crate::error_code::ErrorCode;
+use crate::frame::{Frame, Hello, JobId, Limits, OutputMeta, ResultHead, Stat};
+use crate::handshake::{check_peer_limits, clamp_own_limits, negotiate};
+use crate::job::{JobDesc, JobResult};
+use crate::key::{CacheKey, KeyHasher};
+use crate::outbox::{Outbox, Segments};
+use crate::{VERSION_MAX, VERSION_MIN};
+
+/// Settings of a [`ServerConnection`].
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// What we accept and announce: frame payload, source length, jobs per connection.
+    pub limits: Limits,
+    /// Largest result frame we send; smaller interleaves concurrent results more finely.
+    pub chunk_size: u32,
+    /// How long a client may take to send its HELLO.
+    pub handshake_timeout: Duration,
+    /// How long a connection with no open job may sit silent before we close it.
+    pub idle_timeout: Duration,
+    /// How long an upload may make no progress while we wait for source.
+    pub stall_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            chunk_size: 256 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            stall_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Per-connection counters kept by the state machine itself, so they stay true whatever
+/// the owner does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    /// Jobs the client started.
+    pub jobs: u64,
+    /// SOURCE payload bytes received, drained ones included.
+    pub source_bytes_received: u64,
+    /// Source bytes received after we stopped wanting them (already in flight).
+    pub source_bytes_drained: u64,
+    /// Declared source bytes the client never had to send because the job ended first.
+    pub source_bytes_saved: u64,
+    /// EARLY_RESULT frames sent.
+    pub early_results: u64,
+    /// MISS verdicts sent.
+    pub misses: u64,
+}
+
+/// Something the owner of a [`ServerConnection`] must act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServerEvent {
+    /// The client's HELLO arrived and a version was agreed.
+    Connected {
+        /// The agreed version.
+        version: u16,
+        /// The client's HELLO.
+        client: Hello,
+    },
+    /// A job started. Source follows as [`ServerEvent::Source`].
+    JobStarted {
+        /// The job.
+        job: JobId,
+        /// What to compile.
+        desc: JobDesc,
+    },
+    /// The client sent HASH: look the key up and answer with
+    /// [`ServerConnection::send_result`] (early) or [`ServerConnection::send_miss`] at once.
+    /// The key is the client's claim; nothing may be stored under it.
+    Lookup {
+        /// The job.
+        job: JobId,
+        /// The client's key.
+        key: CacheKey,
+    },
+    /// Source bytes, in order; feed them to the compiler as they come.
+    Source {
+        /// The job.
+        job: JobId,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The whole source arrived. `key` is computed over what was actually received; when
+    /// the client sent HASH it has been checked equal. Only this key may be used to store
+    /// the job's result.
+    SourceDone {
+        /// The job.
+        job: JobId,
+        /// The verified key.
+        key: CacheKey,
+        /// Total source length.
+        len: u64,
+    },
+    /// The job ended without a result from us: the client cancelled, or the protocol
+    /// failed it (hash or length mismatch, too large). Stop working on it; nothing of it
+    /// may be stored.
+    JobCancelled {
+        /// The job.
+        job: JobId,
+        /// Why.
+        code: ErrorCode,
+        /// Explanation.
+        message: String,
+    },
+    /// The client asked for counters; answer with [`ServerConnection::send_stats`].
+    StatsRequested,
+    /// The connection is over; `error` is `None` for a clean close.
+    Closed {
+        /// Why, when it was not clean.
+        error: Option<ConnectionError>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Handshaking,
+    Open,
+    GoingAway { last_job: u32 },
+    Closed,
+}
+
+#[derive(Debug)]
+enum Upload {
+    /// Source is wanted and hashed as it arrives.
+    Receiving {
+        hasher: Box<KeyHasher>,
+        claimed: Option<CacheKey>,
+        started: bool,
+    },
+    /// We no longer want source; frames in flight are ignored until FIN or ABORT.
+    Draining,
+    /// FIN or ABORT received.
+    Closed,
+}
+
+#[derive(Debug)]
+enum Download {
+    /// We owe the client a result (or ABORT).
+    Open { verdict_sent: bool },
+    /// A result is going out.
+    Sending {
+        head: Option<(ResultHead, bool)>,
+        body: Segments,
+    },
+    /// Result sent or ABORT sent.
+    Closed,
+}
+
+#[derive(Debug)]
+struct Job {
+    upload: Upload,
+    download: Download,
+    declared: Option<u64>,
+    received: u64,
+    in_ready: bool,
+}
+
+/// The server end of a dcache connection, without IO.
+///
+/// # Driving it
+/// - Inputs: [`handle_input`](Self::handle_input), [`handle_eof`](Self::handle_eof),
+///   [`handle_timeout`](Self::handle_timeout).
+/// - Commands: [`send_miss`](Self::send_miss), [`send_result`](Self::send_result),
+///   [`abort_job`](Self::abort_job), [`send_stats`](Self::send_stats),
+///   [`goaway`](Self::goaway), [`close`](Self::close).
+/// - Outputs, drained after every input or command, in this order:
+///   [`poll_transmit`](Self::poll_transmit) until `None` (or the transport is full),
+///   [`poll_event`](Self::poll_event) until `None`, then
+///   [`poll_timeout`](Self::poll_timeout). When [`is_closed`](Self::is_closed) turns true,
+///   the transport can be shut down.
+///
+/// Trust: the state machine hashes every source byte it receives and reports the job's key
+/// only in [`ServerEvent::SourceDone`], after checking it against the client's HASH. A
+/// mismatch fails the job; the claimed key from [`ServerEvent::Lookup`] is for lookups only.
+#[derive(Debug)]
+pub struct ServerConnection {
+    config: ServerConfig,
+    state: State,
+    decoder: FrameDecoder,
+    inbuf: BytesMut,
+    outbox: Outbox,
+    events: VecDeque<ServerEvent>,
+    peer: Limits,
+    highest_job: u32,
+    jobs: BTreeMap<u32, Job>,
+    ready: VecDeque<u32>,
+    handshake_deadline: Instant,
+    last_input: Instant,
+    read_closed: bool,
+    stats: ConnStats,
+}
+
+impl ServerConnection {
+    /// A new connection, waiting for the client's HELLO.
+    pub fn new(mut config: ServerConfig, now: Instant) -> Self {
+        config.limits = clamp_own_limits(config.limits);
+        config.chunk_size = config.chunk_size.max(1024);
+        Self {
+            decoder: FrameDecoder::new(config.limits.max_frame_payload),
+            handshake_deadline: now + config.handshake_timeout,
+            config,
+            state: State::Handshaking,
+            inbuf: BytesMut::new(),
+            outbox: Outbox::default(),
+            events: VecDeque::new(),
+            peer: Limits::BASELINE,
+            highest_job: 0,
+            jobs: BTreeMap::new(),
+            ready: VecDeque::new(),
+            last_input: now,
+            read_closed: false,
+            stats: ConnStats::default(),
+        }
+    }
+
+    // ----- getters -----
+
+    /// Whether the connection is over and everything queued has been handed out.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed && self.outbox.is_empty()
+    }
+
+    /// Jobs open on this connection.
+    pub fn jobs_open(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// This connection's counters.
+    pub fn stats(&self) -> ConnStats {
+        self.stats
+    }
+
+    /// Bytes of whole control frames waiting to be written; a driver can stop reading while
+    /// this is large, so a client that never reads cannot make us queue without bound.
+    pub fn queued_bytes(&self) -> usize {
+        self.outbox.queued_bytes()
+    }
+
+    // ----- commands -----
+
+    /// Answers a [`ServerEvent::Lookup`] with a miss: the client keeps (or starts) sending.
+    pub fn send_miss(&mut self, job: JobId) -> Result<(), CommandError> {
+        let j = self.job_mut(job)?;
+        let claimed = matches!(j.upload, Upload::Receiving { claimed: Some(_), .. })
+            || matches!(j.upload, Upload::Draining | Upload::Closed);
+        match &mut j.download {
+            Download::Open { verdict_sent } if !*verdict_sent && claimed => {
+                *verdict_sent = true;
+            }
+            Download::Closed => return Ok(()),
+            _ => {
+                return Err(CommandError::WrongState {
+                    job: job.0,
+                    why: "MISS needs a HASH and no verdict yet",
+                });
+            }
+        }
+        self.stats.misses += 1;
+        self.outbox
+            .push(encode_control(&Frame::Miss { job }, self.peer.max_frame_payload));
+        Ok(())
+    }
+
+    /// Sends a job's result. `early` marks a cache hit answered to HASH; otherwise it is the
+    /// result after the source (or a compile that failed before the source ended). Either
+    /// way the client stops sending source. A job the client already cancelled is ignored.
+    pub fn send_result(
+        &mut self,
+        job: JobId,
+        result: &JobResult,
+        early: bool,
+    ) -> Result<(), CommandError> {
+        if result.outputs.len() > crate::MAX_OUTPUTS {
+            return Err(CommandError::Encode(crate::FrameError::FieldTooLong(
+                "RESULT outputs",
+            )));
+        }
+        let j = self.job_mut(job)?;
+        match j.download {
+            Download::Closed => return Ok(()),
+            Download::Sending { .. } => {
+                return Err(CommandError::WrongState {
+                    job: job.0,
+                    why: "result already sent",
+                });
+            }
+            Download::Open { verdict_sent } => {
+                if early && verdict_sent {
+                    return Err(CommandError::WrongState {
+                        job: job.0,
+                        why: "early result after a verdict",
+                    });
+                }
+            }
+        }
+        let head = ResultHead {
+            exit_code: result.exit_code,
+            stdout_len: result.stdout.len() as u64,
+            stderr_len: result.stderr.len() as u64,
+            outputs: result
+                .outputs
+                .iter()
+                .map(|o| OutputMeta {
+                    name: o.name.clone(),
+                    len: o.data.len() as u64,
+                })
+                .collect(),
+        };
+        // Validate names and sizes now, so the command fails rather than the connection.
+        Frame::Result {
+            job,
+            early,
+            head: head.clone(),
+            body: Bytes::new(),
+            fin: result.body_len() == 0,
+        }
+        .encode(Limits::BASELINE.max_frame_payload)?;
+        let mut body = Segments::default();
+        body.push(result.stdout.clone());
+        body.push(result.stderr.clone());
+        for o in &result.outputs {
+            body.push(o.data.clone());
+        }
+        j.download = Download::Sending {
+            head: Some((head, early)),
+            body,
+        };
+        if early {
+            self.stats.early_results += 1;
+        }
+        self.stop_upload(job);
+        self.mark_ready(job.0);
+        Ok(())
+    }
+
+    /// Ends a job without a result (refused, overloaded, compiler could not run). The
+    /// client is told why and stops sending.
+    pub fn abort_job(
+        &mut self,
+        job: JobId,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<(), CommandError> {
+        let j = self.job_mut(job)?;
+        if matches!(j.download, Download::Closed) {
+            return Ok(());
+        }
+        j.download = Download::Closed;
+        queue_abort(&mut self.outbox, job, code, message);
+        self.stop_upload(job);
+        self.maybe_forget(job.0);
+        Ok(())
+    }
+
+    /// Answers [`ServerEvent::StatsRequested`].
+    pub fn send_stats(&mut self, stats: Vec<Stat>) -> Result<(), CommandError> {
+        if self.state == State::Closed {
+            return Err(CommandError::Closed);
+        }
+        let frame = Frame::Stats(stats);
+        let bytes = frame.to_bytes(self.peer.max_frame_payload)?;
+        self.outbox.push(bytes);
+        Ok(())
+    }
+
+    /// Graceful shutdown: tells the client to start no new jobs, lets open jobs finish,
+    /// then closes.
+    pub fn goaway(&mut self) {
+        if matches!(self.state, State::Closed | State::GoingAway { .. }) {
+            return;
+        }
+        let last_job = self.highest_job;
+        self.state = State::GoingAway { last_job };
+        self.outbox.push(encode_control(
+            &Frame::GoAway { last_job },
+            self.peer.max_frame_payload,
+        ));
+        self.close_if_done();
+    }
+
+    /// Closes now with an ERROR frame; open jobs are lost.
+    pub fn close(&mut self, code: ErrorCode, reason: &str) {
+        self.fail_with(
+            ConnectionError::LocallyClosed {
+                code,
+                reason: reason.to_owned(),
+            },
+            true,
+        );
+    }
+
+    // ----- inputs -----
+
+    /// Feeds bytes read from the transport.
+    pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        if self.state == State::Closed {
+            return;
+        }
+        if !data.is_empty() {
+            self.last_input = now;
+        }
+        self.inbuf.extend_from_slice(data);
+        loop {
+            match self.decoder.decode(&mut self.inbuf) {
+                Ok(Some(frame)) => {
+                    if let Err(e) = self.on_frame(frame) {
+                        self.fail_with(e, true);
+                    }
+                    if self.state == State::Closed {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.fail_with(protocol(e.code(), e.to_string()), true);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The transport's read side ended. Jobs whose source is complete still get their
+    /// results; a job cut off mid-upload fails the connection.
+    pub fn handle_eof(&mut self, _now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.read_closed = true;
+        let uploading = self
+            .jobs
+            .values()
+            .any(|j| !matches!(j.upload, Upload::Closed));
+        if self.state == State::Handshaking || uploading || !self.inbuf.is_empty() {
+            self.fail_with(ConnectionError::UnexpectedEof, false);
+            return;
+        }
+        // Nobody will read a GOAWAY; finish what is open and close.
+        if let State::Open = self.state {
+            self.state = State::GoingAway {
+                last_job: self.highest_job,
+            };
+        }
+        self.close_if_done();
+    }
+
+    /// A timer from [`poll_timeout`](Self::poll_timeout) fired.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Handshaking if now >= self.handshake_deadline => {
+                self.fail_with(ConnectionError::Timeout { what: "handshake" }, true);
+            }
+            State::Open | State::GoingAway { .. } => {
+                if self.awaiting_source() {
+                    if now >= self.last_input + self.config.stall_timeout {
+                        self.fail_with(ConnectionError::Timeout { what: "upload" }, true);
+                    }
+                } else if self.jobs.is_empty()
+                    && now >= self.last_input + self.config.idle_timeout
+                {
+                    self.goaway();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next bytes to write. Result frames are produced here, one per call, round-robin
+    /// across jobs.
+    pub fn poll_transmit(&mut self, _now: Instant) -> Option<Bytes> {
+        if let Some(bytes) = self.outbox.pop() {
+            return Some(bytes);
+        }
+        if self.state == State::Closed {
+            return None;
+        }
+        let chunk = self.config.chunk_size.min(self.peer.max_frame_payload) as usize;
+        while let Some(id) = self.ready.pop_front() {
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            job.in_ready = false;
+            let Download::Sending { head, body } = &mut job.download else {
+                continue;
+            };
+            let frame = match head.take() {
+                Some((head, early)) => {
+                    // Leave room for the head's fixed fields in the first frame.
+                    let head_len = 26 + head.outputs.iter().map(|o| 10 + o.name.len()).sum::<usize>();
+                    let body = body.take(chunk.saturating_sub(head_len));
+                    Frame::Result {
+                        job: JobId(id),
+                        early,
+                        head,
+                        body,
+                        fin: false,
+                    }
+                }
+                None => Frame::Data {
+                    job: JobId(id),
+                    data: body.take(chunk),
+                    fin: false,
+                },
+            };
+            let done = body.is_empty();
+            let frame = match frame {
+                Frame::Result {
+                    job,
+                    early,
+                    head,
+                    body,
+                    ..
+                } => Frame::Result {
+                    job,
+                    early,
+                    head,
+                    body,
+                    fin: done,
+                },
+                Frame::Data { job, data, .. } => Frame::Data {
+                    job,
+                    data,
+                    fin: done,
+                },
+                other => other,
+            };
+            let encoded = match frame.encode(self.peer.max_frame_payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    // Unreachable: sizes are bounded by the peer's limit above and the
+                    // head was validated by send_result.
+                    self.fail_with(internal(e.to_string()), true);
+                    return self.outbox.pop();
+                }
+            };
+            if done {
+                job.download = Download::Closed;
+                self.maybe_forget(id);
+            } else {
+                self.mark_ready(id);
+            }
+            self.outbox.set_tail(encoded.tail);
+            return Some(encoded.head);
+        }
+        None
+    }
+
+    /// The next event for the owner.
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Handshaking => Some(self.handshake_deadline),
+            State::Open | State::GoingAway { .. } if !self.read_closed => {
+                if self.awaiting_source() {
+                    Some(self.last_input + self.config.stall_timeout)
+                } else if self.jobs.is_empty() && self.state == State::Open {
+                    Some(self.last_input + self.config.idle_timeout)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+
+    // ----- internals -----
+
+    fn on_frame(&mut self, frame: Frame) -> Result<(), ConnectionError> {
+        if self.state == State::Handshaking {
+            let Frame::Hello(hello) = frame else {
+                return Err(unexpected(format!(
+                    "{} before the client's HELLO",
+                    frame.frame_type()
+                )));
+            };
+            let version = negotiate(VERSION_MIN, VERSION_MAX, &hello)?;
+            check_peer_limits(&hello.limits)?;
+            self.peer = hello.limits;
+            let ours = Frame::Hello(Hello {
+                min_version: VERSION_MIN,
+                max_version: VERSION_MAX,
+                limits: self.config.limits,
+                features: 0,
+                extensions: Bytes::new(),
+            });
+            self.outbox
+                .push(encode_control(&ours, self.peer.max_frame_payload));
+            self.state = State::Open;
+            self.events.push_back(ServerEvent::Connected {
+                version,
+                client: hello,
+            });
+            return Ok(());
+        }
+        match frame {
+            Frame::Hello(_) => Err(unexpected("second HELLO".into())),
+            Frame::Job { job, desc } => self.on_job(job, desc),
+            Frame::Hash { job, key } => self.on_hash(job, key),
+            Frame::Source { job, data, fin } => self.on_source(job, data, fin),
+            Frame::Abort { job, code, message } => self.on_abort(job, code, message),
+            Frame::Error { code, message } => {
+                self.fail_with(ConnectionError::PeerError { code, message }, false);
+                Ok(())
+            }
+            Frame::StatsRequest => {
+                self.events.push_back(ServerEvent::StatsRequested);
+                Ok(())
+            }
+            Frame::Ignorable { .. } => Ok(()),
+            other => Err(unexpected(format!(
+                "{} is not sent by clients",
+                other.frame_type()
+            ))),
+        }
+    }
+
+    fn on_job(&mut self, job: JobId, desc: JobDesc) -> Result<(), ConnectionError> {
+        if job.0 <= self.highest_job {
+            return Err(unexpected(format!(
+                "{job} is not above the previous job id {}",
+                self.highest_job
+            )));
+        }
+        self.highest_job = job.0;
+        if self.jobs.len() >= self.config.limits.max_jobs as usize {
+            return Err(protocol(
+                ErrorCode::LIMIT,
+                format!(
+                    "more than {} jobs open on one connection",
+                    self.config.limits.max_jobs
+                ),
+            ));
+        }
+        self.stats.jobs += 1;
+        let refuse = if matches!(self.state, State::GoingAway { .. }) {
+            Some((ErrorCode::SHUTTING_DOWN, "server is going away".to_owned()))
+        } else {
+            desc.source_len
+                .filter(|&len| len > self.config.limits.max_source_len)
+                .map(|len| {
+                    (
+                        ErrorCode::SOURCE_TOO_LARGE,
+                        format!(
+                            "source of {len} bytes exceeds the server's limit of {}",
+                            self.config.limits.max_source_len
+                        ),
+                    )
+                })
+        };
+        if let Some((code, message)) = refuse {
+            self.jobs.insert(
+                job.0,
+                Job {
+                    upload: Upload::Draining,
+                    download: Download::Closed,
+                    declared: desc.source_len,
+                    received: 0,
+                    in_ready: false,
+                },
+            );
+            queue_abort(&mut self.outbox, job, code, &message);
+            return Ok(());
+        }
+        self.jobs.insert(
+            job.0,
+            Job {
+                upload: Upload::Receiving {
+                    hasher: Box::new(KeyHasher::new(&desc)),
+                    claimed: None,
+                    started: false,
+                },
+                download: Download::Open {
+                    verdict_sent: false,
+                },
+                declared: desc.source_len,
+                received: 0,
+                in_ready: false,
+            },
+        );
+        self.events.push_back(ServerEvent::JobStarted { job, desc });
+        Ok(())
+    }
+
+    fn known_job<'a>(
+        jobs: &'a mut BTreeMap<u32, Job>,
+        job: JobId,
+        what: &str,
+    ) -> Result<&'a mut Job, ConnectionError> {
+        match jobs.get_mut(&job.0) {
+            Some(j) if !matches!(j.upload, Upload::Closed) => Ok(j),
+            _ => Err(unexpected(format!(
+                "{what} for {job}, whose upload is not open"
+            ))),
+        }
+    }
+
+    fn on_hash(&mut self, job: JobId, key: CacheKey) -> Result<(), ConnectionError> {
+        let j = Self::known_job(&mut self.jobs, job, "HASH")?;
+        match &mut j.upload {
+            Upload::Receiving {
+                claimed, started, ..
+            } => {
+                if claimed.is_some() || *started {
+                    return Err(unexpected(format!(
+                        "HASH for {job} after its HASH or its first SOURCE"
+                    )));
+                }
+                *claimed = Some(key);
+                self.events.push_back(ServerEvent::Lookup { job, key });
+            }
+            // Refused at JOB time; the HASH was in flight.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn on_source(&mut self, job: JobId, data: Bytes, fin: bool) -> Result<(), ConnectionError> {
+        let max_source = self.config.limits.max_source_len;
+        let len = data.len() as u64;
+        self.stats.source_bytes_received += len;
+        let j = Self::known_job(&mut self.jobs, job, "SOURCE")?;
+        j.received += len;
+        let received = j.received;
+        let declared = j.declared;
+        match &mut j.upload {
+            Upload::Draining => {
+                self.stats.source_bytes_drained += len;
+                if fin {
+                    j.upload = Upload::Closed;
+                    self.maybe_forget(job.0);
+                }
+                return Ok(());
+            }
+            Upload::Receiving {
+                hasher, started, ..
+            } => {
+                *started = true;
+                hasher.update(&data);
+            }
+            Upload::Closed => return Ok(()),
+        }
+        let too_long = declared.is_some_and(|d| received > d) || (fin && declared.is_some_and(|d| received != d));
+        if received > max_source {
+            self.fail_job(
+                job,
+                ErrorCode::SOURCE_TOO_LARGE,
+                format!("source exceeds the server's limit of {max_source} bytes"),
+            );
+        } else if too_long {
+            self.fail_job(
+                job,
+                ErrorCode::LENGTH_MISMATCH,
+                format!(
+                    "received {received} source bytes, the job declared {}",
+                    declared.unwrap_or_default()
+                ),
+            );
+        } else {
+            if !data.is_empty() {
+                self.events.push_back(ServerEvent::Source { job, data });
+            }
+            if fin {
+                self.finish_upload(job);
+            }
+        }
+        if fin {
+            if let Some(j) = self.jobs.get_mut(&job.0) {
+                j.upload = Upload::Closed;
+            }
+            self.maybe_forget(job.0);
+        }
+        Ok(())
+    }
+
+    /// The last chunk arrived while we still wanted the source: verify and report.
+    fn finish_upload(&mut self, job: JobId) {
+        let Some(j) = self.jobs.get_mut(&job.0) else {
+            return;
+        };
+        let Upload::Receiving {
+            hasher, claimed, ..
+        } = std::mem::replace(&mut j.upload, Upload::Closed)
+        else {
+            return;
+        };
+        let key = hasher.finalize();
+        let len = hasher.source_len();
+        if claimed.is_some_and(|c| c != key) {
+            self.fail_job(
+                job,
+                ErrorCode::HASH_MISMATCH,
+                "the source does not match the HASH sent for it".into(),
+            );
+            return;
+        }
+        self.events
+            .push_back(ServerEvent::SourceDone { job, key, len });
+    }
+
+    /// Fails a job on our side: tell the owner, tell the client, want no more source.
+    fn fail_job(&mut self, job: JobId, code: ErrorCode, message: String) {
+        self.events.push_back(ServerEvent::JobCancelled {
+            job,
+            code,
+            message: message.clone(),
+        });
+        if let Some(j) = self.jobs.get_mut(&job.0) {
+            if !matches!(j.download, Download::Closed) {
+                j.download = Download::Closed;
+                queue_abort(&mut self.outbox, job, code, &message);
+            }
+        }
+        self.stop_upload(job);
+    }
+
+    fn on_abort(
+        &mut self,
+        job: JobId,
+        code: ErrorCode,
+        message: String,
+    ) -> Result<(), ConnectionError> {
+        let j = Self::known_job(&mut self.jobs, job, "ABORT")?;
+        let was_receiving = matches!(j.upload, Upload::Receiving { .. });
+        j.upload = Upload::Closed;
+        if let Some(d) = j.declared {
+            self.stats.source_bytes_saved += d.saturating_sub(j.received);
+        }
+        if !matches!(j.download, Download::Closed) {
+            let cancelled_while_open = matches!(j.download, Download::Open { .. });
+            j.download = Download::Closed;
+            queue_abort(&mut self.outbox, job, ErrorCode::CANCELLED, "cancelled by client");
+            if cancelled_while_open || was_receiving {
+                self.events
+                    .push_back(ServerEvent::JobCancelled { job, code, message });
+            }
+        }
+        self.maybe_forget(job.0);
+        Ok(())
+    }
+
+    fn stop_upload(&mut self, job: JobId) {
+        if let Some(j) = self.jobs.get_mut(&job.0) {
+            if matches!(j.upload, Upload::Receiving { .. }) {
+                j.upload = Upload::Draining;
+            }
+        }
+    }
+
+    fn job_mut(&mut self, job: JobId) -> Result<&mut Job, CommandError> {
+        if self.state == State::Closed {
+            return Err(CommandError::Closed);
+        }
+        self.jobs
+            .get_mut(&job.0)
+            .ok_or(CommandError::UnknownJob(job.0))
+    }
+
+    fn awaiting_source(&self) -> bool {
+        self.jobs
+            .values()
+            .any(|j| !matches!(j.upload, Upload::Closed))
+    }
+
+    fn mark_ready(&mut self, id: u32) {
+        if let Some(job) = self.jobs.get_mut(&id) {
+            if !job.in_ready && matches!(job.download, Download::Sending { .. }) {
+                job.in_ready = true;
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    fn maybe_forget(&mut self, id: u32) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        if matches!(job.upload, Upload::Closed) && matches!(job.download, Download::Closed) {
+            self.jobs.remove(&id);
+            self.close_if_done();
+        }
+    }
+
+    fn close_if_done(&mut self) {
+        if matches!(self.state, State::GoingAway { .. }) && self.jobs.is_empty() {
+            self.state = State::Closed;
+            self.ready.clear();
+            self.events.push_back(ServerEvent::Closed { error: None });
+        }
+    }
+
+    fn fail_with(&mut self, error: ConnectionError, send: bool) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.outbox.clear_frames();
+        if send && !matches!(error, ConnectionError::PeerError { .. }) {
+            let frame = Frame::Error {
+                code: error.code(),
+                message: truncate_message(&error.to_string()),
+            };
+            self.outbox
+                .push(encode_control(&frame, self.peer.max_frame_payload));
+        }
+        self.state = State::Closed;
+        self.jobs.clear();
+        self.ready.clear();
+        self.events.push_back(ServerEvent::Closed { error: Some(error) });
+    }
+}
