@@ -45,3 +45,7 @@ pub use client::{ClientConfig, ClientConnection, ClientEvent, JobOutcome, Strate
 pub use server::{ConnStats, ServerConfig, ServerConnection, ServerEvent};
 
 pub mod testing;
+
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
