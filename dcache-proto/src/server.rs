@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::client::{encode_control, internal, protocol, queue_abort, truncate_message, unexpected};
+use crate::client::{
+    encode_control, internal, protocol, queue_abort, truncate_message, unexpected,
+};
 use crate::decoder::FrameDecoder;
 use crate::error::{CommandError, ConnectionError};
 use crate::error_code::ErrorCode;
@@ -35,7 +37,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             limits: Limits::default(),
-            chunk_size: 256 * 1024,
+            chunk_size: 64 * 1024,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             stall_timeout: Duration::from_secs(60),
@@ -256,8 +258,13 @@ impl ServerConnection {
     /// Answers a [`ServerEvent::Lookup`] with a miss: the client keeps (or starts) sending.
     pub fn send_miss(&mut self, job: JobId) -> Result<(), CommandError> {
         let j = self.job_mut(job)?;
-        let claimed = matches!(j.upload, Upload::Receiving { claimed: Some(_), .. })
-            || matches!(j.upload, Upload::Draining | Upload::Closed);
+        let claimed = matches!(
+            j.upload,
+            Upload::Receiving {
+                claimed: Some(_),
+                ..
+            }
+        ) || matches!(j.upload, Upload::Draining | Upload::Closed);
         match &mut j.download {
             Download::Open { verdict_sent } if !*verdict_sent && claimed => {
                 *verdict_sent = true;
@@ -271,8 +278,10 @@ impl ServerConnection {
             }
         }
         self.stats.misses += 1;
-        self.outbox
-            .push(encode_control(&Frame::Miss { job }, self.peer.max_frame_payload));
+        self.outbox.push(encode_control(
+            &Frame::Miss { job },
+            self.peer.max_frame_payload,
+        ));
         Ok(())
     }
 
@@ -469,8 +478,7 @@ impl ServerConnection {
                     if now >= self.last_input + self.config.stall_timeout {
                         self.fail_with(ConnectionError::Timeout { what: "upload" }, true);
                     }
-                } else if self.jobs.is_empty()
-                    && now >= self.last_input + self.config.idle_timeout
+                } else if self.jobs.is_empty() && now >= self.last_input + self.config.idle_timeout
                 {
                     self.goaway();
                 }
@@ -502,7 +510,12 @@ impl ServerConnection {
             let frame = match head.take() {
                 Some((head, early)) => {
                     // Leave room for the head's fixed fields in the first frame.
-                    let head_len = 26 + head.outputs.iter().map(|o| 10 + o.name.len()).sum::<usize>();
+                    let head_len = 26
+                        + head
+                            .outputs
+                            .iter()
+                            .map(|o| 10 + o.name.len())
+                            .sum::<usize>();
                     let body = body.take(chunk.saturating_sub(head_len));
                     Frame::Result {
                         job: JobId(id),
@@ -759,7 +772,8 @@ impl ServerConnection {
             }
             Upload::Closed => return Ok(()),
         }
-        let too_long = declared.is_some_and(|d| received > d) || (fin && declared.is_some_and(|d| received != d));
+        let too_long = declared.is_some_and(|d| received > d)
+            || (fin && declared.is_some_and(|d| received != d));
         if received > max_source {
             self.fail_job(
                 job,
@@ -845,14 +859,21 @@ impl ServerConnection {
         if let Some(d) = j.declared {
             self.stats.source_bytes_saved += d.saturating_sub(j.received);
         }
-        if !matches!(j.download, Download::Closed) {
-            let cancelled_while_open = matches!(j.download, Download::Open { .. });
+        // A result already streaming is finished, not cut: the client's ABORT is then the
+        // answer to that result ("no more source"), and cutting it would lose the result.
+        if matches!(j.download, Download::Open { .. }) {
             j.download = Download::Closed;
-            queue_abort(&mut self.outbox, job, ErrorCode::CANCELLED, "cancelled by client");
-            if cancelled_while_open || was_receiving {
-                self.events
-                    .push_back(ServerEvent::JobCancelled { job, code, message });
-            }
+            queue_abort(
+                &mut self.outbox,
+                job,
+                ErrorCode::CANCELLED,
+                "cancelled by client",
+            );
+            self.events
+                .push_back(ServerEvent::JobCancelled { job, code, message });
+        } else if was_receiving {
+            self.events
+                .push_back(ServerEvent::JobCancelled { job, code, message });
         }
         self.maybe_forget(job.0);
         Ok(())
@@ -924,6 +945,7 @@ impl ServerConnection {
         self.state = State::Closed;
         self.jobs.clear();
         self.ready.clear();
-        self.events.push_back(ServerEvent::Closed { error: Some(error) });
+        self.events
+            .push_back(ServerEvent::Closed { error: Some(error) });
     }
 }
