@@ -487,12 +487,7 @@ impl ClientConnection {
     pub fn handle_timeout(&mut self, now: Instant) {
         if let State::Handshaking { deadline } = self.state {
             if now >= deadline {
-                self.fail_with(
-                    ConnectionError::Timeout {
-                        what: "handshake",
-                    },
-                    true,
-                );
+                self.fail_with(ConnectionError::Timeout { what: "handshake" }, true);
             }
         }
     }
@@ -653,7 +648,9 @@ impl ClientConnection {
     fn on_miss(&mut self, job: JobId) -> Result<(), ConnectionError> {
         let j = Self::open_job(&mut self.jobs, job, "MISS")?;
         if j.key.is_none() || j.verdict || !matches!(j.download, Download::Waiting) {
-            return Err(unexpected(format!("MISS for {job} that asked for no verdict")));
+            return Err(unexpected(format!(
+                "MISS for {job} that asked for no verdict"
+            )));
         }
         j.verdict = true;
         if j.upload == Upload::Blocked {
@@ -752,7 +749,12 @@ impl ClientConnection {
         if j.upload != Upload::Closed {
             j.upload = Upload::Closed;
             j.source.clear();
-            queue_abort(&mut self.outbox, job, ErrorCode::CANCELLED, "aborted by server");
+            queue_abort(
+                &mut self.outbox,
+                job,
+                ErrorCode::CANCELLED,
+                "aborted by server",
+            );
         }
         if !j.cancelled {
             self.events
@@ -890,7 +892,8 @@ impl ClientConnection {
         self.jobs.clear();
         self.waiting.clear();
         self.ready.clear();
-        self.events.push_back(ClientEvent::Closed { error: Some(error) });
+        self.events
+            .push_back(ClientEvent::Closed { error: Some(error) });
     }
 }
 

@@ -118,7 +118,9 @@ pub enum ConnectionError {
         message: String,
     },
     /// No version both sides speak.
-    #[error("no common protocol version: we speak {ours_min}..={ours_max}, peer {peer_min}..={peer_max}")]
+    #[error(
+        "no common protocol version: we speak {ours_min}..={ours_max}, peer {peer_min}..={peer_max}"
+    )]
     VersionMismatch {
         /// Lowest version we speak.
         ours_min: u16,

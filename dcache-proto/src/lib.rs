@@ -23,8 +23,8 @@ pub use decoder::{FrameDecoder, MAX_CONSECUTIVE_FILLER};
 pub use error::{CommandError, ConnectionError, DecodeError, FrameError};
 pub use error_code::ErrorCode;
 pub use frame::{
-    EncodedFrame, Frame, HELLO_MAGIC, Hello, JobId, Limits, MAX_ARGS, MAX_OUTPUT_NAME,
-    MAX_OUTPUTS, MAX_STATS, OutputMeta, ResultHead, Stat,
+    EncodedFrame, Frame, HELLO_MAGIC, Hello, JobId, Limits, MAX_ARGS, MAX_OUTPUT_NAME, MAX_OUTPUTS,
+    MAX_STATS, OutputMeta, ResultHead, Stat,
 };
 pub use frame_type::{Flags, FrameType};
 pub use header::{FrameHeader, HEADER_LEN};

@@ -26,7 +26,11 @@ pub struct Rng(u64);
 impl Rng {
     /// A generator from a seed (0 is replaced by a fixed non-zero value).
     pub fn new(seed: u64) -> Self {
-        Self(if seed == 0 { 0x9E37_79B9_7F4A_7C15 } else { seed })
+        Self(if seed == 0 {
+            0x9E37_79B9_7F4A_7C15
+        } else {
+            seed
+        })
     }
 
     /// The next 64 random bits.
@@ -133,7 +137,13 @@ pub fn reference_compile(desc: &JobDesc, source: &[u8]) -> JobResult {
     let digest = blake3::hash(source);
     // An object a quarter the size of the source, made of the source's digest.
     let len = source.len() / 4 + 32;
-    let object: Vec<u8> = digest.as_bytes().iter().copied().cycle().take(len).collect();
+    let object: Vec<u8> = digest
+        .as_bytes()
+        .iter()
+        .copied()
+        .cycle()
+        .take(len)
+        .collect();
     JobResult {
         exit_code: 0,
         stdout: Bytes::new(),
