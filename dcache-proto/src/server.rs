@@ -729,20 +729,18 @@ impl ServerConnection {
 
     fn on_hash(&mut self, job: JobId, key: CacheKey) -> Result<(), ConnectionError> {
         let j = Self::known_job(&mut self.jobs, job, "HASH")?;
-        match &mut j.upload {
-            Upload::Receiving {
-                claimed, started, ..
-            } => {
-                if claimed.is_some() || *started {
-                    return Err(unexpected(format!(
-                        "HASH for {job} after its HASH or its first SOURCE"
-                    )));
-                }
-                *claimed = Some(key);
-                self.events.push_back(ServerEvent::Lookup { job, key });
+        // A job refused at JOB time is draining; its HASH was already in flight.
+        if let Upload::Receiving {
+            claimed, started, ..
+        } = &mut j.upload
+        {
+            if claimed.is_some() || *started {
+                return Err(unexpected(format!(
+                    "HASH for {job} after its HASH or its first SOURCE"
+                )));
             }
-            // Refused at JOB time; the HASH was in flight.
-            _ => {}
+            *claimed = Some(key);
+            self.events.push_back(ServerEvent::Lookup { job, key });
         }
         Ok(())
     }

@@ -284,6 +284,8 @@ fn server_abort_fails_the_job_and_stops_the_upload() {
     assert_eq!(p.server.jobs_open(), 0);
 }
 
+// The hook takes a Vec so other tamperers can drop or insert bytes.
+#[allow(clippy::ptr_arg)]
 fn flip_last_source_byte(bytes: &mut Vec<u8>) {
     // Flip the final byte of every delivery: lands in SOURCE payloads for this test's
     // single large job (deliveries end at frame boundaries only by chance).
