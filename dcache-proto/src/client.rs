@@ -433,6 +433,22 @@ impl ClientConnection {
         Ok(())
     }
 
+    /// Ends the connection gracefully: no new jobs; waiting jobs (not yet sent) are dropped,
+    /// and once the jobs already sent have ended the connection closes cleanly, with no
+    /// ERROR frame, so the server sees a plain end of stream.
+    pub fn shutdown(&mut self) {
+        if matches!(self.state, State::Closed) {
+            return;
+        }
+        for id in std::mem::take(&mut self.waiting) {
+            self.jobs.remove(&id);
+        }
+        self.state = State::GoingAway;
+        if self.jobs.is_empty() {
+            self.close_cleanly();
+        }
+    }
+
     /// Closes the connection now with an ERROR frame; open jobs are lost.
     pub fn close(&mut self, code: ErrorCode, reason: &str) {
         self.fail_with(

@@ -1,0 +1,291 @@
+//! The client side of the driver: a cloneable handle that submits jobs to one connection.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use dcache_proto::{
+    CacheKey, ClientConfig, ClientConnection, ClientEvent, ConnectionError, ErrorCode, JobDesc,
+    JobId, JobOutcome, Stat, Strategy,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Owner, drive};
+
+/// Why a job submitted through a [`ClientHandle`] produced no result.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JobError {
+    /// The server ended the job without a result. `REFUSED`, `OVERLOADED` and
+    /// `SHUTTING_DOWN` mean "compile it locally or elsewhere"; `HASH_MISMATCH` means the
+    /// key sent did not match the source.
+    #[error("server ended the job with {code}: {message}")]
+    Failed {
+        /// The server's code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The connection failed or closed before the job ended; retry on another connection.
+    #[error("connection lost: {0}")]
+    Connection(ConnectionError),
+    /// The connection is closed; open a new one.
+    #[error("connection closed")]
+    Closed,
+    /// The job could not be started (for example a field too long to encode).
+    #[error("job refused locally: {0}")]
+    Rejected(String),
+}
+
+enum Command {
+    Submit {
+        token: u64,
+        desc: JobDesc,
+        key: Option<CacheKey>,
+        strategy: Option<Strategy>,
+        source: Bytes,
+        reply: oneshot::Sender<Result<JobOutcome, JobError>>,
+    },
+    Cancel {
+        token: u64,
+    },
+    Stats {
+        reply: oneshot::Sender<Result<Vec<Stat>, JobError>>,
+    },
+}
+
+/// Submits jobs to one driven client connection. Cheap to clone; all clones share the
+/// connection. The connection closes when every clone is dropped and its jobs are done.
+#[derive(Clone, Debug)]
+pub struct ClientHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    tokens: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+/// Sends a cancel for a job whose caller stopped waiting.
+struct CancelOnDrop<'a> {
+    handle: &'a ClientHandle,
+    token: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self
+                .handle
+                .commands
+                .send(Command::Cancel { token: self.token });
+        }
+    }
+}
+
+impl ClientHandle {
+    /// Submits a job whose whole source is at hand. With a `key`, the connection's
+    /// configured strategy applies; without, the source is sent whole with no HASH.
+    /// Dropping the returned future cancels the job.
+    pub async fn submit(
+        &self,
+        desc: JobDesc,
+        key: Option<CacheKey>,
+        source: Bytes,
+    ) -> Result<JobOutcome, JobError> {
+        self.submit_inner(desc, key, None, source).await
+    }
+
+    /// Like [`submit`](Self::submit) with an explicit strategy for this job.
+    pub async fn submit_with(
+        &self,
+        desc: JobDesc,
+        key: CacheKey,
+        strategy: Strategy,
+        source: Bytes,
+    ) -> Result<JobOutcome, JobError> {
+        self.submit_inner(desc, Some(key), Some(strategy), source)
+            .await
+    }
+
+    async fn submit_inner(
+        &self,
+        desc: JobDesc,
+        key: Option<CacheKey>,
+        strategy: Option<Strategy>,
+        source: Bytes,
+    ) -> Result<JobOutcome, JobError> {
+        let token = self.tokens.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Submit {
+                token,
+                desc,
+                key,
+                strategy,
+                source,
+                reply,
+            })
+            .map_err(|_| JobError::Closed)?;
+        let mut guard = CancelOnDrop {
+            handle: self,
+            token,
+            armed: true,
+        };
+        let result = rx.await.unwrap_or(Err(JobError::Closed));
+        guard.armed = false;
+        result
+    }
+
+    /// The server's counters.
+    pub async fn stats(&self) -> Result<Vec<Stat>, JobError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Stats { reply })
+            .map_err(|_| JobError::Closed)?;
+        rx.await.unwrap_or(Err(JobError::Closed))
+    }
+
+    /// Whether the connection behind this handle has ended.
+    pub fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+}
+
+/// Starts a task driving a client connection over `stream` and returns its handle.
+/// Must be called within a tokio runtime.
+pub fn spawn_client<S>(stream: S, config: ClientConfig) -> ClientHandle
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let machine = ClientConnection::new(config, super::now());
+    let owner = ClientOwner {
+        commands: rx,
+        jobs: HashMap::new(),
+        tokens: HashMap::new(),
+        stats: VecDeque::new(),
+        closed: false,
+    };
+    tokio::spawn(drive(machine, stream, owner));
+    ClientHandle {
+        commands: tx,
+        tokens: Arc::new(AtomicU64::new(1)),
+    }
+}
+
+type Reply = oneshot::Sender<Result<JobOutcome, JobError>>;
+
+struct ClientOwner {
+    commands: mpsc::UnboundedReceiver<Command>,
+    jobs: HashMap<JobId, (u64, Reply)>,
+    tokens: HashMap<u64, JobId>,
+    stats: VecDeque<oneshot::Sender<Result<Vec<Stat>, JobError>>>,
+    closed: bool,
+}
+
+impl ClientOwner {
+    fn finish(&mut self, job: JobId, result: Result<JobOutcome, JobError>) {
+        if let Some((token, reply)) = self.jobs.remove(&job) {
+            self.tokens.remove(&token);
+            let _ = reply.send(result);
+        }
+    }
+}
+
+impl Owner<ClientConnection> for ClientOwner {
+    type Command = Command;
+
+    async fn on_event(&mut self, _machine: &mut ClientConnection, event: ClientEvent) {
+        match event {
+            ClientEvent::Done { job, outcome } => self.finish(job, Ok(outcome)),
+            ClientEvent::Failed { job, code, message } => {
+                self.finish(job, Err(JobError::Failed { code, message }));
+            }
+            ClientEvent::Stats(stats) => {
+                if let Some(reply) = self.stats.pop_front() {
+                    let _ = reply.send(Ok(stats));
+                }
+            }
+            ClientEvent::Closed { error } => {
+                self.closed = true;
+                let err = error.map_or(JobError::Closed, JobError::Connection);
+                for (_, (_, reply)) in self.jobs.drain() {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                self.tokens.clear();
+                for reply in self.stats.drain(..) {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                // Refuse further commands: handles see the channel closed.
+                self.commands.close();
+            }
+            _ => {}
+        }
+    }
+
+    async fn next_command(&mut self) -> Option<Command> {
+        self.commands.recv().await
+    }
+
+    fn apply(&mut self, machine: &mut ClientConnection, command: Command, now: Instant) {
+        match command {
+            Command::Submit {
+                token,
+                desc,
+                key,
+                strategy,
+                source,
+                reply,
+            } => {
+                if self.closed {
+                    let _ = reply.send(Err(JobError::Closed));
+                    return;
+                }
+                let started = match strategy {
+                    Some(s) => machine.start_job_with(now, desc, key, s),
+                    None => machine.start_job(now, desc, key),
+                };
+                match started {
+                    Ok(job) => {
+                        // Cannot fail: the job was just started and has no source yet.
+                        let _ = machine.push_source(job, source, true);
+                        self.jobs.insert(job, (token, reply));
+                        self.tokens.insert(token, job);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(JobError::Rejected(e.to_string())));
+                    }
+                }
+            }
+            Command::Cancel { token } => {
+                if let Some(job) = self.tokens.remove(&token) {
+                    self.jobs.remove(&job);
+                    let _ = machine.cancel(job);
+                }
+            }
+            Command::Stats { reply } => match machine.request_stats() {
+                Ok(()) => self.stats.push_back(reply),
+                Err(_) => {
+                    let _ = reply.send(Err(JobError::Closed));
+                }
+            },
+        }
+    }
+
+    fn on_owner_gone(&mut self, machine: &mut ClientConnection) {
+        // Every handle is gone, so nobody waits for the open jobs: cancel them, and close
+        // cleanly once the server has acknowledged.
+        for (job, _) in self.jobs.drain() {
+            let _ = machine.cancel(job);
+        }
+        self.tokens.clear();
+        machine.shutdown();
+    }
+}

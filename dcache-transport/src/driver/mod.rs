@@ -1,0 +1,247 @@
+//! The async driver: one task per connection running a sans-IO state machine over any
+//! `AsyncRead + AsyncWrite`.
+//!
+//! The loop, after every input or command:
+//! 1. hand every event to the owner (the owner may wait: that is the read-side
+//!    backpressure, since no more input is read meanwhile);
+//! 2. take bytes from `poll_transmit` only when the previous write finished, so at most one
+//!    write buffer is held and nothing is committed to the socket before it has room (an
+//!    early result can still stop an upload that the socket has not taken);
+//! 3. wait for whichever comes first: a command, the socket accepting bytes, bytes to read,
+//!    or the state machine's timer.
+//!
+//! Every `await` in the select is cancel-safe (`read_buf`, `write`, channel receive,
+//! `sleep_until`), so no byte is lost when another branch wins.
+
+mod client;
+mod server;
+
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use dcache_proto::{ClientConnection, ErrorCode, ServerConnection};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub use client::{ClientHandle, JobError, spawn_client};
+pub use server::{ServerCommand, ServerConnHandle, spawn_server_connection};
+
+/// Read buffer size: one read takes at most this much from the socket.
+const READ_CHUNK: usize = 64 * 1024;
+/// Small frames are gathered into one write up to this size; bigger pieces go alone.
+const COALESCE: usize = 16 * 1024;
+/// A server that has this much queued for a client that does not read stops reading that
+/// client, so its memory stays bounded.
+const MAX_QUEUED_OUTPUT: usize = 1024 * 1024;
+
+/// What the driver needs from a state machine; implemented for both ends.
+pub(crate) trait Machine {
+    type Event;
+    fn handle_input(&mut self, now: Instant, data: &[u8]);
+    fn handle_eof(&mut self, now: Instant);
+    fn handle_timeout(&mut self, now: Instant);
+    fn poll_transmit(&mut self, now: Instant) -> Option<Bytes>;
+    fn poll_event(&mut self) -> Option<Self::Event>;
+    fn poll_timeout(&self) -> Option<Instant>;
+    fn is_closed(&self) -> bool;
+    fn wants_input(&self) -> bool;
+    /// The transport failed: end the connection now.
+    fn abort(&mut self);
+}
+
+impl Machine for ClientConnection {
+    type Event = dcache_proto::ClientEvent;
+    fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        ClientConnection::handle_input(self, now, data);
+    }
+    fn handle_eof(&mut self, now: Instant) {
+        ClientConnection::handle_eof(self, now);
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        ClientConnection::handle_timeout(self, now);
+    }
+    fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
+        ClientConnection::poll_transmit(self, now)
+    }
+    fn poll_event(&mut self) -> Option<Self::Event> {
+        ClientConnection::poll_event(self)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        ClientConnection::poll_timeout(self)
+    }
+    fn is_closed(&self) -> bool {
+        ClientConnection::is_closed(self)
+    }
+    fn wants_input(&self) -> bool {
+        true
+    }
+    fn abort(&mut self) {
+        self.close(ErrorCode::INTERNAL, "transport failed");
+    }
+}
+
+impl Machine for ServerConnection {
+    type Event = dcache_proto::ServerEvent;
+    fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        ServerConnection::handle_input(self, now, data);
+    }
+    fn handle_eof(&mut self, now: Instant) {
+        ServerConnection::handle_eof(self, now);
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        ServerConnection::handle_timeout(self, now);
+    }
+    fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
+        ServerConnection::poll_transmit(self, now)
+    }
+    fn poll_event(&mut self) -> Option<Self::Event> {
+        ServerConnection::poll_event(self)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        ServerConnection::poll_timeout(self)
+    }
+    fn is_closed(&self) -> bool {
+        ServerConnection::is_closed(self)
+    }
+    fn wants_input(&self) -> bool {
+        self.queued_bytes() < MAX_QUEUED_OUTPUT
+    }
+    fn abort(&mut self) {
+        self.close(ErrorCode::INTERNAL, "transport failed");
+    }
+}
+
+/// The owner side of a driven connection: takes events, supplies commands.
+pub(crate) trait Owner<M: Machine> {
+    type Command;
+    /// Handles one event; may wait (backpressure).
+    async fn on_event(&mut self, machine: &mut M, event: M::Event);
+    /// The next command; `None` when the owner has gone away for good.
+    async fn next_command(&mut self) -> Option<Self::Command>;
+    /// Applies a command to the machine.
+    fn apply(&mut self, machine: &mut M, command: Self::Command, now: Instant);
+    /// The owner went away (its command source ended).
+    fn on_owner_gone(&mut self, machine: &mut M);
+}
+
+/// The clock the driver passes in: tokio's, so paused test time drives the state machines
+/// too.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Runs `machine` over `stream` until the connection is closed and flushed.
+pub(crate) async fn drive<M, S, O>(mut machine: M, stream: S, mut owner: O)
+where
+    M: Machine,
+    S: AsyncRead + AsyncWrite + Send,
+    O: Owner<M>,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut pending = Bytes::new();
+    let mut read_done = false;
+    let mut owner_open = true;
+    loop {
+        while let Some(event) = machine.poll_event() {
+            owner.on_event(&mut machine, event).await;
+        }
+        if pending.is_empty() {
+            pending = next_write(&mut machine);
+        }
+        if pending.is_empty() && machine.is_closed() {
+            // Best effort: the peer may already be gone.
+            let _ = writer.shutdown().await;
+            // Deliver the Closed event raised by a final input, if any.
+            while let Some(event) = machine.poll_event() {
+                owner.on_event(&mut machine, event).await;
+            }
+            return;
+        }
+        let deadline = machine.poll_timeout().map(tokio::time::Instant::from_std);
+        let can_read = !read_done && machine.wants_input();
+        tokio::select! {
+            biased;
+            cmd = owner.next_command(), if owner_open => match cmd {
+                Some(cmd) => owner.apply(&mut machine, cmd, now()),
+                None => {
+                    owner_open = false;
+                    owner.on_owner_gone(&mut machine);
+                }
+            },
+            res = writer.write(&pending), if !pending.is_empty() => match res {
+                Ok(n) if n > 0 => {
+                    let _ = pending.split_to(n);
+                }
+                _ => {
+                    // The peer is gone: nothing more can be written, so nothing more is
+                    // worth reading. End the machine and discard what it still queues.
+                    pending = Bytes::new();
+                    read_done = true;
+                    machine.abort();
+                    drain_to_closed(&mut machine);
+                }
+            },
+            res = reader.read_buf(&mut rbuf), if can_read => match res {
+                Ok(0) | Err(_) => {
+                    read_done = true;
+                    machine.handle_eof(now());
+                }
+                Ok(_) => {
+                    machine.handle_input(now(), &rbuf);
+                    rbuf.clear();
+                    if rbuf.capacity() < READ_CHUNK {
+                        rbuf.reserve(READ_CHUNK);
+                    }
+                }
+            },
+            () = sleep_until(deadline), if deadline.is_some() => {
+                machine.handle_timeout(now());
+            },
+            else => {
+                // Nothing can happen any more: the peer stopped sending, the owner left,
+                // nothing is left to write and no timer is armed.
+                machine.abort();
+                drain_to_closed(&mut machine);
+            }
+        }
+    }
+}
+
+/// Takes the next write: one large piece, or several small frames gathered.
+fn next_write<M: Machine>(machine: &mut M) -> Bytes {
+    let now = now();
+    let Some(first) = machine.poll_transmit(now) else {
+        return Bytes::new();
+    };
+    if first.len() >= COALESCE {
+        return first;
+    }
+    let mut buf = BytesMut::with_capacity(COALESCE);
+    buf.extend_from_slice(&first);
+    while buf.len() < COALESCE {
+        match machine.poll_transmit(now) {
+            Some(next) => buf.extend_from_slice(&next),
+            None => break,
+        }
+    }
+    buf.freeze()
+}
+
+/// Writes are impossible: discard output until the machine reports closed.
+fn drain_to_closed<M: Machine>(machine: &mut M) {
+    let now = now();
+    // Closed machines produce only what was queued before closing, so this ends; the
+    // bound is a guard against a machine bug turning into a hang.
+    for _ in 0..1_000_000 {
+        if machine.poll_transmit(now).is_none() {
+            break;
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
