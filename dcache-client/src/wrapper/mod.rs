@@ -2,3 +2,4 @@
 //! into a local preprocessor run and a remote compile.
 
 pub mod args;
+pub mod local;

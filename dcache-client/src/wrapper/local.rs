@@ -1,0 +1,121 @@
+//! What the wrapper does on this machine: run the preprocessor, run the compiler unchanged
+//! (fallback and non-distributable calls), and write outputs atomically.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+
+use super::args::{CompilePlan, Language};
+
+/// The preprocessor's output for a plan.
+#[derive(Debug)]
+pub struct Preprocessed {
+    /// The preprocessed source, as sent to the server.
+    pub source: Vec<u8>,
+    /// What the preprocessor printed on stderr (`#warning` and the like): part of what the
+    /// compiler would have printed, so the wrapper prints it too.
+    pub stderr: Vec<u8>,
+}
+
+/// Why preprocessing did not produce a source to send.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PreprocessError {
+    /// The preprocessor could not be started.
+    #[error("cannot run the preprocessor {compiler:?}: {source}")]
+    Spawn {
+        /// The compiler.
+        compiler: OsString,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The preprocessor failed (a missing header, a syntax error in a directive). The
+    /// compile would fail the same way; running it locally reproduces the exact output.
+    #[error("preprocessor exited with {status}")]
+    Failed {
+        /// Its exit status.
+        status: ExitStatus,
+    },
+}
+
+/// Runs `compiler -E` for a plan, writing dependency files as the compiler would.
+pub fn preprocess(plan: &CompilePlan) -> Result<Preprocessed, PreprocessError> {
+    let lang = match plan.language {
+        Language::C => "c",
+        Language::Cxx => "c++",
+    };
+    let out = Command::new(&plan.compiler)
+        .arg("-E")
+        .args(&plan.preprocess_args)
+        .arg("-x")
+        .arg(lang)
+        .arg(&plan.input)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| PreprocessError::Spawn {
+            compiler: plan.compiler.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(PreprocessError::Failed { status: out.status });
+    }
+    Ok(Preprocessed {
+        source: out.stdout,
+        stderr: out.stderr,
+    })
+}
+
+/// Runs the compiler with the original arguments and this process's stdio, as if the
+/// wrapper were not there. Returns the exit code to exit with.
+pub fn run_locally(compiler: &OsString, args: &[OsString]) -> std::io::Result<i32> {
+    let status = Command::new(compiler).args(args).status()?;
+    Ok(exit_code(status))
+}
+
+/// The exit code a shell would report for `status` (128 + signal when killed).
+pub fn exit_code(status: ExitStatus) -> i32 {
+    if let Some(code) = status.code() {
+        return code;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            return 128 + sig;
+        }
+    }
+    1
+}
+
+/// Writes `data` to `path` atomically: a temporary file in the same directory, synced,
+/// then renamed over the target, so a reader (or a crash) never sees half an object.
+pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".dcache-out-")
+        .tempfile_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_data()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_the_file_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.o");
+        std::fs::write(&p, b"old contents, longer").unwrap();
+        write_atomically(&p, b"new").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary file left behind");
+    }
+}
