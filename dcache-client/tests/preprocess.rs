@@ -1,6 +1,8 @@
 //! The wrapper's local preprocessor run against plain gcc: dependency files must match,
 //! and compiling the preprocessed output must give the same object.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::Command;

@@ -1,6 +1,8 @@
 //! Property tests of the codec: every frame round-trips, splitting the stream anywhere
 //! changes nothing, and arbitrary bytes never panic.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use bytes::{Bytes, BytesMut};
 use dcache_proto::{
     CacheKey, DecodeError, ErrorCode, Frame, FrameDecoder, FrameType, Hello, JobDesc, JobId,

@@ -6,6 +6,8 @@
 //! results were already in the server's cache when a job was submitted. The state machines
 //! must agree with it whatever the strategy, link, interleaving and delivery splits.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 

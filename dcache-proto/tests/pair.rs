@@ -1,6 +1,8 @@
 //! End-to-end scenarios: a real client and server state machine on simulated links, with
 //! deliveries split and merged at random points and a virtual clock.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
