@@ -1,7 +1,7 @@
 //! Codec and key micro-benchmarks: `cargo bench -p dcache-proto`.
 //!
 //! Throughput is reported per byte of payload, so the figures read as GB/s.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)] // a benchmark harness, not library code
 
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
