@@ -169,11 +169,46 @@ pub struct ReferenceServer {
     pub misses: u64,
     /// Jobs cancelled (by the client or the protocol).
     pub cancelled: u64,
+    /// How long a compile takes, counted from the last source byte (a compiler can parse
+    /// as bytes arrive but finishes only after the end). Zero answers at once.
+    pub compile_time: Duration,
+    /// Results waiting for their compile time to pass: (ready at, job, result).
+    pending: Vec<(Instant, JobId, JobResult)>,
 }
 
 impl ReferenceServer {
-    /// Reacts to one server event by calling server commands.
+    /// Reacts to one server event by calling server commands, with compiles that take no
+    /// time.
     pub fn handle(&mut self, conn: &mut ServerConnection, event: ServerEvent) {
+        let compile_time = std::mem::take(&mut self.compile_time);
+        // Any instant works: with no compile time nothing is scheduled.
+        self.handle_at(conn, event, None);
+        self.compile_time = compile_time;
+    }
+
+    /// When the next compile finishes, if one is running.
+    pub fn next_ready(&self) -> Option<Instant> {
+        self.pending.iter().map(|(t, _, _)| *t).min()
+    }
+
+    /// Sends the results of compiles finished by `now`.
+    pub fn release(&mut self, conn: &mut ServerConnection, now: Instant) {
+        let (ready, waiting) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(t, _, _)| *t <= now);
+        self.pending = waiting;
+        for (_, job, result) in ready {
+            let _ = conn.send_result(job, &result, false);
+        }
+    }
+
+    /// Reacts to one server event at `now` (`None`: compiles are instant).
+    pub fn handle_at(
+        &mut self,
+        conn: &mut ServerConnection,
+        event: ServerEvent,
+        now: Option<Instant>,
+    ) {
         match event {
             ServerEvent::JobStarted { job, desc } => {
                 self.jobs.insert(job, (desc, Vec::new()));
@@ -207,12 +242,20 @@ impl ReferenceServer {
                             r
                         }
                     };
-                    let _ = conn.send_result(job, &result, false);
+                    match now {
+                        Some(now) if !self.compile_time.is_zero() => {
+                            self.pending.push((now + self.compile_time, job, result));
+                        }
+                        _ => {
+                            let _ = conn.send_result(job, &result, false);
+                        }
+                    }
                 }
             }
             ServerEvent::JobCancelled { job, .. } => {
                 self.cancelled += 1;
                 self.jobs.remove(&job);
+                self.pending.retain(|(_, j, _)| *j != job);
             }
             ServerEvent::StatsRequested => {
                 let stats = vec![
@@ -266,7 +309,8 @@ pub struct Pair {
 
 impl Pair {
     /// A pair on a link of the given one-way latency and bandwidth (bytes/s, 0 = unlimited),
-    /// with a 256 KiB window each way; `seed` drives the splitting of deliveries. `origin`
+    /// with a window each way of 256 KiB or the bandwidth-delay product plus 64 KiB,
+    /// whichever is larger (a socket buffer that never limits throughput); `seed` drives the splitting of deliveries. `origin`
     /// is the virtual clock's start: any instant will do (the crate never reads a clock, so
     /// the caller supplies one), because only differences from it are used.
     pub fn new(
@@ -278,12 +322,14 @@ impl Pair {
         origin: Instant,
     ) -> Self {
         let now = origin;
+        let bdp = (bandwidth as u128 * 2 * latency.as_nanos() / 1_000_000_000) as usize;
+        let window = (bdp + 64 * 1024).max(256 * 1024);
         Self {
             client: ClientConnection::new(client, now),
             server: ServerConnection::new(server, now),
             app: ReferenceServer::default(),
-            c2s: Link::new(latency, bandwidth, 256 * 1024),
-            s2c: Link::new(latency, bandwidth, 256 * 1024),
+            c2s: Link::new(latency, bandwidth, window),
+            s2c: Link::new(latency, bandwidth, window),
             now,
             start: now,
             client_events: Vec::new(),
@@ -328,6 +374,7 @@ impl Pair {
             let next = [
                 self.c2s.next_arrival(),
                 self.s2c.next_arrival(),
+                self.app.next_ready(),
                 self.client.poll_timeout(),
                 self.server.poll_timeout(),
             ]
@@ -337,9 +384,13 @@ impl Pair {
             let Some(next) = next else {
                 return true;
             };
-            // With nothing in flight, only timers are left: stop rather than jump ahead
-            // to an idle timeout, unless the caller asks for it with `advance`.
-            if self.c2s.next_arrival().is_none() && self.s2c.next_arrival().is_none() {
+            // With nothing in flight and no compile running, only timers are left: stop
+            // rather than jump ahead to an idle timeout, unless the caller asks for it with
+            // `advance`.
+            if self.c2s.next_arrival().is_none()
+                && self.s2c.next_arrival().is_none()
+                && self.app.next_ready().is_none()
+            {
                 return true;
             }
             self.now = self.now.max(next);
@@ -379,6 +430,7 @@ impl Pair {
             let next = [
                 self.c2s.next_arrival(),
                 self.s2c.next_arrival(),
+                self.app.next_ready(),
                 self.client.poll_timeout(),
                 self.server.poll_timeout(),
             ]
@@ -459,7 +511,11 @@ impl Pair {
             }
             while let Some(e) = self.server.poll_event() {
                 self.server_events.push((self.now, e.clone()));
-                self.app.handle(&mut self.server, e);
+                self.app.handle_at(&mut self.server, e, Some(self.now));
+                progress = true;
+            }
+            if self.app.next_ready().is_some_and(|t| t <= self.now) {
+                self.app.release(&mut self.server, self.now);
                 progress = true;
             }
             while let Some(e) = self.client.poll_event() {
