@@ -158,9 +158,9 @@ pub fn run_matrix(origin: Instant) -> Vec<Cell> {
 pub fn to_json(cells: &[Cell]) -> String {
     let mut out = String::from("[\n");
     for (i, c) in cells.iter().enumerate() {
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "  {{\"strategy\": \"{}\", \"rtt_ms\": {}, \"bandwidth_bps\": {}, \"source_bytes\": {}, \"outcome\": \"{}\", \"time_s\": {:.6}, \"limit_s\": {:.6}, \"ratio\": {:.4}, \"wasted_bytes\": {}}}{}\n",
+            "  {{\"strategy\": \"{}\", \"rtt_ms\": {}, \"bandwidth_bps\": {}, \"source_bytes\": {}, \"outcome\": \"{}\", \"time_s\": {:.6}, \"limit_s\": {:.6}, \"ratio\": {:.4}, \"wasted_bytes\": {}}}{}",
             c.strategy.name(),
             c.rtt_ms,
             c.bandwidth_bps,
