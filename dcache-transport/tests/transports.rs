@@ -1,0 +1,317 @@
+//! Real transports: echo, dropped peers, peers that stop reading; and the protocol's
+//! end-to-end scenarios through the driver over every transport.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dcache_proto::testing::reference_compile;
+use dcache_proto::{
+    CacheKey, ClientConfig, ErrorCode, JobDesc, JobResult, ServerConfig, ServerEvent,
+};
+use dcache_transport::simlink::{LinkConfig, symmetric};
+use dcache_transport::{
+    Address, BoxedStream, JobError, Listener, ServerCommand, ServerConnHandle, TransportOptions,
+    bind, connect, spawn_client, spawn_server_connection,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A guard against hangs only; no test asserts speed.
+const HANG: Duration = Duration::from_secs(30);
+
+enum Kind {
+    Tcp,
+    Unix,
+    Mem,
+}
+
+async fn listen(kind: Kind, tag: &str) -> (Box<dyn Listener>, Address, Option<tempfile::TempDir>) {
+    let opts = TransportOptions::default();
+    let (addr, dir) = match kind {
+        Kind::Tcp => ("tcp://127.0.0.1:0".parse().unwrap(), None),
+        Kind::Unix => {
+            let dir = tempfile::tempdir().unwrap();
+            let a = Address::Unix(dir.path().join("s.sock"));
+            (a, Some(dir))
+        }
+        Kind::Mem => (format!("mem://test-{tag}").parse().unwrap(), None),
+    };
+    let l = bind(&addr, &opts).await.unwrap();
+    let real = l.local_addr();
+    (l, real, dir)
+}
+
+async fn pair(kind: Kind, tag: &str) -> (BoxedStream, BoxedStream, Option<tempfile::TempDir>) {
+    let (l, addr, dir) = listen(kind, tag).await;
+    let opts = TransportOptions::default();
+    let (c, s) = tokio::join!(connect(&addr, &opts), l.accept());
+    (c.unwrap(), s.unwrap().0, dir)
+}
+
+#[tokio::test]
+async fn echo_over_every_transport() {
+    for (kind, tag) in [(Kind::Tcp, "t"), (Kind::Unix, "u"), (Kind::Mem, "echo")] {
+        let (mut c, mut s, _dir) = pair(kind, tag).await;
+        let data = vec![9u8; 300_000];
+        let writer = tokio::spawn(async move {
+            c.write_all(&data).await.unwrap();
+            c.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            c.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        s.write_all(&got).await.unwrap();
+        drop(s);
+        let back = tokio::time::timeout(HANG, writer).await.unwrap().unwrap();
+        assert_eq!(back.len(), 300_000);
+    }
+}
+
+#[tokio::test]
+async fn connecting_to_nothing_is_refused_clearly() {
+    let opts = TransportOptions::default();
+    let e = connect(&"mem://nobody-here".parse().unwrap(), &opts)
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("connection refused"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let e = connect(&Address::Unix(dir.path().join("none.sock")), &opts)
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("connection refused"), "{e}");
+}
+
+#[tokio::test]
+async fn names_and_sockets_are_exclusive_and_freed() {
+    let opts = TransportOptions::default();
+    let a: Address = "mem://exclusive".parse().unwrap();
+    let l = bind(&a, &opts).await.unwrap();
+    assert!(bind(&a, &opts).await.is_err(), "name taken");
+    drop(l);
+    let _again = bind(&a, &opts).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let u = Address::Unix(dir.path().join("x.sock"));
+    let l = bind(&u, &opts).await.unwrap();
+    assert!(bind(&u, &opts).await.is_err(), "live socket is not stolen");
+    drop(l);
+    // A stale file (no listener) is replaced.
+    std::fs::write(dir.path().join("x.sock"), b"").unwrap();
+    let _l = bind(&u, &opts).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_blocks_the_writer() {
+    for (kind, tag) in [(Kind::Tcp, "t"), (Kind::Mem, "stall")] {
+        let (mut c, _s, _dir) = pair(kind, tag).await;
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0usize;
+        while let Ok(r) =
+            tokio::time::timeout(Duration::from_millis(300), c.write_all(&chunk)).await
+        {
+            r.unwrap();
+            written += chunk.len();
+            assert!(
+                written < 64 << 20,
+                "writer never blocked: unbounded buffering"
+            );
+        }
+    }
+}
+
+/// The reference server application, asynchronously: a cache and `reference_compile`.
+async fn reference_app(mut h: ServerConnHandle) -> Option<dcache_proto::ConnectionError> {
+    let mut cache: HashMap<CacheKey, JobResult> = HashMap::new();
+    let mut jobs: HashMap<_, (JobDesc, Vec<u8>)> = HashMap::new();
+    while let Some(ev) = h.events.recv().await {
+        match ev {
+            ServerEvent::JobStarted { job, desc } => {
+                jobs.insert(job, (desc, Vec::new()));
+            }
+            ServerEvent::Lookup { job, key } => {
+                let cmd = match cache.get(&key) {
+                    Some(r) => ServerCommand::Result {
+                        job,
+                        result: r.clone(),
+                        early: true,
+                    },
+                    None => ServerCommand::Miss(job),
+                };
+                let _ = h.commands.send(cmd);
+            }
+            ServerEvent::Source { job, data } => {
+                if let Some(j) = jobs.get_mut(&job) {
+                    j.1.extend_from_slice(&data);
+                }
+            }
+            ServerEvent::SourceDone { job, key, .. } => {
+                if let Some((d, s)) = jobs.remove(&job) {
+                    let r = reference_compile(&d, &s);
+                    cache.insert(key, r.clone());
+                    let _ = h.commands.send(ServerCommand::Result {
+                        job,
+                        result: r,
+                        early: false,
+                    });
+                }
+            }
+            ServerEvent::StatsRequested => {
+                let stats = vec![dcache_proto::Stat {
+                    name: "entries".into(),
+                    value: cache.len() as u64,
+                }];
+                let _ = h.commands.send(ServerCommand::Stats(stats));
+            }
+            ServerEvent::Closed { error } => return error,
+            _ => {}
+        }
+    }
+    None
+}
+
+fn desc(n: usize, len: Option<usize>) -> JobDesc {
+    JobDesc {
+        compiler: "gcc".into(),
+        language: "cpp-output".into(),
+        args: vec![format!("-DN={n}")],
+        source_len: len.map(|l| l as u64),
+    }
+}
+
+/// Miss, then a hit answered early while the large upload is still going, then cancel,
+/// then many concurrent jobs: over one client and server connected by `c` and `s`.
+async fn scenarios(c: BoxedStream, s: BoxedStream) {
+    let server = tokio::spawn(reference_app(spawn_server_connection(
+        s,
+        ServerConfig::default(),
+    )));
+    let client = spawn_client(c, ClientConfig::default());
+    let src = Bytes::from((0..(8 << 20)).map(|i| (i % 253) as u8).collect::<Vec<u8>>());
+    let d = desc(0, Some(src.len()));
+    let key = CacheKey::compute(&d, &src);
+
+    let miss = client
+        .submit(d.clone(), Some(key), src.clone())
+        .await
+        .unwrap();
+    assert!(!miss.early);
+    assert_eq!(miss.result, reference_compile(&d, &src));
+
+    let hit = client
+        .submit(d.clone(), Some(key), src.clone())
+        .await
+        .unwrap();
+    assert!(
+        hit.early,
+        "an identical job must be answered by EARLY_RESULT"
+    );
+    assert_eq!(hit.result, miss.result);
+    assert!(
+        hit.source_bytes_sent < (src.len() / 2) as u64,
+        "client stopped early: sent {} of {}",
+        hit.source_bytes_sent,
+        src.len()
+    );
+
+    // Cancel: drop the future of a job mid-upload; the connection lives on.
+    let d2 = desc(1, None);
+    let slow = client.submit(d2.clone(), None, src.clone());
+    let _ = tokio::time::timeout(Duration::from_millis(1), slow).await;
+
+    let mut set = tokio::task::JoinSet::new();
+    for n in 2..66 {
+        let c = client.clone();
+        set.spawn(async move {
+            let d = desc(n, None);
+            let s = Bytes::from(vec![n as u8; 1000 + n * 997]);
+            let k = CacheKey::compute(&d, &s);
+            let o = c.submit(d.clone(), Some(k), s.clone()).await.unwrap();
+            assert_eq!(o.result, reference_compile(&d, &s));
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    let stats = client.stats().await.unwrap();
+    assert_eq!(stats[0].name, "entries");
+    assert_eq!(stats[0].value, 65, "one entry per distinct successful job");
+    drop(client);
+    let end = tokio::time::timeout(HANG, server)
+        .await
+        .expect("server ended")
+        .unwrap();
+    assert_eq!(end, None, "clean close after the client left");
+}
+
+#[tokio::test]
+async fn protocol_scenarios_over_tcp() {
+    let (c, s, _d) = pair(Kind::Tcp, "").await;
+    tokio::time::timeout(HANG, scenarios(c, s)).await.unwrap();
+}
+
+#[tokio::test]
+async fn protocol_scenarios_over_unix() {
+    let (c, s, _d) = pair(Kind::Unix, "").await;
+    tokio::time::timeout(HANG, scenarios(c, s)).await.unwrap();
+}
+
+#[tokio::test]
+async fn protocol_scenarios_over_mem() {
+    let (c, s, _d) = pair(Kind::Mem, "scenarios").await;
+    tokio::time::timeout(HANG, scenarios(c, s)).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn protocol_scenarios_over_a_simulated_40ms_link() {
+    let (c, s) = symmetric(LinkConfig {
+        latency: Duration::from_millis(20),
+        bandwidth: 12_500_000,
+        buffer: 256 * 1024,
+    });
+    tokio::time::timeout(HANG * 100, scenarios(Box::new(c), Box::new(s)))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_dropped_server_fails_jobs_instead_of_hanging() {
+    let (c, s, _d) = pair(Kind::Tcp, "").await;
+    let client = spawn_client(c, ClientConfig::default());
+    let d = desc(0, None);
+    let src = Bytes::from(vec![1u8; 4 << 20]);
+    let job = client.submit(d, None, src);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(s);
+    });
+    let r = tokio::time::timeout(HANG, job).await.expect("no hang");
+    assert!(matches!(r, Err(JobError::Connection(_))), "{r:?}");
+}
+
+#[tokio::test]
+async fn garbage_from_a_peer_ends_only_that_connection_with_an_error() {
+    let (mut c, s, _d) = pair(Kind::Mem, "garbage").await;
+    let server = tokio::spawn(reference_app(spawn_server_connection(
+        s,
+        ServerConfig::default(),
+    )));
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(HANG, c.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    // The reply is one ERROR frame: type 0x0A, job 0.
+    assert_eq!(reply.first(), Some(&0x0A));
+    let err = tokio::time::timeout(HANG, server).await.unwrap().unwrap();
+    assert!(
+        matches!(err, Some(e) if e.code() == ErrorCode::UNKNOWN_FRAME || e.code() == ErrorCode::PROTOCOL)
+    );
+}
