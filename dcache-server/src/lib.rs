@@ -1,2 +1,33 @@
-//! The dcache compile server: cache stores, compiler execution and the async server.
+//! The dcache compile server: result stores, compiler execution and the async service.
+//!
+//! - [`cache`]: the [`Store`](cache::Store) trait with a bounded memory LRU, a verified
+//!   disk store and the two stacked.
+//! - [`compiler`]: the [`Executor`](compiler::Executor) trait, the real allow-listed
+//!   executor that feeds source to the compiler as it arrives, and a test double.
+//! - [`Service`]: serves connections: answers HASH lookups at once (EARLY_RESULT or MISS),
+//!   compiles misses with bounded concurrency and single-flight, verifies every received
+//!   source against its HASH before storing anything, and counts what happens.
 #![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod compiler;
+mod counters;
+mod service;
+
+pub use counters::Counters;
+pub use service::{Service, ServiceConfig};
+
+/// The exit code a shell would report (128 + signal when the process was killed).
+pub(crate) fn exit_code(status: std::process::ExitStatus) -> i32 {
+    if let Some(code) = status.code() {
+        return code;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            return 128 + sig;
+        }
+    }
+    1
+}

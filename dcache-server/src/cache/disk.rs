@@ -1,0 +1,261 @@
+//! A content-addressed store on disk.
+//!
+//! Layout: `DIR/v1/ab/abcdef…` (the key in hex, fanned out by its first byte), temporary
+//! files in `DIR/v1/tmp/`. A write goes to a temporary file that is renamed into place, so
+//! a reader never sees half an entry; every read verifies the entry's digest, so a torn or
+//! damaged file (a crash, a full disk, bit rot) is removed and counts as a miss. Several
+//! server processes may share one directory: renames are atomic, and a file another process
+//! evicted is simply a miss.
+//!
+//! The LRU index lives in memory and is rebuilt on start from the files' sizes and
+//! modification times (a hit refreshes the time, so the order survives restarts).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use dcache_proto::JobResult;
+
+use super::lru::Lru;
+use super::{Store, StoreError, StoreKey, StoreStats, entry};
+
+/// Temporary files older than this at start-up were left by a crashed writer.
+const STALE_TMP: Duration = Duration::from_secs(3600);
+
+/// Results as files in a directory, up to a byte limit.
+#[derive(Debug, Clone)]
+pub struct DiskStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    limit: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    lru: Lru,
+    evictions: u64,
+    corrupt: u64,
+    write_errors: u64,
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Critical sections are map updates that cannot panic halfway.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn path(&self, key: &StoreKey) -> PathBuf {
+        let hex = key.to_hex();
+        self.root.join(&hex[..2]).join(hex)
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    fn get(&self, key: &StoreKey) -> Option<JobResult> {
+        let path = self.path(key);
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(_) => {
+                // Gone (evicted by another process, or never there).
+                self.lock().lru.remove(key);
+                return None;
+            }
+        };
+        let size = data.len() as u64;
+        match entry::decode(key, Bytes::from(data)) {
+            Ok(result) => {
+                // Refresh the time so the LRU order survives a restart; best effort.
+                if let Ok(f) = std::fs::File::options().append(true).open(&path) {
+                    let _ = f.set_modified(SystemTime::now());
+                }
+                let mut st = self.lock();
+                if st.lru.contains(key) {
+                    st.lru.touch(key);
+                } else {
+                    st.lru.insert(*key, size);
+                }
+                Some(result)
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(&path);
+                let mut st = self.lock();
+                st.lru.remove(key);
+                st.corrupt += 1;
+                None
+            }
+        }
+    }
+
+    fn put(&self, key: &StoreKey, value: &JobResult) -> Result<(), StoreError> {
+        let data = entry::encode(key, value);
+        let size = data.len() as u64;
+        if size > self.limit {
+            return Err(StoreError::TooLarge(size));
+        }
+        let path = self.path(key);
+        let write = || -> std::io::Result<()> {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let mut tmp = tempfile::NamedTempFile::new_in(self.tmp_dir())?;
+            tmp.write_all(&data)?;
+            tmp.persist(&path).map_err(|e| e.error)?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            self.lock().write_errors += 1;
+            return Err(e.into());
+        }
+        let victims = {
+            let mut st = self.lock();
+            st.lru.insert(*key, size);
+            let mut victims = Vec::new();
+            while st.lru.bytes() > self.limit {
+                let Some(old) = st.lru.oldest() else { break };
+                st.lru.remove(&old);
+                st.evictions += 1;
+                victims.push(old);
+            }
+            victims
+        };
+        for old in victims {
+            let _ = std::fs::remove_file(self.path(&old));
+        }
+        Ok(())
+    }
+}
+
+impl DiskStore {
+    /// Opens (creating if needed) a store in `dir` holding at most `limit` bytes, and
+    /// rebuilds its index from the files there.
+    pub fn open(dir: &Path, limit: u64) -> Result<Self, StoreError> {
+        let root = dir.join("v1");
+        std::fs::create_dir_all(root.join("tmp"))?;
+        let inner = Inner {
+            root,
+            limit,
+            state: Mutex::new(State::default()),
+        };
+        inner.rebuild()?;
+        let store = Self {
+            inner: Arc::new(inner),
+        };
+        // A directory that was over the limit (a smaller limit this time) shrinks now.
+        store.inner.evict_to_limit();
+        Ok(store)
+    }
+
+    /// The directory entries live in.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+}
+
+impl Inner {
+    fn rebuild(&self) -> std::io::Result<()> {
+        let now = SystemTime::now();
+        for tmp in std::fs::read_dir(self.tmp_dir())?.flatten() {
+            let old = tmp
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > STALE_TMP);
+            if old {
+                let _ = std::fs::remove_file(tmp.path());
+            }
+        }
+        let mut found = Vec::new();
+        for sub in std::fs::read_dir(&self.root)?.flatten() {
+            let name = sub.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.len() != 2 || !sub.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            for f in std::fs::read_dir(sub.path())?.flatten() {
+                let Some(key) = f.file_name().to_str().and_then(parse_hex_key) else {
+                    continue;
+                };
+                let Ok(meta) = f.metadata() else { continue };
+                let mtime = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .unwrap_or_default();
+                found.push((mtime, key, meta.len()));
+            }
+        }
+        found.sort_unstable_by_key(|(t, k, _)| (*t, *k));
+        let mut st = self.lock();
+        for (age, (_, key, size)) in found.into_iter().enumerate() {
+            st.lru.insert_aged(key, size, age as u64 + 1);
+        }
+        Ok(())
+    }
+
+    fn evict_to_limit(&self) {
+        let mut victims = Vec::new();
+        {
+            let mut st = self.lock();
+            while st.lru.bytes() > self.limit {
+                let Some(old) = st.lru.oldest() else { break };
+                st.lru.remove(&old);
+                st.evictions += 1;
+                victims.push(old);
+            }
+        }
+        for old in victims {
+            let _ = std::fs::remove_file(self.path(&old));
+        }
+    }
+}
+
+fn parse_hex_key(name: &str) -> Option<StoreKey> {
+    if name.len() != 64 {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(StoreKey(key))
+}
+
+#[async_trait::async_trait]
+impl Store for DiskStore {
+    async fn get(&self, key: &StoreKey) -> Option<JobResult> {
+        let inner = self.inner.clone();
+        let key = *key;
+        tokio::task::spawn_blocking(move || inner.get(&key))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn put(&self, key: &StoreKey, value: &JobResult) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        let key = *key;
+        let value = value.clone();
+        tokio::task::spawn_blocking(move || inner.put(&key, &value))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+
+    fn stats(&self) -> StoreStats {
+        let st = self.inner.lock();
+        StoreStats {
+            entries: st.lru.len(),
+            bytes: st.lru.bytes(),
+            evictions: st.evictions,
+            corrupt: st.corrupt,
+            write_errors: st.write_errors,
+        }
+    }
+}

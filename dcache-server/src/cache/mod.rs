@@ -1,0 +1,75 @@
+//! Result stores: where compiled results are kept, behind one trait.
+//!
+//! A stored entry is always whole and verified, or absent: the disk store writes to a
+//! temporary file and renames it into place, and checks a digest on every read; a corrupt
+//! entry is removed and reported as a miss.
+
+mod disk;
+pub mod entry;
+mod lru;
+mod memory;
+mod tiered;
+
+use dcache_proto::JobResult;
+
+pub use disk::DiskStore;
+pub use memory::MemoryStore;
+pub use tiered::TieredStore;
+
+/// The key a result is stored under: the protocol's cache key bound to the server's
+/// compiler identity (see [`crate::compiler::store_key`]), so a compiler upgrade can never
+/// serve an object built by the old one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StoreKey(pub [u8; 32]);
+
+impl StoreKey {
+    /// Lower-case hex, used as the entry's file name.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl std::fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreKey({})", self.to_hex())
+    }
+}
+
+/// Why a store operation failed. Reads never fail on bad data (that is a miss); these are
+/// environmental failures the caller reports and works around.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The filesystem refused (read-only, full, permissions).
+    #[error("cache store I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The entry is larger than the whole store.
+    #[error("entry of {0} bytes exceeds the store's size limit")]
+    TooLarge(u64),
+}
+
+/// Counters of a store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Entries held.
+    pub entries: u64,
+    /// Bytes held.
+    pub bytes: u64,
+    /// Entries removed to stay under the size limit.
+    pub evictions: u64,
+    /// Entries found damaged and removed.
+    pub corrupt: u64,
+    /// Writes that failed.
+    pub write_errors: u64,
+}
+
+/// A place to keep results. Implementations are safe to share between tasks.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The result stored under `key`, if a whole and verified one is there.
+    async fn get(&self, key: &StoreKey) -> Option<JobResult>;
+    /// Stores `value` under `key`, evicting old entries to stay under the size limit.
+    async fn put(&self, key: &StoreKey, value: &JobResult) -> Result<(), StoreError>;
+    /// Current counters.
+    fn stats(&self) -> StoreStats;
+}

@@ -1,0 +1,214 @@
+//! The real executor: allow-listed compilers in private directories, fed as source
+//! arrives.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dcache_proto::{JobDesc, JobResult, OutputFile};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use super::{CompileFuture, CompilerId, ExecError, Executor, options};
+
+/// Settings of a [`LocalExecutor`].
+#[derive(Clone, Debug)]
+pub struct LocalExecutorConfig {
+    /// Compiler names clients may ask for. Names only: a client can never choose a path.
+    pub allowed: Vec<String>,
+    /// How long one compile may run before it is killed.
+    pub time_limit: Duration,
+    /// `PATH` for finding the compilers and for the compiler's own helpers (`as`, `cc1`).
+    pub path: String,
+}
+
+impl Default for LocalExecutorConfig {
+    fn default() -> Self {
+        Self {
+            allowed: ["gcc", "g++", "cc", "c++", "clang", "clang++"]
+                .map(String::from)
+                .to_vec(),
+            time_limit: Duration::from_secs(300),
+            path: "/usr/local/bin:/usr/bin:/bin".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Compiler {
+    path: PathBuf,
+    id: CompilerId,
+}
+
+/// Runs real compilers found on this server.
+#[derive(Clone, Debug)]
+pub struct LocalExecutor {
+    config: LocalExecutorConfig,
+    compilers: HashMap<String, Compiler>,
+}
+
+impl LocalExecutor {
+    /// Resolves every allowed compiler on `PATH` and computes its identity once. Names
+    /// not installed are left out (a job asking for them is refused).
+    pub fn new(config: LocalExecutorConfig) -> Self {
+        let mut compilers = HashMap::new();
+        for name in &config.allowed {
+            if name.contains('/') {
+                continue;
+            }
+            if let Some(path) = find_on_path(name, &config.path) {
+                if let Some(id) = identity(&path) {
+                    compilers.insert(name.clone(), Compiler { path, id });
+                }
+            }
+        }
+        Self { config, compilers }
+    }
+
+    /// The compiler names this executor will run.
+    pub fn available(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.compilers.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+fn find_on_path(name: &str, path: &str) -> Option<PathBuf> {
+    path.split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+        .and_then(|p| p.canonicalize().ok())
+}
+
+/// Path, `--version` output and the binary's digest: any upgrade changes at least one.
+fn identity(path: &Path) -> Option<CompilerId> {
+    let version = std::process::Command::new(path)
+        .arg("--version")
+        .env_clear()
+        .env("LC_ALL", "C")
+        .output()
+        .ok()?;
+    let binary = std::fs::read(path).ok()?;
+    let mut h = blake3::Hasher::new_derive_key("dcache 2026-11 compiler identity v1");
+    h.update(path.as_os_str().as_encoded_bytes());
+    h.update(&(version.stdout.len() as u64).to_be_bytes());
+    h.update(&version.stdout);
+    h.update(blake3::hash(&binary).as_bytes());
+    Some(CompilerId(*h.finalize().as_bytes()))
+}
+
+impl Executor for LocalExecutor {
+    fn check(&self, desc: &JobDesc) -> Result<CompilerId, ExecError> {
+        let compiler = self
+            .compilers
+            .get(&desc.compiler)
+            .ok_or_else(|| ExecError::CompilerNotAllowed(desc.compiler.clone()))?;
+        if !matches!(desc.language.as_str(), "cpp-output" | "c++-cpp-output") {
+            return Err(ExecError::Language(desc.language.clone()));
+        }
+        options::check(&desc.args).map_err(ExecError::OptionRefused)?;
+        Ok(compiler.id)
+    }
+
+    fn compile(&self, desc: JobDesc, source: mpsc::UnboundedReceiver<Bytes>) -> CompileFuture {
+        let checked = self.check(&desc).map(|_| ());
+        let path = self.compilers.get(&desc.compiler).map(|c| c.path.clone());
+        let config = self.config.clone();
+        Box::pin(async move {
+            checked?;
+            let path = path.ok_or_else(|| ExecError::CompilerNotAllowed(desc.compiler.clone()))?;
+            let limit = config.time_limit;
+            tokio::time::timeout(limit, run(path, desc, source, config))
+                .await
+                .map_err(|_| ExecError::Timeout(limit))?
+        })
+    }
+}
+
+async fn run(
+    path: PathBuf,
+    desc: JobDesc,
+    mut source: mpsc::UnboundedReceiver<Bytes>,
+    config: LocalExecutorConfig,
+) -> Result<JobResult, ExecError> {
+    let dir = tempfile::Builder::new().prefix("dcache-job-").tempdir()?;
+    let assembly = desc.args.iter().any(|a| a == "-S");
+    let out_name = if assembly { "out.s" } else { "out.o" };
+    let out_path = dir.path().join(out_name);
+    let mut child = Command::new(&path)
+        .args(&desc.args)
+        .arg("-x")
+        .arg(&desc.language)
+        .arg("-")
+        .arg("-o")
+        .arg(&out_path)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", &config.path)
+        .env("LC_ALL", "C")
+        .env("TMPDIR", dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(ExecError::Io(std::io::Error::other(
+            "compiler pipes missing",
+        )));
+    };
+    // Read both outputs while feeding stdin, so a chatty compiler cannot block on a full
+    // pipe while we block on its full stdin.
+    let out_task = tokio::spawn(async move {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v).await;
+        v
+    });
+    let err_task = tokio::spawn(async move {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v).await;
+        v
+    });
+    let status = {
+        let feed = async {
+            while let Some(chunk) = source.recv().await {
+                if stdin.write_all(&chunk).await.is_err() {
+                    // The compiler stopped reading: it exited (an early error).
+                    return;
+                }
+            }
+            let _ = stdin.shutdown().await;
+            drop(stdin);
+        };
+        tokio::pin!(feed);
+        let mut fed = false;
+        loop {
+            tokio::select! {
+                status = child.wait() => break status?,
+                () = &mut feed, if !fed => fed = true,
+            }
+        }
+    };
+    let stdout = out_task.await.unwrap_or_default();
+    let stderr = err_task.await.unwrap_or_default();
+    let exit_code = super::super::exit_code(status);
+    let mut outputs = Vec::new();
+    if exit_code == 0 {
+        let data = tokio::fs::read(&out_path).await?;
+        outputs.push(OutputFile {
+            name: if assembly { ".s" } else { ".o" }.into(),
+            data: Bytes::from(data),
+        });
+    }
+    Ok(JobResult {
+        exit_code,
+        stdout: Bytes::from(stdout),
+        stderr: Bytes::from(stderr),
+        outputs,
+    })
+}

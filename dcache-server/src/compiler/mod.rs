@@ -1,0 +1,85 @@
+//! Running compilers for clients: the trait, the real executor and a test double.
+//!
+//! Nothing a client sends can run a program other than an allow-listed compiler, pass it an
+//! option outside the allow-list, or make it write outside the job's private directory.
+
+mod fake;
+mod local;
+pub mod options;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use dcache_proto::{CacheKey, JobDesc, JobResult};
+use tokio::sync::mpsc;
+
+use crate::cache::StoreKey;
+
+pub use fake::FakeExecutor;
+pub use local::{LocalExecutor, LocalExecutorConfig};
+
+/// Identifies one compiler binary and version on this server: a digest of its resolved
+/// path, its `--version` output and its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CompilerId(pub [u8; 32]);
+
+/// blake3 context binding a protocol key to a compiler identity.
+const STORE_KEY_CONTEXT: &str = "dcache 2026-11 store key v1";
+
+/// The key a result is stored under: the client's job key bound to the compiler that
+/// produced it, so upgrading the compiler can never serve a stale object.
+pub fn store_key(compiler: &CompilerId, key: &CacheKey) -> StoreKey {
+    let mut h = blake3::Hasher::new_derive_key(STORE_KEY_CONTEXT);
+    h.update(&compiler.0);
+    h.update(key.as_bytes());
+    StoreKey(*h.finalize().as_bytes())
+}
+
+/// Why a job could not be compiled. A compile *error* is not one of these: it is a
+/// result with the compiler's exit status and stderr.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExecError {
+    /// The compiler is not on this server's allow-list.
+    #[error("compiler {0:?} is not allowed on this server")]
+    CompilerNotAllowed(String),
+    /// An argument is refused; the message names it.
+    #[error("{0}")]
+    OptionRefused(String),
+    /// The language is not one this server compiles.
+    #[error("language {0:?} is not accepted (expected cpp-output or c++-cpp-output)")]
+    Language(String),
+    /// The compiler could not be started or its output read.
+    #[error("cannot run the compiler: {0}")]
+    Io(#[from] std::io::Error),
+    /// The compiler ran past the time limit and was killed.
+    #[error("compile exceeded the time limit of {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+impl ExecError {
+    /// Whether the client's request itself is refused (compile locally), as opposed to a
+    /// failure of this server.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::CompilerNotAllowed(_) | Self::OptionRefused(_) | Self::Language(_)
+        )
+    }
+}
+
+/// A compile in progress: resolves to the result once the compiler exits.
+pub type CompileFuture = Pin<Box<dyn Future<Output = Result<JobResult, ExecError>> + Send>>;
+
+/// Runs compilers.
+pub trait Executor: Send + Sync + 'static {
+    /// Checks a job before any source arrives and names the compiler that would run it.
+    /// Refusals happen here, so nothing is started for a job that cannot run.
+    fn check(&self, desc: &JobDesc) -> Result<CompilerId, ExecError>;
+
+    /// Compiles `desc`, reading source chunks from `source` as they arrive; the channel's
+    /// end is the end of the source. If the compiler exits before the source ends (a
+    /// syntax error early in the file), the future resolves at once with that result.
+    fn compile(&self, desc: JobDesc, source: mpsc::UnboundedReceiver<Bytes>) -> CompileFuture;
+}

@@ -1,0 +1,63 @@
+//! Server-wide counters, exposed to clients through STATS.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dcache_proto::Stat;
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
+        /// Counters of one server, shared by all its connections.
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            /// Every counter as a (name, value) list, in a fixed order.
+            pub fn snapshot(&self) -> Vec<Stat> {
+                vec![$(Stat { name: stringify!($name).into(), value: self.$name.load(Ordering::Relaxed) },)*]
+            }
+
+            /// Sets every counter to zero.
+            pub fn reset(&self) {
+                $(self.$name.store(0, Ordering::Relaxed);)*
+            }
+        }
+    };
+}
+
+counters! {
+    /// Results served from the cache (early, or after a HASH-less upload).
+    hits,
+    /// Lookups that found nothing.
+    misses,
+    /// EARLY_RESULT answers sent while the client was still uploading.
+    early_results,
+    /// Compiler runs.
+    compiles,
+    /// Compiler runs that exited non-zero.
+    compile_failures,
+    /// Jobs that waited for an identical compile in flight instead of compiling.
+    single_flight_waits,
+    /// Source bytes received.
+    source_bytes_received,
+    /// Declared source bytes clients never had to send because the result came first.
+    source_bytes_saved,
+    /// Jobs refused (compiler or option not allowed).
+    jobs_refused,
+    /// Jobs whose HASH did not match their source.
+    hash_mismatches,
+    /// Results that could not be stored (the compile result was still returned).
+    store_errors,
+    /// Connections accepted.
+    connections,
+    /// Connections ended by a protocol error or timeout.
+    connection_errors,
+}
+
+impl Counters {
+    /// Adds one to a counter.
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,575 @@
+//! Serving connections: one actor task per connection, reacting to protocol events and to
+//! the completion of its lookups and compiles.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use dcache_proto::{
+    CacheKey, ErrorCode, JobDesc, JobId, JobResult, ServerConfig, ServerEvent, Stat,
+};
+use dcache_transport::{BoxedStream, Listener, ServerCommand, spawn_server_connection};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::AbortHandle;
+
+use crate::cache::{Store, StoreKey};
+use crate::compiler::{CompilerId, ExecError, Executor, store_key};
+use crate::counters::Counters;
+
+/// Settings of a [`Service`].
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// Protocol settings of every connection (limits, timeouts).
+    pub protocol: ServerConfig,
+    /// Compiles running at once; more wait for a slot. Default: the number of cores.
+    pub compile_slots: usize,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            protocol: ServerConfig::default(),
+            compile_slots: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// What an identical compile in flight will publish: its result, or `None` if it failed
+/// (the waiters then compile for themselves).
+type Flight = watch::Receiver<Option<Option<JobResult>>>;
+
+/// A compile server: stores, an executor, limits and counters, shared by all connections.
+pub struct Service {
+    store: Arc<dyn Store>,
+    executor: Arc<dyn Executor>,
+    config: ServiceConfig,
+    slots: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
+    counters: Counters,
+    in_flight: Mutex<HashMap<StoreKey, Flight>>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Service {
+    /// A service over `store` and `executor`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        executor: Arc<dyn Executor>,
+        config: ServiceConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            slots: Arc::new(Semaphore::new(config.compile_slots.max(1))),
+            connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            store,
+            executor,
+            config,
+            counters: Counters::default(),
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The server's counters, the store's included, as sent in STATS.
+    pub fn stats(&self) -> Vec<Stat> {
+        let mut stats = self.counters.snapshot();
+        let s = self.store.stats();
+        for (name, value) in [
+            ("stored_entries", s.entries),
+            ("stored_bytes", s.bytes),
+            ("evictions", s.evictions),
+            ("corrupt_entries_dropped", s.corrupt),
+        ] {
+            stats.push(Stat {
+                name: name.into(),
+                value,
+            });
+        }
+        stats
+    }
+
+    /// The live counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Accepts connections on `listener` until `shutdown` resolves, then stops accepting,
+    /// tells every connection GOAWAY and waits for their jobs to finish.
+    pub async fn serve(
+        self: &Arc<Self>,
+        listener: Box<dyn Listener>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                () = &mut shutdown => break,
+                p = self.connections.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, _peer)) => {
+                    let me = self.clone();
+                    let stop = stop_rx.clone();
+                    tasks.spawn(async move {
+                        me.handle_connection(stream, stop).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: back off briefly rather than spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+            while tasks.try_join_next().is_some() {}
+        }
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Serves one connection until it closes. `stop` turning true asks for a graceful end.
+    pub async fn handle_connection(
+        self: &Arc<Self>,
+        stream: BoxedStream,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        Counters::bump(&self.counters.connections);
+        let mut conn = spawn_server_connection(stream, self.config.protocol.clone());
+        let (internal_tx, mut internal) = mpsc::unbounded_channel();
+        let mut actor = Connection {
+            service: self.clone(),
+            commands: conn.commands.clone(),
+            internal: internal_tx,
+            jobs: HashMap::new(),
+        };
+        let mut stopping = *stop.borrow();
+        if stopping {
+            let _ = conn.commands.send(ServerCommand::GoAway);
+        }
+        loop {
+            tokio::select! {
+                ev = conn.events.recv() => match ev {
+                    Some(ServerEvent::Closed { error }) => {
+                        if error.is_some() {
+                            Counters::bump(&self.counters.connection_errors);
+                        }
+                        break;
+                    }
+                    Some(ev) => actor.on_event(ev),
+                    None => break,
+                },
+                Some(msg) = internal.recv() => actor.on_internal(msg),
+                changed = stop.changed(), if !stopping => {
+                    stopping = true;
+                    if changed.is_ok() {
+                        let _ = conn.commands.send(ServerCommand::GoAway);
+                    }
+                }
+            }
+        }
+        let stats = *conn.stats.borrow();
+        self.counters
+            .source_bytes_saved
+            .fetch_add(stats.source_bytes_saved, Ordering::Relaxed);
+        actor.abort_all();
+    }
+}
+
+enum Internal {
+    /// A lookup finished: `Some` is a result to send early, `None` a miss.
+    Looked {
+        job: JobId,
+        result: Option<JobResult>,
+    },
+    /// A compile finished.
+    Compiled {
+        job: JobId,
+        result: Result<JobResult, ExecError>,
+    },
+}
+
+#[derive(Default)]
+enum Feed {
+    /// No compile yet; source is kept until one starts.
+    #[default]
+    Buffering,
+    /// A compile is reading the source as it arrives.
+    Streaming(mpsc::UnboundedSender<Bytes>),
+    /// The compile has all the source, or no compile will run.
+    Closed,
+}
+
+struct Job {
+    desc: JobDesc,
+    compiler: CompilerId,
+    /// The client's HASH bound to our compiler; lookups only, never storage.
+    claimed: Option<StoreKey>,
+    /// Set by SourceDone: the key of what was actually received.
+    verified: Option<StoreKey>,
+    buffered: Vec<Bytes>,
+    feed: Feed,
+    /// Waiting for the verdict of a lookup: do not start compiling yet.
+    lookup_pending: bool,
+    /// This job leads a single-flight group under `claimed`.
+    leader: Option<watch::Sender<Option<Option<JobResult>>>>,
+    task: Option<AbortHandle>,
+    done: bool,
+}
+
+struct Connection {
+    service: Arc<Service>,
+    commands: mpsc::UnboundedSender<ServerCommand>,
+    internal: mpsc::UnboundedSender<Internal>,
+    jobs: HashMap<JobId, Job>,
+}
+
+impl Connection {
+    fn send(&self, cmd: ServerCommand) {
+        send(&self.commands, cmd);
+    }
+
+    fn on_event(&mut self, ev: ServerEvent) {
+        let counters = &self.service.counters;
+        match ev {
+            ServerEvent::JobStarted { job, desc } => match self.service.executor.check(&desc) {
+                Ok(compiler) => {
+                    self.jobs.insert(
+                        job,
+                        Job {
+                            desc,
+                            compiler,
+                            claimed: None,
+                            verified: None,
+                            buffered: Vec::new(),
+                            feed: Feed::Buffering,
+                            lookup_pending: false,
+                            leader: None,
+                            task: None,
+                            done: false,
+                        },
+                    );
+                }
+                Err(e) => {
+                    Counters::bump(&counters.jobs_refused);
+                    self.send(ServerCommand::Abort {
+                        job,
+                        code: ErrorCode::REFUSED,
+                        message: e.to_string(),
+                    });
+                }
+            },
+            ServerEvent::Lookup { job, key } => self.lookup(job, key),
+            ServerEvent::Source { job, data } => {
+                counters
+                    .source_bytes_received
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                let Some(j) = self.jobs.get_mut(&job) else {
+                    return;
+                };
+                match &j.feed {
+                    Feed::Streaming(tx) => {
+                        let _ = tx.send(data);
+                    }
+                    Feed::Buffering => {
+                        j.buffered.push(data);
+                        self.maybe_start(job, false);
+                    }
+                    Feed::Closed => {}
+                }
+            }
+            ServerEvent::SourceDone { job, key, .. } => {
+                let Some(j) = self.jobs.get_mut(&job) else {
+                    return;
+                };
+                let verified = store_key(&j.compiler, &key);
+                j.verified = Some(verified);
+                match std::mem::replace(&mut j.feed, Feed::Closed) {
+                    // Dropping the sender ends the compiler's stdin.
+                    Feed::Streaming(_) | Feed::Closed => {}
+                    Feed::Buffering => {
+                        j.feed = Feed::Buffering;
+                        if j.claimed.is_none() {
+                            // A HASH-less upload: the verified key may still be cached.
+                            self.lookup_verified(job, verified);
+                        } else {
+                            self.maybe_start(job, true);
+                        }
+                    }
+                }
+            }
+            ServerEvent::JobCancelled { job, code, .. } => {
+                if code == ErrorCode::HASH_MISMATCH {
+                    Counters::bump(&counters.hash_mismatches);
+                }
+                if let Some(j) = self.jobs.remove(&job) {
+                    finish_job(&self.service, j, None);
+                }
+            }
+            ServerEvent::StatsRequested => self.send(ServerCommand::Stats(self.service.stats())),
+            _ => {}
+        }
+    }
+
+    fn lookup(&mut self, job: JobId, key: CacheKey) {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let sk = store_key(&j.compiler, &key);
+        j.claimed = Some(sk);
+        j.lookup_pending = true;
+        let service = self.service.clone();
+        let internal = self.internal.clone();
+        // Join an identical compile in flight, or lead one: decided now, synchronously, so
+        // two jobs racing on one key cannot both lead.
+        let flight = {
+            let mut map = lock(&service.in_flight);
+            match map.get(&sk) {
+                Some(rx) => Some(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    map.insert(sk, rx);
+                    j.leader = Some(tx);
+                    None
+                }
+            }
+        };
+        let leading = j.leader.is_some();
+        let handle = tokio::spawn(async move {
+            let cached = service.store.get(&sk).await;
+            let result = match (cached, flight) {
+                (Some(r), _) => Some(r),
+                (None, Some(mut rx)) => {
+                    Counters::bump(&service.counters.single_flight_waits);
+                    let published = rx
+                        .wait_for(Option::is_some)
+                        .await
+                        .ok()
+                        .and_then(|v| v.clone());
+                    published.flatten()
+                }
+                (None, None) => None,
+            };
+            let _ = internal.send(Internal::Looked { job, result });
+        });
+        if !leading {
+            j.task = Some(handle.abort_handle());
+        }
+    }
+
+    fn lookup_verified(&mut self, job: JobId, sk: StoreKey) {
+        let service = self.service.clone();
+        let internal = self.internal.clone();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        j.lookup_pending = true;
+        tokio::spawn(async move {
+            let result = service.store.get(&sk).await;
+            let _ = internal.send(Internal::Looked { job, result });
+        });
+    }
+
+    fn on_internal(&mut self, msg: Internal) {
+        let counters = &self.service.counters;
+        match msg {
+            Internal::Looked { job, result } => {
+                let Some(j) = self.jobs.get_mut(&job) else {
+                    return;
+                };
+                j.lookup_pending = false;
+                j.task = None;
+                match result {
+                    Some(result) => {
+                        Counters::bump(&counters.hits);
+                        // The answer to a HASH is EARLY_RESULT even when the upload
+                        // happened to finish first; a HASH-less upload gets RESULT.
+                        let early = j.claimed.is_some();
+                        if early {
+                            Counters::bump(&counters.early_results);
+                        }
+                        if let Some(j) = self.jobs.remove(&job) {
+                            finish_job(&self.service, j, Some(&result));
+                        }
+                        self.send(ServerCommand::Result { job, result, early });
+                    }
+                    None => {
+                        Counters::bump(&counters.misses);
+                        let verdict = j.claimed.is_some() && j.verified.is_none();
+                        let complete = j.verified.is_some();
+                        if verdict {
+                            self.send(ServerCommand::Miss(job));
+                        }
+                        self.maybe_start(job, complete);
+                    }
+                }
+            }
+            Internal::Compiled { job, result } => {
+                let Some(mut j) = self.jobs.remove(&job) else {
+                    return;
+                };
+                match result {
+                    Ok(result) => {
+                        Counters::bump(&counters.compiles);
+                        if result.exit_code != 0 {
+                            Counters::bump(&counters.compile_failures);
+                        }
+                        let publish = j.verified.is_some()
+                            && j.verified == j.claimed
+                            && result.exit_code == 0;
+                        // Store only under the verified key, only successes, and only when
+                        // the compile saw the whole source.
+                        if let (Some(vk), 0) = (j.verified, result.exit_code) {
+                            let service = self.service.clone();
+                            let stored = result.clone();
+                            // The single-flight entry keeps answering lookups with this
+                            // result until the store has it, so a job arriving meanwhile
+                            // is still a hit.
+                            let flight = if publish {
+                                j.leader.take().zip(j.claimed)
+                            } else {
+                                None
+                            };
+                            if let Some((tx, _)) = &flight {
+                                let _ = tx.send(Some(Some(result.clone())));
+                            }
+                            tokio::spawn(async move {
+                                if service.store.put(&vk, &stored).await.is_err() {
+                                    Counters::bump(&service.counters.store_errors);
+                                }
+                                if let Some((_tx, key)) = flight {
+                                    lock(&service.in_flight).remove(&key);
+                                }
+                            });
+                        }
+                        j.done = true;
+                        finish_job(&self.service, j, publish.then_some(&result));
+                        self.send(ServerCommand::Result {
+                            job,
+                            result,
+                            early: false,
+                        });
+                    }
+                    Err(e) => {
+                        j.done = true;
+                        finish_job(&self.service, j, None);
+                        let code = if e.is_refusal() {
+                            ErrorCode::REFUSED
+                        } else {
+                            ErrorCode::COMPILE_FAILED
+                        };
+                        self.send(ServerCommand::Abort {
+                            job,
+                            code,
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the compile of `job` when it may: not while a lookup is pending, and only
+    /// with a compile slot. With a slot free now, the compile streams the source as it
+    /// arrives; otherwise the source is kept until one frees (`complete` says it all came).
+    fn maybe_start(&mut self, job: JobId, complete: bool) {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        if j.lookup_pending || j.task.is_some() || !matches!(j.feed, Feed::Buffering) {
+            return;
+        }
+        let complete = complete || j.verified.is_some();
+        // A HASH-less job is looked up by its verified key before compiling.
+        if j.claimed.is_none() && !complete {
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        for chunk in j.buffered.drain(..) {
+            let _ = tx.send(chunk);
+        }
+        j.feed = if complete {
+            Feed::Closed
+        } else {
+            Feed::Streaming(tx.clone())
+        };
+        if complete {
+            drop(tx);
+        }
+        let permit = self.service.slots.clone().try_acquire_owned().ok();
+        if permit.is_none() && !complete {
+            // No slot: do not hold a streaming compile open; keep buffering instead.
+            j.feed = Feed::Buffering;
+            let mut rx = rx;
+            rx.close();
+            while let Ok(chunk) = rx.try_recv() {
+                j.buffered.push(chunk);
+            }
+            // Wait for the end of the source, then queue for a slot.
+            return;
+        }
+        let service = self.service.clone();
+        let internal = self.internal.clone();
+        let desc = j.desc.clone();
+        let handle = tokio::spawn(async move {
+            let _permit: OwnedSemaphorePermit = match permit {
+                Some(p) => p,
+                None => match service.slots.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            let result = service.executor.compile(desc, rx).await;
+            let _ = internal.send(Internal::Compiled { job, result });
+        });
+        j.task = Some(handle.abort_handle());
+    }
+
+    fn abort_all(&mut self) {
+        for (_, j) in self.jobs.drain() {
+            finish_job(&self.service, j, None);
+        }
+    }
+}
+
+/// Ends a job's local state: stops its task and, if it led a single-flight group,
+/// publishes its result (or failure) and removes the group.
+fn finish_job(service: &Service, j: Job, published: Option<&JobResult>) {
+    if let Some(task) = &j.task {
+        if !j.done {
+            task.abort();
+        }
+    }
+    if let (Some(tx), Some(key)) = (j.leader, j.claimed) {
+        lock(&service.in_flight).remove(&key);
+        let _ = tx.send(Some(published.cloned()));
+    }
+}
+
+/// Sends a command to the connection. A failed send means the connection is already
+/// gone, which the event loop sees as its Closed event.
+fn send(commands: &mpsc::UnboundedSender<ServerCommand>, cmd: ServerCommand) {
+    let _ = commands.send(cmd);
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Critical sections are single map operations; poisoning cannot leave them torn.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

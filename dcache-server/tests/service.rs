@@ -1,0 +1,339 @@
+//! The service end to end: real connections, the fake compiler and real gcc.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dcache_proto::testing::reference_compile;
+use dcache_proto::{CacheKey, ClientConfig, ErrorCode, JobDesc, Strategy};
+use dcache_server::cache::{DiskStore, MemoryStore, Store};
+use dcache_server::compiler::{Executor, FakeExecutor, LocalExecutor, LocalExecutorConfig};
+use dcache_server::{Service, ServiceConfig};
+use dcache_transport::{
+    Address, ClientHandle, JobError, TransportOptions, bind, connect, spawn_client,
+};
+
+const HANG: Duration = Duration::from_secs(60);
+
+async fn start(
+    service: &Arc<Service>,
+    addr: &str,
+) -> (
+    Address,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = bind(&addr.parse().unwrap(), &TransportOptions::default())
+        .await
+        .unwrap();
+    let addr = listener.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let s = service.clone();
+    let task = tokio::spawn(async move {
+        s.serve(listener, async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    (addr, stop, task)
+}
+
+async fn client(addr: &Address, strategy: Strategy) -> ClientHandle {
+    let stream = connect(addr, &TransportOptions::default()).await.unwrap();
+    spawn_client(
+        stream,
+        ClientConfig {
+            strategy,
+            ..ClientConfig::default()
+        },
+    )
+}
+
+fn stat(stats: &[dcache_proto::Stat], name: &str) -> u64 {
+    stats.iter().find(|s| s.name == name).map_or(0, |s| s.value)
+}
+
+fn fake_service(compile_ms: u64) -> Arc<Service> {
+    Service::new(
+        Arc::new(MemoryStore::new(1 << 30)),
+        Arc::new(FakeExecutor::new(Duration::from_millis(compile_ms))),
+        ServiceConfig::default(),
+    )
+}
+
+fn desc(compiler: &str, args: &[&str], len: Option<usize>) -> JobDesc {
+    JobDesc {
+        compiler: compiler.into(),
+        language: "cpp-output".into(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        source_len: len.map(|l| l as u64),
+    }
+}
+
+#[tokio::test]
+async fn two_concurrent_identical_jobs_compile_once() {
+    let service = fake_service(300);
+    let (addr, _stop, _task) = start(&service, "mem://svc-single-flight").await;
+    let a = client(&addr, Strategy::Speculative).await;
+    let b = client(&addr, Strategy::Speculative).await;
+    let d = desc("gcc", &["-O2"], None);
+    let src = Bytes::from(vec![3u8; 100_000]);
+    let key = CacheKey::compute(&d, &src);
+    let (ra, rb) = tokio::join!(
+        a.submit(d.clone(), Some(key), src.clone()),
+        b.submit(d.clone(), Some(key), src.clone())
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.result, reference_compile(&d, &src));
+    assert_eq!(rb.result, ra.result);
+    let stats = service.stats();
+    assert_eq!(stat(&stats, "compiles"), 1, "{stats:?}");
+    assert_eq!(stat(&stats, "single_flight_waits"), 1);
+}
+
+#[tokio::test]
+async fn a_lying_hash_stores_nothing_and_an_honest_client_gets_the_right_object() {
+    let service = fake_service(0);
+    let (addr, _stop, _task) = start(&service, "mem://svc-poison").await;
+    let attacker = client(&addr, Strategy::Speculative).await;
+    let d = desc("gcc", &["-O2"], None);
+    let honest_src = Bytes::from_static(b"int honest;\n");
+    let evil_src = Bytes::from_static(b"int evil;\n");
+    let honest_key = CacheKey::compute(&d, &honest_src);
+    // The attacker claims the honest key but sends other source.
+    let r = attacker.submit(d.clone(), Some(honest_key), evil_src).await;
+    assert!(
+        matches!(&r, Err(JobError::Failed { code, .. }) if *code == ErrorCode::HASH_MISMATCH),
+        "{r:?}"
+    );
+    let victim = client(&addr, Strategy::Speculative).await;
+    let o = victim
+        .submit(d.clone(), Some(honest_key), honest_src.clone())
+        .await
+        .unwrap();
+    assert!(!o.early, "nothing was stored under the honest key");
+    assert_eq!(o.result, reference_compile(&d, &honest_src));
+    assert_eq!(stat(&service.stats(), "hash_mismatches"), 1);
+}
+
+#[tokio::test]
+async fn refused_jobs_get_clear_errors() {
+    let service = fake_service(0);
+    let (addr, _stop, _task) = start(&service, "mem://svc-refuse").await;
+    let c = client(&addr, Strategy::Speculative).await;
+    let src = Bytes::from_static(b"int x;\n");
+    let d = desc("gcc", &["-fplugin=/tmp/evil.so"], None);
+    let r = c
+        .submit(d.clone(), Some(CacheKey::compute(&d, &src)), src.clone())
+        .await;
+    match r {
+        Err(JobError::Failed { code, message }) => {
+            assert_eq!(code, ErrorCode::REFUSED);
+            assert!(message.contains("-fplugin=/tmp/evil.so"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The connection lives on.
+    let d = desc("gcc", &["-O1"], None);
+    c.submit(d.clone(), None, src).await.unwrap();
+}
+
+fn gcc_e(dir: &Path, src: &str) -> Bytes {
+    std::fs::write(dir.join("t.c"), src).unwrap();
+    let out = std::process::Command::new("gcc")
+        .args(["-E", "t.c"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    Bytes::from(out.stdout)
+}
+
+fn gcc_local(pre: &[u8], args: &[&str]) -> (i32, Vec<u8>, Option<Vec<u8>>) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.i"), pre).unwrap();
+    let out = std::process::Command::new("gcc")
+        .args(args)
+        .args(["-x", "cpp-output", "-c", "in.i", "-o", "out.o"])
+        .current_dir(dir.path())
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    let obj = std::fs::read(dir.path().join("out.o")).ok();
+    (out.status.code().unwrap(), out.stderr, obj)
+}
+
+fn real_service(store: Arc<dyn Store>) -> Arc<Service> {
+    let exec = LocalExecutor::new(LocalExecutorConfig::default());
+    assert!(exec.available().contains(&"gcc"), "gcc must be installed");
+    Service::new(
+        store,
+        Arc::new(exec) as Arc<dyn Executor>,
+        ServiceConfig::default(),
+    )
+}
+
+async fn real_gcc_scenarios(addr_spec: &str) {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DiskStore::open(cache_dir.path(), 1 << 30).unwrap());
+    let service = real_service(store.clone());
+    let (addr, stop, task) = start(&service, addr_spec).await;
+    let c = client(&addr, Strategy::Speculative).await;
+    let work = tempfile::tempdir().unwrap();
+
+    // A large translation unit, so the hit's early answer is visible against the upload.
+    let mut text = String::from("#include <stdio.h>\n");
+    for i in 0..20_000 {
+        text.push_str(&format!("int f{i}(int x) {{ return x * {i} + 1; }}\n"));
+    }
+    let pre = gcc_e(work.path(), &text);
+    let d = desc("gcc", &["-O1", "-c"], Some(pre.len()));
+    let key = CacheKey::compute(&d, &pre);
+
+    let miss = c.submit(d.clone(), Some(key), pre.clone()).await.unwrap();
+    assert!(!miss.early);
+    assert_eq!(
+        miss.result.exit_code,
+        0,
+        "{}",
+        String::from_utf8_lossy(&miss.result.stderr)
+    );
+    let (code, _, local_obj) = gcc_local(&pre, &["-O1"]);
+    assert_eq!(code, 0);
+    let remote_obj = &miss.result.outputs[0].data;
+    assert!(
+        local_obj.as_deref() == Some(&remote_obj[..]),
+        "object differs from a local gcc -c"
+    );
+
+    let hit = c.submit(d.clone(), Some(key), pre.clone()).await.unwrap();
+    // EARLY_RESULT means the server answered before it had the whole source. Whether the
+    // client had already pushed its last byte depends on the link: on loopback and in
+    // memory a megabyte goes out in less time than a disk lookup, so the saving itself is
+    // pinned down by the simulated-link tests, not here.
+    assert!(hit.early, "second identical job answered by EARLY_RESULT");
+    assert_eq!(
+        hit.source_bytes_sent + hit.source_bytes_skipped,
+        pre.len() as u64
+    );
+    assert!(hit.result.outputs[0].data == *remote_obj);
+
+    // Compile errors come back with gcc's stderr and status, byte for byte.
+    let bad = gcc_e(work.path(), "int main(void) { return nope; }\n");
+    let d_bad = desc("gcc", &["-O1", "-c"], None);
+    let o = c
+        .submit(
+            d_bad.clone(),
+            Some(CacheKey::compute(&d_bad, &bad)),
+            bad.clone(),
+        )
+        .await
+        .unwrap();
+    let (code, stderr, _) = gcc_local(&bad, &["-O1"]);
+    assert_eq!(o.result.exit_code, code);
+    assert!(o.result.exit_code != 0);
+    assert_eq!(
+        String::from_utf8_lossy(&o.result.stderr),
+        String::from_utf8_lossy(&stderr)
+    );
+    assert!(o.result.outputs.is_empty());
+
+    // Refusals.
+    let r = c
+        .submit(desc("/bin/sh", &[], None), None, pre.clone())
+        .await;
+    assert!(
+        matches!(&r, Err(JobError::Failed { code, .. }) if *code == ErrorCode::REFUSED),
+        "{r:?}"
+    );
+    let r = c
+        .submit(desc("gcc", &["-B/tmp"], None), None, pre.clone())
+        .await;
+    assert!(
+        matches!(&r, Err(JobError::Failed { message, .. }) if message.contains("-B/tmp")),
+        "{r:?}"
+    );
+
+    // Corrupting the stored entry makes the next request a miss that recompiles.
+    let compiles = stat(&service.stats(), "compiles");
+    for f in walk(store.root()) {
+        if f.parent()
+            .and_then(|p| p.file_name())
+            .is_some_and(|n| n != "tmp")
+        {
+            let mut b = std::fs::read(&f).unwrap();
+            let n = b.len();
+            b[n - 7] ^= 0xFF;
+            std::fs::write(&f, b).unwrap();
+        }
+    }
+    let again = c.submit(d.clone(), Some(key), pre.clone()).await.unwrap();
+    assert!(!again.early, "a corrupt entry is never served");
+    assert!(again.result.outputs[0].data == *remote_obj);
+    assert_eq!(stat(&service.stats(), "compiles"), compiles + 1);
+    assert!(stat(&service.stats(), "corrupt_entries_dropped") >= 1);
+
+    // A restart keeps the cache.
+    drop(c);
+    let _ = stop.send(());
+    tokio::time::timeout(HANG, task).await.unwrap().unwrap();
+    let store = Arc::new(DiskStore::open(cache_dir.path(), 1 << 30).unwrap());
+    let service = real_service(store);
+    let (addr, _stop, _task) = start(&service, addr_spec).await;
+    let c = client(&addr, Strategy::AskFirst).await;
+    let after = c.submit(d.clone(), Some(key), pre.clone()).await.unwrap();
+    assert!(after.early);
+    assert_eq!(after.source_bytes_sent, 0);
+    assert_eq!(stat(&service.stats(), "compiles"), 0);
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn real_gcc_over_mem() {
+    tokio::time::timeout(HANG, real_gcc_scenarios("mem://svc-real-gcc"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn real_gcc_over_tcp() {
+    tokio::time::timeout(HANG, real_gcc_scenarios("tcp://127.0.0.1:0"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_compile_error_early_in_a_long_upload_stops_the_upload() {
+    let service = fake_service(0);
+    let (addr, _stop, _task) = start(&service, "mem://svc-early-error").await;
+    let c = client(&addr, Strategy::SendAll).await;
+    let mut src = b"#error early\n".to_vec();
+    src.extend(std::iter::repeat_n(b' ', 8 << 20));
+    let d = desc("gcc", &[], Some(src.len()));
+    // The fake compiler exits on `#error` at once; a speculative client must stop.
+    let c2 = client(&addr, Strategy::Speculative).await;
+    let key = CacheKey::compute(&d, &src);
+    let o = c2
+        .submit(d.clone(), Some(key), Bytes::from(src.clone()))
+        .await
+        .unwrap();
+    assert_eq!(o.result.exit_code, 1);
+    assert!(
+        o.source_bytes_sent < src.len() as u64,
+        "upload went on after the error"
+    );
+    drop(c);
+}

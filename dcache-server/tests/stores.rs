@@ -1,0 +1,183 @@
+//! Stores: whole and verified, or absent.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use bytes::Bytes;
+use dcache_proto::{JobResult, OutputFile};
+use dcache_server::cache::{DiskStore, MemoryStore, Store, StoreKey, TieredStore};
+
+fn result(n: u8, size: usize) -> JobResult {
+    JobResult {
+        exit_code: 0,
+        stdout: Bytes::new(),
+        stderr: Bytes::from(format!("note {n}\n")),
+        outputs: vec![OutputFile {
+            name: ".o".into(),
+            data: Bytes::from(vec![n; size]),
+        }],
+    }
+}
+
+fn key(n: u8) -> StoreKey {
+    StoreKey([n; 32])
+}
+
+fn entry_path(store: &DiskStore, k: &StoreKey) -> std::path::PathBuf {
+    let hex = k.to_hex();
+    store.root().join(&hex[..2]).join(hex)
+}
+
+#[tokio::test]
+async fn memory_store_evicts_least_recently_used() {
+    let s = MemoryStore::new(3 * 1200);
+    for n in 1..=3 {
+        s.put(&key(n), &result(n, 1000)).await.unwrap();
+    }
+    assert!(s.get(&key(1)).await.is_some()); // 1 is now the most recent
+    s.put(&key(4), &result(4, 1000)).await.unwrap();
+    assert!(
+        s.get(&key(2)).await.is_none(),
+        "2 was the least recently used"
+    );
+    assert!(s.get(&key(1)).await.is_some());
+    assert!(s.get(&key(3)).await.is_some());
+    assert_eq!(s.stats().evictions, 1);
+}
+
+#[tokio::test]
+async fn disk_store_round_trips_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        s.put(&key(1), &result(1, 5000)).await.unwrap();
+        assert_eq!(s.get(&key(1)).await, Some(result(1, 5000)));
+    }
+    let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(s.stats().entries, 1);
+    assert_eq!(s.get(&key(1)).await, Some(result(1, 5000)));
+}
+
+#[tokio::test]
+async fn corrupt_or_truncated_entries_are_removed_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+    for (n, damage) in [(1u8, "flip"), (2, "truncate"), (3, "swap")] {
+        s.put(&key(n), &result(n, 3000)).await.unwrap();
+        let path = entry_path(&s, &key(n));
+        let mut bytes = std::fs::read(&path).unwrap();
+        match damage {
+            "flip" => {
+                let i = bytes.len() - 10;
+                bytes[i] ^= 1;
+            }
+            "truncate" => bytes.truncate(bytes.len() / 2),
+            _ => {
+                // Another key's valid entry copied under this key's name.
+                s.put(&key(9), &result(9, 3000)).await.unwrap();
+                bytes = std::fs::read(entry_path(&s, &key(9))).unwrap();
+            }
+        }
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(s.get(&key(n)).await, None, "{damage}: damaged entry served");
+        assert!(!path.exists(), "{damage}: damaged entry left on disk");
+    }
+    assert_eq!(s.stats().corrupt, 3);
+}
+
+#[tokio::test]
+async fn disk_store_evicts_by_size_in_lru_order_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), 3 * 10_300).unwrap();
+    for n in 1..=3 {
+        s.put(&key(n), &result(n, 10_000)).await.unwrap();
+        // mtime resolution: keep the order unambiguous for the restart below.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(s.get(&key(1)).await.is_some());
+    drop(s);
+    let s = DiskStore::open(dir.path(), 3 * 10_300).unwrap();
+    s.put(&key(4), &result(4, 10_000)).await.unwrap();
+    assert!(s.get(&key(2)).await.is_none(), "2 was least recently used");
+    assert!(
+        s.get(&key(1)).await.is_some(),
+        "the hit on 1 survived the restart"
+    );
+    assert!(s.stats().bytes <= 3 * 10_300);
+}
+
+#[tokio::test]
+async fn two_stores_share_one_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = DiskStore::open(dir.path(), 1 << 24).unwrap();
+    let b = DiskStore::open(dir.path(), 1 << 24).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..40u8 {
+        let (a, b) = (a.clone(), b.clone());
+        tasks.push(tokio::spawn(async move {
+            // Both write the same keys at the same time.
+            let k = key(i % 8);
+            let r = result(i % 8, 20_000);
+            a.put(&k, &r).await.unwrap();
+            b.put(&k, &r).await.unwrap();
+            assert_eq!(a.get(&k).await, Some(r.clone()));
+            assert_eq!(b.get(&k).await, Some(r));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // A store sees what the other wrote even without it in its own index.
+    let c = DiskStore::open(dir.path(), 1 << 24).unwrap();
+    assert_eq!(c.stats().entries, 8);
+}
+
+#[tokio::test]
+async fn a_read_only_directory_fails_writes_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+    let tmp = s.root().join("tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, b"not a directory").unwrap();
+    assert!(s.put(&key(1), &result(1, 100)).await.is_err());
+    assert_eq!(s.get(&key(1)).await, None);
+    assert_eq!(s.stats().write_errors, 1);
+}
+
+#[tokio::test]
+async fn tiered_store_promotes_disk_hits_into_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = DiskStore::open(dir.path(), 1 << 20).unwrap();
+    disk.put(&key(1), &result(1, 100)).await.unwrap();
+    let t = TieredStore::new(MemoryStore::new(1 << 20), disk.clone());
+    assert_eq!(t.get(&key(1)).await, Some(result(1, 100)));
+    // Gone from disk, still served from memory.
+    std::fs::remove_file(entry_path(&disk, &key(1))).unwrap();
+    assert_eq!(t.get(&key(1)).await, Some(result(1, 100)));
+}
+
+/// Index rebuild time for a large cache. Run with
+/// `cargo test --release -p dcache-server --test stores -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "benchmark: writes 100,000 entries"]
+async fn rebuild_100k_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), u64::MAX).unwrap();
+    for i in 0..100_000u32 {
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&i.to_be_bytes());
+        k[31] = (i % 251) as u8;
+        s.put(&StoreKey(k), &result(1, 64)).await.unwrap();
+    }
+    drop(s);
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t0 = std::time::Instant::now();
+        let s = DiskStore::open(dir.path(), u64::MAX).unwrap();
+        times.push(t0.elapsed());
+        assert_eq!(s.stats().entries, 100_000);
+    }
+    times.sort();
+    println!(
+        "rebuild of 100,000 entries: median {:?} (of {:?})",
+        times[2], times
+    );
+}
