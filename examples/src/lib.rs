@@ -2,3 +2,6 @@
 #![forbid(unsafe_code)]
 
 pub mod sim;
+pub mod stats_file;
+pub mod util;
+pub mod wrapper;

@@ -1,0 +1,214 @@
+//! The client library: compile jobs on a set of servers.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dcache_proto::{CacheKey, ClientConfig, ErrorCode, JobDesc, JobOutcome, Stat, Strategy};
+use dcache_transport::{Address, ClientHandle, JobError, TransportOptions, connect, spawn_client};
+
+use crate::hosts::{DEFAULT_BACKOFF, HostHealth};
+
+/// Settings of a [`Client`].
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// The servers, in any order: each job goes to the one rendezvous hashing picks for
+    /// its key, so the same source always meets the same cache.
+    pub hosts: Vec<Address>,
+    /// How jobs use HASH.
+    pub strategy: Strategy,
+    /// Transport settings.
+    pub transport: TransportOptions,
+    /// How long a connection attempt may take before the host counts as down.
+    pub connect_timeout: Duration,
+    /// How long a failed host is skipped.
+    pub backoff: Duration,
+}
+
+impl ClientOptions {
+    /// Options for `hosts` with the defaults: speculative, 2 s connect timeout, 60 s
+    /// back-off.
+    pub fn new(hosts: Vec<Address>) -> Self {
+        Self {
+            hosts,
+            strategy: Strategy::Speculative,
+            transport: TransportOptions::default(),
+            connect_timeout: Duration::from_secs(2),
+            backoff: DEFAULT_BACKOFF,
+        }
+    }
+}
+
+/// What a compile produced, and where and how.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The result and its costs (hit or miss, early or not, bytes sent and skipped).
+    pub job: JobOutcome,
+    /// The server that answered.
+    pub host: Address,
+    /// Time from submitting to holding the result.
+    pub elapsed: Duration,
+}
+
+/// Why a job produced no result. Every variant means "compile it locally" to a wrapper.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// No servers are configured.
+    #[error("no servers configured")]
+    NoHosts,
+    /// Every server is down or was skipped after a recent failure.
+    #[error("no server reachable: {}", describe(.0))]
+    Unreachable(Vec<(Address, String)>),
+    /// A server refused the job (compiler or option not allowed there); another server
+    /// with the same configuration would refuse it too.
+    #[error("{host} refused the job: {message}")]
+    Refused {
+        /// The server.
+        host: Address,
+        /// Its explanation.
+        message: String,
+    },
+    /// A server ended the job for a reason another server would not cure (a hash or length
+    /// mismatch: the client's own input is inconsistent).
+    #[error("{host} failed the job ({code}): {message}")]
+    Failed {
+        /// The server.
+        host: Address,
+        /// The code.
+        code: ErrorCode,
+        /// Its explanation.
+        message: String,
+    },
+}
+
+fn describe(failures: &[(Address, String)]) -> String {
+    if failures.is_empty() {
+        return "every server failed recently and is being skipped".into();
+    }
+    failures
+        .iter()
+        .map(|(a, e)| format!("{a}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Compiles jobs on a set of servers, one multiplexed connection per server.
+#[derive(Debug)]
+pub struct Client {
+    options: ClientOptions,
+    names: Vec<String>,
+    connections: Mutex<Vec<Option<ClientHandle>>>,
+    health: Mutex<HostHealth>,
+}
+
+impl Client {
+    /// A client for `options.hosts`. Connections open on first use.
+    pub fn new(options: ClientOptions) -> Self {
+        let n = options.hosts.len();
+        Self {
+            names: options.hosts.iter().map(ToString::to_string).collect(),
+            connections: Mutex::new(vec![None; n]),
+            health: Mutex::new(HostHealth::new(n, options.backoff)),
+            options,
+        }
+    }
+
+    /// Compiles one job whose whole source is at hand.
+    pub async fn compile(&self, desc: JobDesc, source: Bytes) -> Result<Outcome, ClientError> {
+        if self.options.hosts.is_empty() {
+            return Err(ClientError::NoHosts);
+        }
+        let key = CacheKey::compute(&desc, &source);
+        let candidates = lock(&self.health).candidates(&key, &self.names, Instant::now());
+        let mut failures = Vec::new();
+        // Each host is tried at most once per job: the list is finite, so this loop ends.
+        for i in candidates {
+            let host = self.options.hosts[i].clone();
+            let handle = match self.connection(i).await {
+                Ok(h) => h,
+                Err(e) => {
+                    lock(&self.health).mark_down(i, Instant::now());
+                    failures.push((host, e));
+                    continue;
+                }
+            };
+            let start = Instant::now();
+            let key = (self.options.strategy != Strategy::SendAll).then_some(key);
+            match handle.submit(desc.clone(), key, source.clone()).await {
+                Ok(job) => {
+                    lock(&self.health).mark_up(i);
+                    return Ok(Outcome {
+                        job,
+                        host,
+                        elapsed: start.elapsed(),
+                    });
+                }
+                Err(JobError::Failed { code, message }) => match code {
+                    ErrorCode::REFUSED => return Err(ClientError::Refused { host, message }),
+                    ErrorCode::HASH_MISMATCH | ErrorCode::LENGTH_MISMATCH => {
+                        return Err(ClientError::Failed {
+                            host,
+                            code,
+                            message,
+                        });
+                    }
+                    // Overloaded, shutting down, too large, compiler trouble: another
+                    // server may do better.
+                    _ => failures.push((host, format!("{code}: {message}"))),
+                },
+                Err(e) => {
+                    lock(&self.health).mark_down(i, Instant::now());
+                    lock(&self.connections)[i] = None;
+                    failures.push((host, e.to_string()));
+                }
+            }
+        }
+        Err(ClientError::Unreachable(failures))
+    }
+
+    /// The counters of every server (or why they could not be read).
+    pub async fn stats(&self) -> Vec<(Address, Result<Vec<Stat>, String>)> {
+        let mut out = Vec::new();
+        for i in 0..self.options.hosts.len() {
+            let host = self.options.hosts[i].clone();
+            let r = match self.connection(i).await {
+                Ok(h) => h.stats().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            out.push((host, r));
+        }
+        out
+    }
+
+    async fn connection(&self, i: usize) -> Result<ClientHandle, String> {
+        if let Some(h) = lock(&self.connections)[i]
+            .as_ref()
+            .filter(|h| !h.is_closed())
+        {
+            return Ok(h.clone());
+        }
+        let addr = &self.options.hosts[i];
+        let stream = tokio::time::timeout(
+            self.options.connect_timeout,
+            connect(addr, &self.options.transport),
+        )
+        .await
+        .map_err(|_| format!("connect timed out after {:?}", self.options.connect_timeout))?
+        .map_err(|e| e.to_string())?;
+        let handle = spawn_client(
+            stream,
+            ClientConfig {
+                strategy: self.options.strategy,
+                ..ClientConfig::default()
+            },
+        );
+        lock(&self.connections)[i] = Some(handle.clone());
+        Ok(handle)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Critical sections are single assignments or lookups; a poisoned lock is consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,141 @@
+//! `dcache-server`: the compile server.
+//!
+//! Listens on one or more addresses, answers cache hits at once, compiles misses with the
+//! allow-listed compilers found on this machine, and keeps results in memory over a disk
+//! cache. Stops gracefully on SIGINT or SIGTERM: no new connections, open jobs finish,
+//! clients are told GOAWAY.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use dcache_examples::util::{init_logging, parse_size, user_cache_dir};
+use dcache_server::cache::{DiskStore, MemoryStore, Store, TieredStore};
+use dcache_server::compiler::{LocalExecutor, LocalExecutorConfig};
+use dcache_server::{Service, ServiceConfig};
+use dcache_transport::{Address, TransportOptions, bind};
+
+/// The dcache compile server.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Address to listen on: tcp://HOST:PORT or unix:///path. Repeat for several.
+    /// Loopback only unless told otherwise.
+    #[arg(long = "listen", default_value = "tcp://127.0.0.1:3633")]
+    listen: Vec<Address>,
+    /// Where cached results are kept on disk (default: the user's cache directory,
+    /// dcache/server).
+    #[arg(long)]
+    cache_dir: Option<std::path::PathBuf>,
+    /// Largest size of the disk cache, e.g. 10G or 500M; least recently used results are
+    /// evicted beyond it.
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
+    cache_size: u64,
+    /// Compiles run at once (default: the number of cores); more wait in a queue.
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Compiler names clients may use, comma-separated. Names only: resolved on this
+    /// server's PATH; a client can never choose a path.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "gcc,g++,cc,c++,clang,clang++"
+    )]
+    allow_compiler: Vec<String>,
+    /// Log each job (repeat for more detail).
+    #[arg(long, short, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(match args.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    });
+    let dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| user_cache_dir().join("dcache").join("server"));
+    let disk = match DiskStore::open(&dir, args.cache_size) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!(
+                "dcache-server: cannot open the cache in {}: {e}",
+                dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let store: Arc<dyn Store> = Arc::new(TieredStore::new(MemoryStore::new(256 << 20), disk));
+    let executor = LocalExecutor::new(LocalExecutorConfig {
+        allowed: args.allow_compiler.clone(),
+        ..LocalExecutorConfig::default()
+    });
+    if executor.available().is_empty() {
+        eprintln!(
+            "dcache-server: none of the allowed compilers ({}) was found on PATH",
+            args.allow_compiler.join(", ")
+        );
+        return ExitCode::FAILURE;
+    }
+    let mut config = ServiceConfig::default();
+    if let Some(j) = args.jobs {
+        config.compile_slots = j.max(1);
+    }
+    let service = Service::new(store, Arc::new(executor.clone()), config);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    for addr in &args.listen {
+        let listener = match bind(addr, &TransportOptions::default()).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("dcache-server: cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(
+            "listening on {} (cache {} up to {} bytes, compilers: {})",
+            listener.local_addr(),
+            dir.display(),
+            args.cache_size,
+            executor.available().join(", ")
+        );
+        let service = service.clone();
+        let mut stop = stop_rx.clone();
+        servers.push(tokio::spawn(async move {
+            service
+                .serve(listener, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+        }));
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing open jobs");
+    let _ = stop_tx.send(true);
+    for s in servers {
+        let _ = s.await;
+    }
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
