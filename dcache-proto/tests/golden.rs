@@ -1,0 +1,262 @@
+//! The test vectors of docs/PROTOCOL.md, checked byte for byte: each vector's frame must
+//! encode to exactly its hex, and its hex must decode to exactly that frame.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use bytes::{Bytes, BytesMut};
+use dcache_proto::{
+    CacheKey, DecodeError, ErrorCode, Frame, FrameDecoder, FrameError, FrameType, Hello, JobDesc,
+    JobId, Limits, OutputMeta, ResultHead, Stat,
+};
+
+const SPEC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md"));
+const MAX: u32 = 1 << 20;
+
+fn sample_desc() -> JobDesc {
+    JobDesc {
+        compiler: "gcc".into(),
+        language: "cpp-output".into(),
+        args: vec!["-O2".into(), "-c".into()],
+        source_len: Some(12),
+    }
+}
+
+/// The frame each valid vector names.
+fn frame(name: &str) -> Frame {
+    match name {
+        "hello" => Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            limits: Limits {
+                max_frame_payload: 1 << 20,
+                max_source_len: 256 << 20,
+                max_jobs: 256,
+            },
+            features: 0,
+            extensions: Bytes::new(),
+        }),
+        "job" => Frame::Job {
+            job: JobId(1),
+            desc: sample_desc(),
+        },
+        "job-no-length" => Frame::Job {
+            job: JobId(2),
+            desc: JobDesc {
+                source_len: None,
+                ..sample_desc()
+            },
+        },
+        "hash" => Frame::Hash {
+            job: JobId(1),
+            key: CacheKey::compute(&sample_desc(), b"int x = 42;\n"),
+        },
+        "source-final" => Frame::Source {
+            job: JobId(1),
+            data: Bytes::from_static(b"int x = 42;\n"),
+            fin: true,
+        },
+        "source-more" => Frame::Source {
+            job: JobId(1),
+            data: Bytes::from_static(b"int"),
+            fin: false,
+        },
+        "miss" => Frame::Miss { job: JobId(1) },
+        "early-result" => Frame::Result {
+            job: JobId(1),
+            early: true,
+            head: ResultHead {
+                exit_code: 0,
+                stdout_len: 0,
+                stderr_len: 2,
+                outputs: vec![OutputMeta {
+                    name: ".o".into(),
+                    len: 4,
+                }],
+            },
+            body: Bytes::from_static(b"w\n\x7fELF"),
+            fin: true,
+        },
+        "result-partial" => Frame::Result {
+            job: JobId(3),
+            early: false,
+            head: ResultHead {
+                exit_code: 1,
+                stdout_len: 0,
+                stderr_len: 6,
+                outputs: vec![],
+            },
+            body: Bytes::from_static(b"err"),
+            fin: false,
+        },
+        "data-final" => Frame::Data {
+            job: JobId(3),
+            data: Bytes::from_static(b"or\n"),
+            fin: true,
+        },
+        "abort" => Frame::Abort {
+            job: JobId(1),
+            code: ErrorCode::CANCELLED,
+            message: "result received".into(),
+        },
+        "error" => Frame::Error {
+            code: ErrorCode::VERSION_MISMATCH,
+            message: "no common version".into(),
+        },
+        "goaway" => Frame::GoAway { last_job: 7 },
+        "stats-request" => Frame::StatsRequest,
+        "stats" => Frame::Stats(vec![
+            Stat {
+                name: "hits".into(),
+                value: 3,
+            },
+            Stat {
+                name: "misses".into(),
+                value: 1,
+            },
+        ]),
+        "ignorable" => Frame::Ignorable {
+            ty: FrameType(0x80),
+            flags: 0x05,
+            job: 0,
+            payload: Bytes::from_static(b"pad"),
+        },
+        other => panic!("PROTOCOL.md names an unknown vector {other:?}"),
+    }
+}
+
+/// The error each invalid vector must produce (with a 64 KiB payload limit).
+fn error(name: &str) -> DecodeError {
+    DecodeError::Frame(match name {
+        "bad-reserved" => FrameError::ReservedBits,
+        "bad-too-large" => FrameError::TooLarge {
+            len: 0x0001_0001,
+            max: 0x0001_0000,
+        },
+        "bad-unknown-type" => FrameError::UnknownType(0x42),
+        "bad-flags" => FrameError::BadFlags {
+            ty: FrameType::MISS,
+            flags: 0x01,
+        },
+        "bad-job-on-connection-frame" => FrameError::BadJobId {
+            ty: FrameType::GOAWAY,
+            job: 5,
+        },
+        "bad-trailing" => FrameError::TrailingBytes("MISS"),
+        other => panic!("PROTOCOL.md names an unknown invalid vector {other:?}"),
+    })
+}
+
+struct Vector {
+    name: String,
+    hex: Vec<u8>,
+}
+
+fn vectors() -> Vec<Vector> {
+    let mut out = Vec::new();
+    let mut lines = SPEC.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() != "```vector" {
+            continue;
+        }
+        let mut name = None;
+        let mut hex = String::new();
+        for l in lines.by_ref() {
+            if l.trim() == "```" {
+                break;
+            }
+            if let Some(n) = l.strip_prefix("name:") {
+                name = Some(n.trim().to_owned());
+            } else if let Some(h) = l.strip_prefix("hex:") {
+                hex.push_str(h);
+            } else if l.starts_with("     ") {
+                hex.push_str(l);
+            }
+        }
+        let bytes = hex
+            .split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
+            .collect();
+        out.push(Vector {
+            name: name.expect("vector without a name"),
+            hex: bytes,
+        });
+    }
+    out
+}
+
+#[test]
+fn every_vector_in_the_spec_holds() {
+    let vs = vectors();
+    assert_eq!(vs.len(), 22, "PROTOCOL.md should hold 22 vectors");
+    for v in &vs {
+        if v.name.starts_with("bad-") {
+            let mut dec = FrameDecoder::new(64 * 1024);
+            let mut buf = BytesMut::from(&v.hex[..]);
+            assert_eq!(dec.decode(&mut buf), Err(error(&v.name)), "{}", v.name);
+            continue;
+        }
+        let f = frame(&v.name);
+        let encoded = f.to_bytes(MAX).unwrap();
+        assert_eq!(hex(&encoded), hex(&v.hex), "{}: encoding differs", v.name);
+        let mut buf = BytesMut::from(&v.hex[..]);
+        let decoded = FrameDecoder::new(MAX).decode(&mut buf).unwrap();
+        assert_eq!(decoded, Some(f), "{}: decoding differs", v.name);
+        assert!(buf.is_empty());
+    }
+}
+
+#[test]
+fn the_key_vector_holds() {
+    let key = CacheKey::compute(&sample_desc(), b"int x = 42;\n");
+    let line = SPEC
+        .lines()
+        .find_map(|l| l.strip_prefix("key of the sample job: "))
+        .expect("PROTOCOL.md states the sample key");
+    assert_eq!(key.to_hex(), line.trim());
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Prints the vector blocks for PROTOCOL.md from the constructors above.
+#[test]
+#[ignore = "prints the vectors for the spec"]
+fn print_vectors() {
+    for name in [
+        "hello",
+        "job",
+        "job-no-length",
+        "hash",
+        "source-final",
+        "source-more",
+        "miss",
+        "early-result",
+        "result-partial",
+        "data-final",
+        "abort",
+        "error",
+        "goaway",
+        "stats-request",
+        "stats",
+        "ignorable",
+    ] {
+        let b = frame(name).to_bytes(MAX).unwrap();
+        println!("```vector\nname: {name}\nhex: {}\n```", wrap(&hex(&b)));
+    }
+    println!(
+        "key of the sample job: {}",
+        CacheKey::compute(&sample_desc(), b"int x = 42;\n").to_hex()
+    );
+}
+
+fn wrap(h: &str) -> String {
+    let bytes: Vec<&str> = h.split(' ').collect();
+    bytes
+        .chunks(16)
+        .map(|c| c.join(" "))
+        .collect::<Vec<_>>()
+        .join("\n     ")
+}
