@@ -1,16 +1,25 @@
 //! The dcache compile server: result stores, compiler execution and the async service.
 //!
-//! - [`cache`]: the [`Store`](cache::Store) trait with a bounded memory LRU, a verified
+//! - [`store`]: the [`Store`](store::Store) trait with a bounded memory LRU, a verified
 //!   disk store and the two stacked.
-//! - [`compiler`]: the [`Executor`](compiler::Executor) trait, the real allow-listed
-//!   executor that feeds source to the compiler as it arrives, and a test double.
+//! - [`exec`]: the [`Executor`](exec::Executor) trait, the real allow-listed executor
+//!   that feeds source to the compiler as it arrives, the option allow-list and a test
+//!   double.
 //! - [`Service`]: serves connections: answers HASH lookups at once (EARLY_RESULT or MISS),
 //!   compiles misses with bounded concurrency and single-flight, verifies every received
 //!   source against its HASH before storing anything, and counts what happens.
 #![forbid(unsafe_code)]
 
-pub mod cache;
-pub mod compiler;
+pub mod exec;
+pub mod store;
+
+/// The stores under their first name; kept so code written against it still builds.
+/// New code says [`store`].
+pub use store as cache;
+
+/// The executors under their first name; kept so code written against it still builds.
+/// New code says [`exec`].
+pub use exec as compiler;
 mod counters;
 mod service;
 

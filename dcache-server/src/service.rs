@@ -13,9 +13,9 @@ use dcache_transport::{BoxedStream, Listener, ServerCommand, spawn_server_connec
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::AbortHandle;
 
-use crate::cache::{Store, StoreKey};
-use crate::compiler::{CompilerId, ExecError, Executor, store_key};
 use crate::counters::Counters;
+use crate::exec::{CompilerId, ExecError, Executor, store_key};
+use crate::store::{Store, StoreKey};
 
 /// Settings of a [`Service`].
 #[derive(Clone, Debug)]

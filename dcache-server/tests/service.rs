@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use dcache_proto::testing::reference_compile;
 use dcache_proto::{CacheKey, ClientConfig, ErrorCode, JobDesc, Strategy};
-use dcache_server::cache::{DiskStore, MemoryStore, Store};
-use dcache_server::compiler::{Executor, FakeExecutor, LocalExecutor, LocalExecutorConfig};
+use dcache_server::exec::{Executor, FakeExecutor, LocalExecutor, LocalExecutorConfig};
+use dcache_server::store::{DiskStore, MemoryStore, Store};
 use dcache_server::{Service, ServiceConfig};
 use dcache_transport::{
     Address, ClientHandle, JobError, TransportOptions, bind, connect, spawn_client,

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use dcache_proto::{JobResult, OutputFile};
-use dcache_server::cache::{DiskStore, MemoryStore, Store, StoreKey, TieredStore};
+use dcache_server::store::{DiskStore, MemoryStore, Store, StoreKey, TieredStore};
 
 fn result(n: u8, size: usize) -> JobResult {
     JobResult {

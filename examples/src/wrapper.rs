@@ -83,6 +83,7 @@ dcache: distributed compilation with a server-side result cache
 usage: dcache COMPILER [ARGS...]   compile as COMPILER would (e.g. make CC=\"dcache gcc\")
        dcache --stats [--json]    show each server's counters (or the local cache's)
        dcache --zero-stats        reset the local cache's counters
+       dcache --demo              build a bundled C program cold, then warm
        dcache --help
 
 A call with -c or -S and one C or C++ source is preprocessed here, hashed, and sent;

@@ -35,6 +35,7 @@ fn main() -> ExitCode {
             let json = args.get(1).is_some_and(|a| a == "--json");
             runtime.block_on(print_stats(&config, json))
         }
+        Some("--demo") => ExitCode::from(u8::try_from(dcache_examples::demo::run()).unwrap_or(1)),
         Some("--zero-stats") => match stats_file::reset(&config.dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

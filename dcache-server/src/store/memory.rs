@@ -69,6 +69,12 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        inner.lru.remove(key);
+        Ok(inner.values.remove(key).is_some())
+    }
+
     fn stats(&self) -> StoreStats {
         let inner = self.lock();
         StoreStats {

@@ -17,7 +17,7 @@ pub use memory::MemoryStore;
 pub use tiered::TieredStore;
 
 /// The key a result is stored under: the protocol's cache key bound to the server's
-/// compiler identity (see [`crate::compiler::store_key`]), so a compiler upgrade can never
+/// compiler identity (see [`crate::exec::store_key`]), so a compiler upgrade can never
 /// serve an object built by the old one.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StoreKey(pub [u8; 32]);
@@ -57,19 +57,44 @@ pub struct StoreStats {
     pub bytes: u64,
     /// Entries removed to stay under the size limit.
     pub evictions: u64,
-    /// Entries found damaged and removed.
+    /// Entries found damaged (bad digest, truncated, wrong key or version) and removed.
     pub corrupt: u64,
     /// Writes that failed.
     pub write_errors: u64,
 }
 
 /// A place to keep results. Implementations are safe to share between tasks.
+///
+/// The methods that may touch a disk are `async` (through `async-trait`, so the trait
+/// stays object-safe behind `Arc<dyn Store>`): the disk store runs its file work on
+/// tokio's blocking pool, so a slow or stalled disk never blocks the tasks serving
+/// connections. Counters are plain reads of in-memory state, hence synchronous.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// The result stored under `key`, if a whole and verified one is there.
+    /// The result stored under `key`, if a whole and verified one is there. Never an
+    /// error: anything unreadable or damaged is a miss (and a damaged entry is dropped),
+    /// because the caller's answer to a miss, compiling, is always correct.
     async fn get(&self, key: &StoreKey) -> Option<JobResult>;
     /// Stores `value` under `key`, evicting old entries to stay under the size limit.
+    /// An error means only that the result is not cached; the caller still has it and
+    /// should still return it to the client.
     async fn put(&self, key: &StoreKey, value: &JobResult) -> Result<(), StoreError>;
+    /// Removes the entry under `key` (an operator purging a bad result, a test). Returns
+    /// whether there was one; removing an absent key is not an error.
+    async fn remove(&self, key: &StoreKey) -> Result<bool, StoreError>;
     /// Current counters.
     fn stats(&self) -> StoreStats;
+    /// Entries held (as far as this store knows: other processes sharing a disk cache
+    /// add entries it only learns about when it reads them or restarts).
+    fn len(&self) -> u64 {
+        self.stats().entries
+    }
+    /// Whether the store holds nothing.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes held, counted the way the size limit counts them.
+    fn bytes(&self) -> u64 {
+        self.stats().bytes
+    }
 }

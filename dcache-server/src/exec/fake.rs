@@ -32,7 +32,7 @@ impl FakeExecutor {
 
 impl Executor for FakeExecutor {
     fn check(&self, desc: &JobDesc) -> Result<CompilerId, ExecError> {
-        super::options::check(&desc.args).map_err(ExecError::OptionRefused)?;
+        super::args::check(&desc.args).map_err(ExecError::OptionRefused)?;
         Ok(self.id)
     }
 

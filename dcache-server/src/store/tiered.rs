@@ -6,6 +6,7 @@ use super::{Store, StoreError, StoreKey, StoreStats};
 
 /// A fast store in front of a large one. Reads try the front first and promote what the
 /// back had; writes go to both.
+#[derive(Debug)]
 pub struct TieredStore<F, B> {
     front: F,
     back: B,
@@ -15,6 +16,16 @@ impl<F: Store, B: Store> TieredStore<F, B> {
     /// Stacks `front` (memory) over `back` (disk).
     pub fn new(front: F, back: B) -> Self {
         Self { front, back }
+    }
+
+    /// The front store, for its own counters (the tiered counters are the back's).
+    pub fn front(&self) -> &F {
+        &self.front
+    }
+
+    /// The back store.
+    pub fn back(&self) -> &B {
+        &self.back
     }
 }
 
@@ -34,6 +45,12 @@ impl<F: Store, B: Store> Store for TieredStore<F, B> {
         let front = self.front.put(key, value).await;
         self.back.put(key, value).await?;
         front.or(Ok(()))
+    }
+
+    async fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let front = self.front.remove(key).await;
+        let back = self.back.remove(key).await?;
+        Ok(front.unwrap_or(false) || back)
     }
 
     /// The back store's counters: it holds everything the front does and more.

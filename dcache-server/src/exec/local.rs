@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
-use super::{CompileFuture, CompilerId, ExecError, Executor, options};
+use super::{CompileFuture, CompilerId, ExecError, Executor, args};
 
 /// Settings of a [`LocalExecutor`].
 #[derive(Clone, Debug)]
@@ -109,7 +109,7 @@ impl Executor for LocalExecutor {
         if !matches!(desc.language.as_str(), "cpp-output" | "c++-cpp-output") {
             return Err(ExecError::Language(desc.language.clone()));
         }
-        options::check(&desc.args).map_err(ExecError::OptionRefused)?;
+        args::check(&desc.args).map_err(ExecError::OptionRefused)?;
         Ok(compiler.id)
     }
 

@@ -134,6 +134,18 @@ impl Inner {
     }
 }
 
+impl Inner {
+    fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        self.lock().lru.remove(key);
+        match std::fs::remove_file(self.path(key)) {
+            Ok(()) => Ok(true),
+            // Already gone (never there, or another process evicted it).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 impl DiskStore {
     /// Opens (creating if needed) a store in `dir` holding at most `limit` bytes, and
     /// rebuilds its index from the files there.
@@ -244,6 +256,14 @@ impl Store for DiskStore {
         let key = *key;
         let value = value.clone();
         tokio::task::spawn_blocking(move || inner.put(&key, &value))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+
+    async fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let inner = self.inner.clone();
+        let key = *key;
+        tokio::task::spawn_blocking(move || inner.remove(&key))
             .await
             .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }

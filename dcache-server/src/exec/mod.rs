@@ -3,9 +3,9 @@
 //! Nothing a client sends can run a program other than an allow-listed compiler, pass it an
 //! option outside the allow-list, or make it write outside the job's private directory.
 
+pub mod args;
 mod fake;
 mod local;
-pub mod options;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +14,7 @@ use bytes::Bytes;
 use dcache_proto::{CacheKey, JobDesc, JobResult};
 use tokio::sync::mpsc;
 
-use crate::cache::StoreKey;
+use crate::store::StoreKey;
 
 pub use fake::FakeExecutor;
 pub use local::{LocalExecutor, LocalExecutorConfig};

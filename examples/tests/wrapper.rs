@@ -1,0 +1,299 @@
+//! The `dcache` wrapper end to end, with real gcc, make and `dcache-server` processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+const DCACHE: &str = env!("CARGO_BIN_EXE_dcache");
+const SERVER: &str = env!("CARGO_BIN_EXE_dcache-server");
+const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/demo");
+
+/// A server process, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+    _cache: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn server() -> Server {
+    let cache = tempfile::tempdir().unwrap();
+    let mut child = Command::new(SERVER)
+        .args([
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--cache-size",
+            "1G",
+            "--cache-dir",
+        ])
+        .arg(cache.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The server logs the address it actually bound.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Server {
+        child,
+        addr,
+        _cache: cache,
+    }
+}
+
+fn project() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(DEMO).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+fn make(dir: &Path, envs: &[(&str, &str)], cc: &str) {
+    let clean = Command::new("make")
+        .args(["-s", "clean"])
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(clean.success());
+    let mut cmd = Command::new("make");
+    cmd.args(["-s", "-j4", &format!("CC={cc}")])
+        .current_dir(dir);
+    cmd.env_remove("DCACHE_HOSTS");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "make failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn program_output(dir: &Path) -> String {
+    let out = Command::new(dir.join("wordfreq")).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn stats_json(envs: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(DCACHE);
+    cmd.args(["--stats", "--json"]).env_remove("DCACHE_HOSTS");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn stat(json: &str, name: &str) -> u64 {
+    let key = format!("\"{name}\": ");
+    let rest = &json[json
+        .find(&key)
+        .unwrap_or_else(|| panic!("{name} in {json}"))
+        + key.len()..];
+    rest.split([',', '}'])
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn dep_files(dir: &Path) -> Vec<(String, String)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "d"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read_to_string(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn make_through_a_tcp_server_links_runs_and_rebuilds_from_cache() {
+    let s = server();
+    let dir = project();
+    let cc = format!("{DCACHE} gcc");
+    make(dir.path(), &[], "gcc");
+    let expected = program_output(dir.path());
+    let plain_deps = dep_files(dir.path());
+    let env = [("DCACHE_HOSTS", s.addr.as_str())];
+    make(dir.path(), &env, &cc);
+    assert_eq!(program_output(dir.path()), expected);
+    assert_eq!(
+        dep_files(dir.path()),
+        plain_deps,
+        "-MMD files differ from gcc's"
+    );
+    let cold = stats_json(&env);
+    assert_eq!(stat(&cold, "compiles"), 4, "{cold}");
+    make(dir.path(), &env, &cc);
+    assert_eq!(program_output(dir.path()), expected);
+    let warm = stats_json(&env);
+    assert_eq!(
+        stat(&warm, "compiles"),
+        4,
+        "a clean rebuild compiled again: {warm}"
+    );
+    assert_eq!(stat(&warm, "hits"), 4, "{warm}");
+    assert_eq!(stat(&warm, "early_results"), 4, "{warm}");
+}
+
+#[test]
+fn the_embedded_default_is_a_local_compiler_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = project();
+    let cc = format!("{DCACHE} gcc");
+    let env = [("DCACHE_DIR", cache.path().to_str().unwrap())];
+    make(dir.path(), &env, &cc);
+    let expected = program_output(dir.path());
+    make(dir.path(), &env, &cc);
+    assert_eq!(program_output(dir.path()), expected);
+    let s = stats_json(&env);
+    assert_eq!(stat(&s, "compiles"), 4, "{s}");
+    assert_eq!(stat(&s, "hits"), 4, "{s}");
+    let zero = Command::new(DCACHE)
+        .arg("--zero-stats")
+        .env("DCACHE_DIR", cache.path())
+        .status()
+        .unwrap();
+    assert!(zero.success());
+    assert_eq!(stat(&stats_json(&env), "hits"), 0);
+}
+
+#[test]
+fn compile_errors_reproduce_gccs_output_and_status() {
+    let s = server();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.c"),
+        "int f(void) { return nope; }\nint g(void) { return 1 }\n",
+    )
+    .unwrap();
+    let run = |cmd: &mut Command| {
+        let out = cmd
+            .current_dir(dir.path())
+            .env("LC_ALL", "C")
+            .output()
+            .unwrap();
+        (out.status.code(), out.stdout, out.stderr)
+    };
+    let plain = run(Command::new("gcc").args(["-c", "bad.c", "-o", "bad.o"]));
+    let ours = run(Command::new(DCACHE)
+        .args(["gcc", "-c", "bad.c", "-o", "bad.o"])
+        .env("DCACHE_HOSTS", &s.addr));
+    assert_ne!(plain.0, Some(0));
+    assert_eq!(ours.0, plain.0);
+    assert_eq!(
+        String::from_utf8_lossy(&ours.2),
+        String::from_utf8_lossy(&plain.2)
+    );
+    assert_eq!(ours.1, plain.1);
+}
+
+#[test]
+fn a_dead_server_falls_back_to_a_local_compile_unless_told_not_to() {
+    // A port nothing listens on: bind, note the port, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = format!("tcp://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ok.c"), "int ok(void) { return 1; }\n").unwrap();
+    let out = Command::new(DCACHE)
+        .args(["gcc", "-c", "ok.c", "-o", "ok.o"])
+        .env("DCACHE_HOSTS", &dead)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(dir.path().join("ok.o").exists());
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(warning.lines().count(), 1, "one warning line: {warning}");
+    assert!(warning.contains("compiling locally"), "{warning}");
+
+    std::fs::remove_file(dir.path().join("ok.o")).unwrap();
+    let out = Command::new(DCACHE)
+        .args(["gcc", "-c", "ok.c", "-o", "ok.o"])
+        .env("DCACHE_HOSTS", &dead)
+        .env("DCACHE_FALLBACK", "0")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!dir.path().join("ok.o").exists());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DCACHE_FALLBACK=0"));
+}
+
+#[test]
+fn two_hosts_split_keys_and_a_stopped_hosts_keys_move() {
+    let a = server();
+    let b = server();
+    let hosts = format!("{} {}", a.addr, b.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<String> = (0..16).map(|i| format!("f{i}.c")).collect();
+    for (i, f) in files.iter().enumerate() {
+        std::fs::write(
+            dir.path().join(f),
+            format!("int f{i}(int x) {{ return x + {i}; }}\n"),
+        )
+        .unwrap();
+    }
+    let compile_all = |hosts: &str| {
+        for f in &files {
+            let st = Command::new(DCACHE)
+                .args(["gcc", "-c", f])
+                .env("DCACHE_HOSTS", hosts)
+                .env("DCACHE_FALLBACK", "0")
+                .current_dir(dir.path())
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+    };
+    compile_all(&hosts);
+    let on = |s: &Server| {
+        stat(
+            &stats_json(&[("DCACHE_HOSTS", s.addr.as_str())]),
+            "compiles",
+        )
+    };
+    let (ca, cb) = (on(&a), on(&b));
+    assert_eq!(ca + cb, 16);
+    assert!(ca > 0 && cb > 0, "keys not split: {ca} / {cb}");
+    // Same sources again: every job meets its own server's cache.
+    compile_all(&hosts);
+    assert_eq!((on(&a), on(&b)), (ca, cb), "a key moved between hosts");
+    drop(a);
+    // With A gone, its keys fall through to B (compiled there once), B's stay hits.
+    compile_all(&hosts);
+    assert_eq!(on(&b), cb + ca);
+}
