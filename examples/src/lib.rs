@@ -6,3 +6,8 @@ pub mod sim;
 pub mod stats_file;
 pub mod util;
 pub mod wrapper;
+
+/// The README's Rust examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

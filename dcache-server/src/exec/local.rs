@@ -19,7 +19,8 @@ use super::{CompileFuture, CompilerId, ExecError, Executor, args};
 pub struct LocalExecutorConfig {
     /// Compiler names clients may ask for. Names only: a client can never choose a path.
     pub allowed: Vec<String>,
-    /// How long one compile may run before it is killed.
+    /// How long one compile may run before it is killed, counted from its start: the
+    /// upload is included, since the compiler holds its slot and temp dir all along.
     pub time_limit: Duration,
     /// `PATH` for finding the compilers and for the compiler's own helpers (`as`, `cc1`).
     pub path: String,
@@ -68,6 +69,12 @@ impl LocalExecutor {
         Self { config, compilers }
     }
 
+    /// The identity of the allowed compiler `name`, if it is installed: what the store key
+    /// binds so a compiler upgrade changes every key.
+    pub fn identity(&self, name: &str) -> Option<CompilerId> {
+        self.compilers.get(name).map(|c| c.id)
+    }
+
     /// The compiler names this executor will run.
     pub fn available(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self.compilers.keys().map(String::as_str).collect();
@@ -102,6 +109,10 @@ fn identity(path: &Path) -> Option<CompilerId> {
 
 impl Executor for LocalExecutor {
     fn check(&self, desc: &JobDesc) -> Result<CompilerId, ExecError> {
+        if desc.compiler.contains('/') {
+            // distcc's CVE-2004-2687: a client that picks a path picks the program.
+            return Err(ExecError::CompilerPath(desc.compiler.clone()));
+        }
         let compiler = self
             .compilers
             .get(&desc.compiler)
@@ -197,18 +208,41 @@ async fn run(
     let stdout = out_task.await.unwrap_or_default();
     let stderr = err_task.await.unwrap_or_default();
     let exit_code = super::super::exit_code(status);
-    let mut outputs = Vec::new();
-    if exit_code == 0 {
-        let data = tokio::fs::read(&out_path).await?;
-        outputs.push(OutputFile {
-            name: if assembly { ".s" } else { ".o" }.into(),
-            data: Bytes::from(data),
-        });
-    }
+    let outputs = if exit_code == 0 {
+        // The main output must be there; a compiler that exits 0 without it is broken.
+        tokio::fs::metadata(&out_path).await?;
+        collect_outputs(dir.path()).await?
+    } else {
+        Vec::new()
+    };
     Ok(JobResult {
         exit_code,
         stdout: Bytes::from(stdout),
         stderr: Bytes::from(stderr),
         outputs,
     })
+}
+
+/// Every `out.*` file the compile left in its directory, named by extension (`.o` or `.s`,
+/// and side outputs such as `.dwo` from `-gsplit-dwarf`), sorted so results are
+/// deterministic. Names are labels, never paths: the client decides where they land.
+async fn collect_outputs(dir: &Path) -> std::io::Result<Vec<OutputFile>> {
+    let mut outputs = Vec::new();
+    let mut entries = tokio::fs::read_dir(dir).await?;
+    while let Some(e) = entries.next_entry().await? {
+        let name = e.file_name();
+        let Some(ext) = name.to_str().and_then(|n| n.strip_prefix("out.")) else {
+            continue;
+        };
+        if ext.is_empty() || !e.file_type().await?.is_file() {
+            continue;
+        }
+        let data = tokio::fs::read(e.path()).await?;
+        outputs.push(OutputFile {
+            name: format!(".{ext}"),
+            data: Bytes::from(data),
+        });
+    }
+    outputs.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(outputs)
 }

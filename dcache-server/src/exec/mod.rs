@@ -5,6 +5,7 @@
 
 pub mod args;
 mod fake;
+mod handle;
 mod local;
 
 use std::future::Future;
@@ -16,7 +17,8 @@ use tokio::sync::mpsc;
 
 use crate::store::StoreKey;
 
-pub use fake::FakeExecutor;
+pub use fake::{FakeExecutor, FakeFailure};
+pub use handle::{Compile, Fed};
 pub use local::{LocalExecutor, LocalExecutorConfig};
 
 /// Identifies one compiler binary and version on this server: a digest of its resolved
@@ -44,6 +46,9 @@ pub enum ExecError {
     /// The compiler is not on this server's allow-list.
     #[error("compiler {0:?} is not allowed on this server")]
     CompilerNotAllowed(String),
+    /// The client named a compiler by path; only bare allow-listed names are run.
+    #[error("compiler {0:?} refused: a path, not a name (the server picks its own binaries)")]
+    CompilerPath(String),
     /// An argument is refused; the message names it.
     #[error("{0}")]
     OptionRefused(String),
@@ -53,6 +58,9 @@ pub enum ExecError {
     /// The compiler could not be started or its output read.
     #[error("cannot run the compiler: {0}")]
     Io(#[from] std::io::Error),
+    /// [`Compile::wait`] was called again after it had returned the result.
+    #[error("the compile's result was already taken")]
+    ResultTaken,
     /// The compiler ran past the time limit and was killed.
     #[error("compile exceeded the time limit of {0:?}")]
     Timeout(std::time::Duration),
@@ -64,7 +72,10 @@ impl ExecError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            Self::CompilerNotAllowed(_) | Self::OptionRefused(_) | Self::Language(_)
+            Self::CompilerNotAllowed(_)
+                | Self::CompilerPath(_)
+                | Self::OptionRefused(_)
+                | Self::Language(_)
         )
     }
 }
