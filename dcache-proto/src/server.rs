@@ -12,6 +12,7 @@ use crate::decoder::FrameDecoder;
 use crate::error::{CommandError, ConnectionError};
 use crate::error_code::ErrorCode;
 use crate::frame::{Frame, Hello, JobId, Limits, OutputMeta, ResultHead, Stat};
+use crate::header::HEADER_LEN;
 use crate::handshake::{check_peer_limits, clamp_own_limits, negotiate};
 use crate::job::{JobDesc, JobResult};
 use crate::key::{CacheKey, KeyHasher};
@@ -31,6 +32,10 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// How long an upload may make no progress while we wait for source.
     pub stall_timeout: Duration,
+    /// Output bytes queued for a client beyond which we stop decoding its input until
+    /// the client reads: a client that sends requests and never reads the answers cannot
+    /// make us queue without bound.
+    pub max_queued_output: usize,
 }
 
 impl Default for ServerConfig {
@@ -41,6 +46,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             stall_timeout: Duration::from_secs(60),
+            max_queued_output: 1024 * 1024,
         }
     }
 }
@@ -205,7 +211,13 @@ pub struct ServerConnection {
     last_input: Instant,
     read_closed: bool,
     stats: ConnStats,
+    /// STATS_REQUESTs reported to the owner and not yet answered.
+    stats_pending: u32,
 }
+
+/// Unanswered STATS_REQUESTs beyond which decoding pauses: requests cost the peer 12 bytes
+/// and us a whole answer, so their number in flight is bounded like everything else.
+const MAX_PENDING_STATS: u32 = 8;
 
 impl ServerConnection {
     /// A new connection, waiting for the client's HELLO.
@@ -227,6 +239,7 @@ impl ServerConnection {
             last_input: now,
             read_closed: false,
             stats: ConnStats::default(),
+            stats_pending: 0,
         }
     }
 
@@ -247,10 +260,27 @@ impl ServerConnection {
         self.stats
     }
 
-    /// Bytes of whole control frames waiting to be written; a driver can stop reading while
-    /// this is large, so a client that never reads cannot make us queue without bound.
+    /// Bytes of whole control frames waiting to be written.
     pub fn queued_bytes(&self) -> usize {
         self.outbox.queued_bytes()
+    }
+
+    /// Whether the driver should read more input now. False while output for this client
+    /// is backed up (decoding is paused then) or a frame's worth of input already waits.
+    pub fn wants_input(&self) -> bool {
+        !self.decoding_paused()
+            && self.inbuf.len() <= self.config.limits.max_frame_payload as usize + HEADER_LEN
+    }
+
+    /// Whether buffered input waits to be decoded once output drains; the driver then
+    /// calls [`handle_input`](Self::handle_input) with no new bytes.
+    pub fn has_paused_input(&self) -> bool {
+        !self.inbuf.is_empty() && !self.decoding_paused() && self.state != State::Closed
+    }
+
+    fn decoding_paused(&self) -> bool {
+        self.outbox.queued_bytes() >= self.config.max_queued_output
+            || self.stats_pending >= MAX_PENDING_STATS
     }
 
     // ----- commands -----
@@ -383,6 +413,7 @@ impl ServerConnection {
         }
         let frame = Frame::Stats(stats);
         let bytes = frame.to_bytes(self.peer.max_frame_payload)?;
+        self.stats_pending = self.stats_pending.saturating_sub(1);
         self.outbox.push(bytes);
         Ok(())
     }
@@ -425,6 +456,10 @@ impl ServerConnection {
         }
         self.inbuf.extend_from_slice(data);
         loop {
+            // Backed-up output pauses decoding; the bytes wait in the buffer.
+            if self.decoding_paused() {
+                return;
+            }
             match self.decoder.decode(&mut self.inbuf) {
                 Ok(Some(frame)) => {
                     if let Err(e) = self.on_frame(frame) {
@@ -636,6 +671,7 @@ impl ServerConnection {
                 Ok(())
             }
             Frame::StatsRequest => {
+                self.stats_pending += 1;
                 self.events.push_back(ServerEvent::StatsRequested);
                 Ok(())
             }
