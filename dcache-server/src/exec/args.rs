@@ -14,31 +14,44 @@ pub const MAX_ARG_LEN: usize = 4096;
 /// `-f` options refused although `-f` is allowed: they load code, write files, or read
 /// files named by the client.
 const F_REFUSED: &[&str] = &[
+    // Load code into the compiler.
     "-fplugin",
+    "-fpass-plugin",
+    // Read or write profiles, dumps, reports or traces at paths the client names (or
+    // next to the output, where nobody collects them).
     "-fprofile",
     "-fauto-profile",
     "-fcreate-profile",
+    "-fcs-profile",
+    "-fmemory-profile",
+    "-fbranch-probabilities",
+    "-ftest-coverage",
+    "-fcoverage",
     "-fdump",
     "-fopt-info",
     "-fstack-usage",
     "-fcallgraph-info",
     "-fsave-optimization-record",
-    "-fdebug-prefix-map",
-    "-ffile-prefix-map",
-    "-fmacro-prefix-map",
-    "-fprofile-use",
-    "-fbranch-probabilities",
-    "-ftest-coverage",
-    "-fcoverage",
+    "-ftime-trace",
+    "-fcrash-diagnostics",
+    "-fdiagnostics-format=sarif-file",
+    "-fdiagnostics-format=json-file",
+    "-fdiagnostics-add-output",
+    "-fdiagnostics-set-output",
+    "-frandom-seed=@",
+    // Read files on the server named by the client.
     "-fsanitize-coverage-allowlist",
     "-fsanitize-coverage-ignorelist",
     "-fsanitize-blacklist",
     "-fsanitize-ignorelist",
-    "-frandom-seed=@",
-    "-fdiagnostics-format=sarif-file",
-    "-fdiagnostics-format=json-file",
-    "-flto",
+    "-fsanitize-system-ignorelist",
+    "-fxray",
+    "-fmodule",
+    "-fprebuilt-module",
     "-fpch",
+    // Hand options to other programs (offload compilers) or need the link step.
+    "-foffload",
+    "-flto",
     "-fworking-directory",
 ];
 
@@ -69,6 +82,12 @@ fn check_one(a: &str) -> Result<(), String> {
     }
     if a.contains(['\0', '\n', '\r']) {
         return Err(format!("argument {a:?} contains a NUL or line break"));
+    }
+    if a.starts_with("-o") {
+        return refuse("the server chooses the output file");
+    }
+    if a.starts_with("-x") {
+        return refuse("the server sets the language from the job description");
     }
     if !a.starts_with('-') {
         return refuse("the server takes no file names (the source comes from the client)");
@@ -113,6 +132,11 @@ fn check_one(a: &str) -> Result<(), String> {
     if a.starts_with("-O") || a.starts_with("-std=") || a.starts_with("-g") {
         return Ok(());
     }
+    if a.starts_with("--param=") {
+        // Tuning knobs (`--param=ssp-buffer-size=4`); only the joined form, so the value
+        // cannot be mistaken for another argument.
+        return Ok(());
+    }
     if a.starts_with("-D") || a.starts_with("-U") {
         // Meaningless on preprocessed input, and harmless.
         return Ok(());
@@ -147,6 +171,22 @@ mod tests {
             "-fstack-protector-strong",
             "-Os",
             "-fdiagnostics-color=always",
+            "-DNDEBUG",
+            "-UFOO",
+            "--param=ssp-buffer-size=4",
+            "-gsplit-dwarf",
+            "-gdwarf-4",
+            "-fno-lto",
+            "-ffile-prefix-map=/home/me=.",
+            "-Wno-unused-parameter",
+            "-Wframe-larger-than=4096",
+            "-pedantic",
+            "-w",
+            "-S",
+            "-pipe",
+            "-mavx2",
+            "-O3",
+            "-std=c++20",
         ])
         .unwrap();
     }
@@ -178,7 +218,25 @@ mod tests {
             "--sysroot=/",
             "/etc/passwd",
             "-fstack-usage",
+            "-Xpreprocessor",
+            "-imacros",
+            "-idirafter",
+            "-fpass-plugin=/tmp/x.so",
+            "-fmodules-cache-path=/etc",
+            "-fmodule-map-file=/etc/x",
+            "-foffload-options=-B/tmp",
+            "-ftime-trace=/etc/x",
+            "-fxray-attr-list=/etc/x",
+            "-fprofile-use=/etc/x",
+            "-fprofile-arcs",
+            "-fdump-rtl-expand",
+            "-fsanitize-ignorelist=/etc/x",
+            "-o/tmp/x",
             "-x",
+            "-xc",
+            "--param",
+            "-dumpbase",
+            "-shared",
             "-E",
             "-M",
             "-MF",

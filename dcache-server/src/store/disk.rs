@@ -184,26 +184,27 @@ impl Inner {
                 let _ = std::fs::remove_file(tmp.path());
             }
         }
-        let mut found = Vec::new();
+        let mut fanout = Vec::new();
         for sub in std::fs::read_dir(&self.root)?.flatten() {
             let name = sub.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.len() != 2 || !sub.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            for f in std::fs::read_dir(sub.path())?.flatten() {
-                let Some(key) = f.file_name().to_str().and_then(parse_hex_key) else {
-                    continue;
-                };
-                let Ok(meta) = f.metadata() else { continue };
-                let mtime = meta
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                    .unwrap_or_default();
-                found.push((mtime, key, meta.len()));
+            if name.len() == 2 && sub.file_type().is_ok_and(|t| t.is_dir()) {
+                fanout.push((name.to_owned(), sub.path()));
             }
         }
+        // One stat per entry dominates; spread the fan-out directories over the cores.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        let per = fanout.len().div_ceil(threads).max(1);
+        let mut found: Vec<(Duration, StoreKey, u64)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = fanout
+                .chunks(per)
+                .map(|dirs| scope.spawn(move || scan(dirs)))
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_default())
+                .collect()
+        });
         found.sort_unstable_by_key(|(t, k, _)| (*t, *k));
         let mut st = self.lock();
         for (age, (_, key, size)) in found.into_iter().enumerate() {
@@ -229,8 +230,39 @@ impl Inner {
     }
 }
 
+/// The entries in some fan-out directories: (modification time, key, size). A directory
+/// or file that vanishes meanwhile (another process evicting) is skipped; a file whose name
+/// is not a key, or that sits in the wrong fan-out directory, is not ours and is ignored.
+fn scan(dirs: &[(String, PathBuf)]) -> Vec<(Duration, StoreKey, u64)> {
+    let mut found = Vec::new();
+    for (prefix, dir) in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for f in entries.flatten() {
+            let name = f.file_name();
+            let Some(key) = name
+                .to_str()
+                .filter(|n| n.starts_with(prefix.as_str()))
+                .and_then(parse_hex_key)
+            else {
+                continue;
+            };
+            let Ok(meta) = f.metadata() else { continue };
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .unwrap_or_default();
+            found.push((mtime, key, meta.len()));
+        }
+    }
+    found
+}
+
 fn parse_hex_key(name: &str) -> Option<StoreKey> {
-    if name.len() != 64 {
+    // Exactly what `to_hex` writes, so the key maps back to this very file.
+    if name.len() != 64 || !name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     let mut key = [0u8; 32];

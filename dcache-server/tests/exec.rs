@@ -1,0 +1,402 @@
+//! Compiler execution: real gcc through `LocalExecutor`, stand-in compiler scripts for
+//! the streaming, early-exit, time-limit and refusal paths, and the fake executor.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dcache_proto::testing::reference_compile;
+use dcache_proto::{CacheKey, JobDesc};
+use dcache_server::exec::{
+    Compile, ExecError, Executor, FakeExecutor, FakeFailure, Fed, LocalExecutor,
+    LocalExecutorConfig, store_key,
+};
+
+/// A guard against hangs only; nothing here asserts speed.
+const HANG: Duration = Duration::from_secs(120);
+
+fn desc(compiler: &str, args: &[&str]) -> JobDesc {
+    JobDesc {
+        compiler: compiler.into(),
+        language: "cpp-output".into(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        source_len: None,
+    }
+}
+
+fn gcc() -> LocalExecutor {
+    let ex = LocalExecutor::new(LocalExecutorConfig::default());
+    assert!(ex.available().contains(&"gcc"), "gcc must be installed");
+    ex
+}
+
+/// `gcc -E` of `text`, as a client would send it.
+fn preprocess(dir: &Path, text: &str) -> Bytes {
+    let src = dir.join("unit.c");
+    std::fs::write(&src, text).unwrap();
+    let out = std::process::Command::new("gcc")
+        .arg("-E")
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    Bytes::from(out.stdout)
+}
+
+/// A local `gcc <args> -x cpp-output unit.i -o out.<ext>`: (status, stderr, output).
+fn gcc_local(pre: &[u8], args: &[&str], ext: &str) -> (i32, Vec<u8>, Option<Vec<u8>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("unit.i");
+    let output = dir.path().join(format!("out.{ext}"));
+    std::fs::write(&input, pre).unwrap();
+    let out = std::process::Command::new("gcc")
+        .args(args)
+        .arg("-x")
+        .arg("cpp-output")
+        .arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        out.stderr,
+        std::fs::read(&output).ok(),
+    )
+}
+
+const PROGRAM: &str = "#include <stdio.h>\n#include <string.h>\n\
+    static int square(int x) { return x * x; }\n\
+    int main(int argc, char **argv) {\n\
+        printf(\"%d %zu\\n\", square(argc), strlen(argv[0]));\n\
+        return 0;\n\
+    }\n";
+
+/// Feeds `source` in `chunk`-byte pieces, yielding between them so the compiler really
+/// receives them one by one, then waits for the result.
+async fn compile_in_chunks(
+    ex: &dyn Executor,
+    d: JobDesc,
+    source: &Bytes,
+    chunk: usize,
+) -> Result<dcache_proto::JobResult, ExecError> {
+    let mut c = Compile::start(ex, d);
+    for piece in source.chunks(chunk) {
+        assert_eq!(c.feed(source.slice_ref(piece)), Fed::Accepted);
+        tokio::task::yield_now().await;
+    }
+    c.end_source();
+    tokio::time::timeout(HANG, c.wait()).await.unwrap()
+}
+
+#[tokio::test]
+async fn streamed_gcc_compile_matches_a_local_compile_byte_for_byte() {
+    let work = tempfile::tempdir().unwrap();
+    let pre = preprocess(work.path(), PROGRAM);
+    assert!(pre.len() > 16 * 1024, "several pipe-fulls of source");
+    let ex = gcc();
+    let r = compile_in_chunks(&ex, desc("gcc", &["-O2", "-g", "-c"]), &pre, 1000)
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(r.outputs.len(), 1);
+    assert_eq!(r.outputs[0].name, ".o");
+    let (code, _, local) = gcc_local(&pre, &["-O2", "-g", "-c"], "o");
+    assert_eq!(code, 0);
+    assert!(
+        local.as_deref() == Some(&r.outputs[0].data[..]),
+        "the remote object differs from a local gcc -c"
+    );
+}
+
+#[tokio::test]
+async fn an_assembly_job_returns_the_s_file() {
+    let work = tempfile::tempdir().unwrap();
+    let pre = preprocess(work.path(), PROGRAM);
+    let r = compile_in_chunks(&gcc(), desc("gcc", &["-O1", "-S"]), &pre, 64 * 1024)
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 0);
+    let (_, _, local) = gcc_local(&pre, &["-O1", "-S"], "s");
+    assert_eq!(r.outputs.len(), 1);
+    assert_eq!(r.outputs[0].name, ".s");
+    assert!(local.as_deref() == Some(&r.outputs[0].data[..]));
+}
+
+#[tokio::test]
+async fn split_dwarf_returns_the_dwo_beside_the_object() {
+    let work = tempfile::tempdir().unwrap();
+    let pre = preprocess(work.path(), PROGRAM);
+    let r = compile_in_chunks(&gcc(), desc("gcc", &["-g", "-gsplit-dwarf", "-c"]), &pre, 8192)
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+    let names: Vec<&str> = r.outputs.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, [".dwo", ".o"]);
+}
+
+#[tokio::test]
+async fn a_compile_error_returns_gccs_stderr_and_status() {
+    let work = tempfile::tempdir().unwrap();
+    let pre = preprocess(work.path(), "int main(void) { return nope; }\n");
+    let r = compile_in_chunks(&gcc(), desc("gcc", &["-c"]), &pre, 100)
+        .await
+        .unwrap();
+    let (code, stderr, _) = gcc_local(&pre, &["-c"], "o");
+    assert_ne!(r.exit_code, 0);
+    assert_eq!(r.exit_code, code);
+    assert_eq!(
+        String::from_utf8_lossy(&r.stderr),
+        String::from_utf8_lossy(&stderr)
+    );
+    assert!(String::from_utf8_lossy(&r.stderr).contains("nope"));
+    assert!(r.outputs.is_empty());
+}
+
+#[tokio::test]
+async fn gcc_failing_before_the_upload_ends_is_noticed_at_once() {
+    let work = tempfile::tempdir().unwrap();
+    let pre = preprocess(work.path(), PROGRAM);
+    // Passes the allow-list's shape (-f…) but gcc rejects it before reading any source.
+    let mut c = Compile::start(&gcc(), desc("gcc", &["-fno-such-option-anywhere", "-c"]));
+    assert_eq!(c.feed(pre.slice(..100)), Fed::Accepted);
+    // The upload is still open: the result must come anyway.
+    let r = tokio::time::timeout(HANG, c.wait()).await.unwrap().unwrap();
+    assert_ne!(r.exit_code, 0);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("-fno-such-option-anywhere"));
+    assert_eq!(c.feed(pre.slice(100..)), Fed::SourceEnded);
+}
+
+/// A directory holding an executable `cc` script, used as an allow-listed compiler.
+struct Script {
+    dir: tempfile::TempDir,
+}
+
+impl Script {
+    fn new(body: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Self { dir };
+        s.write(body);
+        s
+    }
+
+    fn write(&self, body: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join("cc");
+        let text = format!(
+            "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'stand-in cc 1.0'; exit 0; fi\n{body}\n"
+        );
+        // Written beside and renamed, so a running copy is never modified in place.
+        let tmp = self.dir.path().join("cc.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    fn marker(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn executor(&self, time_limit: Duration) -> LocalExecutor {
+        let ex = LocalExecutor::new(LocalExecutorConfig {
+            allowed: vec!["cc".into(), "/bin/sh".into()],
+            time_limit,
+            path: format!("{}:/usr/bin:/bin", self.dir.path().display()),
+        });
+        // A path in the allow-list itself is ignored too.
+        assert_eq!(ex.available(), ["cc"]);
+        ex
+    }
+}
+
+#[tokio::test]
+async fn the_compiler_reads_each_chunk_as_it_arrives() {
+    // Reads exactly the first chunk, reports it, and exits: possible only if that chunk
+    // reached its stdin while the upload was still open.
+    let script = Script::new("head -c 6 >/dev/null; echo 'got the first chunk' >&2; exit 3");
+    let ex = script.executor(HANG);
+    let mut c = Compile::start(&ex, desc("cc", &["-c"]));
+    assert_eq!(c.feed(Bytes::from_static(b"chunk1")), Fed::Accepted);
+    let r = tokio::time::timeout(HANG, c.wait()).await.unwrap().unwrap();
+    assert_eq!(r.exit_code, 3);
+    assert_eq!(&r.stderr[..], b"got the first chunk\n");
+    assert_eq!(c.feed(Bytes::from_static(b"chunk2")), Fed::SourceEnded);
+}
+
+#[tokio::test]
+async fn feed_reports_a_compiler_that_already_exited() {
+    let script = Script::new("exit 4");
+    let ex = script.executor(HANG);
+    let mut c = Compile::start(&ex, desc("cc", &["-c"]));
+    tokio::time::timeout(HANG, async {
+        while !c.is_finished() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(c.feed(Bytes::from_static(b"late")), Fed::Finished);
+    assert_eq!(c.wait().await.unwrap().exit_code, 4);
+    assert!(matches!(c.wait().await, Err(ExecError::ResultTaken)));
+}
+
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // A zombie has been killed and only waits to be reaped.
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test]
+async fn a_compile_past_the_time_limit_is_killed_with_a_clear_error() {
+    let script = Script::new("");
+    let pidfile = script.marker("pid");
+    script.write(&format!("echo $$ > '{}'\nexec sleep 600", pidfile.display()));
+    let ex = script.executor(Duration::from_millis(500));
+    let mut c = Compile::start(&ex, desc("cc", &["-c"]));
+    c.end_source();
+    let err = tokio::time::timeout(HANG, c.wait())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, ExecError::Timeout(_)), "{err:?}");
+    assert!(err.to_string().contains("time limit"), "{err}");
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    tokio::time::timeout(HANG, async {
+        while !process_gone(pid) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the compiler was not killed");
+}
+
+#[tokio::test]
+async fn refused_jobs_get_clear_errors_and_run_nothing() {
+    let script = Script::new("");
+    let ran = script.marker("ran");
+    script.write(&format!("touch '{}'\ncat >/dev/null", ran.display()));
+    let ex = script.executor(HANG);
+    let cases: Vec<(JobDesc, &str)> = vec![
+        (desc("/bin/sh", &["-c"]), "/bin/sh"),
+        (desc("../cc", &["-c"]), "../cc"),
+        (desc("bash", &["-c"]), "bash"),
+        (desc("cc", &["-B/tmp/evil"]), "-B/tmp/evil"),
+        (desc("cc", &["-fplugin=/tmp/evil.so"]), "-fplugin=/tmp/evil.so"),
+        (desc("cc", &["-specs=/tmp/evil"]), "-specs=/tmp/evil"),
+        (desc("cc", &["@/etc/args"]), "@/etc/args"),
+        (desc("cc", &["-o", "/etc/passwd"]), "-o"),
+        (
+            JobDesc {
+                language: "c".into(),
+                ..desc("cc", &["-c"])
+            },
+            "\"c\"",
+        ),
+    ];
+    for (d, named) in cases {
+        let e = ex.check(&d).unwrap_err();
+        assert!(e.is_refusal(), "{e:?}");
+        assert!(e.to_string().contains(named), "{named}: {e}");
+        // compile() refuses on its own too, whether or not check() was called.
+        let mut c = Compile::start(&ex, d);
+        c.feed(Bytes::from_static(b"int x;\n"));
+        c.end_source();
+        let e = tokio::time::timeout(HANG, c.wait())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.to_string().contains(named), "{named}: {e}");
+    }
+    assert!(!ran.exists(), "a refused job ran the compiler");
+    // The control: an allowed job does run it.
+    let r = compile_in_chunks(&ex, desc("cc", &["-c"]), &Bytes::from_static(b"x"), 1).await;
+    assert!(r.is_err(), "the script writes no object: {r:?}");
+    assert!(ran.exists());
+}
+
+#[tokio::test]
+async fn the_compiler_identity_changes_with_the_binary() {
+    let script = Script::new("cat >/dev/null");
+    let before = script.executor(HANG).identity("cc").unwrap();
+    assert_eq!(script.executor(HANG).identity("cc"), Some(before), "stable");
+    script.write("cat >/dev/null # upgraded");
+    let after = script.executor(HANG).identity("cc").unwrap();
+    assert_ne!(before, after);
+    let key = CacheKey::from_bytes([7; 32]);
+    assert_ne!(store_key(&before, &key), store_key(&after, &key));
+    // The identity is what check() hands out for the store key.
+    let ex = script.executor(HANG);
+    assert_eq!(ex.check(&desc("cc", &["-c"])).unwrap(), after);
+    assert_eq!(gcc().identity("gcc"), gcc().identity("gcc"));
+    assert_ne!(gcc().identity("gcc"), Some(after));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_fake_compiles_deterministically_in_its_configured_time() {
+    let fake = FakeExecutor::new(Duration::from_secs(3));
+    let d = desc("gcc", &["-O2", "-c"]);
+    let source = Bytes::from(vec![b'x'; 40_000]);
+    let t0 = tokio::time::Instant::now();
+    let r = compile_in_chunks(&fake, d.clone(), &source, 4096)
+        .await
+        .unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(3));
+    assert_eq!(r, reference_compile(&d, &source));
+    assert_eq!(r.outputs[0].data.len(), 40_000 / 4 + 32);
+
+    let small = fake.clone().with_output_divisor(100);
+    let r2 = compile_in_chunks(&small, d.clone(), &source, 4096)
+        .await
+        .unwrap();
+    assert_eq!(r2.outputs[0].data.len(), 40_000 / 100 + 32);
+    assert_eq!(r2.outputs[0].data[..32], r.outputs[0].data[..32]);
+    let other = compile_in_chunks(&fake, d, &Bytes::from(vec![b'y'; 40_000]), 4096)
+        .await
+        .unwrap();
+    assert_ne!(other.outputs[0].data, r.outputs[0].data);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_fake_fails_as_configured() {
+    let d = desc("gcc", &["-c"]);
+    let fake = FakeExecutor::new(Duration::from_secs(1));
+
+    let failing = fake
+        .clone()
+        .with_failure(FakeFailure::CompileError { early: false });
+    let r = compile_in_chunks(&failing, d.clone(), &Bytes::from_static(b"int x;"), 2)
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 1);
+    assert!(r.outputs.is_empty());
+
+    // Early: the result arrives with the upload still open.
+    let early = fake
+        .clone()
+        .with_failure(FakeFailure::CompileError { early: true });
+    let mut c = Compile::start(&early, d.clone());
+    c.feed(Bytes::from_static(b"int x;"));
+    let r = tokio::time::timeout(HANG, c.wait()).await.unwrap().unwrap();
+    assert_eq!(r.exit_code, 1);
+
+    let crash = fake.clone().with_failure(FakeFailure::Crash);
+    let e = compile_in_chunks(&crash, d.clone(), &Bytes::from_static(b"int x;"), 2)
+        .await
+        .unwrap_err();
+    assert!(!e.is_refusal());
+
+    let e = fake.check(&desc("gcc", &["-B/x"])).unwrap_err();
+    assert!(e.to_string().contains("-B/x"));
+    assert!(fake.check(&desc("/usr/bin/gcc", &[])).is_err());
+}
