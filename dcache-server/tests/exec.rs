@@ -31,13 +31,18 @@ fn gcc() -> LocalExecutor {
     ex
 }
 
-/// `gcc -E` of `text`, as a client would send it.
+/// `gcc -E -g` of `text`, as a client would send it. With `-g` the preprocessor records
+/// the client's directory in a line marker, and gcc takes `DW_AT_comp_dir` from it rather
+/// than from wherever the compile runs; without it a remote `-g` object would name the
+/// server's temporary directory.
 fn preprocess(dir: &Path, text: &str) -> Bytes {
     let src = dir.join("unit.c");
     std::fs::write(&src, text).unwrap();
     let out = std::process::Command::new("gcc")
         .arg("-E")
+        .arg("-g")
         .arg(&src)
+        .current_dir(dir)
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -129,9 +134,14 @@ async fn an_assembly_job_returns_the_s_file() {
 async fn split_dwarf_returns_the_dwo_beside_the_object() {
     let work = tempfile::tempdir().unwrap();
     let pre = preprocess(work.path(), PROGRAM);
-    let r = compile_in_chunks(&gcc(), desc("gcc", &["-g", "-gsplit-dwarf", "-c"]), &pre, 8192)
-        .await
-        .unwrap();
+    let r = compile_in_chunks(
+        &gcc(),
+        desc("gcc", &["-g", "-gsplit-dwarf", "-c"]),
+        &pre,
+        8192,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
     let names: Vec<&str> = r.outputs.iter().map(|o| o.name.as_str()).collect();
     assert_eq!(names, [".dwo", ".o"]);
@@ -257,7 +267,10 @@ fn process_gone(pid: u32) -> bool {
 async fn a_compile_past_the_time_limit_is_killed_with_a_clear_error() {
     let script = Script::new("");
     let pidfile = script.marker("pid");
-    script.write(&format!("echo $$ > '{}'\nexec sleep 600", pidfile.display()));
+    script.write(&format!(
+        "echo $$ > '{}'\nexec sleep 600",
+        pidfile.display()
+    ));
     let ex = script.executor(Duration::from_millis(500));
     let mut c = Compile::start(&ex, desc("cc", &["-c"]));
     c.end_source();
@@ -292,7 +305,10 @@ async fn refused_jobs_get_clear_errors_and_run_nothing() {
         (desc("../cc", &["-c"]), "../cc"),
         (desc("bash", &["-c"]), "bash"),
         (desc("cc", &["-B/tmp/evil"]), "-B/tmp/evil"),
-        (desc("cc", &["-fplugin=/tmp/evil.so"]), "-fplugin=/tmp/evil.so"),
+        (
+            desc("cc", &["-fplugin=/tmp/evil.so"]),
+            "-fplugin=/tmp/evil.so",
+        ),
         (desc("cc", &["-specs=/tmp/evil"]), "-specs=/tmp/evil"),
         (desc("cc", &["@/etc/args"]), "@/etc/args"),
         (desc("cc", &["-o", "/etc/passwd"]), "-o"),

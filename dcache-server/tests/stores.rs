@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use dcache_proto::{JobResult, OutputFile};
-use dcache_server::store::{DiskStore, MemoryStore, Store, StoreKey, TieredStore};
+use dcache_server::store::{DiskStore, MemoryStore, Store, StoreError, StoreKey, TieredStore};
 
 fn result(n: u8, size: usize) -> JobResult {
     JobResult {
@@ -152,6 +152,113 @@ async fn tiered_store_promotes_disk_hits_into_memory() {
     // Gone from disk, still served from memory.
     std::fs::remove_file(entry_path(&disk, &key(1))).unwrap();
     assert_eq!(t.get(&key(1)).await, Some(result(1, 100)));
+}
+
+#[tokio::test]
+async fn remove_drops_entries_from_every_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = DiskStore::open(dir.path(), 1 << 20).unwrap();
+    let mem = MemoryStore::new(1 << 20);
+    let t = TieredStore::new(MemoryStore::new(1 << 20), disk.clone());
+    for s in [&disk as &dyn Store, &mem, &t] {
+        s.put(&key(1), &result(1, 100)).await.unwrap();
+        assert_eq!(s.len(), 1);
+        assert!(s.bytes() > 100);
+        assert!(s.remove(&key(1)).await.unwrap());
+        assert!(!s.remove(&key(1)).await.unwrap(), "absent is not an error");
+        assert_eq!(s.get(&key(1)).await, None);
+        assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
+    }
+    assert!(!entry_path(&disk, &key(1)).exists());
+}
+
+#[tokio::test]
+async fn tiered_store_writes_both_tiers() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TieredStore::new(
+        MemoryStore::new(1 << 20),
+        DiskStore::open(dir.path(), 1 << 20).unwrap(),
+    );
+    t.put(&key(2), &result(2, 100)).await.unwrap();
+    assert_eq!(t.front().get(&key(2)).await, Some(result(2, 100)));
+    assert_eq!(t.back().get(&key(2)).await, Some(result(2, 100)));
+    // Too big for the front, still stored behind it and served.
+    let t = TieredStore::new(MemoryStore::new(500), t.back().clone());
+    t.put(&key(3), &result(3, 5000)).await.unwrap();
+    assert_eq!(t.get(&key(3)).await, Some(result(3, 5000)));
+}
+
+#[tokio::test]
+async fn an_entry_vanishing_under_the_store_is_a_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = DiskStore::open(dir.path(), 1 << 20).unwrap();
+    a.put(&key(1), &result(1, 100)).await.unwrap();
+    // Another process evicts it.
+    std::fs::remove_file(entry_path(&a, &key(1))).unwrap();
+    assert_eq!(a.get(&key(1)).await, None);
+    assert_eq!(a.stats().entries, 0, "the index forgets it");
+    assert_eq!(a.stats().corrupt, 0, "gone is not corrupt");
+    assert!(!a.remove(&key(1)).await.unwrap());
+}
+
+#[tokio::test]
+async fn oversized_entries_are_refused_with_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = DiskStore::open(dir.path(), 1000).unwrap();
+    let m = MemoryStore::new(1000);
+    for s in [&d as &dyn Store, &m] {
+        let e = s.put(&key(1), &result(1, 5000)).await.unwrap_err();
+        assert!(matches!(e, StoreError::TooLarge(_)), "{e:?}");
+        assert!(s.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn start_up_cleans_old_temp_files_shrinks_to_the_limit_and_ignores_strangers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+    for n in 1..=4 {
+        s.put(&key(n), &result(n, 10_000)).await.unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let root = s.root().to_path_buf();
+    drop(s);
+    let tmp = root.join("tmp");
+    let stale = tmp.join(".tmpcrashed");
+    let fresh = tmp.join(".tmpwriting");
+    std::fs::write(&stale, b"half an entry").unwrap();
+    std::fs::write(&fresh, b"half an entry").unwrap();
+    let day_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+    std::fs::File::options()
+        .append(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(day_ago)
+        .unwrap();
+    // Not entries: a file with a key's name in the wrong fan-out directory, a non-hex
+    // name, an upper-case one.
+    let misplaced = root.join("00").join(key(7).to_hex());
+    std::fs::create_dir_all(misplaced.parent().unwrap()).unwrap();
+    std::fs::write(&misplaced, b"x").unwrap();
+    std::fs::write(misplaced.with_file_name("notes.txt"), b"x").unwrap();
+    let upper = root.join("AB").join(key(0xAB).to_hex().to_uppercase());
+    std::fs::create_dir_all(upper.parent().unwrap()).unwrap();
+    std::fs::write(&upper, b"x").unwrap();
+
+    // A smaller limit this time: the two oldest go.
+    let s = DiskStore::open(dir.path(), 2 * 10_300).unwrap();
+    assert!(
+        !stale.exists(),
+        "a crashed writer's old temp file is removed"
+    );
+    assert!(fresh.exists(), "a live writer's temp file is left alone");
+    assert_eq!(s.stats().entries, 2);
+    assert_eq!(s.stats().evictions, 2);
+    assert!(s.get(&key(1)).await.is_none());
+    assert!(s.get(&key(2)).await.is_none());
+    assert!(s.get(&key(3)).await.is_some());
+    assert!(s.get(&key(4)).await.is_some());
 }
 
 /// Index rebuild time for a large cache. Run with

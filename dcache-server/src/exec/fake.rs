@@ -77,7 +77,13 @@ impl FakeExecutor {
         if self.output_divisor != 4 && result.exit_code == 0 {
             let len = source.len() / self.output_divisor.max(1) + 32;
             let digest = blake3::hash(source);
-            let object: Vec<u8> = digest.as_bytes().iter().copied().cycle().take(len).collect();
+            let object: Vec<u8> = digest
+                .as_bytes()
+                .iter()
+                .copied()
+                .cycle()
+                .take(len)
+                .collect();
             result.outputs = vec![OutputFile {
                 name: ".o".into(),
                 data: Bytes::from(object),
