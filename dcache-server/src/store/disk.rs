@@ -8,7 +8,14 @@
 //! evicted is simply a miss.
 //!
 //! The LRU index lives in memory and is rebuilt on start from the files' sizes and
-//! modification times (a hit refreshes the time, so the order survives restarts).
+//! modification times (a hit refreshes the time, so the order survives restarts). The
+//! rebuild reads directory listings and one `stat` per entry, never the entries themselves
+//! (they are verified when read), spread over the cores: 100,000 entries take about 130 ms
+//! on two cores (`rebuild_100k_entries` in `tests/stores.rs`).
+//!
+//! Entries are not `fsync`ed: after a power cut a renamed file may be empty or torn, which
+//! the digest check turns into a miss. Durability is not worth a sync per compile for a
+//! cache whose every entry can be rebuilt.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -96,7 +103,7 @@ impl Inner {
     }
 
     fn put(&self, key: &StoreKey, value: &JobResult) -> Result<(), StoreError> {
-        let data = entry::encode(key, value);
+        let data = entry::encode(key, value)?;
         let size = data.len() as u64;
         if size > self.limit {
             return Err(StoreError::TooLarge(size));

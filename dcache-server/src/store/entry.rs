@@ -38,17 +38,31 @@ pub enum EntryError {
     /// The body's fields do not add up.
     #[error("malformed entry body")]
     Malformed,
+    /// A result the format cannot hold (more than 65,535 outputs, or an output name
+    /// longer than 65,535 bytes); refused when writing rather than stored torn.
+    #[error("result cannot be encoded: {0}")]
+    Unrepresentable(&'static str),
 }
 
 /// Encodes a result for storage under `key`.
-pub fn encode(key: &StoreKey, r: &JobResult) -> Bytes {
+pub fn encode(key: &StoreKey, r: &JobResult) -> Result<Bytes, EntryError> {
+    let count = u16::try_from(r.outputs.len())
+        .map_err(|_| EntryError::Unrepresentable("more than 65,535 output files"))?;
+    if r.outputs
+        .iter()
+        .any(|o| o.name.len() > usize::from(u16::MAX))
+    {
+        return Err(EntryError::Unrepresentable(
+            "an output name over 65,535 bytes",
+        ));
+    }
     let mut body = BytesMut::with_capacity(64 + r.body_len() as usize);
     body.put_i32(r.exit_code);
     body.put_u64(r.stdout.len() as u64);
     body.put_slice(&r.stdout);
     body.put_u64(r.stderr.len() as u64);
     body.put_slice(&r.stderr);
-    body.put_u16(r.outputs.len() as u16);
+    body.put_u16(count);
     for o in &r.outputs {
         body.put_u16(o.name.len() as u16);
         body.put_slice(o.name.as_bytes());
@@ -62,7 +76,7 @@ pub fn encode(key: &StoreKey, r: &JobResult) -> Bytes {
     out.put_u64(body.len() as u64);
     out.put_slice(blake3::hash(&body).as_bytes());
     out.put_slice(&body);
-    out.freeze()
+    Ok(out.freeze())
 }
 
 /// Decodes and verifies an entry read for `key`.
@@ -147,7 +161,7 @@ mod tests {
     #[test]
     fn round_trips_and_refuses_every_damage() {
         let key = StoreKey([3; 32]);
-        let bytes = encode(&key, &sample());
+        let bytes = encode(&key, &sample()).unwrap();
         assert_eq!(decode(&key, bytes.clone()), Ok(sample()));
         assert_eq!(
             decode(&StoreKey([4; 32]), bytes.clone()),
@@ -166,5 +180,15 @@ mod tests {
             );
         }
         assert!(decode(&key, Bytes::new()).is_err());
+    }
+
+    #[test]
+    fn unrepresentable_results_are_refused_not_truncated() {
+        let mut r = sample();
+        r.outputs[0].name = "x".repeat(70_000);
+        assert!(matches!(
+            encode(&StoreKey([1; 32]), &r),
+            Err(EntryError::Unrepresentable(_))
+        ));
     }
 }

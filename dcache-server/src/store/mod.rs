@@ -46,6 +46,9 @@ pub enum StoreError {
     /// The entry is larger than the whole store.
     #[error("entry of {0} bytes exceeds the store's size limit")]
     TooLarge(u64),
+    /// The result does not fit the stored format.
+    #[error("cannot store this result: {0}")]
+    Unrepresentable(#[from] entry::EntryError),
 }
 
 /// Counters of a store.
