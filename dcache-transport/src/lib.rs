@@ -1,11 +1,12 @@
 //! Binds the sans-IO `dcache-proto` state machines to tokio.
 //!
 //! - [`Address`]: one syntax everywhere — `tcp://HOST:PORT`, `unix:///path`, `mem://NAME`.
-//! - [`connect`] and [`bind`]: one stream type ([`BoxedStream`]) over TCP (no Nagle, a
-//!   small send buffer so an early result can still stop an upload), Unix sockets and
-//!   in-process pipes.
-//! - [`simlink`]: a simulated link with latency, bandwidth and buffering on tokio's clock,
-//!   exact under paused time.
+//! - [`connect`] and [`bind`] (and the [`Connector`] / [`Listener`] traits): one stream
+//!   type ([`BoxedStream`]) over TCP (no Nagle, a small send buffer so an early result can
+//!   still stop an upload), Unix sockets and in-process `mem://` pipes; accepted streams
+//!   come with a [`Peer`] (the IP for TCP, for access control).
+//! - [`sim`]: a simulated link with latency, bandwidth, serialization delay and a bounded
+//!   buffer on tokio's clock, exact under paused time.
 //! - [`spawn_client`] and [`spawn_server_connection`]: the driver, one task per connection
 //!   running a state machine over any stream.
 //! - [`FrameCodec`]: frames as a `tokio_util` codec.
@@ -49,19 +50,22 @@
 //! ```
 #![forbid(unsafe_code)]
 
-mod addr;
+mod address;
 mod codec;
 mod driver;
-mod memory;
-mod net;
-pub mod simlink;
+mod error;
+mod mem;
+mod options;
+pub mod sim;
 mod stream;
+mod tcp;
+mod unix;
 
-pub use addr::{Address, AddressError};
+pub use address::{Address, AddressError};
 pub use codec::{CodecError, FrameCodec};
 pub use driver::{
     ClientHandle, JobError, ServerCommand, ServerConnHandle, spawn_client, spawn_server_connection,
 };
-pub use stream::{
-    BoxedStream, Listener, Peer, Stream, TransportError, TransportOptions, bind, connect,
-};
+pub use error::TransportError;
+pub use options::TransportOptions;
+pub use stream::{BoxedStream, Connector, Listener, Peer, Stream, bind, connect};

@@ -1,5 +1,5 @@
-//! Real transports: echo, dropped peers, peers that stop reading; and the protocol's
-//! end-to-end scenarios through the driver over every transport.
+//! The protocol's end-to-end scenarios through the driver over every transport. (The raw
+//! byte-moving tests are in `streams.rs` and `sim.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::collections::HashMap;
@@ -10,7 +10,7 @@ use dcache_proto::testing::reference_compile;
 use dcache_proto::{
     CacheKey, ClientConfig, ErrorCode, JobDesc, JobResult, ServerConfig, ServerEvent,
 };
-use dcache_transport::simlink::{LinkConfig, symmetric};
+use dcache_transport::sim::{LinkConfig, symmetric};
 use dcache_transport::{
     Address, BoxedStream, JobError, Listener, ServerCommand, ServerConnHandle, TransportOptions,
     bind, connect, spawn_client, spawn_server_connection,
@@ -47,81 +47,6 @@ async fn pair(kind: Kind, tag: &str) -> (BoxedStream, BoxedStream, Option<tempfi
     let opts = TransportOptions::default();
     let (c, s) = tokio::join!(connect(&addr, &opts), l.accept());
     (c.unwrap(), s.unwrap().0, dir)
-}
-
-#[tokio::test]
-async fn echo_over_every_transport() {
-    for (kind, tag) in [(Kind::Tcp, "t"), (Kind::Unix, "u"), (Kind::Mem, "echo")] {
-        let (mut c, mut s, _dir) = pair(kind, tag).await;
-        let data = vec![9u8; 300_000];
-        let writer = tokio::spawn(async move {
-            c.write_all(&data).await.unwrap();
-            c.shutdown().await.unwrap();
-            let mut back = Vec::new();
-            c.read_to_end(&mut back).await.unwrap();
-            back
-        });
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).await.unwrap();
-        s.write_all(&got).await.unwrap();
-        drop(s);
-        let back = tokio::time::timeout(HANG, writer).await.unwrap().unwrap();
-        assert_eq!(back.len(), 300_000);
-    }
-}
-
-#[tokio::test]
-async fn connecting_to_nothing_is_refused_clearly() {
-    let opts = TransportOptions::default();
-    let e = connect(&"mem://nobody-here".parse().unwrap(), &opts)
-        .await
-        .err()
-        .unwrap();
-    assert!(e.to_string().contains("connection refused"), "{e}");
-    let dir = tempfile::tempdir().unwrap();
-    let e = connect(&Address::Unix(dir.path().join("none.sock")), &opts)
-        .await
-        .err()
-        .unwrap();
-    assert!(e.to_string().contains("connection refused"), "{e}");
-}
-
-#[tokio::test]
-async fn names_and_sockets_are_exclusive_and_freed() {
-    let opts = TransportOptions::default();
-    let a: Address = "mem://exclusive".parse().unwrap();
-    let l = bind(&a, &opts).await.unwrap();
-    assert!(bind(&a, &opts).await.is_err(), "name taken");
-    drop(l);
-    let _again = bind(&a, &opts).await.unwrap();
-
-    let dir = tempfile::tempdir().unwrap();
-    let u = Address::Unix(dir.path().join("x.sock"));
-    let l = bind(&u, &opts).await.unwrap();
-    assert!(bind(&u, &opts).await.is_err(), "live socket is not stolen");
-    drop(l);
-    // A stale file (no listener) is replaced.
-    std::fs::write(dir.path().join("x.sock"), b"").unwrap();
-    let _l = bind(&u, &opts).await.unwrap();
-}
-
-#[tokio::test]
-async fn a_peer_that_stops_reading_blocks_the_writer() {
-    for (kind, tag) in [(Kind::Tcp, "t"), (Kind::Mem, "stall")] {
-        let (mut c, _s, _dir) = pair(kind, tag).await;
-        let chunk = vec![0u8; 64 * 1024];
-        let mut written = 0usize;
-        while let Ok(r) =
-            tokio::time::timeout(Duration::from_millis(300), c.write_all(&chunk)).await
-        {
-            r.unwrap();
-            written += chunk.len();
-            assert!(
-                written < 64 << 20,
-                "writer never blocked: unbounded buffering"
-            );
-        }
-    }
 }
 
 /// The reference server application, asynchronously: a cache and `reference_compile`.
@@ -268,11 +193,8 @@ async fn protocol_scenarios_over_mem() {
 
 #[tokio::test(start_paused = true)]
 async fn protocol_scenarios_over_a_simulated_40ms_link() {
-    let (c, s) = symmetric(LinkConfig {
-        latency: Duration::from_millis(20),
-        bandwidth: 12_500_000,
-        buffer: 256 * 1024,
-    });
+    let (c, s) =
+        symmetric(LinkConfig::new(Duration::from_millis(20), 12_500_000).with_buffer(256 * 1024));
     tokio::time::timeout(HANG * 100, scenarios(Box::new(c), Box::new(s)))
         .await
         .unwrap();
