@@ -295,6 +295,39 @@ async fn a_compile_past_the_time_limit_is_killed_with_a_clear_error() {
 }
 
 #[tokio::test]
+async fn dropping_a_compile_kills_the_compiler() {
+    let script = Script::new("");
+    let pidfile = script.marker("pid");
+    script.write(&format!(
+        "echo $$ > '{}'\nexec sleep 600",
+        pidfile.display()
+    ));
+    let ex = script.executor(HANG);
+    let c = Compile::start(&ex, desc("cc", &["-c"]));
+    let pid: u32 = tokio::time::timeout(HANG, async {
+        loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    drop(c); // the client went away
+    tokio::time::timeout(HANG, async {
+        while !process_gone(pid) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the compiler outlived its job");
+}
+
+#[tokio::test]
 async fn refused_jobs_get_clear_errors_and_run_nothing() {
     let script = Script::new("");
     let ran = script.marker("ran");
