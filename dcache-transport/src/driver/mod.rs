@@ -29,9 +29,6 @@ pub use server::{ServerCommand, ServerConnHandle, spawn_server_connection};
 const READ_CHUNK: usize = 64 * 1024;
 /// Small frames are gathered into one write up to this size; bigger pieces go alone.
 const COALESCE: usize = 16 * 1024;
-/// A server that has this much queued for a client that does not read stops reading that
-/// client, so its memory stays bounded.
-const MAX_QUEUED_OUTPUT: usize = 1024 * 1024;
 
 /// What the driver needs from a state machine; implemented for both ends.
 pub(crate) trait Machine {
@@ -44,6 +41,8 @@ pub(crate) trait Machine {
     fn poll_timeout(&self) -> Option<Instant>;
     fn is_closed(&self) -> bool;
     fn wants_input(&self) -> bool;
+    /// Decodes input that waited while output was backed up, if it may now.
+    fn resume_input(&mut self, now: Instant);
     /// The transport failed: end the connection now.
     fn abort(&mut self);
 }
@@ -74,6 +73,7 @@ impl Machine for ClientConnection {
     fn wants_input(&self) -> bool {
         true
     }
+    fn resume_input(&mut self, _now: Instant) {}
     fn abort(&mut self) {
         self.close(ErrorCode::INTERNAL, "transport failed");
     }
@@ -103,7 +103,12 @@ impl Machine for ServerConnection {
         ServerConnection::is_closed(self)
     }
     fn wants_input(&self) -> bool {
-        self.queued_bytes() < MAX_QUEUED_OUTPUT
+        ServerConnection::wants_input(self)
+    }
+    fn resume_input(&mut self, now: Instant) {
+        if self.has_paused_input() {
+            self.handle_input(now, &[]);
+        }
     }
     fn abort(&mut self) {
         self.close(ErrorCode::INTERNAL, "transport failed");
@@ -142,6 +147,7 @@ where
     let mut read_done = false;
     let mut owner_open = true;
     loop {
+        machine.resume_input(now());
         while let Some(event) = machine.poll_event() {
             owner.on_event(&mut machine, event).await;
         }
