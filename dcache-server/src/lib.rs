@@ -22,6 +22,7 @@ pub use store as cache;
 pub use exec as compiler;
 mod counters;
 mod service;
+mod spool;
 
 pub use counters::Counters;
 pub use service::{Service, ServiceConfig};

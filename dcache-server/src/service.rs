@@ -15,6 +15,7 @@ use tokio::task::AbortHandle;
 
 use crate::counters::Counters;
 use crate::exec::{CompilerId, ExecError, Executor, store_key};
+use crate::spool::{Budget, Spool};
 use crate::store::{Store, StoreKey};
 
 /// Settings of a [`Service`].
@@ -26,6 +27,9 @@ pub struct ServiceConfig {
     pub compile_slots: usize,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Source bytes that jobs waiting for a compile slot may hold in memory, all
+    /// connections together; beyond it their source waits in temporary files.
+    pub memory_budget: usize,
 }
 
 impl Default for ServiceConfig {
@@ -34,6 +38,7 @@ impl Default for ServiceConfig {
             protocol: ServerConfig::default(),
             compile_slots: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_connections: 1024,
+            memory_budget: 256 << 20,
         }
     }
 }
@@ -51,6 +56,7 @@ pub struct Service {
     connections: Arc<Semaphore>,
     counters: Counters,
     in_flight: Mutex<HashMap<StoreKey, Flight>>,
+    budget: Arc<Budget>,
 }
 
 impl std::fmt::Debug for Service {
@@ -73,9 +79,10 @@ impl Service {
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
             store,
             executor,
-            config,
             counters: Counters::default(),
             in_flight: Mutex::new(HashMap::new()),
+            budget: Budget::new(config.memory_budget),
+            config,
         })
     }
 
@@ -88,6 +95,7 @@ impl Service {
             ("stored_bytes", s.bytes),
             ("evictions", s.evictions),
             ("corrupt_entries_dropped", s.corrupt),
+            ("waiting_source_bytes_in_memory", self.budget.used() as u64),
         ] {
             stats.push(Stat {
                 name: name.into(),
@@ -199,6 +207,11 @@ enum Internal {
         job: JobId,
         result: Option<JobResult>,
     },
+    /// A job whose whole source waited got a compile slot.
+    Slot {
+        job: JobId,
+        permit: OwnedSemaphorePermit,
+    },
     /// A compile finished.
     Compiled {
         job: JobId,
@@ -224,7 +237,7 @@ struct Job {
     claimed: Option<StoreKey>,
     /// Set by SourceDone: the key of what was actually received.
     verified: Option<StoreKey>,
-    buffered: Vec<Bytes>,
+    spool: Option<Spool>,
     feed: Feed,
     /// Waiting for the verdict of a lookup: do not start compiling yet.
     lookup_pending: bool,
@@ -258,7 +271,7 @@ impl Connection {
                             compiler,
                             claimed: None,
                             verified: None,
-                            buffered: Vec::new(),
+                            spool: Some(Spool::new(self.service.budget.clone())),
                             feed: Feed::Buffering,
                             lookup_pending: false,
                             leader: None,
@@ -289,7 +302,21 @@ impl Connection {
                         let _ = tx.send(data);
                     }
                     Feed::Buffering => {
-                        j.buffered.push(data);
+                        let kept = j.spool.as_mut().map(|s| s.push(data));
+                        if let Some(Err(e)) = kept {
+                            // No room on disk either: this job cannot wait; the others can.
+                            if let Some(j) = self.jobs.remove(&job) {
+                                finish_job(&self.service, j, None);
+                            }
+                            self.send(ServerCommand::Abort {
+                                job,
+                                code: ErrorCode::OVERLOADED,
+                                message: format!(
+                                    "cannot keep the source until a compile slot frees: {e}"
+                                ),
+                            });
+                            return;
+                        }
                         self.maybe_start(job, false);
                     }
                     Feed::Closed => {}
@@ -421,6 +448,12 @@ impl Connection {
                     }
                 }
             }
+            Internal::Slot { job, permit } => {
+                if let Some(j) = self.jobs.get_mut(&job) {
+                    j.task = None;
+                    self.start_compile(job, permit, true);
+                }
+            }
             Internal::Compiled { job, result } => {
                 let Some(mut j) = self.jobs.remove(&job) else {
                     return;
@@ -488,7 +521,8 @@ impl Connection {
 
     /// Starts the compile of `job` when it may: not while a lookup is pending, and only
     /// with a compile slot. With a slot free now, the compile streams the source as it
-    /// arrives; otherwise the source is kept until one frees (`complete` says it all came).
+    /// arrives; otherwise the source stays in the job's spool (counted against the memory
+    /// budget, or on disk) until the source is complete and a slot frees.
     fn maybe_start(&mut self, job: JobId, complete: bool) {
         let Some(j) = self.jobs.get_mut(&job) else {
             return;
@@ -497,45 +531,49 @@ impl Connection {
             return;
         }
         let complete = complete || j.verified.is_some();
-        // A HASH-less job is looked up by its verified key before compiling.
-        if j.claimed.is_none() && !complete {
+        // A HASH-less job is looked up by its verified key before compiling; a spilled
+        // one is replayed only whole.
+        if !complete && (j.claimed.is_none() || j.spool.as_ref().is_some_and(Spool::spilled)) {
             return;
         }
+        match self.service.slots.clone().try_acquire_owned() {
+            Ok(permit) => self.start_compile(job, permit, complete),
+            Err(_) if complete => {
+                // Queue for a slot; the source stays in the spool until one is granted.
+                let slots = self.service.slots.clone();
+                let internal = self.internal.clone();
+                let handle = tokio::spawn(async move {
+                    if let Ok(permit) = slots.acquire_owned().await {
+                        let _ = internal.send(Internal::Slot { job, permit });
+                    }
+                });
+                j.task = Some(handle.abort_handle());
+            }
+            // No slot yet and more source to come: keep spooling.
+            Err(_) => {}
+        }
+    }
+
+    /// Runs the compile of `job` in a slot, fed from its spool and then, unless the source
+    /// is `complete`, from the chunks still arriving.
+    fn start_compile(&mut self, job: JobId, permit: OwnedSemaphorePermit, complete: bool) {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         let (tx, rx) = mpsc::unbounded_channel();
-        for chunk in j.buffered.drain(..) {
-            let _ = tx.send(chunk);
+        if let Some(spool) = j.spool.take() {
+            spool.drain_into(&tx);
         }
         j.feed = if complete {
             Feed::Closed
         } else {
-            Feed::Streaming(tx.clone())
+            Feed::Streaming(tx)
         };
-        if complete {
-            drop(tx);
-        }
-        let permit = self.service.slots.clone().try_acquire_owned().ok();
-        if permit.is_none() && !complete {
-            // No slot: do not hold a streaming compile open; keep buffering instead.
-            j.feed = Feed::Buffering;
-            let mut rx = rx;
-            rx.close();
-            while let Ok(chunk) = rx.try_recv() {
-                j.buffered.push(chunk);
-            }
-            // Wait for the end of the source, then queue for a slot.
-            return;
-        }
         let service = self.service.clone();
         let internal = self.internal.clone();
         let desc = j.desc.clone();
         let handle = tokio::spawn(async move {
-            let _permit: OwnedSemaphorePermit = match permit {
-                Some(p) => p,
-                None => match service.slots.clone().acquire_owned().await {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
+            let _permit = permit;
             let result = service.executor.compile(desc, rx).await;
             let _ = internal.send(Internal::Compiled { job, result });
         });

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod demo;
+pub mod loopback;
 pub mod sim;
 pub mod stats_file;
 pub mod util;

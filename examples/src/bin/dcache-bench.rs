@@ -32,11 +32,67 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Some("loopback") => {
+            let json = match (args.get(1).map(String::as_str), args.get(2)) {
+                (Some("--json"), Some(f)) => Some(f.clone()),
+                (None, _) => None,
+                _ => return usage("loopback takes [--json FILE]"),
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("dcache-bench: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(dcache_examples::loopback::run()) {
+                Ok((text, js)) => {
+                    print!("{text}");
+                    if let Some(path) = json {
+                        if let Err(e) = std::fs::write(&path, js) {
+                            eprintln!("dcache-bench: cannot write {path}: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dcache-bench loopback: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        // Internal: the server child of `loopback`.
+        Some("serve-fake") => {
+            let (Some(addr), Some(ms), Some(div)) = (
+                args.get(1),
+                args.get(2).and_then(|m| m.parse().ok()),
+                args.get(3).and_then(|d| d.parse().ok()),
+            ) else {
+                return usage("serve-fake ADDR COMPILE_MS OUTPUT_DIVISOR");
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("dcache-bench: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(dcache_examples::loopback::serve_fake(addr, ms, div)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dcache-bench serve-fake: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         _ => usage("expected a subcommand"),
     }
 }
 
 fn usage(why: &str) -> ExitCode {
-    eprintln!("dcache-bench: {why}\nusage: dcache-bench sim [--json FILE]");
+    eprintln!(
+        "dcache-bench: {why}\nusage: dcache-bench sim [--json FILE]\n       dcache-bench loopback [--json FILE]"
+    );
     ExitCode::from(2)
 }

@@ -1,0 +1,164 @@
+//! Where the source of a job waiting for a compile slot waits: in memory up to a
+//! server-wide budget, in an anonymous temporary file beyond it.
+//!
+//! Without this, a thousand clients uploading at once to a server with a few compile slots
+//! would hold a thousand sources in memory. With it, memory holds at most the budget and
+//! the rest waits on disk, where it costs page cache the kernel can reclaim.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+/// Read size when replaying a spilled source into a compiler.
+const REPLAY_CHUNK: usize = 64 * 1024;
+
+/// The server-wide allowance of source bytes held in memory by waiting jobs.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    pub(crate) fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + n <= self.limit).then_some(u + n)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Bytes held in memory now.
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// The source received so far for one job.
+#[derive(Debug)]
+pub(crate) struct Spool {
+    budget: Arc<Budget>,
+    chunks: Vec<Bytes>,
+    in_memory: usize,
+    file: Option<File>,
+}
+
+impl Spool {
+    pub(crate) fn new(budget: Arc<Budget>) -> Self {
+        Self {
+            budget,
+            chunks: Vec::new(),
+            in_memory: 0,
+            file: None,
+        }
+    }
+
+    /// Keeps `data`: in memory while the budget allows and nothing was spilled yet (the
+    /// order of the bytes must survive), on disk otherwise.
+    pub(crate) fn push(&mut self, data: Bytes) -> std::io::Result<()> {
+        if self.file.is_none() && self.budget.try_take(data.len()) {
+            self.in_memory += data.len();
+            // A received chunk is a slice of a larger receive buffer; keeping the slice
+            // would keep the whole buffer alive and break the budget's arithmetic. Waiting
+            // jobs pay one copy so the budget counts what memory really holds.
+            self.chunks.push(Bytes::copy_from_slice(&data));
+            return Ok(());
+        }
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self.file.insert(tempfile::tempfile()?),
+        };
+        file.write_all(&data)
+    }
+
+    /// Whether part of the source is on disk: such a job is compiled only once its source
+    /// is complete, so the replay cannot interleave with bytes still arriving.
+    pub(crate) fn spilled(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Sends everything kept, in order, into a compile's input. Memory chunks go at once;
+    /// a spilled file is replayed from a blocking task. `then` stays open for more chunks
+    /// (streaming) or is dropped by the caller to end the source.
+    pub(crate) fn drain_into(mut self, tx: &mpsc::UnboundedSender<Bytes>) {
+        for chunk in std::mem::take(&mut self.chunks) {
+            let _ = tx.send(chunk);
+        }
+        self.budget.give_back(std::mem::take(&mut self.in_memory));
+        if let Some(mut file) = self.file.take() {
+            let tx = tx.clone();
+            tokio::task::spawn_blocking(move || {
+                if file.seek(SeekFrom::Start(0)).is_err() {
+                    return;
+                }
+                loop {
+                    let mut buf = vec![0u8; REPLAY_CHUNK];
+                    match file.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            if tx.send(Bytes::from(buf)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        self.budget.give_back(self.in_memory);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn spills_past_the_budget_and_replays_in_order() {
+        let budget = Budget::new(100);
+        let mut a = Spool::new(budget.clone());
+        let mut b = Spool::new(budget.clone());
+        a.push(Bytes::from(vec![1u8; 60])).unwrap();
+        b.push(Bytes::from(vec![2u8; 30])).unwrap();
+        assert_eq!(budget.used(), 90);
+        // Over the budget: this and everything after it goes to disk, in order.
+        a.push(Bytes::from(vec![3u8; 50])).unwrap();
+        a.push(Bytes::from(vec![4u8; 5])).unwrap();
+        assert!(a.spilled() && !b.spilled());
+        assert_eq!(budget.used(), 90, "spilled bytes are not held in memory");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        a.drain_into(&tx);
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some(c) = rx.recv().await {
+            got.extend_from_slice(&c);
+        }
+        let mut want = vec![1u8; 60];
+        want.extend([3u8; 50]);
+        want.extend([4u8; 5]);
+        assert_eq!(got, want);
+        assert_eq!(budget.used(), 30, "drained memory is given back");
+        drop(b);
+        assert_eq!(budget.used(), 0, "a dropped spool gives its memory back");
+    }
+}
