@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Builds a C project that has a Makefile honouring CC with: plain gcc, ccache (cold and
+# warm), distcc to a local distccd, and dcache to a local dcache-server (cold and warm),
+# all in one run on this machine, and prints wall times (median of RUNS) and ratios to
+# plain gcc.
+#
+# usage: bench/compare-builds.sh DIR [JOBS] [RUNS]
+#   DIR   the project (copied; the original is not touched)
+#   JOBS  make -j (default: number of cores)
+#   RUNS  repetitions per configuration (default 3)
+set -euo pipefail
+src_dir="$(cd "${1:?usage: bench/compare-builds.sh DIR [JOBS] [RUNS]}" && pwd)"
+jobs="${2:-$(nproc)}"
+runs="${3:-3}"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+
+need=()
+command -v ccache >/dev/null || need+=(ccache)
+command -v distcc >/dev/null || need+=(distcc)
+command -v make >/dev/null || need+=(make)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "installing ${need[*]}" >&2
+  apt-get update -qq >/dev/null && apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build -q --release -p dcache-examples --manifest-path "$repo/Cargo.toml"
+bin="$repo/target/release"
+
+work="$(mktemp -d)"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+cp -r "$src_dir" "$work/src"
+proj="$work/src"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# One timed build after `make clean`; prints seconds.
+build() {
+  make -s -C "$proj" clean >/dev/null 2>&1 || true
+  local t0 t1
+  t0=$(date +%s.%N)
+  env "$@" make -s -C "$proj" -j"$jobs" >/dev/null 2>>"$work/build.log"
+  t1=$(date +%s.%N)
+  echo "$t1 - $t0" | bc -l
+}
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+results=()
+record() { results+=("$1|$2"); printf '%-22s %8.3f s\n' "$1" "$2" >&2; }
+
+# plain
+times=(); for _ in $(seq "$runs"); do times+=("$(build CC=gcc)"); done
+plain=$(printf '%s\n' "${times[@]}" | median); record "gcc" "$plain"
+
+# ccache
+export CCACHE_DIR="$work/ccache"
+times=(); for _ in $(seq "$runs"); do ccache -C -z >/dev/null; times+=("$(build CC='ccache gcc')"); done
+record "ccache cold" "$(printf '%s\n' "${times[@]}" | median)"
+times=(); for _ in $(seq "$runs"); do times+=("$(build CC='ccache gcc')"); done
+record "ccache warm" "$(printf '%s\n' "${times[@]}" | median)"
+
+# distcc to a local distccd
+dport=$(free_port)
+# distccd drops root privileges, so it logs to stderr rather than into our directory.
+distccd --daemon --no-detach --allow 127.0.0.1 --listen 127.0.0.1 --port "$dport" \
+  --jobs "$jobs" --log-stderr 2>"$work/distccd.log" &
+pids+=($!)
+sleep 1
+mkdir -p "$work/distcc"
+times=(); for _ in $(seq "$runs"); do times+=("$(build CC='distcc gcc' DISTCC_HOSTS="127.0.0.1:$dport/$jobs" DISTCC_DIR="$work/distcc" DISTCC_FALLBACK=0)"); done
+record "distcc" "$(printf '%s\n' "${times[@]}" | median)"
+
+# dcache to a local server
+dport2=$(free_port)
+start_server() {
+  "$bin/dcache-server" --listen "tcp://127.0.0.1:$dport2" --cache-dir "$work/dcache-server" --jobs "$jobs" 2>"$work/server.log" &
+  pids+=($!)
+  for _ in $(seq 50); do grep -q "listening on" "$work/server.log" 2>/dev/null && return; sleep 0.1; done
+  echo "dcache-server did not start" >&2; exit 1
+}
+times=()
+for _ in $(seq "$runs"); do
+  for p in "${pids[@]:1}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$work/dcache-server"; start_server
+  times+=("$(build CC="$bin/dcache gcc" DCACHE_HOSTS="tcp://127.0.0.1:$dport2" DCACHE_FALLBACK=0)")
+done
+record "dcache server cold" "$(printf '%s\n' "${times[@]}" | median)"
+times=(); for _ in $(seq "$runs"); do times+=("$(build CC="$bin/dcache gcc" DCACHE_HOSTS="tcp://127.0.0.1:$dport2" DCACHE_FALLBACK=0)"); done
+record "dcache server warm" "$(printf '%s\n' "${times[@]}" | median)"
+
+# dcache embedded (no server)
+times=(); for _ in $(seq "$runs"); do rm -rf "$work/dcache-local"; times+=("$(build CC="$bin/dcache gcc" DCACHE_DIR="$work/dcache-local" DCACHE_HOSTS=)"); done
+record "dcache embedded cold" "$(printf '%s\n' "${times[@]}" | median)"
+times=(); for _ in $(seq "$runs"); do times+=("$(build CC="$bin/dcache gcc" DCACHE_DIR="$work/dcache-local" DCACHE_HOSTS=)"); done
+record "dcache embedded warm" "$(printf '%s\n' "${times[@]}" | median)"
+
+echo
+echo "project: $src_dir  (make -j$jobs, median of $runs runs, $(nproc) cores)"
+printf '%-22s %10s %9s\n' "build" "seconds" "vs gcc"
+for r in "${results[@]}"; do
+  name="${r%%|*}"; t="${r##*|}"
+  printf '%-22s %10.3f %8.2fx\n' "$name" "$t" "$(echo "$t / $plain" | bc -l)"
+done
