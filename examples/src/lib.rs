@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod loopback;
+pub mod plot;
 pub mod sim;
 pub mod stats_file;
 pub mod util;

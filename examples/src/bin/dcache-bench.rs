@@ -13,14 +13,16 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("sim") => {
-            let json = match args.get(1).map(String::as_str) {
-                Some("--json") => match args.get(2) {
-                    Some(f) => Some(f.clone()),
-                    None => return usage("--json needs a file name"),
-                },
-                Some(other) => return usage(&format!("unknown option {other}")),
-                None => None,
-            };
+            let mut json = None;
+            let mut svg_dir = None;
+            let mut rest = args[1..].iter();
+            while let Some(flag) = rest.next() {
+                match (flag.as_str(), rest.next()) {
+                    ("--json", Some(f)) => json = Some(f.clone()),
+                    ("--svg", Some(d)) => svg_dir = Some(std::path::PathBuf::from(d)),
+                    _ => return usage(&format!("sim: unexpected {flag}")),
+                }
+            }
             // The simulation runs on a virtual clock; this one reading is its origin only.
             let cells = sim::run_matrix(Instant::now());
             print!("{}", sim::to_table(&cells));
@@ -28,6 +30,18 @@ fn main() -> ExitCode {
                 if let Err(e) = std::fs::write(&path, sim::to_json(&cells)) {
                     eprintln!("dcache-bench: cannot write {path}: {e}");
                     return ExitCode::FAILURE;
+                }
+            }
+            if let Some(dir) = svg_dir {
+                for outcome in ["hit", "miss"] {
+                    for bw in [100_000_000u64, 1_000_000_000] {
+                        let path = dir.join(format!("sim-{outcome}-{}mbit.svg", bw / 1_000_000));
+                        let svg = dcache_examples::plot::figure(&cells, outcome, bw);
+                        if let Err(e) = std::fs::write(&path, svg) {
+                            eprintln!("dcache-bench: cannot write {}: {e}", path.display());
+                            return ExitCode::FAILURE;
+                        }
+                    }
                 }
             }
             ExitCode::SUCCESS
@@ -92,7 +106,7 @@ fn main() -> ExitCode {
 
 fn usage(why: &str) -> ExitCode {
     eprintln!(
-        "dcache-bench: {why}\nusage: dcache-bench sim [--json FILE]\n       dcache-bench loopback [--json FILE]"
+        "dcache-bench: {why}\nusage: dcache-bench sim [--json FILE] [--svg DIR]\n       dcache-bench loopback [--json FILE]"
     );
     ExitCode::from(2)
 }
