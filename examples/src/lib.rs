@@ -5,6 +5,7 @@ pub mod demo;
 pub mod loopback;
 pub mod plot;
 pub mod sim;
+pub mod sim_driver;
 pub mod stats_file;
 pub mod util;
 pub mod wrapper;

@@ -27,8 +27,10 @@ pub use server::{ServerCommand, ServerConnHandle, spawn_server_connection};
 
 /// Read buffer size: one read takes at most this much from the socket.
 const READ_CHUNK: usize = 64 * 1024;
-/// Small frames are gathered into one write up to this size; bigger pieces go alone.
+/// Small pieces are gathered into one write up to this size.
 const COALESCE: usize = 16 * 1024;
+/// Pieces below this size are gathered; larger ones (payloads) go in writes of their own.
+const SMALL_PIECE: usize = 1024;
 
 /// What the driver needs from a state machine; implemented for both ends.
 pub(crate) trait Machine {
@@ -144,6 +146,7 @@ where
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut pending = Bytes::new();
+    let mut carry = None;
     let mut read_done = false;
     let mut owner_open = true;
     loop {
@@ -152,7 +155,7 @@ where
             owner.on_event(&mut machine, event).await;
         }
         if pending.is_empty() {
-            pending = next_write(&mut machine);
+            pending = next_write(&mut machine, &mut carry);
         }
         if pending.is_empty() && machine.is_closed() {
             // Best effort: the peer may already be gone.
@@ -213,20 +216,31 @@ where
     }
 }
 
-/// Takes the next write: one large piece, or several small frames gathered.
-fn next_write<M: Machine>(machine: &mut M) -> Bytes {
+/// Takes the next write: a piece left over from the previous call, one large piece, or
+/// several small pieces gathered. A large piece (a source or result payload) is never
+/// glued behind small ones: it is kept in `carry` for the next write, so small frames such
+/// as JOB and HASH leave in a packet of their own instead of waiting for a full-size one
+/// to serialize. That is worth a packet's serialization time on every hit.
+fn next_write<M: Machine>(machine: &mut M, carry: &mut Option<Bytes>) -> Bytes {
+    if let Some(piece) = carry.take() {
+        return piece;
+    }
     let now = now();
     let Some(first) = machine.poll_transmit(now) else {
         return Bytes::new();
     };
-    if first.len() >= COALESCE {
+    if first.len() >= SMALL_PIECE {
         return first;
     }
     let mut buf = BytesMut::with_capacity(COALESCE);
     buf.extend_from_slice(&first);
     while buf.len() < COALESCE {
         match machine.poll_transmit(now) {
-            Some(next) => buf.extend_from_slice(&next),
+            Some(next) if next.len() < SMALL_PIECE => buf.extend_from_slice(&next),
+            Some(next) => {
+                *carry = Some(next);
+                break;
+            }
             None => break,
         }
     }

@@ -15,16 +15,36 @@ fn main() -> ExitCode {
         Some("sim") => {
             let mut json = None;
             let mut svg_dir = None;
+            let mut harness = false;
             let mut rest = args[1..].iter();
             while let Some(flag) = rest.next() {
-                match (flag.as_str(), rest.next()) {
-                    ("--json", Some(f)) => json = Some(f.clone()),
-                    ("--svg", Some(d)) => svg_dir = Some(std::path::PathBuf::from(d)),
+                match flag.as_str() {
+                    "--harness" => harness = true,
+                    "--json" | "--svg" => {
+                        let Some(v) = rest.next() else {
+                            return usage(&format!("sim: {flag} needs a value"));
+                        };
+                        if flag == "--json" {
+                            json = Some(v.clone());
+                        } else {
+                            svg_dir = Some(std::path::PathBuf::from(v));
+                        }
+                    }
                     _ => return usage(&format!("sim: unexpected {flag}")),
                 }
             }
-            // The simulation runs on a virtual clock; this one reading is its origin only.
-            let cells = sim::run_matrix(Instant::now());
+            let cells = if harness {
+                // The harness runs on a virtual clock; this one reading is its origin only.
+                sim::run_matrix(Instant::now())
+            } else {
+                match dcache_examples::sim_driver::run_matrix() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("dcache-bench sim: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            };
             print!("{}", sim::to_table(&cells));
             if let Some(path) = json {
                 if let Err(e) = std::fs::write(&path, sim::to_json(&cells)) {
@@ -106,7 +126,7 @@ fn main() -> ExitCode {
 
 fn usage(why: &str) -> ExitCode {
     eprintln!(
-        "dcache-bench: {why}\nusage: dcache-bench sim [--json FILE] [--svg DIR]\n       dcache-bench loopback [--json FILE]"
+        "dcache-bench: {why}\nusage: dcache-bench sim [--harness] [--json FILE] [--svg DIR]\n       dcache-bench loopback [--json FILE]"
     );
     ExitCode::from(2)
 }
