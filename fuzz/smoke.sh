@@ -15,13 +15,15 @@ for target in $(cargo +nightly fuzz list); do
   mkdir -p "$work/$target"
   if [ -d "corpus/$target" ]; then cp -r "corpus/$target/." "$work/$target/"; fi
   echo "fuzz: $target for ${seconds}s"
-  cargo +nightly fuzz run "$target" "$work/$target" -- \
-    -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 2>&1 \
-    | grep -E "^(stat::number_of_executed_units|==[0-9]+==|SUMMARY|Done|INFO: seed corpus)" || true
-  status=${PIPESTATUS[0]}
-  if [ "$status" -ne 0 ]; then
-    echo "fuzz: $target failed (exit $status); artifacts in fuzz/artifacts/$target"
+  # The log goes to a file and the exit status is taken directly: in a pipeline under
+  # pipefail, a `|| true` would hide the fuzzer's failure.
+  if ! cargo +nightly fuzz run "$target" "$work/$target" -- \
+      -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 \
+      >"$work/$target.log" 2>&1; then
+    grep -E "panicked|==[0-9]+==|SUMMARY|Test unit written" "$work/$target.log" | head -20 || true
+    echo "fuzz: $target failed; artifacts in fuzz/artifacts/$target"
     exit 1
   fi
+  grep -E "^stat::number_of_executed_units" "$work/$target.log" || true
 done
 echo "fuzz: all targets ran clean"
