@@ -51,6 +51,8 @@ counters! {
     store_errors,
     /// Connections accepted.
     connections,
+    /// TCP connections refused by the address allow-list.
+    connections_refused,
     /// Connections ended by a protocol error or timeout.
     connection_errors,
 }

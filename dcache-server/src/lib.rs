@@ -10,6 +10,7 @@
 //!   source against its HASH before storing anything, and counts what happens.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod exec;
 pub mod store;
 

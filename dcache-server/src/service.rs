@@ -13,6 +13,7 @@ use dcache_transport::{BoxedStream, Listener, ServerCommand, spawn_server_connec
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::AbortHandle;
 
+use crate::access::Cidr;
 use crate::counters::Counters;
 use crate::exec::{CompilerId, ExecError, Executor, store_key};
 use crate::spool::{Budget, Spool};
@@ -30,6 +31,9 @@ pub struct ServiceConfig {
     /// Source bytes that jobs waiting for a compile slot may hold in memory, all
     /// connections together; beyond it their source waits in temporary files.
     pub memory_budget: usize,
+    /// Address ranges TCP clients may connect from (default: loopback only). Unix-socket
+    /// and in-process clients are local and always allowed.
+    pub allow: Vec<Cidr>,
 }
 
 impl Default for ServiceConfig {
@@ -39,6 +43,7 @@ impl Default for ServiceConfig {
             compile_slots: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_connections: 1024,
             memory_budget: 256 << 20,
+            allow: Cidr::loopback(),
         }
     }
 }
@@ -133,7 +138,16 @@ impl Service {
                 a = listener.accept() => a,
             };
             match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
+                    if let Some(ip) = peer.ip() {
+                        if !self.config.allow.iter().any(|c| c.contains(ip)) {
+                            Counters::bump(&self.counters.connections_refused);
+                            tracing::info!("refused {peer}: not in the allowed address ranges");
+                            tasks.spawn(refuse(stream, ip));
+                            drop(permit);
+                            continue;
+                        }
+                    }
                     let me = self.clone();
                     let stop = stop_rx.clone();
                     tasks.spawn(async move {
@@ -598,6 +612,23 @@ fn finish_job(service: &Service, j: Job, published: Option<&JobResult>) {
     if let (Some(tx), Some(key)) = (j.leader, j.claimed) {
         lock(&service.in_flight).remove(&key);
         let _ = tx.send(Some(published.cloned()));
+    }
+}
+
+/// Tells a refused peer why, in an ERROR frame, and closes. Best effort, bounded in time:
+/// a refused peer gets no more of the server than this.
+async fn refuse(mut stream: dcache_transport::BoxedStream, ip: std::net::IpAddr) {
+    use tokio::io::AsyncWriteExt;
+    let frame = dcache_proto::Frame::Error {
+        code: ErrorCode::UNAUTHORIZED,
+        message: format!("{ip} is not allowed to use this server (see dcache-server --allow)"),
+    };
+    if let Ok(bytes) = frame.to_bytes(dcache_proto::Limits::BASELINE.max_frame_payload) {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            let _ = stream.write_all(&bytes).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
     }
 }
 

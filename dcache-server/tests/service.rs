@@ -337,3 +337,32 @@ async fn a_compile_error_early_in_a_long_upload_stops_the_upload() {
     );
     drop(c);
 }
+
+#[tokio::test]
+async fn addresses_outside_the_allow_list_are_refused_with_a_clear_error() {
+    let service = Service::new(
+        Arc::new(MemoryStore::new(1 << 20)),
+        Arc::new(FakeExecutor::new(Duration::ZERO)),
+        ServiceConfig {
+            allow: vec!["10.0.0.0/8".parse().unwrap()],
+            ..ServiceConfig::default()
+        },
+    );
+    let (addr, _stop, _task) = start(&service, "tcp://127.0.0.1:0").await;
+    let c = client(&addr, Strategy::Speculative).await;
+    let d = desc("gcc", &["-O2"], None);
+    let r = c.submit(d, None, Bytes::from_static(b"int x;")).await;
+    match r {
+        Err(JobError::Connection(e)) => {
+            assert_eq!(e.code(), ErrorCode::UNAUTHORIZED, "{e}");
+            assert!(e.to_string().contains("127.0.0.1"), "{e}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        stat(&service.stats(), "connections"),
+        0,
+        "no service for a refused peer"
+    );
+    assert_eq!(stat(&service.stats(), "connections_refused"), 1);
+}

@@ -42,6 +42,10 @@ struct Args {
         default_value = "gcc,g++,cc,c++,clang,clang++"
     )]
     allow_compiler: Vec<String>,
+    /// Address range TCP clients may connect from, e.g. 10.1.0.0/16 (repeatable).
+    /// Default: loopback only. Unix-socket clients are always allowed.
+    #[arg(long = "allow", value_name = "CIDR")]
+    allow: Vec<dcache_server::access::Cidr>,
     /// Log each job (repeat for more detail).
     #[arg(long, short, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -84,6 +88,9 @@ async fn main() -> ExitCode {
     let mut config = ServiceConfig::default();
     if let Some(j) = args.jobs {
         config.compile_slots = j.max(1);
+    }
+    if !args.allow.is_empty() {
+        config.allow = args.allow.clone();
     }
     let service = Service::new(store, Arc::new(executor.clone()), config);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
