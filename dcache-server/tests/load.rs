@@ -47,9 +47,12 @@ async fn sixty_four_clients_two_thousand_jobs_each() {
         Arc::new(FakeExecutor::new(Duration::from_millis(1))),
         ServiceConfig::default(),
     );
-    let listener = bind(&"tcp://127.0.0.1:0".parse().unwrap(), &TransportOptions::default())
-        .await
-        .unwrap();
+    let listener = bind(
+        &"tcp://127.0.0.1:0".parse().unwrap(),
+        &TransportOptions::default(),
+    )
+    .await
+    .unwrap();
     let addr = listener.local_addr();
     let server = service.clone();
     tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
@@ -85,7 +88,10 @@ async fn sixty_four_clients_two_thousand_jobs_each() {
                         return;
                     }
                     let outcome = submit.await.expect("job failed");
-                    assert!(outcome.result == reference_compile(&desc, &src), "wrong object for unit {n}");
+                    assert!(
+                        outcome.result == reference_compile(&desc, &src),
+                        "wrong object for unit {n}"
+                    );
                     done.fetch_add(1, Ordering::Relaxed);
                 });
             }
