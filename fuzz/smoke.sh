@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds every fuzz target and runs each for SECONDS (default 8) on a copy of its committed
-# corpus, so CI never grows the corpus; fails on any crash. Usage: fuzz/smoke.sh [SECONDS]
+# corpus, so CI never grows the corpus; fails on any crash, leak, timeout or OOM.
+# Usage: fuzz/smoke.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds="${1:-8}"
@@ -18,12 +19,13 @@ for target in $(cargo +nightly fuzz list); do
   # The log goes to a file and the exit status is taken directly: in a pipeline under
   # pipefail, a `|| true` would hide the fuzzer's failure.
   if ! cargo +nightly fuzz run "$target" "$work/$target" -- \
-      -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 \
+      -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=30 \
+      -dict="$PWD/dict" -print_final_stats=1 \
       >"$work/$target.log" 2>&1; then
-    grep -E "panicked|==[0-9]+==|SUMMARY|Test unit written" "$work/$target.log" | head -20 || true
+    grep -E "panicked|==[0-9]+==|SUMMARY|Test unit written|ERROR" "$work/$target.log" | head -20 || true
     echo "fuzz: $target failed; artifacts in fuzz/artifacts/$target"
     exit 1
   fi
-  grep -E "^stat::number_of_executed_units" "$work/$target.log" || true
+  grep -E "^stat::number_of_executed_units|^Done [0-9]+ runs" "$work/$target.log" || true
 done
 echo "fuzz: all targets ran clean"

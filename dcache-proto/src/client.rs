@@ -241,6 +241,9 @@ pub struct ClientConnection {
     waiting: VecDeque<u32>,
     ready: VecDeque<u32>,
     stats_pending: u32,
+    /// GOAWAY's `last_job`, once received: jobs above it were not accepted, and an ABORT
+    /// the server sent for one of them may still arrive after we have dropped it.
+    goaway_last_job: Option<u32>,
 }
 
 impl ClientConnection {
@@ -273,6 +276,7 @@ impl ClientConnection {
             waiting: VecDeque::new(),
             ready: VecDeque::new(),
             stats_pending: 0,
+            goaway_last_job: None,
         }
     }
 
@@ -604,9 +608,43 @@ impl ClientConnection {
             Frame::Error { code, message } => {
                 self.fail_with(ConnectionError::PeerError { code, message }, false);
             }
-            Frame::GoAway { .. } => {
+            Frame::GoAway { last_job } => {
                 self.state = State::GoingAway;
+                self.goaway_last_job = Some(last_job);
                 self.events.push_back(ClientEvent::GoAway);
+                // JOBs that crossed the GOAWAY on the wire were not accepted. The server
+                // answers them with ABORT if it is still open, or has closed already; either
+                // way they end here, and our ABORT lets a server still draining them let go.
+                let refused: Vec<u32> = self
+                    .jobs
+                    .range(last_job.saturating_add(1)..)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in refused {
+                    let Some(job) = self.jobs.get(&id) else {
+                        continue;
+                    };
+                    if !job.announced {
+                        continue;
+                    }
+                    if job.upload != Upload::Closed {
+                        queue_abort(
+                            &mut self.outbox,
+                            JobId(id),
+                            ErrorCode::CANCELLED,
+                            "server is going away",
+                        );
+                    }
+                    if !job.cancelled {
+                        self.events.push_back(ClientEvent::Failed {
+                            job: JobId(id),
+                            code: ErrorCode::SHUTTING_DOWN,
+                            message: "server is going away; job was not accepted".into(),
+                        });
+                    }
+                    self.jobs.remove(&id);
+                    self.announced -= 1;
+                }
                 for id in std::mem::take(&mut self.waiting) {
                     if let Some(job) = self.jobs.remove(&id) {
                         if !job.cancelled {
@@ -757,6 +795,11 @@ impl ClientConnection {
         code: ErrorCode,
         message: String,
     ) -> Result<(), ConnectionError> {
+        if !self.jobs.contains_key(&job.0) && self.goaway_last_job.is_some_and(|last| job.0 > last)
+        {
+            // The server's answer to a JOB that crossed its GOAWAY; already ended here.
+            return Ok(());
+        }
         let j = Self::open_job(&mut self.jobs, job, "ABORT")?;
         if matches!(j.download, Download::Closed) {
             return Err(unexpected(format!("ABORT for {job} after its result")));

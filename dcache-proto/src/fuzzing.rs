@@ -1,29 +1,50 @@
 //! Entry points for the cargo-fuzz targets (see `fuzz/` in the repository). Each target is
-//! a one-line call into a function here, so the logic is compiled, linted and tested with
-//! the crate. Every function panics only when an invariant of the crate is broken.
+//! a one-line call into a function here, so the logic is compiled, linted and unit-tested
+//! with the crate. Every function panics only when an invariant of the crate is broken.
+//!
+//! Each function that runs a connection reads the real clock once, to get an origin for
+//! its virtual clock (see [`origin`]); nothing else here or in the crate reads a clock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
 use crate::testing::{Pair, ReferenceServer, reference_compile};
 use crate::{
-    CacheKey, ClientConfig, ClientConnection, ClientEvent, DecodeError, Frame, FrameDecoder, Hello,
-    JobDesc, JobId, KeyHasher, Limits, ServerConfig, ServerConnection, ServerEvent, Strategy,
+    CacheKey, ClientConfig, ClientConnection, ClientEvent, DecodeError, Frame, FrameDecoder,
+    FrameHeader, FrameType, HEADER_LEN, Hello, JobDesc, JobId, KeyHasher, Limits, MAX_OUTPUTS,
+    ServerConfig, ServerConnection, ServerEvent, Strategy,
 };
 
 /// The payload limit the decoding targets use: small, so length checks are reached.
 const MAX: u32 = 64 * 1024;
 
-/// An origin for the virtual clock. Only differences from it are used; reading the real
-/// clock once per input is the one clock read in the crate, and only under `fuzzing`.
+/// An origin for a virtual clock.
+///
+/// `Instant` has no public constructor, so the one way to get a value is to read the clock.
+/// Only differences from the origin are ever used, so which instant it is does not change
+/// what an input does: runs stay reproducible. This is read once per input and nowhere else.
 fn origin() -> Instant {
     Instant::now()
 }
 
-fn decode_all(chunks: &[&[u8]]) -> (Vec<Frame>, Option<DecodeError>, usize) {
-    let mut dec = FrameDecoder::new(MAX);
+/// What decoding a byte stream gave.
+struct Decoded {
+    /// Frames with the number of wire bytes each came from.
+    frames: Vec<(Frame, usize)>,
+    /// The error that stopped decoding, if one did.
+    error: Option<DecodeError>,
+    /// Bytes taken by the frames returned.
+    consumed: usize,
+    /// Bytes left in the buffer at the end.
+    buffered: usize,
+}
+
+/// Decodes `chunks` as one stream fed piece by piece, checking the decoder's own promises
+/// on the way: "need more" consumes nothing, and a failed decoder stays failed.
+fn decode_chunks(max: u32, chunks: &[&[u8]]) -> Decoded {
+    let mut dec = FrameDecoder::new(max);
     let mut buf = BytesMut::new();
     let mut frames = Vec::new();
     let mut consumed = 0;
@@ -33,36 +54,77 @@ fn decode_all(chunks: &[&[u8]]) -> (Vec<Frame>, Option<DecodeError>, usize) {
             let before = buf.len();
             match dec.decode(&mut buf) {
                 Ok(Some(f)) => {
-                    consumed += before - buf.len();
-                    frames.push(f);
+                    let n = before - buf.len();
+                    consumed += n;
+                    frames.push((f, n));
                 }
-                Ok(None) => break,
-                Err(e) => return (frames, Some(e), consumed),
+                Ok(None) => {
+                    assert_eq!(buf.len(), before, "need-more consumed bytes");
+                    break;
+                }
+                Err(e) => {
+                    assert!(dec.is_failed(), "decoder not failed after {e:?}");
+                    let left = buf.len();
+                    buf.extend_from_slice(&[0x0B, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0]);
+                    assert!(
+                        dec.decode(&mut buf).is_err(),
+                        "failed decoder accepted input"
+                    );
+                    return Decoded {
+                        frames,
+                        error: Some(e),
+                        consumed,
+                        buffered: left,
+                    };
+                }
             }
         }
     }
-    (frames, None, consumed)
-}
-
-/// Decodes arbitrary bytes; every decoded frame re-encodes to exactly the bytes it came
-/// from.
-pub fn decode_frames(data: &[u8]) {
-    let (frames, _, consumed) = decode_all(&[data]);
-    let mut at = 0;
-    for f in &frames {
-        let bytes = f.to_bytes(MAX).expect("a decoded frame must re-encode");
-        assert_eq!(
-            &data[at..at + bytes.len()],
-            &bytes[..],
-            "re-encoding differs"
-        );
-        at += bytes.len();
+    Decoded {
+        frames,
+        error: None,
+        consumed,
+        buffered: buf.len(),
     }
-    assert_eq!(at, consumed);
 }
 
-/// Decoding split at points chosen by the first bytes gives the same frames and the same
-/// error as decoding in one piece.
+/// Decodes arbitrary bytes with a [`FrameDecoder`]: never panics; every decoded frame
+/// re-encodes (with [`Frame::encode`] at the decoder's limit) to exactly the bytes it came
+/// from; when decoding stops without an error, what is left really is an incomplete frame.
+pub fn decode_frames(data: &[u8]) {
+    let d = decode_chunks(MAX, &[data]);
+    let mut at = 0;
+    for (f, n) in &d.frames {
+        let enc = f.encode(MAX).expect("a decoded frame must re-encode");
+        assert_eq!(enc.len(), *n, "re-encoded length differs: {f:?}");
+        assert_eq!(
+            &data[at..at + enc.head.len()],
+            &enc.head[..],
+            "head differs"
+        );
+        assert_eq!(
+            &data[at + enc.head.len()..at + n],
+            &enc.tail[..],
+            "tail differs"
+        );
+        at += n;
+    }
+    assert_eq!(at, d.consumed);
+    if d.error.is_none() {
+        assert_eq!(d.consumed + d.buffered, data.len());
+        if let Some(head) = data[d.consumed..].first_chunk::<HEADER_LEN>() {
+            let h = FrameHeader::parse(head, MAX).expect("a waiting header is valid");
+            assert!(
+                HEADER_LEN + h.len as usize > d.buffered,
+                "a whole frame was left undecoded"
+            );
+        }
+    }
+}
+
+/// The first byte says how many of the next bytes (up to 15) choose split points; the rest
+/// is a stream. Decoding it split at those points gives the same frames, the same error (or
+/// the same need-more state) and the same consumption as decoding it in one piece.
 pub fn chunked_equals_oneshot(data: &[u8]) {
     let Some((&n, rest)) = data.split_first() else {
         return;
@@ -71,7 +133,7 @@ pub fn chunked_equals_oneshot(data: &[u8]) {
     let (cut_bytes, stream) = rest.split_at(cuts);
     let mut points: Vec<usize> = cut_bytes
         .iter()
-        .map(|&b| usize::from(b) * stream.len() / 256)
+        .map(|&b| usize::from(b) * stream.len() / 255)
         .collect();
     points.sort_unstable();
     let mut chunks = Vec::new();
@@ -81,12 +143,17 @@ pub fn chunked_equals_oneshot(data: &[u8]) {
         at = p;
     }
     chunks.push(&stream[at..]);
-    let whole = decode_all(&[stream]);
-    let split = decode_all(&chunks);
-    assert_eq!(whole.0, split.0, "frames differ");
-    assert_eq!(whole.1, split.1, "errors differ");
+    let whole = decode_chunks(MAX, &[stream]);
+    let split = decode_chunks(MAX, &chunks);
+    assert_eq!(whole.frames, split.frames, "frames differ");
+    assert_eq!(whole.error, split.error, "errors differ");
+    assert_eq!(whole.consumed, split.consumed, "consumption differs");
+    if whole.error.is_none() {
+        assert_eq!(whole.buffered, split.buffered, "need-more state differs");
+    }
 }
 
+/// A valid HELLO as either side would send it.
 fn hello_bytes() -> Bytes {
     Frame::Hello(Hello {
         min_version: 1,
@@ -99,126 +166,465 @@ fn hello_bytes() -> Bytes {
     .unwrap_or_default()
 }
 
-/// Checks that what a connection transmits is a valid frame stream.
-fn check_output(out: &[u8]) {
-    let (_, err, consumed) = decode_all(&[out]);
-    assert!(err.is_none(), "connection sent invalid frames: {err:?}");
-    assert_eq!(consumed, out.len(), "connection sent a partial frame");
+/// Frame types a client sends.
+const CLIENT_TYPES: &[FrameType] = &[
+    FrameType::HELLO,
+    FrameType::JOB,
+    FrameType::HASH,
+    FrameType::SOURCE,
+    FrameType::ABORT,
+    FrameType::ERROR,
+    FrameType::STATS_REQUEST,
+];
+
+/// Frame types a server sends.
+const SERVER_TYPES: &[FrameType] = &[
+    FrameType::HELLO,
+    FrameType::MISS,
+    FrameType::EARLY_RESULT,
+    FrameType::RESULT,
+    FrameType::DATA,
+    FrameType::ABORT,
+    FrameType::ERROR,
+    FrameType::GOAWAY,
+    FrameType::STATS,
+];
+
+/// Checks what a connection transmitted: whole valid frames, each within `peer_max`, of the
+/// types its side sends, HELLO (or ERROR) first and nothing after an ERROR.
+fn check_output(out: &[u8], types: &[FrameType], peer_max: u32) -> Vec<Frame> {
+    let d = decode_chunks(Limits::MAX_FRAME_PAYLOAD, &[out]);
+    assert!(d.error.is_none(), "connection sent invalid frames: {d:?}");
+    assert_eq!(d.buffered, 0, "connection sent a partial frame");
+    let count = d.frames.len();
+    let mut frames = Vec::with_capacity(count);
+    for (i, (f, n)) in d.frames.into_iter().enumerate() {
+        let ty = f.frame_type();
+        assert!(types.contains(&ty), "connection sent {ty}");
+        assert!(
+            n - HEADER_LEN <= peer_max as usize,
+            "{ty} of {n} bytes over the peer's limit {peer_max}"
+        );
+        if i == 0 {
+            assert!(
+                matches!(ty, FrameType::HELLO | FrameType::ERROR),
+                "{ty} first"
+            );
+        } else {
+            assert!(ty != FrameType::HELLO, "second HELLO sent");
+        }
+        if ty == FrameType::ERROR {
+            assert_eq!(i + 1, count, "frames sent after ERROR");
+        }
+        frames.push(f);
+    }
+    frames
 }
 
-/// A server fed arbitrary client bytes (after a valid HELLO when the first byte is even),
-/// with the reference application answering. Invariants: no panic, only valid frames out,
-/// nothing after Closed, and every verified key is the key of the bytes delivered.
+impl std::fmt::Debug for Decoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} frames, error {:?}, {} consumed, {} buffered",
+            self.frames.len(),
+            self.error,
+            self.consumed,
+            self.buffered
+        )
+    }
+}
+
+/// Splits fuzz input into delivery sizes chosen by a selector.
+fn chunk_size(selector: u8) -> usize {
+    [1, 7, 97, 4096][usize::from(selector) & 3]
+}
+
+/// One job as the server's owner saw it.
+struct SeenJob {
+    desc: JobDesc,
+    source: Vec<u8>,
+    looked_up: bool,
+    ended: bool,
+}
+
+/// The server events seen so far, and the invariants between them.
+#[derive(Default)]
+struct ServerTrack {
+    client: Option<Hello>,
+    closed: bool,
+    last_job: u32,
+    jobs: HashMap<JobId, SeenJob>,
+}
+
+impl ServerTrack {
+    fn open(&mut self, job: JobId, what: &str) -> &mut SeenJob {
+        let j = self
+            .jobs
+            .get_mut(&job)
+            .unwrap_or_else(|| panic!("{what} for {job}, never started"));
+        assert!(!j.ended, "{what} for {job}, which had ended");
+        j
+    }
+
+    fn on(&mut self, ev: &ServerEvent) {
+        assert!(!self.closed, "event after Closed: {ev:?}");
+        match ev {
+            ServerEvent::Connected { client, .. } => {
+                assert!(
+                    self.client.is_none() && self.jobs.is_empty(),
+                    "late Connected"
+                );
+                self.client = Some(client.clone());
+            }
+            ServerEvent::JobStarted { job, desc } => {
+                assert!(self.client.is_some(), "job before Connected");
+                assert!(job.0 > self.last_job, "{job} not above {}", self.last_job);
+                self.last_job = job.0;
+                self.jobs.insert(
+                    *job,
+                    SeenJob {
+                        desc: desc.clone(),
+                        source: Vec::new(),
+                        looked_up: false,
+                        ended: false,
+                    },
+                );
+            }
+            ServerEvent::Lookup { job, .. } => {
+                let j = self.open(*job, "Lookup");
+                assert!(!j.looked_up && j.source.is_empty(), "late Lookup");
+                j.looked_up = true;
+            }
+            ServerEvent::Source { job, data } => {
+                assert!(!data.is_empty(), "empty Source event");
+                self.open(*job, "Source").source.extend_from_slice(data);
+            }
+            ServerEvent::SourceDone { job, key, len } => {
+                let j = self.open(*job, "SourceDone");
+                let mut h = KeyHasher::new(&j.desc);
+                h.update(&j.source);
+                assert_eq!(
+                    h.finalize(),
+                    *key,
+                    "verified key is not the delivered bytes'"
+                );
+                assert_eq!(*len, j.source.len() as u64, "SourceDone length");
+                j.ended = true;
+            }
+            ServerEvent::JobCancelled { job, .. } => self.open(*job, "JobCancelled").ended = true,
+            ServerEvent::Closed { .. } => self.closed = true,
+            ServerEvent::StatsRequested => {}
+        }
+    }
+}
+
+/// Hands everything a server has to the application and the output, until it is idle,
+/// resuming paused input as its output drains.
+fn drain_server(
+    conn: &mut ServerConnection,
+    app: &mut ReferenceServer,
+    track: &mut ServerTrack,
+    out: &mut Vec<u8>,
+    t: Instant,
+) {
+    loop {
+        let mut progress = false;
+        while let Some(b) = conn.poll_transmit(t) {
+            out.extend_from_slice(&b);
+            progress = true;
+        }
+        while let Some(ev) = conn.poll_event() {
+            track.on(&ev);
+            app.handle(conn, ev);
+            progress = true;
+        }
+        if !progress {
+            return;
+        }
+        if conn.has_paused_input() {
+            conn.handle_input(t, &[]);
+        }
+    }
+}
+
+/// A fresh [`ServerConnection`] fed arbitrary client bytes, with the reference application
+/// ([`ReferenceServer`]) reacting to its events and every output drained.
+///
+/// The first byte chooses: a valid client HELLO in front (when even), the delivery size,
+/// small limits (output queue, source length), and the order of a final far timeout and
+/// end of stream. Invariants: no panic; only valid server frames out, within the client's
+/// limit, nothing after ERROR; no event after `Closed`; events in a consistent order per
+/// job; every `SourceDone` key is the key of the bytes actually delivered as `Source`.
 pub fn server_input(data: &[u8]) {
+    server_run(data);
+}
+
+/// [`server_input`], returning the frames the server sent.
+fn server_run(data: &[u8]) -> Vec<Frame> {
     let now = origin();
+    let first = data.first().copied().unwrap_or(0);
     let mut conn = ServerConnection::new(
         ServerConfig {
             limits: Limits {
                 max_frame_payload: MAX,
-                ..Limits::default()
+                max_source_len: if first & 0x10 != 0 { 4096 } else { 1 << 20 },
+                max_jobs: 16,
             },
+            chunk_size: 1024,
+            max_queued_output: if first & 0x08 != 0 { 256 } else { 64 * 1024 },
             ..ServerConfig::default()
         },
         now,
     );
     let mut app = ReferenceServer::default();
     let mut input = Vec::new();
-    if data.first().is_some_and(|b| b % 2 == 0) {
+    if first % 2 == 0 {
         input.extend_from_slice(&hello_bytes());
     }
     input.extend_from_slice(data);
     let mut out = Vec::new();
-    let mut descs: HashMap<JobId, (JobDesc, Vec<u8>)> = HashMap::new();
-    let mut closed = false;
-    for (i, chunk) in input.chunks(97).enumerate() {
-        let t = now + Duration::from_millis(i as u64);
+    let mut track = ServerTrack::default();
+    let mut t = now;
+    for chunk in input.chunks(chunk_size(first >> 1)) {
+        t += Duration::from_millis(1);
         conn.handle_input(t, chunk);
+        drain_server(&mut conn, &mut app, &mut track, &mut out, t);
         conn.handle_timeout(t);
-        while let Some(ev) = conn.poll_event() {
-            assert!(!closed, "event after Closed: {ev:?}");
-            match &ev {
-                ServerEvent::JobStarted { job, desc } => {
-                    descs.insert(*job, (desc.clone(), Vec::new()));
-                }
-                ServerEvent::Source { job, data } => {
-                    if let Some((_, s)) = descs.get_mut(job) {
-                        s.extend_from_slice(data);
-                    }
-                }
-                ServerEvent::SourceDone { job, key, len } => {
-                    let (d, s) = descs.get(job).expect("SourceDone for a started job");
-                    let mut h = KeyHasher::new(d);
-                    h.update(s);
-                    assert_eq!(
-                        h.finalize(),
-                        *key,
-                        "verified key is not the delivered bytes'"
-                    );
-                    assert_eq!(*len, s.len() as u64);
-                }
-                ServerEvent::Closed { .. } => closed = true,
-                _ => {}
-            }
-            app.handle(&mut conn, ev);
-        }
-        while let Some(b) = conn.poll_transmit(t) {
-            out.extend_from_slice(&b);
-        }
+        drain_server(&mut conn, &mut app, &mut track, &mut out, t);
     }
-    check_output(&out);
+    let late = t + Duration::from_secs(3600);
+    if first & 0x20 != 0 {
+        conn.handle_eof(late);
+        drain_server(&mut conn, &mut app, &mut track, &mut out, late);
+    }
+    if conn.poll_timeout().is_some_and(|d| d <= late) {
+        conn.handle_timeout(late);
+        drain_server(&mut conn, &mut app, &mut track, &mut out, late);
+    }
+    conn.handle_eof(late);
+    drain_server(&mut conn, &mut app, &mut track, &mut out, late);
+    if track.closed {
+        assert!(
+            conn.is_closed(),
+            "Closed reported but the connection is not"
+        );
+    }
+    let peer_max = track
+        .client
+        .as_ref()
+        .map_or(Limits::BASELINE.max_frame_payload, |h| {
+            h.limits.max_frame_payload
+        });
+    check_output(&out, SERVER_TYPES, peer_max)
 }
 
-/// A client with two jobs (speculative and ask-first) fed arbitrary server bytes (after a
-/// valid HELLO when the first byte is even). Invariants: no panic, results only for
-/// started jobs, output lengths consistent with what was declared.
+/// The source every `client_input` job has.
+const CLIENT_SOURCE: &[u8] = b"hello";
+
+/// One job as the client's owner saw it.
+struct ClientJob {
+    desc: JobDesc,
+    strategy: Strategy,
+    missed: bool,
+    ended: bool,
+}
+
+/// The open job an event names.
+fn job_event<'a>(
+    jobs: &'a mut HashMap<JobId, ClientJob>,
+    job: &JobId,
+    what: &str,
+) -> &'a mut ClientJob {
+    let j = jobs
+        .get_mut(job)
+        .unwrap_or_else(|| panic!("{what} for {job}, never started"));
+    assert!(!j.ended, "{what} for {job} after its end");
+    j
+}
+
+/// A [`ClientConnection`] with three jobs started (speculative, ask-first, send-all) and a
+/// stats request, fed arbitrary server bytes.
+///
+/// The first byte chooses: a valid server HELLO in front (when even), the delivery size,
+/// a tiny chunk size and a tiny result limit. Invariants: no panic; no event after
+/// `Closed`; `Miss`, `Done` and `Failed` only for started jobs, one end per job, MISS and
+/// early results only for hashed jobs; byte counts consistent with the 5-byte sources;
+/// results within the limit; output is valid client frames, within the server's limit,
+/// JOB as started, HASH only for hashed jobs before their source, source bytes exactly a
+/// prefix of the job's, and no source for an ask-first job that got no MISS.
 pub fn client_input(data: &[u8]) {
+    client_run(data);
+}
+
+/// [`client_input`], returning the events the client reported.
+fn client_run(data: &[u8]) -> Vec<ClientEvent> {
     let now = origin();
+    let first = data.first().copied().unwrap_or(0);
+    let max_result_len = if first & 0x10 != 0 { 64 } else { 1 << 20 };
     let mut conn = ClientConnection::new(
         ClientConfig {
             limits: Limits {
                 max_frame_payload: MAX,
                 ..Limits::default()
             },
+            chunk_size: if first & 0x08 != 0 { 2 } else { 4096 },
+            max_result_len,
             ..ClientConfig::default()
         },
         now,
     );
-    let desc = JobDesc {
-        compiler: "cc".into(),
-        language: "cpp-output".into(),
-        args: vec![],
-        source_len: Some(5),
-    };
-    let key = CacheKey::compute(&desc, b"hello");
-    let mut started = Vec::new();
-    for strategy in [Strategy::Speculative, Strategy::AskFirst] {
-        if let Ok(job) = conn.start_job_with(now, desc.clone(), Some(key), strategy) {
-            let _ = conn.push_source(job, Bytes::from_static(b"hello"), true);
-            started.push(job);
+    let mut jobs: HashMap<JobId, ClientJob> = HashMap::new();
+    for (i, strategy) in [Strategy::Speculative, Strategy::AskFirst, Strategy::SendAll]
+        .into_iter()
+        .enumerate()
+    {
+        let desc = JobDesc {
+            compiler: "cc".into(),
+            language: "cpp-output".into(),
+            args: vec![format!("-O{i}")],
+            source_len: (i != 1).then_some(CLIENT_SOURCE.len() as u64),
+        };
+        let key = CacheKey::compute(&desc, CLIENT_SOURCE);
+        let job = conn
+            .start_job_with(now, desc.clone(), Some(key), strategy)
+            .expect("a fresh connection takes jobs");
+        // The first job's source comes in two pieces.
+        if i == 0 {
+            conn.push_source(job, Bytes::from_static(&CLIENT_SOURCE[..2]), false)
+                .expect("job is open");
+            conn.push_source(job, Bytes::from_static(&CLIENT_SOURCE[2..]), true)
+                .expect("job is open");
+        } else {
+            conn.push_source(job, Bytes::from_static(CLIENT_SOURCE), true)
+                .expect("job is open");
         }
+        jobs.insert(
+            job,
+            ClientJob {
+                desc,
+                strategy,
+                missed: false,
+                ended: false,
+            },
+        );
     }
+    conn.request_stats()
+        .expect("a fresh connection takes requests");
+    let mut stats_wanted = 1u32;
     let mut input = Vec::new();
-    if data.first().is_some_and(|b| b % 2 == 0) {
+    if first % 2 == 0 {
         input.extend_from_slice(&hello_bytes());
     }
     input.extend_from_slice(data);
     let mut out = Vec::new();
-    for (i, chunk) in input.chunks(61).enumerate() {
-        let t = now + Duration::from_millis(i as u64);
-        conn.handle_input(t, chunk);
-        conn.handle_timeout(t);
+    let mut closed = false;
+    let mut server: Option<Hello> = None;
+    let mut events = Vec::new();
+    let mut step = |conn: &mut ClientConnection, t: Instant, out: &mut Vec<u8>| {
         while let Some(b) = conn.poll_transmit(t) {
             out.extend_from_slice(&b);
         }
         while let Some(ev) = conn.poll_event() {
-            if let ClientEvent::Done { job, outcome } = ev {
-                assert!(started.contains(&job), "result for a job never started");
-                assert!(outcome.source_bytes_sent <= 5);
-                assert_eq!(outcome.source_bytes_sent + outcome.source_bytes_skipped, 5);
+            assert!(!closed, "event after Closed: {ev:?}");
+            match &ev {
+                ClientEvent::Connected { server: h, .. } => {
+                    assert!(server.is_none(), "second Connected");
+                    server = Some(h.clone());
+                }
+                ClientEvent::Miss { job } => {
+                    let j = job_event(&mut jobs, job, "Miss");
+                    assert!(j.strategy != Strategy::SendAll, "Miss for send-all");
+                    assert!(!j.missed, "second Miss");
+                    j.missed = true;
+                }
+                ClientEvent::Done { job, outcome } => {
+                    let j = job_event(&mut jobs, job, "Done");
+                    j.ended = true;
+                    assert_eq!(outcome.strategy, j.strategy);
+                    if outcome.early {
+                        assert!(j.strategy != Strategy::SendAll && !j.missed, "bad early");
+                    }
+                    let len = CLIENT_SOURCE.len() as u64;
+                    assert!(outcome.source_bytes_sent <= len);
+                    assert_eq!(
+                        outcome.source_bytes_sent + outcome.source_bytes_skipped,
+                        len
+                    );
+                    let r = &outcome.result;
+                    assert!(r.body_len() <= max_result_len, "result over the limit");
+                    assert!(r.outputs.len() <= MAX_OUTPUTS);
+                    for o in &r.outputs {
+                        assert!(!o.name.is_empty() && !o.name.contains(['/', '\\', '\0']));
+                        assert!(o.name != "." && o.name != "..");
+                    }
+                }
+                ClientEvent::Failed { job, .. } => job_event(&mut jobs, job, "Failed").ended = true,
+                ClientEvent::Stats(_) => {
+                    assert!(stats_wanted > 0, "unrequested Stats");
+                    stats_wanted -= 1;
+                }
+                ClientEvent::GoAway => {}
+                ClientEvent::Closed { .. } => closed = true,
             }
+            events.push(ev);
+        }
+    };
+    let mut t = now;
+    step(&mut conn, t, &mut out);
+    for chunk in input.chunks(chunk_size(first >> 1)) {
+        t += Duration::from_millis(1);
+        conn.handle_input(t, chunk);
+        step(&mut conn, t, &mut out);
+        conn.handle_timeout(t);
+        step(&mut conn, t, &mut out);
+    }
+    let late = t + Duration::from_secs(3600);
+    conn.handle_timeout(late);
+    step(&mut conn, late, &mut out);
+    conn.handle_eof(late);
+    step(&mut conn, late, &mut out);
+    assert!(conn.is_closed(), "not closed after end of stream");
+
+    let peer_max = server
+        .as_ref()
+        .map_or(Limits::BASELINE.max_frame_payload, |h| {
+            h.limits.max_frame_payload
+        });
+    let mut announced = HashSet::new();
+    let mut hashed = HashSet::new();
+    let mut sent: HashMap<JobId, (Vec<u8>, bool)> = HashMap::new();
+    for f in check_output(&out, CLIENT_TYPES, peer_max) {
+        match f {
+            Frame::Job { job, desc } => {
+                assert_eq!(desc, jobs[&job].desc, "JOB differs from the job started");
+                assert!(announced.insert(job), "second JOB for {job}");
+            }
+            Frame::Hash { job, .. } => {
+                assert!(announced.contains(&job), "HASH before JOB");
+                assert!(
+                    jobs[&job].strategy != Strategy::SendAll,
+                    "HASH for send-all"
+                );
+                assert!(!sent.contains_key(&job), "HASH after SOURCE");
+                assert!(hashed.insert(job), "second HASH");
+            }
+            Frame::Source { job, data, fin } => {
+                assert!(announced.contains(&job), "SOURCE before JOB");
+                let j = &jobs[&job];
+                if j.strategy == Strategy::AskFirst {
+                    assert!(j.missed, "ask-first source without a MISS");
+                }
+                let s = sent.entry(job).or_default();
+                assert!(!s.1, "SOURCE after FIN");
+                s.0.extend_from_slice(&data);
+                s.1 = fin;
+                assert!(CLIENT_SOURCE.starts_with(&s.0), "source bytes differ");
+                assert!(!fin || s.0 == CLIENT_SOURCE, "FIN before the whole source");
+            }
+            _ => {}
         }
     }
-    check_output(&out);
+    events
 }
 
 // Tamperers match the harness hook, which takes a Vec so they can change the length.
@@ -227,6 +633,13 @@ fn tamper_flip(b: &mut Vec<u8>) {
     let mid = b.len() / 2;
     if let Some(x) = b.get_mut(mid) {
         *x ^= 0x5A;
+    }
+}
+
+#[allow(clippy::ptr_arg)]
+fn tamper_flip_first(b: &mut Vec<u8>) {
+    if let Some(x) = b.first_mut() {
+        *x ^= 0x01;
     }
 }
 
@@ -239,81 +652,168 @@ fn tamper_dup(b: &mut Vec<u8>) {
     b.extend_from_slice(&copy);
 }
 
-/// A client/server pair driven by operations read from `data`: submit, cancel, stats,
-/// advance time, run, tamper with bytes in flight, GOAWAY. Invariants: no panic, every
-/// result a client receives is exactly the reference compile of that job's source (the
-/// server never answers for other bytes), and the pair goes quiet in bounded steps.
+/// A source made from two op bytes: up to about 24 KiB, a pattern seeded by `c`, an
+/// `#error` prefix (a failing compile) when `c % 8 == 0`. Equal bytes give equal sources,
+/// so repeated jobs hit the cache.
+fn op_source(b: u8, c: u8) -> Bytes {
+    let len = usize::from(b) * 97 + usize::from(c % 7);
+    let mut v: Vec<u8> = (0..len).map(|i| c.wrapping_add((i % 251) as u8)).collect();
+    if c % 8 == 0 {
+        let n = v.len().min(6);
+        v[..n].copy_from_slice(&b"#error"[..n]);
+    }
+    Bytes::from(v)
+}
+
+/// Deliveries the final runs of `pair_ops` may take before the pair counts as stuck.
+const PAIR_STEPS: usize = 200_000;
+
+/// A [`Pair`] driven by operations read from `data`.
+///
+/// The first byte configures the pair: strategy (bits 0-1), small chunks (bit 2), a 5 ms
+/// compile time (bit 3), latency (bits 4-5), bandwidth (bit 6) and the server's job limit
+/// at the 16 baseline (bit 7). Then every 3 bytes `a b c` are one operation chosen by
+/// `a % 10`: submit a job (0-2; source from `b c`, declared length when `a & 0x10`, a
+/// wrong one when `a & 0x30 == 0x30`), cancel one (3), request stats (4), advance time (5),
+/// run (6), choose a tamperer for client-to-server bytes (7), server GOAWAY (8), client
+/// shutdown (9). At most 64 operations.
+///
+/// Invariants: no panic; the pair goes quiet within a bounded number of steps; every
+/// `Done` carries exactly [`reference_compile`] of its job's description and source (a
+/// HASH-less job whose bytes were altered in flight excepted: nothing can tell); no job
+/// ends twice, no event for a job after it was cancelled, no client event after `Closed`;
+/// the server's cache holds, under any submitted job's key, only that job's result; and
+/// with nothing tampered, shut down or GOAWAY, every job ends or the connection closes.
 pub fn pair_ops(data: &[u8]) {
-    let Some((&first, ops)) = data.split_first() else {
-        return;
-    };
-    let strategy = match first % 3 {
-        0 => Strategy::Speculative,
+    pair_run(data);
+}
+
+/// [`pair_ops`], returning the pair at the end.
+fn pair_run(data: &[u8]) -> Option<Pair> {
+    let (&first, ops) = data.split_first()?;
+    let strategy = match first % 4 {
         1 => Strategy::AskFirst,
-        _ => Strategy::SendAll,
+        2 => Strategy::SendAll,
+        _ => Strategy::Speculative,
     };
+    let small = first & 0x04 != 0;
+    let latency = [0, 100, 1_000, 20_000][usize::from(first >> 4) & 3];
     let mut p = Pair::new(
         ClientConfig {
             strategy,
-            chunk_size: 4096,
+            chunk_size: if small { 512 } else { 4096 },
             ..ClientConfig::default()
         },
-        ServerConfig::default(),
-        Duration::from_micros(u64::from(first) * 37),
-        if first & 0x80 != 0 { 10_000_000 } else { 0 },
+        ServerConfig {
+            chunk_size: if small { 1024 } else { 64 * 1024 },
+            limits: Limits {
+                max_jobs: if first & 0x80 != 0 { 16 } else { 256 },
+                ..Limits::default()
+            },
+            ..ServerConfig::default()
+        },
+        Duration::from_micros(latency),
+        if first & 0x40 != 0 { 10_000_000 } else { 0 },
         u64::from(first),
         origin(),
     );
+    if first & 0x08 != 0 {
+        p.app.compile_time = Duration::from_millis(5);
+    }
     let mut expect: HashMap<JobId, (JobDesc, Bytes)> = HashMap::new();
     let mut jobs = Vec::new();
+    let mut cancelled_at: HashMap<JobId, usize> = HashMap::new();
     let mut tampered = false;
+    let mut shut_down = false;
     for op in ops.chunks(3).take(64) {
-        let (a, b) = (
-            op.first().copied().unwrap_or(0),
-            op.get(1).copied().unwrap_or(0),
-        );
-        match a % 8 {
-            0 | 1 => {
+        let [a, b, c] = [0, 1, 2].map(|i| op.get(i).copied().unwrap_or(0));
+        match a % 10 {
+            0..=2 => {
+                let src = op_source(b, c);
+                let len = src.len() as u64;
                 let desc = JobDesc {
                     compiler: "cc".into(),
                     language: "cpp-output".into(),
                     args: vec![format!("-O{}", b % 3)],
-                    source_len: (a & 0x10 != 0).then_some(u64::from(b) * 300),
+                    source_len: if a & 0x30 == 0x30 {
+                        Some(len + 1)
+                    } else {
+                        (a & 0x10 != 0).then_some(len)
+                    },
                 };
-                let src = Bytes::from(vec![b; usize::from(b) * 300]);
                 if let Some(job) = p.submit(desc.clone(), src.clone()) {
                     expect.insert(job, (desc, src));
                     jobs.push(job);
                 }
             }
-            2 => {
-                if let Some(job) = jobs.get(usize::from(b) % jobs.len().max(1)) {
-                    let _ = p.client.cancel(*job);
+            3 => {
+                if let Some(&job) = jobs.get(usize::from(b) % jobs.len().max(1)) {
+                    // Hand out what the client already reported, so the events recorded
+                    // from here on are the ones that came after the cancel.
+                    p.pump();
+                    if p.client.cancel(job).is_ok() {
+                        cancelled_at.entry(job).or_insert(p.client_events.len());
+                    }
                 }
             }
-            3 => {
+            4 => {
                 let _ = p.client.request_stats();
             }
-            4 => p.advance(Duration::from_millis(u64::from(b))),
-            5 => {
+            5 => p.advance(if c % 4 == 0 {
+                Duration::from_secs(u64::from(b))
+            } else {
+                Duration::from_millis(u64::from(b))
+            }),
+            6 => {
                 p.run(10_000);
             }
-            6 => {
-                tampered |= b % 4 != 0;
-                p.alter_c2s = match b % 4 {
+            7 => {
+                tampered |= b % 5 != 0;
+                p.alter_c2s = match b % 5 {
                     0 => None,
                     1 => Some(tamper_flip),
                     2 => Some(tamper_drop),
-                    _ => Some(tamper_dup),
+                    3 => Some(tamper_dup),
+                    _ => Some(tamper_flip_first),
                 };
             }
-            _ => p.server.goaway(),
+            8 => p.server.goaway(),
+            _ => {
+                shut_down = true;
+                p.client.shutdown();
+            }
         }
     }
     p.alter_c2s = None;
-    p.run(100_000);
-    for (_, ev) in &p.client_events {
-        if let ClientEvent::Done { job, outcome } = ev {
+    assert!(p.run(PAIR_STEPS), "pair did not go quiet");
+    p.advance(Duration::from_secs(3600));
+    assert!(p.run(PAIR_STEPS), "pair did not go quiet after the timers");
+
+    let mut ended = HashSet::new();
+    let mut closed = false;
+    for (i, (_, ev)) in p.client_events.iter().enumerate() {
+        assert!(!closed, "client event after Closed: {ev:?}");
+        let job = match ev {
+            ClientEvent::Done { job, .. }
+            | ClientEvent::Failed { job, .. }
+            | ClientEvent::Miss { job } => *job,
+            ClientEvent::Closed { .. } => {
+                closed = true;
+                continue;
+            }
+            _ => continue,
+        };
+        assert!(expect.contains_key(&job), "event for a job never started");
+        assert!(
+            !ended.contains(&job),
+            "event for {job} after its end: {ev:?}"
+        );
+        if let Some(&at) = cancelled_at.get(&job) {
+            assert!(i < at, "event for {job} after it was cancelled: {ev:?}");
+        }
+        if let ClientEvent::Done { outcome, .. } = ev {
+            ended.insert(job);
+            assert_eq!(outcome.strategy, strategy);
             // A HASH-less upload has no integrity check of its own: bytes altered on the
             // wire are compiled as received (the transport's integrity is all there is).
             // With HASH, the server verifies what it received, so a result is only ever
@@ -321,144 +821,492 @@ pub fn pair_ops(data: &[u8]) {
             if tampered && outcome.strategy == Strategy::SendAll {
                 continue;
             }
-            let (desc, src) = &expect[job];
+            let (desc, src) = &expect[&job];
             // Compared without printing both objects: they can be megabytes.
             assert!(
                 outcome.result == reference_compile(desc, src),
                 "{job}: result for other bytes than the job's"
             );
+        } else if let ClientEvent::Failed { .. } = ev {
+            ended.insert(job);
         }
+    }
+    // Whatever went over the wire, a result stored under a submitted job's key is that
+    // job's: the server stores only under the key of what it received.
+    let by_key: HashMap<CacheKey, &(JobDesc, Bytes)> = expect
+        .values()
+        .map(|e| (CacheKey::compute(&e.0, &e.1), e))
+        .collect();
+    for (key, result) in &p.app.cache {
+        if let Some((desc, src)) = by_key.get(key) {
+            assert!(
+                *result == reference_compile(desc, src),
+                "cache poisoned under {}",
+                key.to_hex()
+            );
+        }
+    }
+    // Known bug, excluded here so it does not mask others (see the ignored test
+    // `bug_job_in_flight_at_goaway_never_ends`): a JOB that crosses GOAWAY never ends.
+    let goaway = p
+        .client_events
+        .iter()
+        .any(|(_, e)| matches!(e, ClientEvent::GoAway));
+    if !tampered && !shut_down && !closed && !goaway {
+        for job in &jobs {
+            assert!(
+                ended.contains(job) || cancelled_at.contains_key(job),
+                "{job} never ended"
+            );
+        }
+    }
+    Some(p)
+}
+
+/// Seed inputs: real frame sequences for each target (also written to `fuzz/corpus/` by
+/// the ignored `write_seed_corpus` test).
+#[cfg(test)]
+mod seeds {
+    use super::*;
+    use crate::{ErrorCode, OutputMeta, ResultHead, Stat};
+
+    fn enc(frames: &[Frame]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for f in frames {
+            out.extend_from_slice(&f.to_bytes(MAX).expect("seed frames encode"));
+        }
+        out
+    }
+
+    fn desc(arg: &str, len: Option<u64>) -> JobDesc {
+        JobDesc {
+            compiler: "cc".into(),
+            language: "cpp-output".into(),
+            args: vec![arg.into()],
+            source_len: len,
+        }
+    }
+
+    fn src(job: u32, data: &'static [u8], fin: bool) -> Frame {
+        Frame::Source {
+            job: JobId(job),
+            data: Bytes::from_static(data),
+            fin,
+        }
+    }
+
+    /// What clients send: HELLO (or not) and jobs of every strategy.
+    pub(super) fn client_streams() -> Vec<Vec<u8>> {
+        let d1 = desc("-O2", Some(6));
+        let d2 = desc("-O0", None);
+        let hello = Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            limits: Limits::default(),
+            features: 0,
+            extensions: Bytes::new(),
+        });
+        let job = |id, d: &JobDesc| Frame::Job {
+            job: JobId(id),
+            desc: d.clone(),
+        };
+        let hash = |id, d: &JobDesc, s: &[u8]| Frame::Hash {
+            job: JobId(id),
+            key: CacheKey::compute(d, s),
+        };
+        vec![
+            // Speculative, source in two chunks, then the same job again (a hit).
+            enc(&[
+                hello.clone(),
+                job(1, &d1),
+                hash(1, &d1, b"int x;"),
+                src(1, b"int ", false),
+                src(1, b"x;", true),
+                job(2, &d1),
+                hash(2, &d1, b"int x;"),
+                src(2, b"int x;", true),
+            ]),
+            // Without HELLO (the target adds one): send-all, stats, an ignorable frame.
+            enc(&[
+                job(1, &d2),
+                src(1, b"#error", true),
+                Frame::StatsRequest,
+                Frame::Ignorable {
+                    ty: FrameType(0x80),
+                    flags: 3,
+                    job: 0,
+                    payload: Bytes::from_static(b"x"),
+                },
+            ]),
+            // Ask-first, then a cancel, then a hash mismatch, then ERROR.
+            enc(&[
+                hello.clone(),
+                job(1, &d1),
+                hash(1, &d1, b"int x;"),
+                job(2, &d2),
+                Frame::Abort {
+                    job: JobId(2),
+                    code: ErrorCode::CANCELLED,
+                    message: "cancelled".into(),
+                },
+                src(1, b"int y;", true),
+                Frame::Error {
+                    code: ErrorCode::PROTOCOL,
+                    message: "bye".into(),
+                },
+            ]),
+            // A declared length that is too short.
+            enc(&[hello, job(1, &d1), src(1, b"int x; int y;", true)]),
+        ]
+    }
+
+    /// What servers send to `client_input`'s jobs 1 (speculative), 2 (ask-first) and 3
+    /// (send-all).
+    pub(super) fn server_streams() -> Vec<Vec<u8>> {
+        let hello = Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            limits: Limits::default(),
+            features: 0,
+            extensions: Bytes::new(),
+        });
+        let head = ResultHead {
+            exit_code: 0,
+            stdout_len: 0,
+            stderr_len: 2,
+            outputs: vec![OutputMeta {
+                name: ".o".into(),
+                len: 3,
+            }],
+        };
+        let result = |job, early| Frame::Result {
+            job: JobId(job),
+            early,
+            head: head.clone(),
+            body: Bytes::from_static(b"w\n"),
+            fin: false,
+        };
+        let data = |job| Frame::Data {
+            job: JobId(job),
+            data: Bytes::from_static(b"obj"),
+            fin: true,
+        };
+        vec![
+            enc(&[
+                hello.clone(),
+                Frame::Miss { job: JobId(1) },
+                result(2, true),
+                data(2),
+                Frame::Abort {
+                    job: JobId(3),
+                    code: ErrorCode::OVERLOADED,
+                    message: "busy".into(),
+                },
+                Frame::Stats(vec![Stat {
+                    name: "hits".into(),
+                    value: 1,
+                }]),
+                result(1, false),
+                data(1),
+                Frame::GoAway { last_job: 3 },
+            ]),
+            enc(&[
+                hello.clone(),
+                Frame::Miss { job: JobId(2) },
+                Frame::Miss { job: JobId(1) },
+                result(3, false),
+                result(2, false),
+                data(3),
+                data(2),
+                Frame::Result {
+                    job: JobId(1),
+                    early: false,
+                    head: ResultHead {
+                        exit_code: 1,
+                        ..ResultHead::default()
+                    },
+                    body: Bytes::new(),
+                    fin: true,
+                },
+            ]),
+            // No HELLO (the target adds one): an early result, then ERROR.
+            enc(&[
+                result(1, true),
+                data(1),
+                Frame::Error {
+                    code: ErrorCode::SHUTTING_DOWN,
+                    message: "bye".into(),
+                },
+            ]),
+        ]
+    }
+
+    /// Operation sequences for `pair_ops` (see its documentation for the encoding).
+    pub(super) fn pair_programs() -> Vec<Vec<u8>> {
+        let mut many = vec![0x80];
+        for i in 0..20 {
+            many.extend_from_slice(&[20, i, i]);
+        }
+        many.extend_from_slice(&[6, 0, 0]);
+        vec![
+            // The same job twice: a miss, then a hit.
+            vec![0x00, 0, 7, 1, 6, 0, 0, 0, 7, 1, 6, 0, 0],
+            // Ask-first with a declared length, a cancel.
+            vec![0x01, 20, 200, 3, 1, 9, 5, 3, 0, 0, 6, 0, 0],
+            // Send-all, stats, time.
+            vec![0x02, 0, 50, 2, 4, 0, 0, 5, 100, 1, 6, 0, 0],
+            // Ask-first, small chunks, compile time, then a byte flipped in flight.
+            vec![0x0D, 0, 90, 1, 6, 0, 0, 7, 1, 0, 0, 90, 1, 6, 0, 0],
+            // A failing compile, GOAWAY, bandwidth.
+            vec![0x44, 0, 10, 8, 6, 0, 0, 8, 0, 0, 0, 10, 8, 6, 0, 0],
+            // Send-all, big jobs, a cancel mid-way.
+            vec![0x9E, 0, 255, 3, 0, 255, 3, 5, 20, 1, 3, 1, 0, 6, 0, 0],
+            // A wrong declared length, client shutdown, a long wait.
+            vec![0x31, 50, 40, 2, 20, 40, 2, 6, 0, 0, 9, 0, 0, 5, 200, 0],
+            // More jobs than the server's limit.
+            many,
+            // Regression: send-all with a byte flipped in flight.
+            vec![0x06, 7, 1, 0, 0, 0x39, 0x39, 0, 0, 7, 6, 0, 0],
+        ]
+    }
+
+    /// Generic streams: nothing, one byte, garbage, a HELLO, every byte value.
+    pub(super) fn generic() -> Vec<Vec<u8>> {
+        vec![
+            Vec::new(),
+            vec![0],
+            vec![1; 40],
+            hello_bytes().to_vec(),
+            (0..=255u8).collect(),
+        ]
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::seeds::*;
     use super::*;
 
-    fn seeds() -> Vec<Vec<u8>> {
-        let mut v = vec![Vec::new(), vec![0], vec![1; 40], hello_bytes().to_vec()];
-        let desc = JobDesc {
-            compiler: "cc".into(),
-            language: "cpp-output".into(),
-            args: vec!["-O2".into()],
-            source_len: Some(3),
-        };
-        let mut s = hello_bytes().to_vec();
-        for f in [
-            Frame::Job {
-                job: JobId(1),
-                desc: desc.clone(),
-            },
-            Frame::Hash {
-                job: JobId(1),
-                key: CacheKey::compute(&desc, b"abc"),
-            },
-            Frame::Source {
-                job: JobId(1),
-                data: Bytes::from_static(b"abc"),
-                fin: true,
-            },
-        ] {
-            s.extend_from_slice(&f.to_bytes(MAX).unwrap());
-        }
-        v.push(s);
-        v.push((0..=255u8).collect());
+    fn all_streams() -> Vec<Vec<u8>> {
+        let mut v = generic();
+        v.extend(client_streams());
+        v.extend(server_streams());
         v
     }
 
-    /// Writes the seed corpora under `fuzz/corpus/`.
     #[test]
-    #[ignore = "writes fuzz/corpus; run by hand to regenerate"]
-    fn write_seed_corpus() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
-        let mut server_side = seeds();
-        // A server's answers, for the client target.
-        let mut answers = hello_bytes().to_vec();
-        for f in [
-            Frame::Miss { job: JobId(1) },
-            Frame::Result {
-                job: JobId(2),
-                early: true,
-                head: crate::ResultHead {
-                    exit_code: 0,
-                    stdout_len: 0,
-                    stderr_len: 2,
-                    outputs: vec![crate::OutputMeta {
-                        name: ".o".into(),
-                        len: 3,
-                    }],
-                },
-                body: Bytes::from_static(b"w\n"),
-                fin: false,
-            },
-            Frame::Data {
-                job: JobId(2),
-                data: Bytes::from_static(b"obj"),
-                fin: true,
-            },
-            Frame::Abort {
-                job: JobId(1),
-                code: crate::ErrorCode::OVERLOADED,
-                message: "busy".into(),
-            },
-            Frame::GoAway { last_job: 2 },
-        ] {
-            answers.extend_from_slice(&f.to_bytes(MAX).unwrap());
-        }
-        server_side.push(answers.clone());
-        for target in [
-            "decode_frames",
-            "chunked_equals_oneshot",
-            "server_input",
-            "client_input",
-        ] {
-            let dir = root.join(target);
-            std::fs::create_dir_all(&dir).unwrap();
-            for (i, s) in server_side.iter().enumerate() {
-                std::fs::write(dir.join(format!("seed-{i:02}")), s).unwrap();
+    fn decoding_targets_accept_seeds() {
+        for s in all_streams() {
+            decode_frames(&s);
+            for cuts in [
+                &[][..],
+                &[3, 0, 128, 255][..],
+                &[15, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15][..],
+            ] {
+                let mut input = cuts.to_vec();
+                input.extend_from_slice(&s);
+                chunked_equals_oneshot(&input);
             }
         }
-        let dir = root.join("pair_ops");
-        std::fs::create_dir_all(&dir).unwrap();
-        let ops: [&[u8]; 6] = [
-            &[0, 0, 7, 0, 0, 7, 5, 0, 0],
-            &[1, 0, 200, 0, 1, 9, 2, 0, 0, 5, 0, 0],
-            &[2, 0, 50, 0, 3, 0, 0, 4, 100, 0, 5, 0, 0],
-            &[0x81, 6, 1, 0, 0, 90, 0, 5, 0, 0],
-            &[3, 0, 10, 0, 7, 0, 0, 0, 10, 0, 5, 0, 0],
-            &[0x82, 0, 255, 0, 0, 255, 0, 4, 20, 0, 2, 1, 0],
-        ];
-        for (i, s) in ops.iter().enumerate() {
-            std::fs::write(dir.join(format!("seed-{i:02}")), s).unwrap();
+    }
+
+    #[test]
+    fn server_input_runs_on_seeds() {
+        for s in all_streams() {
+            server_input(&s);
+        }
+        // Every configuration the first byte selects, on garbage after it.
+        for first in 0..=255u8 {
+            server_input(&[first, 2, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
+        }
+    }
+
+    #[test]
+    fn client_input_runs_on_seeds() {
+        for s in all_streams() {
+            client_input(&s);
+        }
+        for first in 0..=255u8 {
+            client_input(&[first, 5, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
+        }
+    }
+
+    #[test]
+    fn pair_ops_runs_on_seeds() {
+        for s in pair_programs() {
+            pair_ops(&s);
+        }
+        for s in generic() {
+            pair_ops(&s);
+        }
+    }
+
+    /// The seeds reach what they are meant to: results, hits, stats, misses.
+    #[test]
+    fn seeds_reach_deep_states() {
+        let types =
+            |frames: &[Frame]| -> Vec<FrameType> { frames.iter().map(Frame::frame_type).collect() };
+        let out = types(&server_run(&client_streams()[0]));
+        assert_eq!(
+            out,
+            [
+                FrameType::HELLO,
+                FrameType::MISS,
+                FrameType::RESULT,
+                FrameType::DATA,
+                FrameType::EARLY_RESULT,
+                FrameType::DATA,
+                // The idle timeout at the end.
+                FrameType::GOAWAY,
+            ]
+        );
+        let out = types(&server_run(&client_streams()[1]));
+        assert!(out.contains(&FrameType::RESULT) && out.contains(&FrameType::STATS));
+        let out = types(&server_run(&client_streams()[2]));
+        assert!(out.contains(&FrameType::ABORT), "{out:?}");
+        let events = client_run(&server_streams()[0]);
+        let done = |e: &&ClientEvent| matches!(e, ClientEvent::Done { .. });
+        assert_eq!(events.iter().filter(done).count(), 2, "{events:?}");
+        assert!(events.iter().any(|e| matches!(e, ClientEvent::Stats(_))));
+        let events = client_run(&server_streams()[1]);
+        assert_eq!(events.iter().filter(done).count(), 3, "{events:?}");
+        for prog in pair_programs() {
+            let p = pair_run(&prog).expect("a program");
+            assert!(
+                p.client_events
+                    .iter()
+                    .any(|(_, e)| matches!(e, ClientEvent::Done { .. })),
+                "{prog:?}: no result"
+            );
+        }
+    }
+
+    /// Every strategy, with and without tampering, on a few jobs.
+    #[test]
+    fn pair_ops_every_strategy() {
+        for first in 0..=255u8 {
+            pair_ops(&[
+                first, 0, 20, 1, 1, 20, 1, 3, 1, 0, 4, 0, 0, 0, 20, 1, 6, 0, 0,
+            ]);
+        }
+        for tamper in 1..5u8 {
+            for first in [0u8, 1, 2, 0x0C] {
+                pair_ops(&[first, 7, tamper, 0, 0, 90, 1, 0, 90, 1, 6, 0, 0]);
+            }
         }
     }
 
     /// Found by `pair_ops`: send-all with a byte flipped in flight. Without HASH the
-    /// altered source is compiled as received; the target no longer demands otherwise.
+    /// altered source is compiled as received (inherent: nothing can tell), so the target
+    /// exempts send-all results once bytes were altered. This input still reaches it.
     #[test]
     fn regression_send_all_with_tampering() {
-        pair_ops(&[
-            0x05, 0x76, 0x39, 0x39, 0x39, 0x39, 0x39, 0x00, 0x00, 0x07, 0x05, 0x19, 0x00,
-        ]);
+        let p = pair_run(&[
+            0x06, 0x07, 0x01, 0x00, 0x00, 0x39, 0x39, 0x00, 0x00, 0x07, 0x06, 0x00, 0x00,
+        ])
+        .expect("a program");
+        let wrong = p.client_events.iter().any(|(_, e)| match e {
+            ClientEvent::Done { job, outcome } => {
+                let desc = JobDesc {
+                    compiler: "cc".into(),
+                    language: "cpp-output".into(),
+                    // 0x39 % 3 and 0 % 3: both jobs are `-O0`.
+                    args: vec!["-O0".into()],
+                    source_len: None,
+                };
+                let src = if job.0 == 1 {
+                    op_source(0x39, 0x39)
+                } else {
+                    op_source(0, 7)
+                };
+                outcome.result != reference_compile(&desc, &src)
+            }
+            _ => false,
+        });
+        assert!(wrong, "the altered send-all upload is no longer reached");
     }
 
     /// The same input with a hashed strategy: tampering must fail the job, never return
     /// a wrong result.
     #[test]
     fn regression_speculative_with_tampering() {
-        pair_ops(&[
-            0x03, 0x76, 0x39, 0x39, 0x39, 0x39, 0x39, 0x00, 0x00, 0x07, 0x05, 0x19, 0x00,
-        ]);
+        for first in [0x04, 0x05] {
+            pair_ops(&[
+                first, 0x07, 0x01, 0x00, 0x00, 0x39, 0x39, 0x00, 0x00, 0x07, 0x06, 0x00, 0x00,
+            ]);
+        }
     }
 
+    /// Found by `pair_ops` (input `44 00 0a 08 06 00 00 08 00 00 00 0a 08 06 00 00`): a JOB
+    /// the client sent before it received GOAWAY never ends. The server, with no job open,
+    /// closes as soon as it queues GOAWAY and ignores all later input, so it never answers
+    /// the in-flight JOB with ABORT `SHUTTING_DOWN` as PROTOCOL.md section 6 requires; and
+    /// the client ignores GOAWAY's `last_job`, so it keeps waiting for a job the server
+    /// has said it did not accept. Over TCP the job only ends with the connection
+    /// (`UnexpectedEof`, or a reset if the server closes with the JOB unread).
     #[test]
-    fn every_entry_point_runs_on_seeds() {
-        for s in seeds() {
-            decode_frames(&s);
-            chunked_equals_oneshot(&s);
-            server_input(&s);
-            client_input(&s);
-            pair_ops(&s);
-        }
+    fn regression_job_in_flight_at_goaway_ends() {
+        let mut p = Pair::default_with_seed(1, origin());
+        let desc = JobDesc {
+            compiler: "cc".into(),
+            language: "cpp-output".into(),
+            args: vec![],
+            source_len: None,
+        };
+        let first = p
+            .submit(desc.clone(), Bytes::from_static(b"int a;"))
+            .unwrap();
+        assert!(p.run(1000));
+        assert!(matches!(p.job_end(first), Some(ClientEvent::Done { .. })));
+        p.server.goaway();
+        // Sent before the client can have read the GOAWAY.
+        let second = p.submit(desc, Bytes::from_static(b"int b;")).unwrap();
+        assert!(p.run(1000));
+        p.advance(Duration::from_secs(3600));
+        assert!(p.run(1000));
+        let closed = p
+            .client_events
+            .iter()
+            .any(|(_, e)| matches!(e, ClientEvent::Closed { .. }));
+        assert!(
+            p.job_end(second).is_some() || closed,
+            "{second} neither ended nor lost with the connection: {:?}",
+            p.client_events
+        );
+    }
+
+    /// Writes the seed corpora under `fuzz/corpus/`: run by hand with
+    /// `cargo test -p dcache-proto --features fuzzing --lib -- --ignored write_seed_corpus`.
+    #[test]
+    #[ignore = "writes fuzz/corpus; run by hand to regenerate"]
+    fn write_seed_corpus() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+        let write = |target: &str, seeds: &[Vec<u8>]| {
+            let dir = root.join(target);
+            std::fs::create_dir_all(&dir).unwrap();
+            for (i, s) in seeds.iter().enumerate() {
+                std::fs::write(dir.join(format!("seed-{i:02}")), s).unwrap();
+            }
+        };
+        let mut decoding = generic();
+        decoding.extend(client_streams());
+        decoding.extend(server_streams());
+        write("decode_frames", &decoding);
+        let chunked: Vec<Vec<u8>> = decoding
+            .iter()
+            .map(|s| {
+                let mut v = vec![3, 40, 128, 200];
+                v.extend_from_slice(s);
+                v
+            })
+            .collect();
+        write("chunked_equals_oneshot", &chunked);
+        let mut server = generic();
+        server.extend(client_streams());
+        write("server_input", &server);
+        let mut client = generic();
+        client.extend(server_streams());
+        write("client_input", &client);
+        write("pair_ops", &pair_programs());
     }
 }
