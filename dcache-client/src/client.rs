@@ -4,7 +4,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dcache_proto::{CacheKey, ClientConfig, ErrorCode, JobDesc, JobOutcome, Stat, Strategy};
+use dcache_proto::{
+    AuthKey, CacheKey, ClientConfig, ErrorCode, JobDesc, JobOutcome, Stat, Strategy,
+};
 use dcache_transport::{Address, ClientHandle, JobError, TransportOptions, connect, spawn_client};
 
 use crate::hosts::{DEFAULT_BACKOFF, HostHealth};
@@ -23,6 +25,10 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// How long a failed host is skipped.
     pub backoff: Duration,
+    /// The shared token's key, for servers started with `--token-file`: the client proves
+    /// it holds the token and insists the server proves it too (see [`AuthKey`]). With a
+    /// key set, a server that does not authenticate is treated as failing.
+    pub auth: Option<AuthKey>,
 }
 
 impl ClientOptions {
@@ -35,6 +41,7 @@ impl ClientOptions {
             transport: TransportOptions::default(),
             connect_timeout: Duration::from_secs(2),
             backoff: DEFAULT_BACKOFF,
+            auth: None,
         }
     }
 }
@@ -200,6 +207,7 @@ impl Client {
             stream,
             ClientConfig {
                 strategy: self.options.strategy,
+                auth: self.options.auth.clone(),
                 ..ClientConfig::default()
             },
         );

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
+use crate::auth::{self, AuthKey, FEATURE_AUTH, Nonce};
 use crate::decoder::FrameDecoder;
 use crate::error::{CommandError, ConnectionError};
 use crate::error_code::ErrorCode;
@@ -70,6 +71,11 @@ pub struct ClientConfig {
     pub handshake_timeout: Duration,
     /// Largest result body we accept (stdout + stderr + outputs).
     pub max_result_len: u64,
+    /// Authenticate with this shared token's key (see [`AuthKey`]), and insist that the
+    /// server proves it holds the key too before any job is sent. Needs a connection made
+    /// with [`ClientConnection::with_nonce`]. Jobs then wait for the handshake instead of
+    /// being pipelined behind HELLO: one round trip per connection, not per job.
+    pub auth: Option<AuthKey>,
 }
 
 impl Default for ClientConfig {
@@ -80,6 +86,7 @@ impl Default for ClientConfig {
             strategy: Strategy::Speculative,
             handshake_timeout: Duration::from_secs(10),
             max_result_len: 1024 * 1024 * 1024,
+            auth: None,
         }
     }
 }
@@ -244,20 +251,41 @@ pub struct ClientConnection {
     /// GOAWAY's `last_job`, once received: jobs above it were not accepted, and an ABORT
     /// the server sent for one of them may still arrive after we have dropped it.
     goaway_last_job: Option<u32>,
+    /// Our authentication challenge, when the owner supplied one.
+    nonce: Option<Nonce>,
+    /// Stats requests made before authentication completed, not yet sent.
+    stats_held: u32,
 }
 
 impl ClientConnection {
     /// A new connection that has queued its HELLO.
-    pub fn new(mut config: ClientConfig, now: Instant) -> Self {
+    ///
+    /// For [`ClientConfig::auth`] use [`with_nonce`](Self::with_nonce) instead: this crate
+    /// has no randomness of its own.
+    pub fn new(config: ClientConfig, now: Instant) -> Self {
+        Self::build(config, now, None)
+    }
+
+    /// A new connection whose authentication challenge is `nonce`: 32 bytes from a
+    /// cryptographic random source, never reused.
+    pub fn with_nonce(config: ClientConfig, now: Instant, nonce: Nonce) -> Self {
+        Self::build(config, now, Some(nonce))
+    }
+
+    fn build(mut config: ClientConfig, now: Instant, nonce: Option<Nonce>) -> Self {
         config.limits = clamp_own_limits(config.limits);
         config.chunk_size = config.chunk_size.max(1);
         let mut outbox = Outbox::default();
+        let (features, extensions) = match (&config.auth, nonce) {
+            (Some(_), Some(n)) => (FEATURE_AUTH, Bytes::copy_from_slice(&n)),
+            _ => (0, Bytes::new()),
+        };
         let hello = Frame::Hello(Hello {
             min_version: VERSION_MIN,
             max_version: VERSION_MAX,
             limits: config.limits,
-            features: 0,
-            extensions: Bytes::new(),
+            features,
+            extensions,
         });
         outbox.push(encode_control(&hello, Limits::BASELINE.max_frame_payload));
         Self {
@@ -277,6 +305,8 @@ impl ClientConnection {
             ready: VecDeque::new(),
             stats_pending: 0,
             goaway_last_job: None,
+            nonce,
+            stats_held: 0,
         }
     }
 
@@ -430,11 +460,21 @@ impl ClientConnection {
             return Err(CommandError::Closed);
         }
         self.stats_pending += 1;
-        self.outbox.push(encode_control(
-            &Frame::StatsRequest,
-            self.peer.max_frame_payload,
-        ));
+        if self.auth_pending() {
+            // Nothing but HELLO and AUTH may precede the proof; sent once it is out.
+            self.stats_held += 1;
+        } else {
+            self.outbox.push(encode_control(
+                &Frame::StatsRequest,
+                self.peer.max_frame_payload,
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether a token is configured and the server has not yet proved itself.
+    fn auth_pending(&self) -> bool {
+        self.config.auth.is_some() && matches!(self.state, State::Handshaking { .. })
     }
 
     /// Ends the connection gracefully: no new jobs; waiting jobs (not yet sent) are dropped,
@@ -598,7 +638,14 @@ impl ClientConnection {
                 let version = negotiate(VERSION_MIN, VERSION_MAX, &hello)?;
                 check_peer_limits(&hello.limits)?;
                 self.peer = hello.limits;
+                self.authenticate(&hello)?;
                 self.state = State::Open;
+                for _ in 0..std::mem::take(&mut self.stats_held) {
+                    self.outbox.push(encode_control(
+                        &Frame::StatsRequest,
+                        self.peer.max_frame_payload,
+                    ));
+                }
                 self.events.push_back(ClientEvent::Connected {
                     version,
                     server: hello,
@@ -685,6 +732,42 @@ impl ClientConnection {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// With a token configured: checks the server's proof and answers with ours. A server
+    /// that does not authenticate is refused, or an impostor could collect our source by
+    /// simply not asking.
+    fn authenticate(&mut self, hello: &Hello) -> Result<(), ConnectionError> {
+        let Some(key) = &self.config.auth else {
+            return Ok(());
+        };
+        let Some(client_nonce) = self.nonce else {
+            return Err(internal(
+                "a token is configured but the connection has no challenge nonce".into(),
+            ));
+        };
+        let Some([server_nonce, proof]) = auth::read_fields::<2>(&hello.extensions)
+            .filter(|_| hello.features & FEATURE_AUTH != 0)
+        else {
+            return Err(ConnectionError::Unauthorized {
+                reason: "the server does not authenticate (it has no --token-file), but we \
+                         have a token; refusing to send it anything"
+                    .into(),
+            });
+        };
+        if !auth::proof_matches(key.server_proof(&client_nonce, &server_nonce), &proof) {
+            return Err(ConnectionError::Unauthorized {
+                reason: "the server's proof does not match: its --token-file differs from \
+                         DCACHE_TOKEN"
+                    .into(),
+            });
+        }
+        let answer = Frame::Auth {
+            proof: *key.client_proof(&server_nonce, &client_nonce).as_bytes(),
+        };
+        self.outbox
+            .push(encode_control(&answer, self.peer.max_frame_payload));
         Ok(())
     }
 
@@ -865,7 +948,9 @@ impl ClientConnection {
 
     fn announce_waiting(&mut self) {
         let max_jobs = self.peer.max_jobs as usize;
-        while self.announced < max_jobs && self.state != State::Closed {
+        // With a token, nothing goes out before the server has proved itself.
+        let held = self.auth_pending();
+        while !held && self.announced < max_jobs && self.state != State::Closed {
             let Some(id) = self.waiting.pop_front() else {
                 return;
             };

@@ -140,6 +140,14 @@ pub enum ConnectionError {
     /// The byte stream ended while jobs or the handshake were still open.
     #[error("connection closed by peer with work outstanding")]
     UnexpectedEof,
+    /// Shared-token authentication failed or was not possible; the reason says which
+    /// side lacks or mismatches the token, so the fix is clear (`DCACHE_TOKEN`,
+    /// `--token-file`).
+    #[error("authentication failed: {reason}")]
+    Unauthorized {
+        /// What was wrong.
+        reason: String,
+    },
     /// We closed the connection on request of our owner.
     #[error("connection closed locally ({code}): {reason}")]
     LocallyClosed {
@@ -160,6 +168,7 @@ impl ConnectionError {
             Self::VersionMismatch { .. } => ErrorCode::VERSION_MISMATCH,
             Self::Timeout { .. } => ErrorCode::TIMEOUT,
             Self::UnexpectedEof => ErrorCode::PROTOCOL,
+            Self::Unauthorized { .. } => ErrorCode::UNAUTHORIZED,
         }
     }
 }

@@ -216,6 +216,11 @@ pub enum Frame {
     StatsRequest,
     /// The server's counters.
     Stats(Vec<Stat>),
+    /// The client's proof that it holds the shared token (see the `auth` module).
+    Auth {
+        /// Keyed BLAKE3 MAC over the server's and the client's nonces.
+        proof: [u8; 32],
+    },
     /// A frame in the ignorable range; kept whole so it can be logged or re-encoded.
     Ignorable {
         /// Its type byte (0x80 or above).
@@ -275,6 +280,7 @@ impl Frame {
             Self::Error { .. } => FrameType::ERROR,
             Self::GoAway { .. } => FrameType::GOAWAY,
             Self::StatsRequest => FrameType::STATS_REQUEST,
+            Self::Auth { .. } => FrameType::AUTH,
             Self::Stats(_) => FrameType::STATS,
             Self::Ignorable { ty, .. } => *ty,
         }
@@ -433,6 +439,9 @@ impl Frame {
                 last_job: r.u32("GOAWAY last job")?,
             },
             FrameType::STATS_REQUEST => Self::StatsRequest,
+            FrameType::AUTH => Self::Auth {
+                proof: r.bytes32("AUTH proof")?,
+            },
             FrameType::STATS => {
                 let count = usize::from(r.u16("STATS count")?);
                 if count > MAX_STATS {
@@ -535,6 +544,7 @@ impl Frame {
                 put_str16(&mut head, message);
             }
             Self::GoAway { last_job } => head.put_u32(*last_job),
+            Self::Auth { proof } => head.put_slice(proof),
             Self::Stats(stats) => {
                 if stats.len() > MAX_STATS {
                     return Err(FrameError::FieldTooLong("STATS"));

@@ -38,6 +38,8 @@ impl FrameType {
     pub const STATS_REQUEST: Self = Self(0x0C);
     /// The server's counters, in answer to STATS_REQUEST.
     pub const STATS: Self = Self(0x0D);
+    /// The client's answer to the server's authentication challenge (client to server).
+    pub const AUTH: Self = Self(0x0E);
 
     /// First type of the range a receiver skips when it does not know the type, so optional
     /// frames can be added without a version bump.
@@ -50,14 +52,19 @@ impl FrameType {
 
     /// Whether protocol version 1 defines this type.
     pub fn is_known(self) -> bool {
-        (Self::HELLO.0..=Self::STATS.0).contains(&self.0)
+        (Self::HELLO.0..=Self::AUTH.0).contains(&self.0)
     }
 
     /// Whether frames of this type belong to the connection (job id 0) rather than a job.
     pub fn is_connection_level(self) -> bool {
         matches!(
             self,
-            Self::HELLO | Self::ERROR | Self::GOAWAY | Self::STATS_REQUEST | Self::STATS
+            Self::HELLO
+                | Self::ERROR
+                | Self::GOAWAY
+                | Self::STATS_REQUEST
+                | Self::STATS
+                | Self::AUTH
         )
     }
 
@@ -88,6 +95,7 @@ impl FrameType {
             Self::GOAWAY => "GOAWAY",
             Self::STATS_REQUEST => "STATS_REQUEST",
             Self::STATS => "STATS",
+            Self::AUTH => "AUTH",
             t if t.is_ignorable() => "ignorable",
             _ => "unknown",
         }

@@ -12,9 +12,9 @@ use bytes::{Bytes, BytesMut};
 
 use crate::testing::{Pair, ReferenceServer, reference_compile};
 use crate::{
-    CacheKey, ClientConfig, ClientConnection, ClientEvent, DecodeError, Frame, FrameDecoder,
-    FrameHeader, FrameType, HEADER_LEN, Hello, JobDesc, JobId, KeyHasher, Limits, MAX_OUTPUTS,
-    ServerConfig, ServerConnection, ServerEvent, Strategy,
+    AuthKey, CacheKey, ClientConfig, ClientConnection, ClientEvent, DecodeError, FEATURE_AUTH,
+    Frame, FrameDecoder, FrameHeader, FrameType, HEADER_LEN, Hello, JobDesc, JobId, KeyHasher,
+    Limits, MAX_OUTPUTS, ServerConfig, ServerConnection, ServerEvent, Strategy,
 };
 
 /// The payload limit the decoding targets use: small, so length checks are reached.
@@ -175,6 +175,7 @@ const CLIENT_TYPES: &[FrameType] = &[
     FrameType::ABORT,
     FrameType::ERROR,
     FrameType::STATS_REQUEST,
+    FrameType::AUTH,
 ];
 
 /// Frame types a server sends.
@@ -363,23 +364,45 @@ pub fn server_input(data: &[u8]) {
 fn server_run(data: &[u8]) -> Vec<Frame> {
     let now = origin();
     let first = data.first().copied().unwrap_or(0);
-    let mut conn = ServerConnection::new(
-        ServerConfig {
-            limits: Limits {
-                max_frame_payload: MAX,
-                max_source_len: if first & 0x10 != 0 { 4096 } else { 1 << 20 },
-                max_jobs: 16,
-            },
-            chunk_size: 1024,
-            max_queued_output: if first & 0x08 != 0 { 256 } else { 64 * 1024 },
-            ..ServerConfig::default()
+    // Bit 6: the server requires a token. With an even first byte the harness then also
+    // does the client's side of the authentication, so the bytes after it reach an open
+    // connection; with an odd one the input must get through (or fail) on its own.
+    let key = (first & 0x40 != 0).then(|| AuthKey::from_token(b"fuzz"));
+    let server_nonce = [7u8; 32];
+    let conn_config = ServerConfig {
+        limits: Limits {
+            max_frame_payload: MAX,
+            max_source_len: if first & 0x10 != 0 { 4096 } else { 1 << 20 },
+            max_jobs: 16,
         },
-        now,
-    );
+        chunk_size: 1024,
+        max_queued_output: if first & 0x08 != 0 { 256 } else { 64 * 1024 },
+        auth: key.clone(),
+        ..ServerConfig::default()
+    };
+    let mut conn = ServerConnection::with_nonce(conn_config, now, server_nonce);
     let mut app = ReferenceServer::default();
     let mut input = Vec::new();
     if first % 2 == 0 {
-        input.extend_from_slice(&hello_bytes());
+        match &key {
+            None => input.extend_from_slice(&hello_bytes()),
+            Some(key) => {
+                let client_nonce = [3u8; 32];
+                let hello = Frame::Hello(Hello {
+                    min_version: 1,
+                    max_version: 1,
+                    limits: Limits::default(),
+                    features: FEATURE_AUTH,
+                    extensions: Bytes::copy_from_slice(&client_nonce),
+                });
+                let auth = Frame::Auth {
+                    proof: *key.client_proof(&server_nonce, &client_nonce).as_bytes(),
+                };
+                for f in [hello, auth] {
+                    input.extend_from_slice(&f.to_bytes(MAX).unwrap_or_default());
+                }
+            }
+        }
     }
     input.extend_from_slice(data);
     let mut out = Vec::new();
@@ -1275,6 +1298,52 @@ mod tests {
         );
     }
 
+    /// The same streams against a server that requires a token, with the harness doing
+    /// the authentication: an ignorable frame of type 0xC0 first sets bit 6 and leaves
+    /// bit 0 clear; the streams' own HELLO is dropped (the harness sent one).
+    fn authed_client_streams() -> Vec<Vec<u8>> {
+        client_streams()
+            .into_iter()
+            .filter_map(|s| {
+                let mut buf = BytesMut::from(&s[..]);
+                let mut dec = FrameDecoder::new(MAX);
+                let Ok(Some(Frame::Hello(_))) = dec.decode(&mut buf) else {
+                    return None;
+                };
+                let mut v = Frame::Ignorable {
+                    ty: FrameType(0xC0),
+                    flags: 0,
+                    job: 0,
+                    payload: Bytes::new(),
+                }
+                .to_bytes(MAX)
+                .unwrap()
+                .to_vec();
+                v.extend_from_slice(&buf);
+                Some(v)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn authenticated_seeds_reach_open_jobs() {
+        let seeds = authed_client_streams();
+        assert!(!seeds.is_empty());
+        let mut answered = 0;
+        for seed in &seeds {
+            let frames = server_run(seed);
+            assert!(
+                !frames.iter().any(|f| matches!(
+                    f,
+                    Frame::Error { code, .. } if *code == crate::ErrorCode::UNAUTHORIZED
+                )),
+                "a seed did not get past AUTH: {frames:?}"
+            );
+            answered += usize::from(frames.iter().any(|f| matches!(f, Frame::Result { .. })));
+        }
+        assert!(answered > 0, "no authenticated seed got a result");
+    }
+
     /// Writes the seed corpora under `fuzz/corpus/`: run by hand with
     /// `cargo test -p dcache-proto --features fuzzing --lib -- --ignored write_seed_corpus`.
     #[test]
@@ -1303,6 +1372,7 @@ mod tests {
         write("chunked_equals_oneshot", &chunked);
         let mut server = generic();
         server.extend(client_streams());
+        server.extend(authed_client_streams());
         write("server_input", &server);
         let mut client = generic();
         client.extend(server_streams());

@@ -9,6 +9,7 @@
 //! The normative description of the bytes is `docs/PROTOCOL.md` in the repository.
 #![forbid(unsafe_code)]
 
+mod auth;
 mod codec;
 mod decoder;
 mod error;
@@ -19,6 +20,7 @@ mod header;
 mod job;
 mod key;
 
+pub use auth::{AUTH_LEN, AuthKey, FEATURE_AUTH, Nonce};
 pub use decoder::{FrameDecoder, MAX_CONSECUTIVE_FILLER};
 pub use error::{CommandError, ConnectionError, DecodeError, FrameError};
 pub use error_code::ErrorCode;

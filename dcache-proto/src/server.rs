@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
+use crate::auth::{self, AUTH_LEN, AuthKey, FEATURE_AUTH, Nonce};
 use crate::client::{
     encode_control, internal, protocol, queue_abort, truncate_message, unexpected,
 };
@@ -36,6 +37,10 @@ pub struct ServerConfig {
     /// the client reads: a client that sends requests and never reads the answers cannot
     /// make us queue without bound.
     pub max_queued_output: usize,
+    /// Require clients to prove they hold this shared token's key before any job (see
+    /// [`AuthKey`]). Needs a connection made with
+    /// [`ServerConnection::with_nonce`]; without a nonce every client is refused.
+    pub auth: Option<AuthKey>,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +52,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(300),
             stall_timeout: Duration::from_secs(60),
             max_queued_output: 1024 * 1024,
+            auth: None,
         }
     }
 }
@@ -137,8 +143,14 @@ pub enum ServerEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Handshaking,
+    /// Our HELLO with the challenge is out; the client's AUTH must come next.
+    Authenticating {
+        client_nonce: Nonce,
+    },
     Open,
-    GoingAway { last_job: u32 },
+    GoingAway {
+        last_job: u32,
+    },
     Closed,
 }
 
@@ -213,6 +225,10 @@ pub struct ServerConnection {
     stats: ConnStats,
     /// STATS_REQUESTs reported to the owner and not yet answered.
     stats_pending: u32,
+    /// Our challenge, when the owner supplied one.
+    nonce: Option<Nonce>,
+    /// The version agreed in the handshake, reported once authentication is done.
+    pending_connect: Option<(u16, Hello)>,
 }
 
 /// Unanswered STATS_REQUESTs beyond which decoding pauses: requests cost the peer 12 bytes
@@ -220,8 +236,20 @@ pub struct ServerConnection {
 const MAX_PENDING_STATS: u32 = 8;
 
 impl ServerConnection {
-    /// A new connection, waiting for the client's HELLO.
-    pub fn new(mut config: ServerConfig, now: Instant) -> Self {
+    /// A new connection, waiting for the client's HELLO. For [`ServerConfig::auth`] use
+    /// [`with_nonce`](Self::with_nonce) instead: this crate has no randomness of its own.
+    pub fn new(config: ServerConfig, now: Instant) -> Self {
+        Self::build(config, now, None)
+    }
+
+    /// A new connection whose authentication challenge is `nonce`: 32 bytes from a
+    /// cryptographic random source, never reused (a reused challenge lets a recorded
+    /// answer be replayed).
+    pub fn with_nonce(config: ServerConfig, now: Instant, nonce: Nonce) -> Self {
+        Self::build(config, now, Some(nonce))
+    }
+
+    fn build(mut config: ServerConfig, now: Instant, nonce: Option<Nonce>) -> Self {
         config.limits = clamp_own_limits(config.limits);
         config.chunk_size = config.chunk_size.max(1024);
         Self {
@@ -240,6 +268,8 @@ impl ServerConnection {
             read_closed: false,
             stats: ConnStats::default(),
             stats_pending: 0,
+            nonce,
+            pending_connect: None,
         }
     }
 
@@ -451,7 +481,8 @@ impl ServerConnection {
         if self.state == State::Closed {
             return;
         }
-        if !data.is_empty() {
+        if self.inbuf.is_empty() && !data.is_empty() {
+            // A frame starts: the stall clock counts from its first byte.
             self.last_input = now;
         }
         self.inbuf.extend_from_slice(data);
@@ -462,6 +493,9 @@ impl ServerConnection {
             }
             match self.decoder.decode(&mut self.inbuf) {
                 Ok(Some(frame)) => {
+                    // Progress is a whole frame, not a byte: a peer trickling one byte at
+                    // a time cannot hold an upload open past the stall timeout.
+                    self.last_input = now;
                     if let Err(e) = self.on_frame(frame) {
                         self.fail_with(e, true);
                     }
@@ -489,7 +523,7 @@ impl ServerConnection {
             .jobs
             .values()
             .any(|j| !matches!(j.upload, Upload::Closed));
-        if self.state == State::Handshaking || uploading || !self.inbuf.is_empty() {
+        if self.is_handshaking() || uploading || !self.inbuf.is_empty() {
             self.fail_with(ConnectionError::UnexpectedEof, false);
             return;
         }
@@ -505,11 +539,11 @@ impl ServerConnection {
     /// A timer from [`poll_timeout`](Self::poll_timeout) fired.
     pub fn handle_timeout(&mut self, now: Instant) {
         match self.state {
-            State::Handshaking if now >= self.handshake_deadline => {
+            State::Handshaking | State::Authenticating { .. } if now >= self.handshake_deadline => {
                 self.fail_with(ConnectionError::Timeout { what: "handshake" }, true);
             }
             State::Open | State::GoingAway { .. } => {
-                if self.awaiting_source() {
+                if self.awaiting_input() {
                     if now >= self.last_input + self.config.stall_timeout {
                         self.fail_with(ConnectionError::Timeout { what: "upload" }, true);
                     }
@@ -617,9 +651,9 @@ impl ServerConnection {
     /// When [`handle_timeout`](Self::handle_timeout) must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
-            State::Handshaking => Some(self.handshake_deadline),
+            State::Handshaking | State::Authenticating { .. } => Some(self.handshake_deadline),
             State::Open | State::GoingAway { .. } if !self.read_closed => {
-                if self.awaiting_source() {
+                if self.awaiting_input() {
                     Some(self.last_input + self.config.stall_timeout)
                 } else if self.jobs.is_empty() && self.state == State::Open {
                     Some(self.last_input + self.config.idle_timeout)
@@ -644,21 +678,40 @@ impl ServerConnection {
             let version = negotiate(VERSION_MIN, VERSION_MAX, &hello)?;
             check_peer_limits(&hello.limits)?;
             self.peer = hello.limits;
-            let ours = Frame::Hello(Hello {
-                min_version: VERSION_MIN,
-                max_version: VERSION_MAX,
-                limits: self.config.limits,
-                features: 0,
-                extensions: Bytes::new(),
-            });
-            self.outbox
-                .push(encode_control(&ours, self.peer.max_frame_payload));
-            self.state = State::Open;
-            self.events.push_back(ServerEvent::Connected {
-                version,
-                client: hello,
-            });
+            let Some(key) = self.config.auth.clone() else {
+                self.send_hello(0, Bytes::new());
+                self.state = State::Open;
+                self.events.push_back(ServerEvent::Connected {
+                    version,
+                    client: hello,
+                });
+                return Ok(());
+            };
+            let Some(server_nonce) = self.nonce else {
+                return Err(internal(
+                    "server requires a token but its connection has no challenge nonce".into(),
+                ));
+            };
+            let client_nonce = match auth::read_fields::<1>(&hello.extensions) {
+                Some([n]) if hello.features & FEATURE_AUTH != 0 => n,
+                _ => {
+                    return Err(ConnectionError::Unauthorized {
+                        reason: "this server requires a shared token; set DCACHE_TOKEN \
+                                 (the server's --token-file)"
+                            .into(),
+                    });
+                }
+            };
+            let mut ext = BytesMut::with_capacity(2 * AUTH_LEN);
+            ext.extend_from_slice(&server_nonce);
+            ext.extend_from_slice(key.server_proof(&client_nonce, &server_nonce).as_bytes());
+            self.send_hello(FEATURE_AUTH, ext.freeze());
+            self.state = State::Authenticating { client_nonce };
+            self.pending_connect = Some((version, hello));
             return Ok(());
+        }
+        if let State::Authenticating { client_nonce } = self.state {
+            return self.on_auth(frame, client_nonce);
         }
         match frame {
             Frame::Hello(_) => Err(unexpected("second HELLO".into())),
@@ -676,11 +729,64 @@ impl ServerConnection {
                 Ok(())
             }
             Frame::Ignorable { .. } => Ok(()),
+            Frame::Auth { .. } => Err(unexpected(
+                "AUTH when no authentication is under way".into(),
+            )),
             other => Err(unexpected(format!(
                 "{} is not sent by clients",
                 other.frame_type()
             ))),
         }
+    }
+
+    fn is_handshaking(&self) -> bool {
+        matches!(
+            self.state,
+            State::Handshaking | State::Authenticating { .. }
+        )
+    }
+
+    fn send_hello(&mut self, features: u64, extensions: Bytes) {
+        let ours = Frame::Hello(Hello {
+            min_version: VERSION_MIN,
+            max_version: VERSION_MAX,
+            limits: self.config.limits,
+            features,
+            extensions,
+        });
+        self.outbox
+            .push(encode_control(&ours, self.peer.max_frame_payload));
+    }
+
+    /// The one frame accepted while authenticating. Anything else, or a wrong proof, ends
+    /// the connection before the client has been able to start a job.
+    fn on_auth(&mut self, frame: Frame, client_nonce: Nonce) -> Result<(), ConnectionError> {
+        if let Frame::Error { code, message } = frame {
+            self.fail_with(ConnectionError::PeerError { code, message }, false);
+            return Ok(());
+        }
+        let Frame::Auth { proof } = frame else {
+            return Err(ConnectionError::Unauthorized {
+                reason: format!("{} before AUTH", frame.frame_type()),
+            });
+        };
+        // Both are set whenever the state is Authenticating.
+        let (Some(key), Some(server_nonce)) = (self.config.auth.as_ref(), self.nonce) else {
+            return Err(internal("authenticating without a key".into()));
+        };
+        if !auth::proof_matches(key.client_proof(&server_nonce, &client_nonce), &proof) {
+            return Err(ConnectionError::Unauthorized {
+                reason: "wrong token (the client's DCACHE_TOKEN differs from the server's \
+                         --token-file)"
+                    .into(),
+            });
+        }
+        self.state = State::Open;
+        if let Some((version, client)) = self.pending_connect.take() {
+            self.events
+                .push_back(ServerEvent::Connected { version, client });
+        }
+        Ok(())
     }
 
     fn on_job(&mut self, job: JobId, desc: JobDesc) -> Result<(), ConnectionError> {
@@ -930,10 +1036,15 @@ impl ServerConnection {
             .ok_or(CommandError::UnknownJob(job.0))
     }
 
-    fn awaiting_source(&self) -> bool {
-        self.jobs
-            .values()
-            .any(|j| !matches!(j.upload, Upload::Closed))
+    /// Whether the client owes us input: a job still uploading, or part of a frame sitting
+    /// in the buffer. Either way the upload-stall timer runs, so neither an unfinished
+    /// upload nor a half-sent frame can hold the connection open.
+    fn awaiting_input(&self) -> bool {
+        !self.inbuf.is_empty()
+            || self
+                .jobs
+                .values()
+                .any(|j| !matches!(j.upload, Upload::Closed))
     }
 
     fn mark_ready(&mut self, id: u32) {

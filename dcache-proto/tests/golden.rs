@@ -113,6 +113,7 @@ fn frame(name: &str) -> Frame {
                 value: 1,
             },
         ]),
+        "auth" => Frame::Auth { proof: [0xA5; 32] },
         "ignorable" => Frame::Ignorable {
             ty: FrameType(0x80),
             flags: 0x05,
@@ -186,7 +187,7 @@ fn vectors() -> Vec<Vector> {
 #[test]
 fn every_vector_in_the_spec_holds() {
     let vs = vectors();
-    assert_eq!(vs.len(), 22, "PROTOCOL.md should hold 22 vectors");
+    assert_eq!(vs.len(), 23, "PROTOCOL.md should hold 23 vectors");
     for v in &vs {
         if v.name.starts_with("bad-") {
             let mut dec = FrameDecoder::new(64 * 1024);
@@ -241,6 +242,7 @@ fn print_vectors() {
         "goaway",
         "stats-request",
         "stats",
+        "auth",
         "ignorable",
     ] {
         let b = frame(name).to_bytes(MAX).unwrap();

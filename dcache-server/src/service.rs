@@ -62,6 +62,8 @@ pub struct Service {
     counters: Counters,
     in_flight: Mutex<HashMap<StoreKey, Flight>>,
     budget: Arc<Budget>,
+    /// Connections inside `handle_connection` right now.
+    open: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Service {
@@ -87,6 +89,7 @@ impl Service {
             counters: Counters::default(),
             in_flight: Mutex::new(HashMap::new()),
             budget: Budget::new(config.memory_budget),
+            open: std::sync::atomic::AtomicUsize::new(0),
             config,
         })
     }
@@ -101,6 +104,7 @@ impl Service {
             ("evictions", s.evictions),
             ("corrupt_entries_dropped", s.corrupt),
             ("waiting_source_bytes_in_memory", self.budget.used() as u64),
+            ("connections_open", self.open_connections() as u64),
         ] {
             stats.push(Stat {
                 name: name.into(),
@@ -108,6 +112,12 @@ impl Service {
             });
         }
         stats
+    }
+
+    /// Connections being served right now. Every connection, however it ends, gives its
+    /// slot back: this returning to zero is how tests see that nothing leaked.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The live counters.
@@ -174,6 +184,7 @@ impl Service {
         mut stop: watch::Receiver<bool>,
     ) {
         Counters::bump(&self.counters.connections);
+        let _open = OpenGuard::new(&self.open);
         let mut conn = spawn_server_connection(stream, self.config.protocol.clone());
         let (internal_tx, mut internal) = mpsc::unbounded_channel();
         let mut actor = Connection {
@@ -641,4 +652,20 @@ fn send(commands: &mpsc::UnboundedSender<ServerCommand>, cmd: ServerCommand) {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Critical sections are single map operations; poisoning cannot leave them torn.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counts a connection as open for as long as it lives, however its handler ends.
+struct OpenGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> OpenGuard<'a> {
+    fn new(gauge: &'a std::sync::atomic::AtomicUsize) -> Self {
+        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use dcache_client::wrapper::args::{Plan, plan};
 use dcache_client::wrapper::local::{preprocess, run_locally, write_atomically};
 use dcache_client::{Client, ClientOptions};
-use dcache_proto::{JobDesc, Strategy};
+use dcache_proto::{AuthKey, JobDesc, Strategy};
 use dcache_server::cache::DiskStore;
 use dcache_server::compiler::{LocalExecutor, LocalExecutorConfig};
 use dcache_server::{Service, ServiceConfig};
@@ -32,6 +32,9 @@ pub struct Config {
     pub dir: PathBuf,
     /// `DCACHE_CACHE_SIZE`: the embedded cache's size limit.
     pub cache_size: u64,
+    /// `DCACHE_TOKEN` (or the contents of the file `DCACHE_TOKEN_FILE` names): the shared
+    /// token for servers started with `--token-file`.
+    pub token: Option<AuthKey>,
 }
 
 impl Config {
@@ -66,13 +69,35 @@ impl Config {
             }
             None => 5 << 30,
         };
+        let token = match (var("DCACHE_TOKEN"), var("DCACHE_TOKEN_FILE")) {
+            (Some(t), _) => Some(AuthKey::from_token(t.as_bytes())),
+            (None, Some(path)) => {
+                let t = std::fs::read(&path)
+                    .map_err(|e| format!("DCACHE_TOKEN_FILE: cannot read {path}: {e}"))?;
+                if t.trim_ascii().is_empty() {
+                    return Err(format!("DCACHE_TOKEN_FILE: {path} is empty"));
+                }
+                Some(AuthKey::from_token(&t))
+            }
+            (None, None) => None,
+        };
         Ok(Self {
             hosts,
             strategy,
             fallback,
             dir,
             cache_size,
+            token,
         })
+    }
+
+    /// Client options for the configured servers.
+    pub fn client_options(&self) -> ClientOptions {
+        ClientOptions {
+            strategy: self.strategy,
+            auth: self.token.clone(),
+            ..ClientOptions::new(self.hosts.clone())
+        }
     }
 }
 
@@ -99,6 +124,8 @@ environment:
   DCACHE_FALLBACK    0 turns the local fallback into an error
   DCACHE_DIR         the embedded cache's directory (default: ~/.cache/dcache)
   DCACHE_CACHE_SIZE  the embedded cache's size limit (default: 5G)
+  DCACHE_TOKEN       shared token for servers started with --token-file; proved by
+                     challenge-response, never sent (DCACHE_TOKEN_FILE: read it from a file)
   DCACHE_LOG         log filter, e.g. debug (default: warn)
 ";
 
@@ -147,10 +174,7 @@ pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i3
     let outcome = if config.hosts.is_empty() {
         embedded(config, desc, source).await
     } else {
-        let client = Client::new(ClientOptions {
-            strategy: config.strategy,
-            ..ClientOptions::new(config.hosts.clone())
-        });
+        let client = Client::new(config.client_options());
         client
             .compile(desc, source)
             .await

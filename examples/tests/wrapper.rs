@@ -1,61 +1,14 @@
 //! The `dcache` wrapper end to end, with real gcc, make and `dcache-server` processes.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-const DCACHE: &str = env!("CARGO_BIN_EXE_dcache");
-const SERVER: &str = env!("CARGO_BIN_EXE_dcache-server");
+use common::{DCACHE, Server, server, stat, stats_json};
+
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/demo");
-
-/// A server process, killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-    _cache: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn server() -> Server {
-    let cache = tempfile::tempdir().unwrap();
-    let mut child = Command::new(SERVER)
-        .args([
-            "--listen",
-            "tcp://127.0.0.1:0",
-            "--cache-size",
-            "1G",
-            "--cache-dir",
-        ])
-        .arg(cache.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The server logs the address it actually bound.
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Server {
-        child,
-        addr,
-        _cache: cache,
-    }
-}
 
 fn project() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -92,31 +45,6 @@ fn program_output(dir: &Path) -> String {
     let out = Command::new(dir.join("wordfreq")).output().unwrap();
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn stats_json(envs: &[(&str, &str)]) -> String {
-    let mut cmd = Command::new(DCACHE);
-    cmd.args(["--stats", "--json"]).env_remove("DCACHE_HOSTS");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn stat(json: &str, name: &str) -> u64 {
-    let key = format!("\"{name}\": ");
-    let rest = &json[json
-        .find(&key)
-        .unwrap_or_else(|| panic!("{name} in {json}"))
-        + key.len()..];
-    rest.split([',', '}'])
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 fn dep_files(dir: &Path) -> Vec<(String, String)> {

@@ -165,7 +165,12 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel();
-    let machine = ClientConnection::new(config, super::now());
+    let now = super::now();
+    let nonce = config.auth.as_ref().and_then(|_| super::fresh_nonce());
+    let machine = match nonce {
+        Some(nonce) => ClientConnection::with_nonce(config, now, nonce),
+        None => ClientConnection::new(config, now),
+    };
     let owner = ClientOwner {
         commands: rx,
         jobs: HashMap::new(),

@@ -32,6 +32,15 @@ const COALESCE: usize = 16 * 1024;
 /// Pieces below this size are gathered; larger ones (payloads) go in writes of their own.
 const SMALL_PIECE: usize = 1024;
 
+/// A fresh authentication challenge from the operating system's random source. `None`
+/// if that source fails; the connection is then made without a nonce, and a state machine
+/// configured with a token refuses to authenticate rather than run with a guessable one.
+fn fresh_nonce() -> Option<dcache_proto::Nonce> {
+    let mut nonce = [0u8; dcache_proto::AUTH_LEN];
+    getrandom::fill(&mut nonce).ok()?;
+    Some(nonce)
+}
+
 /// What the driver needs from a state machine; implemented for both ends.
 pub(crate) trait Machine {
     type Event;

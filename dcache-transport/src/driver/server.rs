@@ -66,7 +66,12 @@ where
     let (event_tx, events) = mpsc::channel(EVENT_QUEUE);
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (stats_tx, stats) = watch::channel(ConnStats::default());
-    let machine = ServerConnection::new(config, super::now());
+    let now = super::now();
+    let nonce = config.auth.as_ref().and_then(|_| super::fresh_nonce());
+    let machine = match nonce {
+        Some(nonce) => ServerConnection::with_nonce(config, now, nonce),
+        None => ServerConnection::new(config, now),
+    };
     let owner = ServerOwner {
         events: event_tx,
         commands: command_rx,

@@ -42,10 +42,24 @@ struct Args {
         default_value = "gcc,g++,cc,c++,clang,clang++"
     )]
     allow_compiler: Vec<String>,
+    /// Directories searched for the allowed compilers and their helpers (as, cc1), in
+    /// order. A fixed list rather than the server's own PATH, so what runs does not depend
+    /// on how the server was started.
+    #[arg(
+        long,
+        value_name = "DIRS",
+        default_value = "/usr/local/bin:/usr/bin:/bin"
+    )]
+    compiler_path: String,
     /// Address range TCP clients may connect from, e.g. 10.1.0.0/16 (repeatable).
     /// Default: loopback only. Unix-socket clients are always allowed.
     #[arg(long = "allow", value_name = "CIDR")]
     allow: Vec<dcache_server::access::Cidr>,
+    /// File holding a shared token (any text; 32 random bytes, e.g. from
+    /// `head -c 32 /dev/urandom | base64`, recommended). Clients must prove they hold it
+    /// (DCACHE_TOKEN) by challenge-response before any job; it never crosses the wire.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<std::path::PathBuf>,
     /// Log each job (repeat for more detail).
     #[arg(long, short, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -76,12 +90,14 @@ async fn main() -> ExitCode {
     let store: Arc<dyn Store> = Arc::new(TieredStore::new(MemoryStore::new(256 << 20), disk));
     let executor = LocalExecutor::new(LocalExecutorConfig {
         allowed: args.allow_compiler.clone(),
+        path: args.compiler_path.clone(),
         ..LocalExecutorConfig::default()
     });
     if executor.available().is_empty() {
         eprintln!(
-            "dcache-server: none of the allowed compilers ({}) was found on PATH",
-            args.allow_compiler.join(", ")
+            "dcache-server: none of the allowed compilers ({}) was found in {}",
+            args.allow_compiler.join(", "),
+            args.compiler_path
         );
         return ExitCode::FAILURE;
     }
@@ -91,6 +107,15 @@ async fn main() -> ExitCode {
     }
     if !args.allow.is_empty() {
         config.allow = args.allow.clone();
+    }
+    if let Some(path) = &args.token_file {
+        match read_token(path) {
+            Ok(key) => config.protocol.auth = Some(key),
+            Err(e) => {
+                eprintln!("dcache-server: --token-file {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
     }
     let service = Service::new(store, Arc::new(executor.clone()), config);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -145,4 +170,23 @@ async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// Reads the token file: it must exist and hold something. A file others can read is
+/// allowed (the operator may have reasons) but warned about, as ssh does for keys.
+fn read_token(path: &std::path::Path) -> Result<dcache_proto::AuthKey, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let token = std::fs::read(path).map_err(|e| e.to_string())?;
+    if token.trim_ascii().is_empty() {
+        return Err("the file is empty".into());
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                "token file {} is readable by other users; chmod 600 it",
+                path.display()
+            );
+        }
+    }
+    Ok(dcache_proto::AuthKey::from_token(&token))
 }

@@ -59,8 +59,7 @@ async fn print_stats(config: &wrapper::Config, json: bool) -> ExitCode {
             .collect();
         vec![(format!("local cache {}", config.dir.display()), totals)]
     } else {
-        let client =
-            dcache_client::Client::new(dcache_client::ClientOptions::new(config.hosts.clone()));
+        let client = dcache_client::Client::new(config.client_options());
         let mut sets = Vec::new();
         for (host, r) in client.stats().await {
             match r {

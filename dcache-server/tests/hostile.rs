@@ -1,0 +1,553 @@
+//! Hostile input against a running server over real TCP sockets: each attack gets a clear
+//! error on its own connection, and an honest client keeps compiling throughout (asserted,
+//! not assumed). Timeouts are shortened to keep the suite fast; the rules are the same.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use dcache_proto::testing::reference_compile;
+use dcache_proto::{
+    CacheKey, ClientConfig, ErrorCode, Frame, FrameDecoder, Hello, JobDesc, JobId, Limits,
+    ServerConfig, Strategy,
+};
+use dcache_server::exec::FakeExecutor;
+use dcache_server::store::MemoryStore;
+use dcache_server::{Service, ServiceConfig};
+use dcache_transport::{Address, TransportOptions, bind, connect, spawn_client};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TIMEOUT: Duration = Duration::from_millis(800);
+
+struct Harness {
+    service: Arc<Service>,
+    addr: Address,
+    port: u16,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start() -> Harness {
+    let service = Service::new(
+        Arc::new(MemoryStore::new(1 << 30)),
+        Arc::new(FakeExecutor::new(Duration::from_millis(1))),
+        ServiceConfig {
+            protocol: ServerConfig {
+                handshake_timeout: TIMEOUT,
+                stall_timeout: TIMEOUT,
+                ..ServerConfig::default()
+            },
+            ..ServiceConfig::default()
+        },
+    );
+    let listener = bind(
+        &"tcp://127.0.0.1:0".parse().unwrap(),
+        &TransportOptions::default(),
+    )
+    .await
+    .unwrap();
+    let addr = listener.local_addr();
+    let port = addr
+        .to_string()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let s = service.clone();
+    tokio::spawn(async move {
+        s.serve(listener, async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    Harness {
+        service,
+        addr,
+        port,
+        _stop: stop,
+    }
+}
+
+/// An honest client compiling in a loop (new sources and repeats, so misses and hits)
+/// until stopped; every result is checked. Returns how many jobs it completed.
+struct Honest {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl Honest {
+    async fn start(addr: &Address) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let stream = connect(addr, &TransportOptions::default()).await.unwrap();
+        let client = spawn_client(
+            stream,
+            ClientConfig {
+                strategy: Strategy::Speculative,
+                ..ClientConfig::default()
+            },
+        );
+        let (s, d) = (stop.clone(), done.clone());
+        let task = tokio::spawn(async move {
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                n += 1;
+                let desc = JobDesc {
+                    compiler: "gcc".into(),
+                    language: "cpp-output".into(),
+                    args: vec!["-O2".into()],
+                    source_len: None,
+                };
+                let src = Bytes::from(format!("int honest_{};\n", n % 8).repeat(200));
+                let key = CacheKey::compute(&desc, &src);
+                let out = client
+                    .submit(desc.clone(), Some(key), src.clone())
+                    .await
+                    .map_err(|e| format!("honest job {n} failed: {e}"))?;
+                if out.result != reference_compile(&desc, &src) {
+                    return Err(format!("honest job {n} got a wrong result"));
+                }
+                d.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        });
+        Self { stop, done, task }
+    }
+
+    /// Waits until the loop has completed `n` more jobs (it must not stall).
+    async fn progress(&self, n: u64) {
+        let target = self.done() + n;
+        let t = Instant::now();
+        while self.done() < target {
+            assert!(
+                !self.task.is_finished(),
+                "honest client stopped: {:?}",
+                self.task
+            );
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "honest client stalled"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Asserts it keeps completing jobs after the attack, then stops it; any failed or
+    /// wrong honest job fails the test.
+    async fn finish(self) {
+        self.progress(3).await;
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap().unwrap();
+    }
+
+    fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+fn encode(frames: &[Frame]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for f in frames {
+        out.extend_from_slice(&f.to_bytes(1 << 20).unwrap());
+    }
+    out
+}
+
+fn hello() -> Frame {
+    Frame::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        limits: Limits::default(),
+        features: 0,
+        extensions: Bytes::new(),
+    })
+}
+
+fn job(id: u32, len: Option<u64>) -> Frame {
+    Frame::Job {
+        job: JobId(id),
+        desc: JobDesc {
+            compiler: "gcc".into(),
+            language: "cpp-output".into(),
+            args: vec![],
+            source_len: len,
+        },
+    }
+}
+
+fn source(id: u32, data: &'static [u8], fin: bool) -> Frame {
+    Frame::Source {
+        job: JobId(id),
+        data: Bytes::from_static(data),
+        fin,
+    }
+}
+
+/// Reads what the server sends until it closes (or `limit` passes: a failure).
+async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> Vec<Frame> {
+    let mut buf = BytesMut::new();
+    let read = async {
+        loop {
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .expect("the server did not close the connection");
+    let mut dec = FrameDecoder::new(Limits::MAX_FRAME_PAYLOAD);
+    let mut frames = Vec::new();
+    while let Ok(Some(f)) = dec.decode(&mut buf) {
+        frames.push(f);
+    }
+    frames
+}
+
+fn error_code(frames: &[Frame]) -> Option<ErrorCode> {
+    frames.iter().find_map(|f| match f {
+        Frame::Error { code, .. } => Some(*code),
+        _ => None,
+    })
+}
+
+/// Sends `bytes` on a fresh connection, reads until the server closes, and returns the
+/// ERROR code it sent; an honest client runs throughout.
+async fn attack(h: &Harness, bytes: Vec<u8>) -> Option<ErrorCode> {
+    let honest = Honest::start(&h.addr).await;
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    // The attacker is connected (and accepted) while the honest client works...
+    honest.progress(3).await;
+    // ...then attacks. The write may fail if the server closes first; what it sent back
+    // is what counts.
+    let _ = s.write_all(&bytes).await;
+    let frames = read_to_close(&mut s, Duration::from_secs(10)).await;
+    honest.finish().await;
+    error_code(&frames)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_out_of_order_frames_cost_only_their_connection() {
+    let h = start().await;
+    let with_hello = |rest: Vec<Frame>| {
+        let mut v = vec![hello()];
+        v.extend(rest);
+        encode(&v)
+    };
+    let mut unknown = encode(&[hello()]);
+    // Type 0x40: not defined, not in the ignorable range.
+    unknown.extend_from_slice(&[0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let mut oversize = encode(&[hello()]);
+    // A SOURCE header claiming 1 GiB: refused on the header, before any body arrives.
+    oversize.extend_from_slice(&[0x04, 0, 0, 0, 0, 0, 0, 1, 0x40, 0, 0, 0]);
+    let mut bad_version = encode(&[Frame::Hello(Hello {
+        min_version: 9,
+        max_version: 9,
+        limits: Limits::default(),
+        features: 0,
+        extensions: Bytes::new(),
+    })]);
+    bad_version.truncate(bad_version.len());
+    let flood_empty: Vec<Frame> = std::iter::once(job(1, None))
+        .chain((0..100).map(|_| source(1, b"", false)))
+        .collect();
+    let flood_ignorable: Vec<Frame> = (0..100)
+        .map(|_| Frame::Ignorable {
+            ty: dcache_proto::FrameType(0x80),
+            flags: 0,
+            job: 0,
+            payload: Bytes::new(),
+        })
+        .collect();
+    let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+        ("unknown mandatory type", unknown, ErrorCode::UNKNOWN_FRAME),
+        (
+            "length over the limit",
+            oversize,
+            ErrorCode::FRAME_TOO_LARGE,
+        ),
+        ("version mismatch", bad_version, ErrorCode::VERSION_MISMATCH),
+        (
+            "missing HELLO",
+            encode(&[job(1, None)]),
+            ErrorCode::UNEXPECTED_FRAME,
+        ),
+        (
+            "HELLO twice",
+            encode(&[hello(), hello()]),
+            ErrorCode::UNEXPECTED_FRAME,
+        ),
+        (
+            "HASH for an unknown job",
+            with_hello(vec![Frame::Hash {
+                job: JobId(5),
+                key: CacheKey::from_bytes([1; 32]),
+            }]),
+            ErrorCode::UNEXPECTED_FRAME,
+        ),
+        (
+            "SOURCE for an unknown job",
+            with_hello(vec![source(9, b"x", true)]),
+            ErrorCode::UNEXPECTED_FRAME,
+        ),
+        (
+            "duplicate job id",
+            with_hello(vec![job(1, None), job(1, None)]),
+            ErrorCode::UNEXPECTED_FRAME,
+        ),
+        (
+            "SOURCE after the final chunk",
+            with_hello(vec![
+                job(1, None),
+                source(1, b"int a;", true),
+                source(1, b"int b;", true),
+            ]),
+            ErrorCode::UNEXPECTED_FRAME,
+        ),
+        (
+            "HASH after SOURCE",
+            with_hello(vec![
+                job(1, None),
+                source(1, b"int a;", false),
+                Frame::Hash {
+                    job: JobId(1),
+                    key: CacheKey::from_bytes([1; 32]),
+                },
+            ]),
+            ErrorCode::UNEXPECTED_FRAME,
+        ),
+        (
+            "a server-only frame",
+            with_hello(vec![Frame::GoAway { last_job: 0 }]),
+            ErrorCode::UNEXPECTED_FRAME,
+        ),
+        (
+            "flood of empty SOURCE frames",
+            with_hello(flood_empty),
+            ErrorCode::FLOOD,
+        ),
+        (
+            "flood of ignorable frames",
+            with_hello(flood_ignorable),
+            ErrorCode::FLOOD,
+        ),
+        (
+            "truncated frame, then silence",
+            {
+                let mut b = encode(&[hello(), job(1, None)]);
+                b.truncate(b.len() - 3);
+                b
+            },
+            ErrorCode::TIMEOUT,
+        ),
+    ];
+    let count = cases.len() as u64;
+    for (name, bytes, want) in cases {
+        let got = attack(&h, bytes).await;
+        assert_eq!(got, Some(want), "{name}");
+    }
+    assert_eq!(
+        h.service
+            .counters()
+            .connection_errors
+            .load(Ordering::Relaxed),
+        count,
+        "each attack failed its own connection, and only that"
+    );
+    settle(&h).await;
+}
+
+/// Waits until every connection has been let go.
+async fn settle(h: &Harness) {
+    let t = Instant::now();
+    while h.service.open_connections() != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{} connections still open",
+            h.service.open_connections()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_trickling_clients_are_timed_out() {
+    let h = start().await;
+    let honest = Honest::start(&h.addr).await;
+    let hello_bytes = encode(&[hello()]);
+    // Silent: connects and sends nothing.
+    let silent = async {
+        let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+        let t = Instant::now();
+        let frames = read_to_close(&mut s, Duration::from_secs(10)).await;
+        (error_code(&frames), t.elapsed())
+    };
+    // One byte every 100 ms of a HELLO: bytes keep coming, the handshake never completes.
+    let trickle_hello = async {
+        let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+        let t = Instant::now();
+        for b in &hello_bytes {
+            if s.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let frames = read_to_close(&mut s, Duration::from_secs(10)).await;
+        (error_code(&frames), t.elapsed())
+    };
+    // A job whose SOURCE frame arrives one byte every 100 ms: each byte is input, but no
+    // frame completes within the stall timeout.
+    let trickle_source = async {
+        let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+        s.write_all(&encode(&[hello(), job(1, None)]))
+            .await
+            .unwrap();
+        let t = Instant::now();
+        let frame = encode(&[source(1, b"int trickled_in_slowly_over_a_long_time;", true)]);
+        for b in &frame {
+            if s.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let frames = read_to_close(&mut s, Duration::from_secs(10)).await;
+        (error_code(&frames), t.elapsed())
+    };
+    let (a, b, c) = tokio::join!(silent, trickle_hello, trickle_source);
+    for (name, (code, took)) in [("silent", a), ("trickled HELLO", b), ("trickled SOURCE", c)] {
+        assert_eq!(code, Some(ErrorCode::TIMEOUT), "{name}");
+        assert!(
+            took < TIMEOUT * 3,
+            "{name}: timed out only after {took:?} (timeout {TIMEOUT:?})"
+        );
+    }
+    honest.finish().await;
+    settle(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_sizes_and_finished_jobs() {
+    let h = start().await;
+    let honest = Honest::start(&h.addr).await;
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    // Declared 10 bytes, sent 20; declared 100, finished after 6. Each job is failed on
+    // its own with LENGTH_MISMATCH; the connection lives on and answers STATS.
+    s.write_all(&encode(&[
+        hello(),
+        job(1, Some(10)),
+        source(1, b"0123456789abcdefghij", true),
+        job(2, Some(100)),
+        source(2, b"int a;", true),
+        Frame::StatsRequest,
+    ]))
+    .await
+    .unwrap();
+    let mut buf = BytesMut::new();
+    let mut dec = FrameDecoder::new(Limits::MAX_FRAME_PAYLOAD);
+    let mut got = Vec::new();
+    while !got.iter().any(|f| matches!(f, Frame::Stats(_))) {
+        tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        while let Ok(Some(f)) = dec.decode(&mut buf) {
+            got.push(f);
+        }
+    }
+    for id in [1, 2] {
+        assert!(
+            got.iter()
+                .any(|f| matches!(f, Frame::Abort { job, code, .. }
+                if *job == JobId(id) && *code == ErrorCode::LENGTH_MISMATCH)),
+            "job {id}: {got:?}"
+        );
+    }
+    assert_eq!(error_code(&got), None, "{got:?}");
+    // A complete job gets its result; SOURCE for it afterwards is a connection error.
+    s.write_all(&encode(&[job(3, None), source(3, b"int ok;", true)]))
+        .await
+        .unwrap();
+    while !got
+        .iter()
+        .any(|f| matches!(f, Frame::Result { job, .. } if *job == JobId(3)))
+    {
+        tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut buf))
+            .await
+            .expect("no result")
+            .unwrap();
+        while let Ok(Some(f)) = dec.decode(&mut buf) {
+            got.push(f);
+        }
+    }
+    s.write_all(&encode(&[source(3, b"more", true)]))
+        .await
+        .unwrap();
+    let rest = read_to_close(&mut s, Duration::from_secs(10)).await;
+    assert_eq!(
+        error_code(&rest),
+        Some(ErrorCode::UNEXPECTED_FRAME),
+        "{rest:?}"
+    );
+    honest.finish().await;
+    settle(&h).await;
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_connections_opened_and_dropped() {
+    let h = start().await;
+    let honest = Honest::start(&h.addr).await;
+    honest.progress(3).await;
+    let fds_before = open_fds();
+    let hello_bytes = encode(&[hello()]);
+    let t = Instant::now();
+    // 100 rounds of 100 concurrent connections: a third close at once, a third send half
+    // a HELLO and close, a third complete the handshake and close.
+    for round in 0..100 {
+        let mut batch = tokio::task::JoinSet::new();
+        for i in 0..100usize {
+            let (port, hello_bytes) = (h.port, hello_bytes.clone());
+            batch.spawn(async move {
+                let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await else {
+                    return false;
+                };
+                match (round + i) % 3 {
+                    0 => {}
+                    1 => {
+                        let _ = s.write_all(&hello_bytes[..hello_bytes.len() / 2]).await;
+                    }
+                    _ => {
+                        let _ = s.write_all(&hello_bytes).await;
+                        let mut b = [0u8; 64];
+                        let _ = s.read(&mut b).await;
+                    }
+                }
+                true
+            });
+        }
+        while let Some(ok) = batch.join_next().await {
+            assert!(ok.unwrap(), "a connection attempt failed");
+        }
+    }
+    let churn = t.elapsed();
+    honest.finish().await;
+    settle(&h).await;
+    let accepted = h.service.counters().connections.load(Ordering::Relaxed);
+    assert!(accepted >= 10_000, "{accepted}");
+    // Every socket was let go: no descriptor leaked (a little slack for the runtime).
+    let fds_after = open_fds();
+    assert!(
+        fds_after <= fds_before + 4,
+        "descriptors: {fds_before} before, {fds_after} after"
+    );
+    eprintln!("10,000 connections churned in {churn:?}");
+}

@@ -1,0 +1,108 @@
+//! Helpers shared by the process-level tests: starting `dcache-server` processes and
+//! reading `dcache --stats --json`.
+#![allow(dead_code, unreachable_pub)] // each test binary uses its own subset; shared by `mod common`
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+pub const DCACHE: &str = env!("CARGO_BIN_EXE_dcache");
+pub const SERVER: &str = env!("CARGO_BIN_EXE_dcache-server");
+
+/// A server process, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    /// The address it bound, as `tcp://127.0.0.1:PORT`.
+    pub addr: String,
+    _cache: Option<tempfile::TempDir>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Kills the process with SIGKILL (no cleanup of any kind) and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server on a fresh cache directory of its own.
+pub fn server() -> Server {
+    let cache = tempfile::tempdir().unwrap();
+    let mut s = server_on(cache.path(), &[], &[]);
+    s._cache = Some(cache);
+    s
+}
+
+/// A server on `cache` (which outlives it, so a restart finds the same cache), with extra
+/// arguments and environment.
+pub fn server_on(cache: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
+    let mut cmd = Command::new(SERVER);
+    cmd.args([
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--cache-size",
+        "1G",
+        "--cache-dir",
+    ])
+    .arg(cache)
+    .args(extra)
+    .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    // The server logs the address it actually bound.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Server {
+        child,
+        addr,
+        _cache: None,
+    }
+}
+
+/// `dcache --stats --json` with the given environment.
+pub fn stats_json(envs: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(DCACHE);
+    cmd.args(["--stats", "--json"]).env_remove("DCACHE_HOSTS");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// One counter from [`stats_json`]'s output.
+pub fn stat(json: &str, name: &str) -> u64 {
+    let key = format!("\"{name}\": ");
+    let rest = &json[json
+        .find(&key)
+        .unwrap_or_else(|| panic!("{name} in {json}"))
+        + key.len()..];
+    rest.split([',', '}'])
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}

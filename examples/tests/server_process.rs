@@ -1,0 +1,277 @@
+//! `dcache-server` as a process: the shared token, and crash safety under SIGKILL in the
+//! middle of a compile and in the middle of writing a cache entry.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{DCACHE, server_on, stat, stats_json};
+
+/// Runs `dcache cc -c SRC -o OUT` in `dir` against `addr`.
+fn compile(dir: &Path, compiler: &str, src: &str, addr: &str, envs: &[(&str, &str)]) -> Output {
+    let obj = Path::new(src).with_extension("o");
+    let mut cmd = Command::new(DCACHE);
+    cmd.args([compiler, "-c", src, "-o"])
+        .arg(&obj)
+        .env("DCACHE_HOSTS", addr)
+        .env_remove("DCACHE_TOKEN")
+        .env_remove("DCACHE_TOKEN_FILE")
+        .current_dir(dir);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_token_protected_server_serves_only_clients_holding_the_token() {
+    let cache = tempfile::tempdir().unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, "correct horse battery staple\n").unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = server_on(
+        cache.path(),
+        &["--token-file", token_file.to_str().unwrap()],
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ok.c"), "int ok(void) { return 1; }\n").unwrap();
+    let good = [("DCACHE_TOKEN", "correct horse battery staple")];
+    let stats = || stats_json(&[("DCACHE_HOSTS", s.addr.as_str()), good[0]]);
+
+    let out = compile(dir.path(), "gcc", "ok.c", &s.addr, &good);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "", "a good token compiles remotely, silently");
+    let json = stats();
+    assert_eq!(
+        (stat(&json, "compiles"), stat(&json, "hits")),
+        (1, 0),
+        "{json}"
+    );
+
+    // The same token read from a file (trailing newline and all) is a hit.
+    let file = [("DCACHE_TOKEN_FILE", token_file.to_str().unwrap())];
+    let out = compile(dir.path(), "gcc", "ok.c", &s.addr, &file);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stat(&stats(), "hits"), 1);
+
+    // Without the token, or with another one: refused, compiled locally, one warning
+    // line that says what to fix; the server served nothing.
+    for (envs, hint) in [
+        (vec![], "DCACHE_TOKEN"),
+        (vec![("DCACHE_TOKEN", "guess")], "DCACHE_TOKEN"),
+    ] {
+        std::fs::remove_file(dir.path().join("ok.o")).unwrap();
+        let out = compile(dir.path(), "gcc", "ok.c", &s.addr, &envs);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(dir.path().join("ok.o").exists(), "compiled locally");
+        let warning = stderr(&out);
+        assert_eq!(warning.lines().count(), 1, "{warning}");
+        assert!(warning.contains("compiling locally"), "{warning}");
+        assert!(warning.contains(hint), "{warning}");
+
+        let out = compile(
+            dir.path(),
+            "gcc",
+            "ok.c",
+            &s.addr,
+            &[envs.as_slice(), &[("DCACHE_FALLBACK", "0")]].concat(),
+        );
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("authentication"), "{}", stderr(&out));
+    }
+    let json = stats();
+    assert_eq!(
+        (
+            stat(&json, "compiles"),
+            stat(&json, "hits"),
+            stat(&json, "misses")
+        ),
+        (1, 1, 1),
+        "refused clients got no service: {json}"
+    );
+}
+
+/// A compiler named `cc` that runs gcc, and tells the test when it starts and ends. The
+/// file `delay` next to it holds seconds to sleep before compiling. The server clears the
+/// environment of compilers, so everything it needs is found next to it.
+fn slow_compiler() -> tempfile::TempDir {
+    let bin = tempfile::tempdir().unwrap();
+    let script = bin.path().join("cc");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n\
+         d=$(dirname \"$0\")\n\
+         case \"$1\" in --version) exec gcc --version;; esac\n\
+         touch \"$d/started\"\n\
+         sleep \"$(cat \"$d/delay\")\"\n\
+         gcc \"$@\"; rc=$?\n\
+         touch \"$d/finished\"\n\
+         exit $rc\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(bin.path().join("delay"), "0").unwrap();
+    bin
+}
+
+fn server_with(cache: &Path, bin: &Path) -> common::Server {
+    let path = format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display());
+    server_on(
+        cache,
+        &["--allow-compiler", "cc", "--compiler-path", &path],
+        &[],
+    )
+}
+
+fn wait_for(path: &Path, limit: Duration) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(start.elapsed() < limit, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// What plain gcc makes of `src`, for comparison.
+fn reference_object(dir: &Path, src: &str) -> Vec<u8> {
+    let out = dir.join("reference.o");
+    let status = Command::new("gcc")
+        .args(["-c", src, "-o"])
+        .arg(&out)
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn a_server_killed_mid_compile_restarts_with_a_working_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let bin = slow_compiler();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("f.c"),
+        "int f(int x) { return x * 3 + 1; }\n",
+    )
+    .unwrap();
+    let expected = reference_object(dir.path(), "f.c");
+    let strict = [("DCACHE_FALLBACK", "0")];
+
+    let mut s = server_with(cache.path(), bin.path());
+    std::fs::write(bin.path().join("delay"), "5").unwrap();
+    let client = {
+        let (dir, addr) = (dir.path().to_owned(), s.addr.clone());
+        std::thread::spawn(move || compile(&dir, "cc", "f.c", &addr, &strict))
+    };
+    wait_for(&bin.path().join("started"), Duration::from_secs(20));
+    s.kill9();
+    let out = client.join().unwrap();
+    assert!(!out.status.success(), "the compile died with the server");
+    assert!(
+        !dir.path().join("f.o").exists(),
+        "nothing written on failure"
+    );
+
+    std::fs::write(bin.path().join("delay"), "0").unwrap();
+    let s = server_with(cache.path(), bin.path());
+    let out = compile(dir.path(), "cc", "f.c", &s.addr, &strict);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(dir.path().join("f.o")).unwrap(), expected);
+    let out = compile(dir.path(), "cc", "f.c", &s.addr, &strict);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(dir.path().join("f.o")).unwrap(), expected);
+    let json = stats_json(&[("DCACHE_HOSTS", s.addr.as_str())]);
+    assert_eq!(
+        (stat(&json, "compiles"), stat(&json, "hits")),
+        (1, 1),
+        "{json}"
+    );
+}
+
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_server_killed_while_writing_an_entry_never_serves_it_torn() {
+    let cache = tempfile::tempdir().unwrap();
+    let bin = slow_compiler();
+    let dir = tempfile::tempdir().unwrap();
+    // A 32 MiB object: its entry takes long enough to write that the kill lands inside.
+    std::fs::write(
+        dir.path().join("big.c"),
+        "char big[32 << 20] = {1};\nint get(int i) { return big[i]; }\n",
+    )
+    .unwrap();
+    let expected = reference_object(dir.path(), "big.c");
+    let strict = [("DCACHE_FALLBACK", "0")];
+    let tmp = cache.path().join("v1").join("tmp");
+
+    let mut caught = 0;
+    for attempt in 0..5 {
+        let mut s = server_with(cache.path(), bin.path());
+        let leftovers: Vec<PathBuf> = files_in(&tmp);
+        let client = {
+            let (dir, addr) = (dir.path().to_owned(), s.addr.clone());
+            std::thread::spawn(move || compile(&dir, "cc", "big.c", &addr, &strict))
+        };
+        // Kill the moment a new temporary entry file appears: mid-write.
+        let start = Instant::now();
+        let mut killed_mid_write = false;
+        while start.elapsed() < Duration::from_secs(30) {
+            if files_in(&tmp).iter().any(|f| !leftovers.contains(f)) {
+                let _ = s.child.kill(); // SIGKILL
+                let _ = s.child.wait();
+                killed_mid_write = true;
+                break;
+            }
+            if client.is_finished() {
+                break;
+            }
+        }
+        let _ = client.join().unwrap();
+        drop(s);
+        // A write that was really cut off leaves its temporary file behind.
+        if killed_mid_write && files_in(&tmp).iter().any(|f| !leftovers.contains(f)) {
+            caught += 1;
+        }
+        // Restarted on the same directory, the server answers with the right object,
+        // whether the entry made it to disk whole or not at all.
+        let s = server_with(cache.path(), bin.path());
+        for _ in 0..2 {
+            std::fs::remove_file(dir.path().join("big.o")).ok();
+            let out = compile(dir.path(), "cc", "big.c", &s.addr, &strict);
+            assert!(out.status.success(), "attempt {attempt}: {}", stderr(&out));
+            assert!(
+                std::fs::read(dir.path().join("big.o")).unwrap() == expected,
+                "attempt {attempt}: a wrong object was served"
+            );
+        }
+        let json = stats_json(&[("DCACHE_HOSTS", s.addr.as_str())]);
+        assert_eq!(stat(&json, "hits"), 1, "the second request hits: {json}");
+        drop(s);
+        // Start over with an empty cache, so the next attempt writes the entry again.
+        for sub in files_in(&cache.path().join("v1")) {
+            if sub != tmp {
+                std::fs::remove_dir_all(&sub).ok();
+            }
+        }
+        if caught >= 2 {
+            break;
+        }
+    }
+    eprintln!("kills that landed mid-write: {caught}");
+    assert!(caught >= 1, "no kill landed mid-write in 5 attempts");
+}
