@@ -365,8 +365,13 @@ async fn malformed_and_out_of_order_frames_cost_only_their_connection() {
 
 /// Waits until every connection has been let go.
 async fn settle(h: &Harness) {
+    settle_to(h, 0).await;
+}
+
+/// Waits until only `n` connections are left open.
+async fn settle_to(h: &Harness, n: usize) {
     let t = Instant::now();
-    while h.service.open_connections() != 0 {
+    while h.service.open_connections() != n {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "{} connections still open",
@@ -550,4 +555,59 @@ async fn ten_thousand_connections_opened_and_dropped() {
         "descriptors: {fds_before} before, {fds_after} after"
     );
     eprintln!("10,000 connections churned in {churn:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_mid_upload_leaves_nothing_behind() {
+    let h = start().await;
+    let honest = Honest::start(&h.addr).await;
+    let desc = JobDesc {
+        compiler: "gcc".into(),
+        language: "cpp-output".into(),
+        args: vec![],
+        source_len: Some(200_000),
+    };
+    let full = Bytes::from(vec![b'x'; 200_000]);
+    let key = CacheKey::compute(&desc, &full);
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+        s.write_all(&encode(&[
+            hello(),
+            Frame::Job {
+                job: JobId(1),
+                desc: desc.clone(),
+            },
+            Frame::Hash { job: JobId(1), key },
+            Frame::Source {
+                job: JobId(1),
+                data: full.slice(..100_000),
+                fin: false,
+            },
+        ]))
+        .await
+        .unwrap();
+        honest.progress(2).await;
+        drop(s); // the process dies: the socket closes mid-upload
+    }
+    settle_to(&h, 1).await; // the honest client's connection is all that is left
+    assert_eq!(
+        h.service
+            .counters()
+            .connection_errors
+            .load(Ordering::Relaxed),
+        5,
+        "each cut-off upload failed its own connection"
+    );
+    // The whole source, sent honestly, compiles (nothing half-received was kept or stored).
+    let stream = connect(&h.addr, &TransportOptions::default())
+        .await
+        .unwrap();
+    let c = spawn_client(stream, ClientConfig::default());
+    let o = c
+        .submit(desc.clone(), Some(key), full.clone())
+        .await
+        .unwrap();
+    assert!(!o.early, "nothing was stored for the cut-off uploads");
+    assert_eq!(o.result, reference_compile(&desc, &full));
+    honest.finish().await;
 }

@@ -366,3 +366,80 @@ async fn addresses_outside_the_allow_list_are_refused_with_a_clear_error() {
     );
     assert_eq!(stat(&service.stats(), "connections_refused"), 1);
 }
+
+/// A store whose disk is full: every write fails, nothing is ever found.
+struct FullDisk;
+
+#[async_trait::async_trait]
+impl Store for FullDisk {
+    async fn get(&self, _: &dcache_server::store::StoreKey) -> Option<dcache_proto::JobResult> {
+        None
+    }
+    async fn put(
+        &self,
+        _: &dcache_server::store::StoreKey,
+        _: &dcache_proto::JobResult,
+    ) -> Result<(), dcache_server::store::StoreError> {
+        Err(std::io::Error::from_raw_os_error(28).into()) // ENOSPC
+    }
+    async fn remove(
+        &self,
+        _: &dcache_server::store::StoreKey,
+    ) -> Result<bool, dcache_server::store::StoreError> {
+        Ok(false)
+    }
+    fn stats(&self) -> dcache_server::store::StoreStats {
+        dcache_server::store::StoreStats::default()
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_write_still_returns_every_result() {
+    // A full disk (simulated through the store trait) and a real read-only directory.
+    let ro = tempfile::tempdir().unwrap();
+    let disk = DiskStore::open(ro.path(), 1 << 30).unwrap();
+    let mut perms = std::fs::metadata(disk.root()).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o555);
+    for dir in [disk.root().to_owned(), disk.root().join("tmp")] {
+        std::fs::set_permissions(&dir, perms.clone()).unwrap();
+    }
+    let running_as_root = std::fs::write(disk.root().join("probe"), b"").is_ok();
+    let stores: Vec<(&str, Arc<dyn Store>)> = vec![
+        ("full disk", Arc::new(FullDisk)),
+        ("read-only directory", Arc::new(disk)),
+    ];
+    for (name, store) in stores {
+        if name == "read-only directory" && running_as_root {
+            // Root writes through mode bits; the simulated full disk covers this path.
+            continue;
+        }
+        let service = Service::new(
+            store,
+            Arc::new(FakeExecutor::new(Duration::from_millis(0))),
+            ServiceConfig::default(),
+        );
+        let (addr, _stop, _task) = start(&service, &format!("mem://svc-store-fails-{name}")).await;
+        let c = client(&addr, Strategy::Speculative).await;
+        let d = desc("gcc", &["-O2"], None);
+        let src = Bytes::from_static(b"int stored_nowhere;\n");
+        for round in 0..2 {
+            let key = CacheKey::compute(&d, &src);
+            let o = c.submit(d.clone(), Some(key), src.clone()).await.unwrap();
+            assert_eq!(
+                o.result,
+                reference_compile(&d, &src),
+                "{name}, round {round}"
+            );
+            assert!(!o.early, "{name}: nothing could have been stored");
+        }
+        // Give the background store attempts time to report.
+        let mut waited = 0;
+        while stat(&service.stats(), "store_errors") < 2 && waited < 200 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+        }
+        let stats = service.stats();
+        assert_eq!(stat(&stats, "compiles"), 2, "{name}: {stats:?}");
+        assert_eq!(stat(&stats, "store_errors"), 2, "{name}: {stats:?}");
+    }
+}
