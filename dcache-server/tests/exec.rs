@@ -214,6 +214,7 @@ impl Script {
             allowed: vec!["cc".into(), "/bin/sh".into()],
             time_limit,
             path: format!("{}:/usr/bin:/bin", self.dir.path().display()),
+            ..LocalExecutorConfig::default()
         });
         // A path in the allow-list itself is ignored too.
         assert_eq!(ex.available(), ["cc"]);

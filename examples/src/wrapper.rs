@@ -205,13 +205,18 @@ pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i3
         outcome.job.source_bytes_skipped
     );
     let result = outcome.job.result;
-    if result.exit_code != 0 {
-        // The server cannot show the source lines gcc quotes under an error (it has only
-        // the preprocessed text), so a failed compile runs again here for the exact
-        // diagnostics, as ccache does. Failures are quick and never cached.
+    let remote = !config.hosts.is_empty();
+    if result.exit_code != 0 || (remote && !result.stderr.is_empty()) {
+        // A remote server cannot quote the source lines gcc shows under a diagnostic (it
+        // has only the preprocessed text, not the files it names) and writes in its own
+        // locale, so a compile that printed anything runs again here for the exact
+        // output, as a failed one does. Failures are quick and never cached; clean
+        // compiles, the common case, are untouched. (The embedded server compiles in this
+        // directory and locale, so its diagnostics are already exact.)
         tracing::debug!(
-            "remote compile failed with {}; rerunning locally",
-            result.exit_code
+            "compile exited {} with {} bytes of diagnostics; rerunning locally for the exact output",
+            result.exit_code,
+            result.stderr.len()
         );
         return local(&compiler, &args).unwrap_or(1);
     }
@@ -298,7 +303,13 @@ async fn embedded(
 ) -> Result<dcache_client::Outcome, String> {
     let store = DiskStore::open(&config.dir.join("cache"), config.cache_size)
         .map_err(|e| format!("local cache in {}: {e}", config.dir.display()))?;
-    let executor = LocalExecutor::new(LocalExecutorConfig::default());
+    // Compiling for the user on the user's machine: in the user's directory and locale, so
+    // warnings quote source lines and use the quote characters a local compile would.
+    let executor = LocalExecutor::new(LocalExecutorConfig {
+        workdir: std::env::current_dir().ok(),
+        locale: locale_env(),
+        ..LocalExecutorConfig::default()
+    });
     let service = Service::new(
         Arc::new(store),
         Arc::new(executor),
@@ -343,6 +354,19 @@ async fn embedded(
         },
     );
     outcome
+}
+
+/// The locale variables that shape a compiler's diagnostics, as set here.
+fn locale_env() -> Vec<(String, String)> {
+    ["LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES"]
+        .into_iter()
+        .filter_map(|k| {
+            std::env::var(k)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| (k.to_owned(), v))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -146,6 +146,48 @@ fn compile_errors_reproduce_gccs_output_and_status() {
 }
 
 #[test]
+fn warnings_are_gccs_own_bytes_in_the_users_locale_remote_and_embedded() {
+    let s = server();
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("warn.c"),
+        "int f(void) {\n    int unused = 3;\n    return 0;\n}\n",
+    )
+    .unwrap();
+    let run = |cmd: &mut Command| {
+        let out = cmd
+            .args(["-Wall", "-c", "warn.c", "-o", "warn.o"])
+            .current_dir(dir.path())
+            .env_remove("LC_ALL")
+            .env("LANG", "C.UTF-8")
+            .env("DCACHE_DIR", cache.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let plain = run(&mut Command::new("gcc"));
+    // The caret line and the typographic quotes a UTF-8 locale gets.
+    assert!(
+        plain.contains("|         ^~~~~~") && plain.contains('\u{2018}'),
+        "{plain}"
+    );
+    let remote = run(Command::new(DCACHE).arg("gcc").env("DCACHE_HOSTS", &s.addr));
+    assert_eq!(remote, plain, "remote");
+    for round in ["cold", "warm"] {
+        let embedded = run(Command::new(DCACHE).arg("gcc").env_remove("DCACHE_HOSTS"));
+        assert_eq!(embedded, plain, "embedded, {round}");
+    }
+    let env = [("DCACHE_DIR", cache.path().to_str().unwrap())];
+    assert_eq!(
+        stat(&stats_json(&env), "hits"),
+        1,
+        "the warm embedded build was a hit"
+    );
+}
+
+#[test]
 fn a_dead_server_falls_back_to_a_local_compile_unless_told_not_to() {
     // A port nothing listens on: bind, note the port, close.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

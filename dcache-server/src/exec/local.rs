@@ -24,6 +24,18 @@ pub struct LocalExecutorConfig {
     pub time_limit: Duration,
     /// `PATH` for finding the compilers and for the compiler's own helpers (`as`, `cc1`).
     pub path: String,
+    /// Where compilers run. `None`, the default and the only choice for a server: a fresh
+    /// private temporary directory per job, so a compile can touch nothing else. An
+    /// in-process server compiling for the local user (the wrapper's embedded default) may
+    /// name the user's own directory instead: the compiler can then read the files the
+    /// preprocessed text names and quote their lines under a warning, exactly as a local
+    /// compile does. Outputs still go to the private directory.
+    pub workdir: Option<PathBuf>,
+    /// Locale variables given to compilers (`LANG`, `LC_*`, `LANGUAGE`); empty means
+    /// `LC_ALL=C`. They decide the language and quote characters of diagnostics, so they
+    /// are part of each compiler's identity: results compiled under one locale are never
+    /// served under another.
+    pub locale: Vec<(String, String)>,
 }
 
 impl Default for LocalExecutorConfig {
@@ -34,6 +46,8 @@ impl Default for LocalExecutorConfig {
                 .to_vec(),
             time_limit: Duration::from_secs(300),
             path: "/usr/local/bin:/usr/bin:/bin".into(),
+            workdir: None,
+            locale: Vec::new(),
         }
     }
 }
@@ -61,7 +75,7 @@ impl LocalExecutor {
                 continue;
             }
             if let Some(path) = find_on_path(name, &config.path) {
-                if let Some(id) = identity(&path) {
+                if let Some(id) = identity(&path, &config.locale) {
                     compilers.insert(name.clone(), Compiler { path, id });
                 }
             }
@@ -90,8 +104,9 @@ fn find_on_path(name: &str, path: &str) -> Option<PathBuf> {
         .and_then(|p| p.canonicalize().ok())
 }
 
-/// Path, `--version` output and the binary's digest: any upgrade changes at least one.
-fn identity(path: &Path) -> Option<CompilerId> {
+/// Path, `--version` output and the binary's digest (any upgrade changes at least one),
+/// and the locale diagnostics are written in.
+fn identity(path: &Path, locale: &[(String, String)]) -> Option<CompilerId> {
     let version = std::process::Command::new(path)
         .arg("--version")
         .env_clear()
@@ -104,6 +119,13 @@ fn identity(path: &Path) -> Option<CompilerId> {
     h.update(&(version.stdout.len() as u64).to_be_bytes());
     h.update(&version.stdout);
     h.update(blake3::hash(&binary).as_bytes());
+    // The default locale hashes as nothing, so default identities stay as they were.
+    for (k, v) in locale {
+        for part in [k, v] {
+            h.update(&(part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+    }
     Some(CompilerId(*h.finalize().as_bytes()))
 }
 
@@ -149,18 +171,24 @@ async fn run(
     let assembly = desc.args.iter().any(|a| a == "-S");
     let out_name = if assembly { "out.s" } else { "out.o" };
     let out_path = dir.path().join(out_name);
-    let mut child = Command::new(&path)
+    let mut command = Command::new(&path);
+    command
         .args(&desc.args)
         .arg("-x")
         .arg(&desc.language)
         .arg("-")
         .arg("-o")
         .arg(&out_path)
-        .current_dir(dir.path())
+        .current_dir(config.workdir.as_deref().unwrap_or(dir.path()))
         .env_clear()
         .env("PATH", &config.path)
-        .env("LC_ALL", "C")
-        .env("TMPDIR", dir.path())
+        .env("TMPDIR", dir.path());
+    if config.locale.is_empty() {
+        command.env("LC_ALL", "C");
+    } else {
+        command.envs(config.locale.iter().map(|(k, v)| (k, v)));
+    }
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
