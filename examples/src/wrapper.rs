@@ -3,12 +3,13 @@
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use dcache_client::wrapper::args::{Plan, plan};
+use dcache_client::wrapper::base_dir::relativize_line_markers;
 use dcache_client::wrapper::local::{preprocess, run_locally, write_atomically};
 use dcache_client::{Client, ClientOptions};
 use dcache_proto::{AuthKey, JobDesc, Strategy};
@@ -35,6 +36,9 @@ pub struct Config {
     /// `DCACHE_TOKEN` (or the contents of the file `DCACHE_TOKEN_FILE` names): the shared
     /// token for servers started with `--token-file`.
     pub token: Option<AuthKey>,
+    /// `DCACHE_BASEDIR`: absolute paths inside it are rewritten relative to the working
+    /// directory in the preprocessed source, so checkouts in different places share keys.
+    pub base_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -81,6 +85,12 @@ impl Config {
             }
             (None, None) => None,
         };
+        let base_dir = match var("DCACHE_BASEDIR") {
+            Some(b) if !Path::new(&b).is_absolute() => {
+                return Err(format!("DCACHE_BASEDIR: {b} is not an absolute path"));
+            }
+            b => b.map(PathBuf::from),
+        };
         Ok(Self {
             hosts,
             strategy,
@@ -88,6 +98,7 @@ impl Config {
             dir,
             cache_size,
             token,
+            base_dir,
         })
     }
 
@@ -124,6 +135,9 @@ environment:
   DCACHE_FALLBACK    0 turns the local fallback into an error
   DCACHE_DIR         the embedded cache's directory (default: ~/.cache/dcache)
   DCACHE_CACHE_SIZE  the embedded cache's size limit (default: 5G)
+  DCACHE_BASEDIR     absolute directory (e.g. your home): paths inside it are made
+                     relative in the preprocessed source, so checkouts in different
+                     places share cache entries (file names in objects become relative)
   DCACHE_TOKEN       shared token for servers started with --token-file; proved by
                      challenge-response, never sent (DCACHE_TOKEN_FILE: read it from a file)
   DCACHE_LOG         log filter, e.g. debug (default: warn)
@@ -145,13 +159,26 @@ pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i3
             return local(&compiler, &args).unwrap_or(1);
         }
     };
-    let pre = match preprocess(&plan) {
+    let mut pre = match preprocess(&plan) {
         Ok(p) => p,
         Err(e) => {
             // The compiler reproduces the preprocessor's exact errors itself.
             tracing::debug!("{e}; compiling locally");
             return local(&compiler, &args).unwrap_or(1);
         }
+    };
+    // With a base directory, absolute paths under it become relative, so another checkout
+    // of the same project has the same key. The compiler then sees other file names than
+    // a local compile would, which only shows in what it prints (handled below).
+    let rewritten = match (&config.base_dir, std::env::current_dir()) {
+        (Some(base), Ok(cwd)) => match relativize_line_markers(&pre.source, base, &cwd) {
+            Some(new) => {
+                pre.source = new;
+                true
+            }
+            None => false,
+        },
+        _ => false,
     };
     let compiler_name = PathBuf::from(&compiler)
         .file_name()
@@ -206,13 +233,14 @@ pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i3
     );
     let result = outcome.job.result;
     let remote = !config.hosts.is_empty();
-    if result.exit_code != 0 || (remote && !result.stderr.is_empty()) {
+    if result.exit_code != 0 || ((remote || rewritten) && !result.stderr.is_empty()) {
         // A remote server cannot quote the source lines gcc shows under a diagnostic (it
         // has only the preprocessed text, not the files it names) and writes in its own
         // locale, so a compile that printed anything runs again here for the exact
         // output, as a failed one does. Failures are quick and never cached; clean
         // compiles, the common case, are untouched. (The embedded server compiles in this
-        // directory and locale, so its diagnostics are already exact.)
+        // directory and locale, so its diagnostics are already exact, unless the file names
+        // were rewritten for DCACHE_BASEDIR.)
         tracing::debug!(
             "compile exited {} with {} bytes of diagnostics; rerunning locally for the exact output",
             result.exit_code,

@@ -188,6 +188,71 @@ fn warnings_are_gccs_own_bytes_in_the_users_locale_remote_and_embedded() {
 }
 
 #[test]
+fn checkouts_in_different_places_share_entries_under_dcache_basedir() {
+    let base = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let checkouts: Vec<std::path::PathBuf> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            let proj = base.path().join(n).join("proj");
+            std::fs::create_dir_all(proj.join("inc")).unwrap();
+            std::fs::write(
+                proj.join("inc/h.h"),
+                "static inline int twice(int x) { return 2 * x; }\n",
+            )
+            .unwrap();
+            std::fs::write(
+                proj.join("src.c"),
+                "#include \"h.h\"\nint f(int x) { return twice(x) + 1; }\n",
+            )
+            .unwrap();
+            proj
+        })
+        .collect();
+    // Absolute include paths, as CMake writes them: the preprocessed text names them.
+    let build = |proj: &Path, base_dir: Option<&Path>| {
+        let inc = format!("-I{}", proj.join("inc").display());
+        let mut cmd = Command::new(DCACHE);
+        cmd.args(["gcc", &inc, "-O2", "-c", "src.c", "-o", "src.o"])
+            .current_dir(proj)
+            .env_remove("DCACHE_HOSTS")
+            .env("DCACHE_DIR", cache.path());
+        match base_dir {
+            Some(b) => cmd.env("DCACHE_BASEDIR", b),
+            None => cmd.env_remove("DCACHE_BASEDIR"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stderr.is_empty());
+        let plain = Command::new("gcc")
+            .args([&inc, "-O2", "-c", "src.c", "-o", "plain.o"])
+            .current_dir(proj)
+            .status()
+            .unwrap();
+        assert!(plain.success());
+        assert_eq!(
+            std::fs::read(proj.join("src.o")).unwrap(),
+            std::fs::read(proj.join("plain.o")).unwrap(),
+            "the object is the one gcc makes there"
+        );
+    };
+    let env = [("DCACHE_DIR", cache.path().to_str().unwrap())];
+    // Without a base directory, each checkout is a miss of its own.
+    build(&checkouts[0], None);
+    build(&checkouts[1], None);
+    assert_eq!(stat(&stats_json(&env), "hits"), 0);
+    // With one, the paths inside it no longer tell checkouts apart.
+    build(&checkouts[0], Some(base.path()));
+    build(&checkouts[2], Some(base.path()));
+    let s = stats_json(&env);
+    assert_eq!((stat(&s, "misses"), stat(&s, "hits")), (3, 1), "{s}");
+}
+
+#[test]
 fn a_dead_server_falls_back_to_a_local_compile_unless_told_not_to() {
     // A port nothing listens on: bind, note the port, close.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -2,4 +2,5 @@
 //! into a local preprocessor run and a remote compile.
 
 pub mod args;
+pub mod base_dir;
 pub mod local;
