@@ -6,6 +6,7 @@ pub mod loopback;
 pub mod plot;
 pub mod sim;
 pub mod sim_driver;
+pub mod stats_baseline;
 pub mod stats_file;
 pub mod util;
 pub mod wrapper;

@@ -118,7 +118,8 @@ dcache: distributed compilation with a server-side result cache
 
 usage: dcache COMPILER [ARGS...]   compile as COMPILER would (e.g. make CC=\"dcache gcc\")
        dcache --stats [--json]    show each server's counters (or the local cache's)
-       dcache --zero-stats        reset the local cache's counters
+       dcache --zero-stats        reset the counters --stats shows (for servers: from now on,
+                                  for this user; the servers' own counters are shared)
        dcache --demo              build a bundled C program cold, then warm
        dcache --help
 

@@ -253,6 +253,60 @@ fn checkouts_in_different_places_share_entries_under_dcache_basedir() {
 }
 
 #[test]
+fn zero_stats_with_servers_counts_from_now_for_this_user_only() {
+    let s = server();
+    let mine = tempfile::tempdir().unwrap();
+    let theirs = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("z.c"), "int z(void) { return 7; }\n").unwrap();
+    let compile = || {
+        let out = Command::new(DCACHE)
+            .args(["gcc", "-c", "z.c", "-o", "z.o"])
+            .env("DCACHE_HOSTS", &s.addr)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    };
+    let me = [
+        ("DCACHE_HOSTS", s.addr.as_str()),
+        ("DCACHE_DIR", mine.path().to_str().unwrap()),
+    ];
+    let them = [
+        ("DCACHE_HOSTS", s.addr.as_str()),
+        ("DCACHE_DIR", theirs.path().to_str().unwrap()),
+    ];
+    compile();
+    assert_eq!(stat(&stats_json(&me), "compiles"), 1);
+    let zero = Command::new(DCACHE)
+        .arg("--zero-stats")
+        .envs(me)
+        .status()
+        .unwrap();
+    assert!(zero.success());
+    let after = stats_json(&me);
+    assert_eq!(
+        (stat(&after, "compiles"), stat(&after, "hits")),
+        (0, 0),
+        "{after}"
+    );
+    compile();
+    let after = stats_json(&me);
+    assert_eq!(
+        (stat(&after, "compiles"), stat(&after, "hits")),
+        (0, 1),
+        "{after}"
+    );
+    // Another user's view, and the server's own counters, are untouched.
+    let other = stats_json(&them);
+    assert_eq!(
+        (stat(&other, "compiles"), stat(&other, "hits")),
+        (1, 1),
+        "{other}"
+    );
+}
+
+#[test]
 fn a_dead_server_falls_back_to_a_local_compile_unless_told_not_to() {
     // A port nothing listens on: bind, note the port, close.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

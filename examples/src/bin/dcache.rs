@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use dcache_examples::{stats_file, util, wrapper};
+use dcache_examples::{stats_baseline, stats_file, util, wrapper};
 
 fn main() -> ExitCode {
     let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
@@ -36,13 +36,14 @@ fn main() -> ExitCode {
             runtime.block_on(print_stats(&config, json))
         }
         Some("--demo") => ExitCode::from(u8::try_from(dcache_examples::demo::run()).unwrap_or(1)),
-        Some("--zero-stats") => match stats_file::reset(&config.dir) {
+        Some("--zero-stats") if config.hosts.is_empty() => match stats_file::reset(&config.dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("dcache: cannot reset statistics: {e}");
                 ExitCode::FAILURE
             }
         },
+        Some("--zero-stats") => runtime.block_on(zero_remote(&config)),
         Some(_) => {
             let compiler = args.remove(0);
             let code = runtime.block_on(wrapper::run(&config, compiler, args));
@@ -59,18 +60,14 @@ async fn print_stats(config: &wrapper::Config, json: bool) -> ExitCode {
             .collect();
         vec![(format!("local cache {}", config.dir.display()), totals)]
     } else {
-        let client = dcache_client::Client::new(config.client_options());
-        let mut sets = Vec::new();
-        for (host, r) in client.stats().await {
-            match r {
-                Ok(stats) => sets.push((
-                    host.to_string(),
-                    stats.into_iter().map(|s| (s.name, s.value)).collect(),
-                )),
-                Err(e) => eprintln!("dcache: {host}: {e}"),
-            }
-        }
-        sets
+        remote_stats(config)
+            .await
+            .into_iter()
+            .map(|(host, stats)| {
+                let since = stats_baseline::since_zero(&config.dir, &host, stats);
+                (host, since)
+            })
+            .collect()
     };
     if json {
         // One object: the sum over hosts, plus each host's own counters.
@@ -94,4 +91,37 @@ async fn print_stats(config: &wrapper::Config, json: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Each reachable server's counters; unreachable ones are reported on stderr.
+async fn remote_stats(config: &wrapper::Config) -> Vec<(String, Vec<(String, u64)>)> {
+    let client = dcache_client::Client::new(config.client_options());
+    let mut sets = Vec::new();
+    for (host, r) in client.stats().await {
+        match r {
+            Ok(stats) => sets.push((
+                host.to_string(),
+                stats.into_iter().map(|s| (s.name, s.value)).collect(),
+            )),
+            Err(e) => eprintln!("dcache: {host}: {e}"),
+        }
+    }
+    sets
+}
+
+/// `--zero-stats` with servers: records their counters now as this client's zero (the
+/// servers' own counters are shared by every client and stay as they are).
+async fn zero_remote(config: &wrapper::Config) -> ExitCode {
+    let sets = remote_stats(config).await;
+    if sets.len() < config.hosts.len() {
+        eprintln!("dcache: not every server answered; statistics not reset");
+        return ExitCode::FAILURE;
+    }
+    match stats_baseline::save(&config.dir, &sets) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dcache: cannot reset statistics: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
