@@ -287,4 +287,77 @@ async fn rebuild_100k_entries() {
         "rebuild of 100,000 entries: median {:?} (of {:?})",
         times[2], times
     );
+    // What the wrapper's embedded server pays instead: a lazy open, one hit, one write.
+    let mut lazy = Vec::new();
+    for i in 0..5u32 {
+        let t0 = std::time::Instant::now();
+        let s = DiskStore::open_lazy(dir.path(), u64::MAX).unwrap();
+        let hit = StoreKey(*blake3::hash(&i.to_le_bytes()).as_bytes());
+        assert!(s.get(&hit).await.is_some());
+        let new = StoreKey(*blake3::hash(&(1_000_000 + i).to_le_bytes()).as_bytes());
+        s.put(&new, &result(1, 64)).await.unwrap();
+        lazy.push(t0.elapsed());
+    }
+    lazy.sort();
+    println!(
+        "lazy open + hit + write with 100,000 entries: median {:?} (of {:?})",
+        lazy[2], lazy
+    );
+}
+
+#[tokio::test]
+async fn a_lazy_store_reads_what_others_wrote_and_keeps_each_shard_within_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = DiskStore::open(dir.path(), 1 << 30).unwrap();
+    full.put(&key(7), &result(7, 1000)).await.unwrap();
+    // 256 shards of a 2.56 MB limit: 10,000 bytes each.
+    let limit = 256 * 10_000;
+    let lazy = DiskStore::open_lazy(dir.path(), limit).unwrap();
+    assert_eq!(lazy.stats().entries, 0, "nothing scanned at open");
+    assert_eq!(lazy.get(&key(7)).await, Some(result(7, 1000)));
+    // Six entries of ~3 KB into one shard (same first key byte): only three fit.
+    let shard_key = |n: u8| {
+        let mut k = [n; 32];
+        k[0] = 0x42;
+        StoreKey(k)
+    };
+    for n in 0..6u8 {
+        lazy.put(&shard_key(n), &result(n, 3000)).await.unwrap();
+        // Distinct modification times, so "oldest" is well defined.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let shard = lazy.root().join("42");
+    let sizes: Vec<u64> = std::fs::read_dir(&shard)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    assert!(sizes.iter().sum::<u64>() <= 10_000, "{sizes:?}");
+    assert_eq!(sizes.len(), 3, "{sizes:?}");
+    assert_eq!(lazy.stats().evictions, 3);
+    // The oldest went first; the newest are whole and verified.
+    assert_eq!(lazy.get(&shard_key(0)).await, None);
+    assert_eq!(lazy.get(&shard_key(5)).await, Some(result(5, 3000)));
+    // Other shards were not touched, and an indexed store sees the same entries.
+    assert_eq!(lazy.get(&key(7)).await, Some(result(7, 1000)));
+    assert_eq!(
+        DiskStore::open(dir.path(), 1 << 30)
+            .unwrap()
+            .stats()
+            .entries,
+        4
+    );
+}
+
+#[tokio::test]
+async fn a_lazy_store_still_drops_damaged_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let lazy = DiskStore::open_lazy(dir.path(), 1 << 30).unwrap();
+    lazy.put(&key(3), &result(3, 5000)).await.unwrap();
+    let path = entry_path(&lazy, &key(3));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&path, bytes).unwrap();
+    assert_eq!(lazy.get(&key(3)).await, None);
+    assert!(!path.exists(), "the torn entry was removed");
+    assert_eq!(lazy.stats().corrupt, 1);
 }

@@ -330,7 +330,8 @@ async fn embedded(
     desc: JobDesc,
     source: Bytes,
 ) -> Result<dcache_client::Outcome, String> {
-    let store = DiskStore::open(&config.dir.join("cache"), config.cache_size)
+    // Lazy: one compile per process, so no scan of the whole cache on every start.
+    let store = DiskStore::open_lazy(&config.dir.join("cache"), config.cache_size)
         .map_err(|e| format!("local cache in {}: {e}", config.dir.display()))?;
     // Compiling for the user on the user's machine: in the user's directory and locale, so
     // warnings quote source lines and use the quote characters a local compile would.

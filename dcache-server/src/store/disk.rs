@@ -41,8 +41,14 @@ pub struct DiskStore {
 struct Inner {
     root: PathBuf,
     limit: u64,
+    /// Opened with [`DiskStore::open_lazy`]: no index of the whole directory; the size
+    /// limit is kept one fan-out directory at a time.
+    lazy: bool,
     state: Mutex<State>,
 }
+
+/// Fan-out directories: one per first byte of the key.
+const SHARDS: u64 = 256;
 
 #[derive(Debug, Default)]
 struct State {
@@ -122,6 +128,16 @@ impl Inner {
             self.lock().write_errors += 1;
             return Err(e.into());
         }
+        if self.lazy {
+            self.lock().lru.insert(*key, size);
+            self.evict_shard(key);
+            // A lazy store never scans at start, so one write in 256 sweeps up after
+            // crashed writers instead.
+            if key.0[0] == 0 {
+                let _ = self.sweep_stale_tmp();
+            }
+            return Ok(());
+        }
         let victims = {
             let mut st = self.lock();
             st.lru.insert(*key, size);
@@ -142,6 +158,33 @@ impl Inner {
 }
 
 impl Inner {
+    /// Keeps the fan-out directory `key` went into within its share of the limit, oldest
+    /// (least recently used) entries first; never the entry just written. Keys are uniform
+    /// hashes, so the directories fill evenly and the total stays near the limit, while a
+    /// write costs a listing of 1/256 of the store instead of all of it.
+    fn evict_shard(&self, key: &StoreKey) {
+        let hex = key.to_hex();
+        let Some(prefix) = hex.get(..2) else { return };
+        let mut found = scan(&[(prefix.to_owned(), self.root.join(prefix))]);
+        found.sort_unstable_by_key(|(t, k, _)| (*t, *k));
+        let budget = (self.limit / SHARDS).max(1);
+        let mut total: u64 = found.iter().map(|(_, _, size)| size).sum();
+        for (_, old, size) in found {
+            if total <= budget {
+                break;
+            }
+            if old == *key {
+                continue;
+            }
+            if std::fs::remove_file(self.path(&old)).is_ok() {
+                let mut st = self.lock();
+                st.lru.remove(&old);
+                st.evictions += 1;
+            }
+            total -= size;
+        }
+    }
+
     fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
         self.lock().lru.remove(key);
         match std::fs::remove_file(self.path(key)) {
@@ -162,6 +205,7 @@ impl DiskStore {
         let inner = Inner {
             root,
             limit,
+            lazy: false,
             state: Mutex::new(State::default()),
         };
         inner.rebuild()?;
@@ -173,6 +217,25 @@ impl DiskStore {
         Ok(store)
     }
 
+    /// Opens (creating if needed) a store in `dir` without reading what is there: for a
+    /// short-lived process that serves a compile or two (the wrapper's embedded server),
+    /// where a scan of the whole directory on every start would cost more than the
+    /// compile. Reads find entries by name as always; each write scans only the fan-out
+    /// directory it went into and keeps that within 1/256 of `limit`. Its counters cover
+    /// only what this process saw. Shares a directory safely with [`open`](Self::open).
+    pub fn open_lazy(dir: &Path, limit: u64) -> Result<Self, StoreError> {
+        let root = dir.join("v1");
+        std::fs::create_dir_all(root.join("tmp"))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                root,
+                limit,
+                lazy: true,
+                state: Mutex::new(State::default()),
+            }),
+        })
+    }
+
     /// The directory entries live in.
     pub fn root(&self) -> &Path {
         &self.inner.root
@@ -180,7 +243,9 @@ impl DiskStore {
 }
 
 impl Inner {
-    fn rebuild(&self) -> std::io::Result<()> {
+    /// Removes temporary files a crashed writer left (old enough that no live writer
+    /// can still own them).
+    fn sweep_stale_tmp(&self) -> std::io::Result<()> {
         let now = SystemTime::now();
         for tmp in std::fs::read_dir(self.tmp_dir())?.flatten() {
             let old = tmp
@@ -191,6 +256,11 @@ impl Inner {
                 let _ = std::fs::remove_file(tmp.path());
             }
         }
+        Ok(())
+    }
+
+    fn rebuild(&self) -> std::io::Result<()> {
+        self.sweep_stale_tmp()?;
         let mut fanout = Vec::new();
         for sub in std::fs::read_dir(&self.root)?.flatten() {
             let name = sub.file_name();
