@@ -210,6 +210,31 @@ async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> Vec<Frame> {
     frames
 }
 
+/// Frames read from a live connection, kept across calls.
+#[derive(Default)]
+struct FrameReader {
+    buf: BytesMut,
+    dec: Option<FrameDecoder>,
+}
+
+impl FrameReader {
+    /// Reads into `got` until a frame matching `done` has arrived (10 s at most).
+    async fn until(&mut self, s: &mut TcpStream, got: &mut Vec<Frame>, done: fn(&Frame) -> bool) {
+        let dec = self
+            .dec
+            .get_or_insert_with(|| FrameDecoder::new(Limits::MAX_FRAME_PAYLOAD));
+        while !got.iter().any(done) {
+            tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut self.buf))
+                .await
+                .expect("no answer")
+                .unwrap();
+            while let Ok(Some(f)) = dec.decode(&mut self.buf) {
+                got.push(f);
+            }
+        }
+    }
+}
+
 fn error_code(frames: &[Frame]) -> Option<ErrorCode> {
     frames.iter().find_map(|f| match f {
         Frame::Error { code, .. } => Some(*code),
@@ -381,49 +406,39 @@ async fn settle_to(h: &Harness, n: usize) {
     }
 }
 
+/// Connects, sends `prefix` at once and then `slow` one byte every 100 ms, and returns
+/// the ERROR code the server closed with and how long after the prefix that came.
+async fn trickle(port: u16, prefix: Vec<u8>, slow: Vec<u8>) -> (Option<ErrorCode>, Duration) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(&prefix).await.unwrap();
+    let t = Instant::now();
+    for b in &slow {
+        if s.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let frames = read_to_close(&mut s, Duration::from_secs(10)).await;
+    (error_code(&frames), t.elapsed())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_trickling_clients_are_timed_out() {
     let h = start().await;
     let honest = Honest::start(&h.addr).await;
     let hello_bytes = encode(&[hello()]);
     // Silent: connects and sends nothing.
-    let silent = async {
-        let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
-        let t = Instant::now();
-        let frames = read_to_close(&mut s, Duration::from_secs(10)).await;
-        (error_code(&frames), t.elapsed())
-    };
+    // Silent: connects and sends nothing.
+    let silent = trickle(h.port, Vec::new(), Vec::new());
     // One byte every 100 ms of a HELLO: bytes keep coming, the handshake never completes.
-    let trickle_hello = async {
-        let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
-        let t = Instant::now();
-        for b in &hello_bytes {
-            if s.write_all(&[*b]).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let frames = read_to_close(&mut s, Duration::from_secs(10)).await;
-        (error_code(&frames), t.elapsed())
-    };
+    let trickle_hello = trickle(h.port, Vec::new(), hello_bytes);
     // A job whose SOURCE frame arrives one byte every 100 ms: each byte is input, but no
     // frame completes within the stall timeout.
-    let trickle_source = async {
-        let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
-        s.write_all(&encode(&[hello(), job(1, None)]))
-            .await
-            .unwrap();
-        let t = Instant::now();
-        let frame = encode(&[source(1, b"int trickled_in_slowly_over_a_long_time;", true)]);
-        for b in &frame {
-            if s.write_all(&[*b]).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let frames = read_to_close(&mut s, Duration::from_secs(10)).await;
-        (error_code(&frames), t.elapsed())
-    };
+    let trickle_source = trickle(
+        h.port,
+        encode(&[hello(), job(1, None)]),
+        encode(&[source(1, b"int trickled_in_slowly_over_a_long_time;", true)]),
+    );
     let (a, b, c) = tokio::join!(silent, trickle_hello, trickle_source);
     for (name, (code, took)) in [("silent", a), ("trickled HELLO", b), ("trickled SOURCE", c)] {
         assert_eq!(code, Some(ErrorCode::TIMEOUT), "{name}");
@@ -453,18 +468,11 @@ async fn lying_sizes_and_finished_jobs() {
     ]))
     .await
     .unwrap();
-    let mut buf = BytesMut::new();
-    let mut dec = FrameDecoder::new(Limits::MAX_FRAME_PAYLOAD);
+    let mut reader = FrameReader::default();
     let mut got = Vec::new();
-    while !got.iter().any(|f| matches!(f, Frame::Stats(_))) {
-        tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut buf))
-            .await
-            .expect("no answer")
-            .unwrap();
-        while let Ok(Some(f)) = dec.decode(&mut buf) {
-            got.push(f);
-        }
-    }
+    reader
+        .until(&mut s, &mut got, |f| matches!(f, Frame::Stats(_)))
+        .await;
     for id in [1, 2] {
         assert!(
             got.iter()
@@ -478,18 +486,13 @@ async fn lying_sizes_and_finished_jobs() {
     s.write_all(&encode(&[job(3, None), source(3, b"int ok;", true)]))
         .await
         .unwrap();
-    while !got
-        .iter()
-        .any(|f| matches!(f, Frame::Result { job, .. } if *job == JobId(3)))
-    {
-        tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut buf))
-            .await
-            .expect("no result")
-            .unwrap();
-        while let Ok(Some(f)) = dec.decode(&mut buf) {
-            got.push(f);
-        }
-    }
+    reader
+        .until(
+            &mut s,
+            &mut got,
+            |f| matches!(f, Frame::Result { job, .. } if *job == JobId(3)),
+        )
+        .await;
     s.write_all(&encode(&[source(3, b"more", true)]))
         .await
         .unwrap();
