@@ -346,6 +346,22 @@ async fn refused_jobs_get_clear_errors_and_run_nothing() {
         (desc("cc", &["-specs=/tmp/evil"]), "-specs=/tmp/evil"),
         (desc("cc", &["@/etc/args"]), "@/etc/args"),
         (desc("cc", &["-o", "/etc/passwd"]), "-o"),
+        (desc("cc", &["-DX=1\n-fplugin=/tmp/evil.so"]), "line break"),
+        (desc("cc", &["-DX=\0"]), "NUL"),
+        (
+            JobDesc {
+                args: vec!["-O2".into(); 1001],
+                ..desc("cc", &[])
+            },
+            "1001 arguments exceed",
+        ),
+        (
+            JobDesc {
+                args: vec![format!("-DX={}", "y".repeat(5000))],
+                ..desc("cc", &[])
+            },
+            "exceeds the limit of 4096",
+        ),
         (
             JobDesc {
                 language: "c".into(),

@@ -275,3 +275,37 @@ fn a_server_killed_while_writing_an_entry_never_serves_it_torn() {
     eprintln!("kills that landed mid-write: {caught}");
     assert!(caught >= 1, "no kill landed mid-write in 5 attempts");
 }
+
+#[test]
+fn two_servers_share_one_disk_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let a = server_on(cache.path(), &[], &[]);
+    let b = server_on(cache.path(), &[], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("s.c"), "int s(int x) { return x << 2; }\n").unwrap();
+    let strict = [("DCACHE_FALLBACK", "0")];
+    let out = compile(dir.path(), "gcc", "s.c", &a.addr, &strict);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first = std::fs::read(dir.path().join("s.o")).unwrap();
+    // A stores in the background after answering: wait until it has.
+    let wait = Instant::now();
+    while stat(
+        &stats_json(&[("DCACHE_HOSTS", a.addr.as_str())]),
+        "stored_entries",
+    ) == 0
+    {
+        assert!(wait.elapsed() < Duration::from_secs(10), "A never stored");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // B started before A wrote the entry; it finds it on the shared disk.
+    std::fs::remove_file(dir.path().join("s.o")).unwrap();
+    let out = compile(dir.path(), "gcc", "s.c", &b.addr, &strict);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(dir.path().join("s.o")).unwrap(), first);
+    let json = stats_json(&[("DCACHE_HOSTS", b.addr.as_str())]);
+    assert_eq!(
+        (stat(&json, "hits"), stat(&json, "compiles")),
+        (1, 0),
+        "{json}"
+    );
+}
