@@ -174,6 +174,66 @@ impl Client {
         Err(ClientError::Unreachable(failures))
     }
 
+    /// Compiles one job whose source arrives as a stream of chunks (the sender's end of
+    /// `source`; dropping it ends the source). Each chunk goes out as soon as the
+    /// connection has room, so the server's compiler is fed while the source is still
+    /// being produced.
+    ///
+    /// A stream's key is known only at its end, so the host is chosen by rendezvous
+    /// hashing of the job description alone, the job is sent without HASH (the server
+    /// still answers from its cache, by the key it computes, once the source is whole),
+    /// and only connecting falls through to other hosts: once chunks have been sent they
+    /// cannot be replayed, so a failure after that is returned for the caller to compile
+    /// locally.
+    pub async fn compile_stream(
+        &self,
+        desc: JobDesc,
+        source: tokio::sync::mpsc::Receiver<Bytes>,
+    ) -> Result<Outcome, ClientError> {
+        if self.options.hosts.is_empty() {
+            return Err(ClientError::NoHosts);
+        }
+        let key = CacheKey::compute(&desc, b"");
+        let candidates = lock(&self.health).candidates(&key, &self.names, Instant::now());
+        let mut failures = Vec::new();
+        for i in candidates {
+            let host = self.options.hosts[i].clone();
+            let handle = match self.connection(i).await {
+                Ok(h) => h,
+                Err(e) => {
+                    lock(&self.health).mark_down(i, Instant::now());
+                    failures.push((host, e));
+                    continue;
+                }
+            };
+            let start = Instant::now();
+            return match handle.submit_stream(desc, source).await {
+                Ok(job) => {
+                    lock(&self.health).mark_up(i);
+                    Ok(Outcome {
+                        job,
+                        host,
+                        elapsed: start.elapsed(),
+                    })
+                }
+                Err(JobError::Failed { code, message }) if code == ErrorCode::REFUSED => {
+                    Err(ClientError::Refused { host, message })
+                }
+                Err(JobError::Failed { code, message }) => Err(ClientError::Failed {
+                    host,
+                    code,
+                    message,
+                }),
+                Err(e) => {
+                    lock(&self.health).mark_down(i, Instant::now());
+                    lock(&self.connections)[i] = None;
+                    Err(ClientError::Unreachable(vec![(host, e.to_string())]))
+                }
+            };
+        }
+        Err(ClientError::Unreachable(failures))
+    }
+
     /// The counters of every server (or why they could not be read).
     pub async fn stats(&self) -> Vec<(Address, Result<Vec<Stat>, String>)> {
         let mut out = Vec::new();

@@ -47,7 +47,15 @@ enum Command {
         key: Option<CacheKey>,
         strategy: Option<Strategy>,
         source: Bytes,
+        /// Whether `source` is the whole of it; if not, `Push` commands follow.
+        fin: bool,
         reply: oneshot::Sender<Result<JobOutcome, JobError>>,
+    },
+    /// More source for a job submitted without `fin`.
+    Push {
+        token: u64,
+        data: Bytes,
+        fin: bool,
     },
     Cancel {
         token: u64,
@@ -114,13 +122,56 @@ impl ClientHandle {
             .await
     }
 
-    async fn submit_inner(
+    /// Submits a job whose source arrives as a stream of chunks (a preprocessor's output as
+    /// it is written, say): each chunk is sent as soon as the connection has room, so the
+    /// server's compiler starts on the first bytes. The key of a stream is known only at
+    /// its end, so the job goes without HASH; the server still answers from its cache,
+    /// by the key it computes, once the source is complete. The source ends when the
+    /// sender is dropped. Chunks wait in memory until sent. Dropping the returned future
+    /// cancels the job.
+    pub async fn submit_stream(
+        &self,
+        desc: JobDesc,
+        mut source: mpsc::Receiver<Bytes>,
+    ) -> Result<JobOutcome, JobError> {
+        let (token, mut rx) = self.send_submit(desc, None, None, Bytes::new(), false)?;
+        let mut guard = CancelOnDrop {
+            handle: self,
+            token,
+            armed: true,
+        };
+        let mut source_done = false;
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = &mut rx => break r.unwrap_or(Err(JobError::Closed)),
+                chunk = source.recv(), if !source_done => {
+                    let (data, fin) = match chunk {
+                        Some(data) => (data, false),
+                        None => {
+                            source_done = true;
+                            (Bytes::new(), true)
+                        }
+                    };
+                    // A closed connection answers the reply with an error: wait for it.
+                    let _ = self.commands.send(Command::Push { token, data, fin });
+                }
+            }
+        };
+        guard.armed = false;
+        result
+    }
+
+    /// Hands a job to the driver; returns its token and where its outcome will come.
+    #[allow(clippy::type_complexity)]
+    fn send_submit(
         &self,
         desc: JobDesc,
         key: Option<CacheKey>,
         strategy: Option<Strategy>,
         source: Bytes,
-    ) -> Result<JobOutcome, JobError> {
+        fin: bool,
+    ) -> Result<(u64, oneshot::Receiver<Result<JobOutcome, JobError>>), JobError> {
         let token = self.tokens.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         self.commands
@@ -130,9 +181,21 @@ impl ClientHandle {
                 key,
                 strategy,
                 source,
+                fin,
                 reply,
             })
             .map_err(|_| JobError::Closed)?;
+        Ok((token, rx))
+    }
+
+    async fn submit_inner(
+        &self,
+        desc: JobDesc,
+        key: Option<CacheKey>,
+        strategy: Option<Strategy>,
+        source: Bytes,
+    ) -> Result<JobOutcome, JobError> {
+        let (token, rx) = self.send_submit(desc, key, strategy, source, true)?;
         let mut guard = CancelOnDrop {
             handle: self,
             token,
@@ -247,6 +310,7 @@ impl Owner<ClientConnection> for ClientOwner {
                 key,
                 strategy,
                 source,
+                fin,
                 reply,
             } => {
                 if self.closed {
@@ -260,13 +324,22 @@ impl Owner<ClientConnection> for ClientOwner {
                 match started {
                     Ok(job) => {
                         // Cannot fail: the job was just started and has no source yet.
-                        let _ = machine.push_source(job, source, true);
+                        if fin || !source.is_empty() {
+                            let _ = machine.push_source(job, source, fin);
+                        }
                         self.jobs.insert(job, (token, reply));
                         self.tokens.insert(token, job);
                     }
                     Err(e) => {
                         let _ = reply.send(Err(JobError::Rejected(e.to_string())));
                     }
+                }
+            }
+            Command::Push { token, data, fin } => {
+                if let Some(&job) = self.tokens.get(&token) {
+                    // Refused only when the job already has its answer (a result needs no
+                    // more source) or is gone: nothing to do either way.
+                    let _ = machine.push_source(job, data, fin);
                 }
             }
             Command::Cancel { token } => {
