@@ -99,6 +99,9 @@ pub struct JobOutcome {
     /// Whether the server answered from its cache before the upload finished
     /// (EARLY_RESULT).
     pub early: bool,
+    /// Whether the result came from the server's cache at all (a hit: early, or after a
+    /// HASH-less upload) rather than from a compile for this job (a miss).
+    pub cached: bool,
     /// The strategy the job ran with.
     pub strategy: Strategy,
     /// Source bytes put on the wire for this job.
@@ -177,6 +180,7 @@ enum Download {
     Receiving {
         head: ResultHead,
         early: bool,
+        cached: bool,
         body: BytesMut,
         total: u64,
     },
@@ -719,10 +723,11 @@ impl ClientConnection {
             Frame::Result {
                 job,
                 early,
+                cached,
                 head,
                 body,
                 fin,
-            } => self.on_result(job, early, head, body, fin)?,
+            } => self.on_result(job, (early, cached), head, body, fin)?,
             Frame::Data { job, data, fin } => self.on_data(job, data, fin)?,
             Frame::Abort { job, code, message } => self.on_abort(job, code, message)?,
             other => {
@@ -804,7 +809,7 @@ impl ClientConnection {
     fn on_result(
         &mut self,
         job: JobId,
-        early: bool,
+        (early, cached): (bool, bool),
         head: ResultHead,
         body: Bytes,
         fin: bool,
@@ -844,6 +849,7 @@ impl ClientConnection {
         j.download = Download::Receiving {
             head,
             early,
+            cached,
             body: buf,
             total,
         };
@@ -911,7 +917,11 @@ impl ClientConnection {
             return;
         };
         let Download::Receiving {
-            head, early, body, ..
+            head,
+            early,
+            cached,
+            body,
+            ..
         } = std::mem::replace(&mut j.download, Download::Closed)
         else {
             return;
@@ -937,6 +947,7 @@ impl ClientConnection {
                     outputs,
                 },
                 early,
+                cached,
                 strategy: j.strategy,
                 source_bytes_sent: j.sent,
                 source_bytes_skipped: j.total_len().saturating_sub(j.sent),

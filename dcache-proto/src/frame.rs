@@ -175,6 +175,9 @@ pub enum Frame {
         job: JobId,
         /// EARLY_RESULT (answer to HASH) rather than RESULT.
         early: bool,
+        /// The result came from the server's cache, not a compile for this job: the
+        /// CACHED flag on RESULT; always true for EARLY_RESULT (encoded without a flag).
+        cached: bool,
         /// Exit status and body layout.
         head: ResultHead,
         /// The first body bytes.
@@ -413,9 +416,11 @@ impl Frame {
                 };
                 let body = r.rest();
                 check_body(&head, body.len() as u64, fin)?;
+                let early = header.ty == FrameType::EARLY_RESULT;
                 Self::Result {
                     job,
-                    early: header.ty == FrameType::EARLY_RESULT,
+                    early,
+                    cached: early || header.flags & Flags::CACHED != 0,
                     head,
                     body,
                     fin,
@@ -518,6 +523,8 @@ impl Frame {
                 head: rh,
                 body,
                 fin,
+                early,
+                cached,
                 ..
             } => {
                 if rh.outputs.len() > MAX_OUTPUTS {
@@ -535,6 +542,9 @@ impl Frame {
                 }
                 if *fin {
                     flags |= Flags::FIN;
+                }
+                if *cached && !*early {
+                    flags |= Flags::CACHED;
                 }
                 tail = body.clone();
             }

@@ -72,7 +72,8 @@ impl FrameType {
     /// every frame's encoding canonical and leaves the bits free for later versions.
     pub fn allowed_flags(self) -> u8 {
         match self {
-            Self::SOURCE | Self::EARLY_RESULT | Self::RESULT | Self::DATA => Flags::FIN,
+            Self::RESULT => Flags::FIN | Flags::CACHED,
+            Self::SOURCE | Self::EARLY_RESULT | Self::DATA => Flags::FIN,
             Self::JOB => Flags::SOURCE_LEN,
             t if t.is_ignorable() => 0xFF,
             _ => 0,
@@ -124,4 +125,8 @@ impl Flags {
     pub const FIN: u8 = 0x01;
     /// On JOB: the payload ends with the total source length.
     pub const SOURCE_LEN: u8 = 0x01;
+    /// On RESULT: the server found the result in its cache by the key of the source it
+    /// received, rather than compiling it for this job. (EARLY_RESULT is always from the
+    /// cache and does not carry the flag.)
+    pub const CACHED: u8 = 0x02;
 }

@@ -1005,6 +1005,7 @@ mod seeds {
         let result = |job, early| Frame::Result {
             job: JobId(job),
             early,
+            cached: early,
             head: head.clone(),
             body: Bytes::from_static(b"w\n"),
             fin: false,
@@ -1044,6 +1045,7 @@ mod seeds {
                 Frame::Result {
                     job: JobId(1),
                     early: false,
+                    cached: false,
                     head: ResultHead {
                         exit_code: 1,
                         ..ResultHead::default()

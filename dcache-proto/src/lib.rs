@@ -44,7 +44,7 @@ mod outbox;
 mod server;
 
 pub use client::{ClientConfig, ClientConnection, ClientEvent, JobOutcome, Strategy};
-pub use server::{ConnStats, ServerConfig, ServerConnection, ServerEvent};
+pub use server::{ConnStats, ResultOrigin, ServerConfig, ServerConnection, ServerEvent};
 
 pub mod testing;
 

@@ -20,6 +20,21 @@ use crate::key::{CacheKey, KeyHasher};
 use crate::outbox::{Outbox, Segments};
 use crate::{VERSION_MAX, VERSION_MIN};
 
+/// Where a result comes from, which decides the frame that carries it and what the client
+/// learns: hit or miss, early or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ResultOrigin {
+    /// Compiled for this job (or a compile that failed): RESULT.
+    Compiled,
+    /// Found in the cache by the key of the source received, after the upload (a job
+    /// without HASH): RESULT with the CACHED flag.
+    Cache,
+    /// Found in the cache in answer to HASH: EARLY_RESULT, while the source may still be
+    /// in flight.
+    Early,
+}
+
 /// Settings of a [`ServerConnection`].
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -174,7 +189,7 @@ enum Download {
     Open { verdict_sent: bool },
     /// A result is going out.
     Sending {
-        head: Option<(ResultHead, bool)>,
+        head: Option<(ResultHead, bool, bool)>,
         body: Segments,
     },
     /// Result sent or ABORT sent.
@@ -345,15 +360,17 @@ impl ServerConnection {
         Ok(())
     }
 
-    /// Sends a job's result. `early` marks a cache hit answered to HASH; otherwise it is the
-    /// result after the source (or a compile that failed before the source ended). Either
-    /// way the client stops sending source. A job the client already cancelled is ignored.
+    /// Sends a job's result; `origin` says whether it was compiled or found in the cache,
+    /// early (in answer to HASH) or after the source. Either way the client stops sending
+    /// source. A job the client already cancelled is ignored.
     pub fn send_result(
         &mut self,
         job: JobId,
         result: &JobResult,
-        early: bool,
+        origin: ResultOrigin,
     ) -> Result<(), CommandError> {
+        let early = origin == ResultOrigin::Early;
+        let cached = origin != ResultOrigin::Compiled;
         if result.outputs.len() > crate::MAX_OUTPUTS {
             return Err(CommandError::Encode(crate::FrameError::FieldTooLong(
                 "RESULT outputs",
@@ -394,6 +411,7 @@ impl ServerConnection {
         Frame::Result {
             job,
             early,
+            cached,
             head: head.clone(),
             body: Bytes::new(),
             fin: result.body_len() == 0,
@@ -406,7 +424,7 @@ impl ServerConnection {
             body.push(o.data.clone());
         }
         j.download = Download::Sending {
-            head: Some((head, early)),
+            head: Some((head, early, cached)),
             body,
         };
         if early {
@@ -577,7 +595,7 @@ impl ServerConnection {
                 continue;
             };
             let frame = match head.take() {
-                Some((head, early)) => {
+                Some((head, early, cached)) => {
                     // Leave room for the head's fixed fields in the first frame.
                     let head_len = 26
                         + head
@@ -589,6 +607,7 @@ impl ServerConnection {
                     Frame::Result {
                         job: JobId(id),
                         early,
+                        cached,
                         head,
                         body,
                         fin: false,
@@ -605,12 +624,14 @@ impl ServerConnection {
                 Frame::Result {
                     job,
                     early,
+                    cached,
                     head,
                     body,
                     ..
                 } => Frame::Result {
                     job,
                     early,
+                    cached,
                     head,
                     body,
                     fin: done,

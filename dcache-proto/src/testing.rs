@@ -16,7 +16,7 @@ use crate::client::{ClientConfig, ClientConnection, ClientEvent};
 use crate::frame::{JobId, Stat};
 use crate::job::{JobDesc, JobResult, OutputFile};
 use crate::key::CacheKey;
-use crate::server::{ServerConfig, ServerConnection, ServerEvent};
+use crate::server::{ResultOrigin, ServerConfig, ServerConnection, ServerEvent};
 
 /// A small deterministic generator (xorshift64*), so runs are reproducible from a seed
 /// without a dependency.
@@ -173,7 +173,7 @@ pub struct ReferenceServer {
     /// as bytes arrive but finishes only after the end). Zero answers at once.
     pub compile_time: Duration,
     /// Results waiting for their compile time to pass: (ready at, job, result).
-    pending: Vec<(Instant, JobId, JobResult)>,
+    pending: Vec<(Instant, JobId, JobResult, ResultOrigin)>,
 }
 
 impl ReferenceServer {
@@ -188,17 +188,17 @@ impl ReferenceServer {
 
     /// When the next compile finishes, if one is running.
     pub fn next_ready(&self) -> Option<Instant> {
-        self.pending.iter().map(|(t, _, _)| *t).min()
+        self.pending.iter().map(|(t, ..)| *t).min()
     }
 
     /// Sends the results of compiles finished by `now`.
     pub fn release(&mut self, conn: &mut ServerConnection, now: Instant) {
         let (ready, waiting) = std::mem::take(&mut self.pending)
             .into_iter()
-            .partition(|(t, _, _)| *t <= now);
+            .partition(|(t, ..)| *t <= now);
         self.pending = waiting;
-        for (_, job, result) in ready {
-            let _ = conn.send_result(job, &result, false);
+        for (_, job, result, origin) in ready {
+            let _ = conn.send_result(job, &result, origin);
         }
     }
 
@@ -217,7 +217,7 @@ impl ReferenceServer {
                 Some(result) => {
                     self.hits += 1;
                     self.jobs.remove(&job);
-                    let _ = conn.send_result(job, result, true);
+                    let _ = conn.send_result(job, result, ResultOrigin::Early);
                 }
                 None => {
                     self.misses += 1;
@@ -231,23 +231,24 @@ impl ReferenceServer {
             }
             ServerEvent::SourceDone { job, key, .. } => {
                 if let Some((desc, src)) = self.jobs.remove(&job) {
-                    let result = match self.cache.get(&key) {
-                        Some(r) => r.clone(),
+                    let (result, origin) = match self.cache.get(&key) {
+                        Some(r) => (r.clone(), ResultOrigin::Cache),
                         None => {
                             self.compiles += 1;
                             let r = reference_compile(&desc, &src);
                             if r.exit_code == 0 {
                                 self.cache.insert(key, r.clone());
                             }
-                            r
+                            (r, ResultOrigin::Compiled)
                         }
                     };
                     match now {
                         Some(now) if !self.compile_time.is_zero() => {
-                            self.pending.push((now + self.compile_time, job, result));
+                            self.pending
+                                .push((now + self.compile_time, job, result, origin));
                         }
                         _ => {
-                            let _ = conn.send_result(job, &result, false);
+                            let _ = conn.send_result(job, &result, origin);
                         }
                     }
                 }
@@ -255,7 +256,7 @@ impl ReferenceServer {
             ServerEvent::JobCancelled { job, .. } => {
                 self.cancelled += 1;
                 self.jobs.remove(&job);
-                self.pending.retain(|(_, j, _)| *j != job);
+                self.pending.retain(|(_, j, ..)| *j != job);
             }
             ServerEvent::StatsRequested => {
                 let stats = vec![

@@ -31,40 +31,44 @@ fn output_name() -> impl Strategy<Value = String> {
 fn result_frame() -> impl Strategy<Value = Frame> {
     (
         job_id(),
-        any::<bool>(),
+        (any::<bool>(), any::<bool>()),
         any::<i32>(),
         blob(64),
         blob(64),
         proptest::collection::vec((output_name(), blob(64)), 0..4),
         any::<prop::sample::Index>(),
     )
-        .prop_map(|(job, early, exit_code, out, err, outputs, cut)| {
-            let mut body = Vec::new();
-            body.extend_from_slice(&out);
-            body.extend_from_slice(&err);
-            for (_, d) in &outputs {
-                body.extend_from_slice(d);
-            }
-            let inline = cut.index(body.len() + 1);
-            Frame::Result {
-                job,
-                early,
-                head: ResultHead {
-                    exit_code,
-                    stdout_len: out.len() as u64,
-                    stderr_len: err.len() as u64,
-                    outputs: outputs
-                        .iter()
-                        .map(|(n, d)| OutputMeta {
-                            name: n.clone(),
-                            len: d.len() as u64,
-                        })
-                        .collect(),
-                },
-                body: Bytes::copy_from_slice(&body[..inline]),
-                fin: inline == body.len(),
-            }
-        })
+        .prop_map(
+            |(job, (early, cached), exit_code, out, err, outputs, cut)| {
+                let mut body = Vec::new();
+                body.extend_from_slice(&out);
+                body.extend_from_slice(&err);
+                for (_, d) in &outputs {
+                    body.extend_from_slice(d);
+                }
+                let inline = cut.index(body.len() + 1);
+                Frame::Result {
+                    job,
+                    early,
+                    // EARLY_RESULT is always from the cache: the canonical form says so.
+                    cached: early || cached,
+                    head: ResultHead {
+                        exit_code,
+                        stdout_len: out.len() as u64,
+                        stderr_len: err.len() as u64,
+                        outputs: outputs
+                            .iter()
+                            .map(|(n, d)| OutputMeta {
+                                name: n.clone(),
+                                len: d.len() as u64,
+                            })
+                            .collect(),
+                    },
+                    body: Bytes::copy_from_slice(&body[..inline]),
+                    fin: inline == body.len(),
+                }
+            },
+        )
 }
 
 fn frame() -> impl Strategy<Value = Frame> {

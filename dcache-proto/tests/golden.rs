@@ -63,6 +63,7 @@ fn frame(name: &str) -> Frame {
         "early-result" => Frame::Result {
             job: JobId(1),
             early: true,
+            cached: true,
             head: ResultHead {
                 exit_code: 0,
                 stdout_len: 0,
@@ -75,9 +76,26 @@ fn frame(name: &str) -> Frame {
             body: Bytes::from_static(b"w\n\x7fELF"),
             fin: true,
         },
+        "result-cached" => Frame::Result {
+            job: JobId(2),
+            early: false,
+            cached: true,
+            head: ResultHead {
+                exit_code: 0,
+                stdout_len: 0,
+                stderr_len: 0,
+                outputs: vec![OutputMeta {
+                    name: ".o".into(),
+                    len: 4,
+                }],
+            },
+            body: Bytes::from_static(b"\x7fELF"),
+            fin: true,
+        },
         "result-partial" => Frame::Result {
             job: JobId(3),
             early: false,
+            cached: false,
             head: ResultHead {
                 exit_code: 1,
                 stdout_len: 0,
@@ -187,7 +205,7 @@ fn vectors() -> Vec<Vector> {
 #[test]
 fn every_vector_in_the_spec_holds() {
     let vs = vectors();
-    assert_eq!(vs.len(), 23, "PROTOCOL.md should hold 23 vectors");
+    assert_eq!(vs.len(), 24, "PROTOCOL.md should hold 24 vectors");
     for v in &vs {
         if v.name.starts_with("bad-") {
             let mut dec = FrameDecoder::new(64 * 1024);
@@ -235,6 +253,7 @@ fn print_vectors() {
         "source-more",
         "miss",
         "early-result",
+        "result-cached",
         "result-partial",
         "data-final",
         "abort",

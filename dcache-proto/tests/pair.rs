@@ -124,6 +124,7 @@ fn miss_compiles_and_returns_the_result() {
         p.run_until_job_ends(job, 100_000).unwrap();
         let o = outcome(&p, job);
         assert!(!o.early);
+        assert!(!o.cached, "a miss is not from the cache");
         assert_eq!(o.strategy, strategy);
         assert_eq!(o.result, reference_compile(&d, &src));
         assert_eq!(o.source_bytes_sent, src.len() as u64);
@@ -133,6 +134,23 @@ fn miss_compiles_and_returns_the_result() {
             .filter(|(_, e)| matches!(e, ClientEvent::Miss { .. }))
             .count();
         assert_eq!(misses, usize::from(strategy != Strategy::SendAll));
+    }
+}
+
+#[test]
+fn every_strategy_knows_a_hit_from_a_miss() {
+    for strategy in [Strategy::Speculative, Strategy::AskFirst, Strategy::SendAll] {
+        let mut p = pair(strategy, 5, 0, 43);
+        let src = source(50_000, 9);
+        let d = desc(3);
+        warm(&mut p, &d, &src);
+        let job = p.submit(d.clone(), src.clone()).unwrap();
+        p.run_until_job_ends(job, 100_000).unwrap();
+        let o = outcome(&p, job);
+        assert!(o.cached, "{strategy:?}: the second run is a hit");
+        // Only a job that sent HASH can be answered before its upload ends.
+        assert_eq!(o.early, strategy != Strategy::SendAll, "{strategy:?}");
+        assert_eq!(o.result, reference_compile(&d, &src));
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use dcache_proto::{
-    CacheKey, ErrorCode, JobDesc, JobId, JobResult, ServerConfig, ServerEvent, Stat,
+    CacheKey, ErrorCode, JobDesc, JobId, JobResult, ResultOrigin, ServerConfig, ServerEvent, Stat,
 };
 use dcache_transport::{BoxedStream, Listener, ServerCommand, spawn_server_connection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -460,7 +460,16 @@ impl Connection {
                         if let Some(j) = self.jobs.remove(&job) {
                             finish_job(&self.service, j, Some(&result));
                         }
-                        self.send(ServerCommand::Result { job, result, early });
+                        let origin = if early {
+                            ResultOrigin::Early
+                        } else {
+                            ResultOrigin::Cache
+                        };
+                        self.send(ServerCommand::Result {
+                            job,
+                            result,
+                            origin,
+                        });
                     }
                     None => {
                         Counters::bump(&counters.misses);
@@ -522,7 +531,7 @@ impl Connection {
                         self.send(ServerCommand::Result {
                             job,
                             result,
-                            early: false,
+                            origin: ResultOrigin::Compiled,
                         });
                     }
                     Err(e) => {

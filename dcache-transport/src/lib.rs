@@ -15,7 +15,8 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use dcache_proto::{CacheKey, ClientConfig, JobDesc, JobResult, ServerConfig, ServerEvent};
+//! use dcache_proto::{CacheKey, ClientConfig, JobDesc, JobResult, ResultOrigin};
+//! use dcache_proto::{ServerConfig, ServerEvent};
 //! use dcache_transport::{Address, ServerCommand, TransportOptions, bind, connect};
 //! use dcache_transport::{spawn_client, spawn_server_connection};
 //!
@@ -32,7 +33,8 @@
 //!             ServerEvent::Lookup { job, .. } => { let _ = conn.commands.send(ServerCommand::Miss(job)); }
 //!             ServerEvent::SourceDone { job, .. } => {
 //!                 let result = JobResult { exit_code: 0, ..JobResult::default() };
-//!                 let _ = conn.commands.send(ServerCommand::Result { job, result, early: false });
+//!                 let origin = ResultOrigin::Compiled;
+//!                 let _ = conn.commands.send(ServerCommand::Result { job, result, origin });
 //!             }
 //!             _ => {}
 //!         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dcache_proto::testing::reference_compile;
 use dcache_proto::{
-    CacheKey, ClientConfig, ErrorCode, JobDesc, JobResult, ServerConfig, ServerEvent,
+    CacheKey, ClientConfig, ErrorCode, JobDesc, JobResult, ResultOrigin, ServerConfig, ServerEvent,
 };
 use dcache_transport::sim::{LinkConfig, symmetric};
 use dcache_transport::{
@@ -63,7 +63,7 @@ async fn reference_app(mut h: ServerConnHandle) -> Option<dcache_proto::Connecti
                     Some(r) => ServerCommand::Result {
                         job,
                         result: r.clone(),
-                        early: true,
+                        origin: ResultOrigin::Early,
                     },
                     None => ServerCommand::Miss(job),
                 };
@@ -81,7 +81,7 @@ async fn reference_app(mut h: ServerConnHandle) -> Option<dcache_proto::Connecti
                     let _ = h.commands.send(ServerCommand::Result {
                         job,
                         result: r,
-                        early: false,
+                        origin: ResultOrigin::Compiled,
                     });
                 }
             }

@@ -222,10 +222,10 @@ pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i3
     tracing::debug!(
         "{}: {} from {} in {:?} ({} bytes sent, {} skipped)",
         plan.input.display(),
-        if outcome.job.early {
-            "early hit"
-        } else {
-            "done"
+        match (outcome.job.cached, outcome.job.early) {
+            (true, true) => "early hit",
+            (true, false) => "hit",
+            _ => "compiled",
         },
         outcome.host,
         outcome.elapsed,

@@ -3,7 +3,8 @@
 use std::time::Instant;
 
 use dcache_proto::{
-    ConnStats, ErrorCode, JobId, JobResult, ServerConfig, ServerConnection, ServerEvent, Stat,
+    ConnStats, ErrorCode, JobId, JobResult, ResultOrigin, ServerConfig, ServerConnection,
+    ServerEvent, Stat,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
@@ -21,14 +22,14 @@ const EVENT_QUEUE: usize = 64;
 pub enum ServerCommand {
     /// Answer a lookup with MISS.
     Miss(JobId),
-    /// Send a result; `early` for a cache hit answered to HASH.
+    /// Send a result.
     Result {
         /// The job.
         job: JobId,
         /// The result.
         result: JobResult,
-        /// EARLY_RESULT rather than RESULT.
-        early: bool,
+        /// Compiled, or from the cache (early in answer to HASH, or after the upload).
+        origin: ResultOrigin,
     },
     /// End a job without a result.
     Abort {
@@ -110,9 +111,11 @@ impl Owner<ServerConnection> for ServerOwner {
         // normal race between a compile finishing and a client cancelling, not an error.
         let _ = match command {
             ServerCommand::Miss(job) => machine.send_miss(job),
-            ServerCommand::Result { job, result, early } => {
-                machine.send_result(job, &result, early)
-            }
+            ServerCommand::Result {
+                job,
+                result,
+                origin,
+            } => machine.send_result(job, &result, origin),
             ServerCommand::Abort { job, code, message } => machine.abort_job(job, code, &message),
             ServerCommand::Stats(stats) => machine.send_stats(stats),
             ServerCommand::GoAway => {
