@@ -81,11 +81,11 @@ start_server() {
 times=()
 for _ in $(seq "$runs"); do
   for p in "${pids[@]:1}"; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$work/dcache-server"; start_server
-  times+=("$(build CC="$bin/dcache gcc" DCACHE_HOSTS="tcp://127.0.0.1:$dport2" DCACHE_FALLBACK=0)")
+  rm -rf "$work/dcache-server" "$work/dcache-client"; start_server
+  times+=("$(build CC="$bin/dcache gcc" DCACHE_HOSTS="tcp://127.0.0.1:$dport2" DCACHE_DIR="$work/dcache-client" DCACHE_FALLBACK=0)")
 done
 record "dcache server cold" "$(printf '%s\n' "${times[@]}" | median)"
-times=(); for _ in $(seq "$runs"); do times+=("$(build CC="$bin/dcache gcc" DCACHE_HOSTS="tcp://127.0.0.1:$dport2" DCACHE_FALLBACK=0)"); done
+times=(); for _ in $(seq "$runs"); do times+=("$(build CC="$bin/dcache gcc" DCACHE_HOSTS="tcp://127.0.0.1:$dport2" DCACHE_DIR="$work/dcache-client" DCACHE_FALLBACK=0)"); done
 record "dcache server warm" "$(printf '%s\n' "${times[@]}" | median)"
 
 # dcache embedded (no server)
@@ -93,11 +93,14 @@ times=(); for _ in $(seq "$runs"); do rm -rf "$work/dcache-local"; times+=("$(bu
 record "dcache embedded cold" "$(printf '%s\n' "${times[@]}" | median)"
 times=(); for _ in $(seq "$runs"); do times+=("$(build CC="$bin/dcache gcc" DCACHE_DIR="$work/dcache-local" DCACHE_HOSTS=)"); done
 record "dcache embedded warm" "$(printf '%s\n' "${times[@]}" | median)"
+# The same warm build without direct mode: the preprocessor runs for every file.
+times=(); for _ in $(seq "$runs"); do times+=("$(build CC="$bin/dcache gcc" DCACHE_DIR="$work/dcache-local" DCACHE_HOSTS= DCACHE_DIRECT=0)"); done
+record "dcache embedded warm, DCACHE_DIRECT=0" "$(printf '%s\n' "${times[@]}" | median)"
 
 echo
 echo "project: $src_dir  (make -j$jobs, median of $runs runs, $(nproc) cores)"
-printf '%-22s %10s %9s\n' "build" "seconds" "vs gcc"
+printf '%-38s %10s %9s\n' "build" "seconds" "vs gcc"
 for r in "${results[@]}"; do
   name="${r%%|*}"; t="${r##*|}"
-  printf '%-22s %10.3f %8.2fx\n' "$name" "$t" "$(echo "$t / $plain" | bc -l)"
+  printf '%-38s %10.3f %8.2fx\n' "$name" "$t" "$(echo "$t / $plain" | bc -l)"
 done

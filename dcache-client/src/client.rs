@@ -174,6 +174,55 @@ impl Client {
         Err(ClientError::Unreachable(failures))
     }
 
+    /// Asks the server that owns `key` (by rendezvous hashing, like [`compile`]) for a
+    /// result without sending any source: for a key remembered from an earlier compile
+    /// (the wrapper's direct mode). `Ok(None)` is a miss; the caller then compiles as
+    /// usual. Costs one round trip.
+    ///
+    /// [`compile`]: Self::compile
+    pub async fn lookup(
+        &self,
+        desc: JobDesc,
+        key: CacheKey,
+    ) -> Result<Option<Outcome>, ClientError> {
+        if self.options.hosts.is_empty() {
+            return Err(ClientError::NoHosts);
+        }
+        let candidates = lock(&self.health).candidates(&key, &self.names, Instant::now());
+        let mut failures = Vec::new();
+        for i in candidates {
+            let host = self.options.hosts[i].clone();
+            let handle = match self.connection(i).await {
+                Ok(h) => h,
+                Err(e) => {
+                    lock(&self.health).mark_down(i, Instant::now());
+                    failures.push((host, e));
+                    continue;
+                }
+            };
+            let start = Instant::now();
+            match handle.lookup(desc.clone(), key).await {
+                Ok(found) => {
+                    lock(&self.health).mark_up(i);
+                    return Ok(found.map(|job| Outcome {
+                        job,
+                        host,
+                        elapsed: start.elapsed(),
+                    }));
+                }
+                Err(JobError::Failed { code, message }) if code == ErrorCode::REFUSED => {
+                    return Err(ClientError::Refused { host, message });
+                }
+                Err(e) => {
+                    lock(&self.health).mark_down(i, Instant::now());
+                    lock(&self.connections)[i] = None;
+                    failures.push((host, e.to_string()));
+                }
+            }
+        }
+        Err(ClientError::Unreachable(failures))
+    }
+
     /// Compiles one job whose source arrives as a stream of chunks (the sender's end of
     /// `source`; dropping it ends the source). Each chunk goes out as soon as the
     /// connection has room, so the server's compiler is fed while the source is still

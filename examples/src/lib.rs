@@ -1,6 +1,7 @@
 //! Shared code of the dcache binaries; the binaries live in `src/bin/`.
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod demo;
 pub mod loopback;
 pub mod plot;

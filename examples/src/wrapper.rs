@@ -4,21 +4,19 @@
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::time::SystemTime;
 
 use bytes::Bytes;
-use dcache_client::wrapper::args::{Plan, plan};
+use dcache_client::ClientOptions;
+use dcache_client::wrapper::args::{CompilePlan, Plan, plan};
 use dcache_client::wrapper::base_dir::relativize_line_markers;
+use dcache_client::wrapper::direct::{self, DirectKey, Invocation, Manifest};
 use dcache_client::wrapper::local::{preprocess, run_locally, write_atomically};
-use dcache_client::{Client, ClientOptions};
-use dcache_proto::{AuthKey, JobDesc, Strategy};
-use dcache_server::cache::DiskStore;
-use dcache_server::compiler::{LocalExecutor, LocalExecutorConfig};
-use dcache_server::{Service, ServiceConfig};
-use dcache_transport::{Address, TransportOptions, bind};
+use dcache_proto::{AuthKey, CacheKey, JobDesc, Strategy};
+use dcache_server::cache::{DiskStore, Store, StoreKey};
+use dcache_transport::Address;
 
-use crate::stats_file;
+use crate::backend::Backend;
 
 /// Configuration read from the environment (see `dcache --help`).
 #[derive(Clone, Debug)]
@@ -39,6 +37,9 @@ pub struct Config {
     /// `DCACHE_BASEDIR`: absolute paths inside it are rewritten relative to the working
     /// directory in the preprocessed source, so checkouts in different places share keys.
     pub base_dir: Option<PathBuf>,
+    /// `DCACHE_DIRECT` (default on): find a compile's key from a manifest of the files it
+    /// read last time, without running the preprocessor.
+    pub direct: bool,
 }
 
 impl Config {
@@ -91,6 +92,10 @@ impl Config {
             }
             b => b.map(PathBuf::from),
         };
+        let direct = !matches!(
+            var("DCACHE_DIRECT").as_deref(),
+            Some("0" | "false" | "no" | "off")
+        );
         Ok(Self {
             hosts,
             strategy,
@@ -99,6 +104,7 @@ impl Config {
             cache_size,
             token,
             base_dir,
+            direct,
         })
     }
 
@@ -139,6 +145,8 @@ environment:
   DCACHE_BASEDIR     absolute directory (e.g. your home): paths inside it are made
                      relative in the preprocessed source, so checkouts in different
                      places share cache entries (file names in objects become relative)
+  DCACHE_DIRECT      0 turns direct mode off (default on: a compile whose source and
+                     headers are unchanged since last time skips the preprocessor)
   DCACHE_TOKEN       shared token for servers started with --token-file; proved by
                      challenge-response, never sent (DCACHE_TOKEN_FILE: read it from a file)
   DCACHE_LOG         log filter, e.g. debug (default: warn)
@@ -146,11 +154,12 @@ environment:
 
 /// Runs the wrapper for `compiler args…`; returns the exit code.
 pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i32 {
-    let args = match expand_response_files(args) {
+    let args = match expand_response_files(args.clone()) {
         Ok(a) => a,
         Err(e) => {
+            // The compiler reads (or reports) its response files itself.
             tracing::debug!("{e}; compiling locally");
-            return local(&compiler, &[]).unwrap_or(1);
+            return local(&compiler, &args).unwrap_or(1);
         }
     };
     let plan = match plan(&compiler, &args) {
@@ -160,12 +169,68 @@ pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i3
             return local(&compiler, &args).unwrap_or(1);
         }
     };
-    let mut pre = match preprocess(&plan) {
+    let backend = match Backend::start(config).await {
+        Ok(b) => b,
+        Err(e) => return fail_over(config, &e, &compiler, &args),
+    };
+    let code = compile(config, &backend, &compiler, &args, &plan).await;
+    backend.finish(config).await;
+    code
+}
+
+/// A server or the cache failed: compile locally with one warning line, or stop there
+/// when the user asked for no fallback.
+fn fail_over(config: &Config, e: &str, compiler: &OsString, args: &[OsString]) -> i32 {
+    if !config.fallback {
+        eprintln!("dcache: {e} (DCACHE_FALLBACK=0: not compiling locally)");
+        return 1;
+    }
+    eprintln!("dcache: {e}; compiling locally");
+    local(compiler, args).unwrap_or(1)
+}
+
+/// One distributable compile: direct-mode lookup, else preprocess and send.
+async fn compile(
+    config: &Config,
+    backend: &Backend,
+    compiler: &OsString,
+    args: &[OsString],
+    plan: &CompilePlan,
+) -> i32 {
+    let started = SystemTime::now();
+    let compiler_name = PathBuf::from(compiler)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut compile_args = plan.compile_args.clone();
+    if std::io::stderr().is_terminal()
+        && !compile_args.iter().any(|a| a.contains("diagnostics-color"))
+    {
+        // The server's compiler writes to a pipe; ask for the colours a terminal would get.
+        compile_args.insert(0, "-fdiagnostics-color=always".into());
+    }
+    let mut desc = JobDesc {
+        compiler: compiler_name,
+        language: plan.language.preprocessed().into(),
+        args: compile_args,
+        source_len: None,
+    };
+    let direct = if config.direct {
+        direct_key(compiler, args, &desc.args, plan)
+    } else {
+        None
+    };
+    if let Some(dk) = direct {
+        if let Some(code) = try_direct(config, backend, compiler, args, plan, &desc, dk).await {
+            return code;
+        }
+    }
+    let mut pre = match preprocess(plan) {
         Ok(p) => p,
         Err(e) => {
             // The compiler reproduces the preprocessor's exact errors itself.
             tracing::debug!("{e}; compiling locally");
-            return local(&compiler, &args).unwrap_or(1);
+            return local(compiler, args).unwrap_or(1);
         }
     };
     // With a base directory, absolute paths under it become relative, so another checkout
@@ -181,44 +246,67 @@ pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i3
         },
         _ => false,
     };
-    let compiler_name = PathBuf::from(&compiler)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut compile_args = plan.compile_args.clone();
-    if std::io::stderr().is_terminal()
-        && !compile_args.iter().any(|a| a.contains("diagnostics-color"))
-    {
-        // The server's compiler writes to a pipe; ask for the colours a terminal would get.
-        compile_args.insert(0, "-fdiagnostics-color=always".into());
-    }
-    let desc = JobDesc {
-        compiler: compiler_name,
-        language: plan.language.preprocessed().into(),
-        args: compile_args,
-        source_len: Some(pre.source.len() as u64),
-    };
+    desc.source_len = Some(pre.source.len() as u64);
     let source = Bytes::from(pre.source);
-    let outcome = if config.hosts.is_empty() {
-        embedded(config, desc, source).await
-    } else {
-        let client = Client::new(config.client_options());
-        client
-            .compile(desc, source)
-            .await
-            .map_err(|e| e.to_string())
-    };
-    let outcome = match outcome {
+    let outcome = match backend.client().compile(desc.clone(), source.clone()).await {
         Ok(o) => o,
-        Err(e) => {
-            if !config.fallback {
-                eprintln!("dcache: {e} (DCACHE_FALLBACK=0: not compiling locally)");
-                return 1;
-            }
-            eprintln!("dcache: {e}; compiling locally");
-            return local(&compiler, &args).unwrap_or(1);
-        }
+        Err(e) => return fail_over(config, &e.to_string(), compiler, args),
     };
+    log_outcome(plan, &outcome);
+    let result = &outcome.job.result;
+    if result.exit_code != 0 || ((backend.is_remote() || rewritten) && !result.stderr.is_empty()) {
+        // A remote server cannot quote the source lines gcc shows under a diagnostic (it
+        // has only the preprocessed text, not the files it names) and writes in its own
+        // locale, so a compile that printed anything runs again here for the exact
+        // output, as a failed one does. Failures are quick and never cached; clean
+        // compiles, the common case, are untouched. (The embedded server compiles in this
+        // directory and locale, so its diagnostics are already exact, unless the file names
+        // were rewritten for DCACHE_BASEDIR.)
+        tracing::debug!(
+            "compile exited {} with {} bytes of diagnostics; rerunning locally for the exact output",
+            result.exit_code,
+            result.stderr.len()
+        );
+        return local(compiler, args).unwrap_or(1);
+    }
+    let code = deliver(&pre.stderr, result, plan, compiler, args);
+    if let (0, Some(dk), true) = (code, direct, pre.stderr.is_empty()) {
+        // Next time, this compile's key can be found without preprocessing.
+        let key = CacheKey::compute(&desc, &source);
+        let dep = plan.dep_file.as_ref().and_then(|d| std::fs::read(d).ok());
+        if plan.dep_file.is_none() || dep.is_some() {
+            if let Some(entry) = direct::Entry::record(key, dep, &source, started) {
+                record_manifest(config, dk, entry).await;
+            }
+        }
+    }
+    code
+}
+
+/// Prints what the compiler printed and writes its output, as the compiler would.
+fn deliver(
+    pre_stderr: &[u8],
+    result: &dcache_proto::JobResult,
+    plan: &CompilePlan,
+    compiler: &OsString,
+    args: &[OsString],
+) -> i32 {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(pre_stderr);
+    let _ = err.write_all(&result.stderr);
+    let _ = std::io::stdout().lock().write_all(&result.stdout);
+    let Some(object) = result.outputs.first() else {
+        eprintln!("dcache: the server returned no output file; compiling locally");
+        return local(compiler, args).unwrap_or(1);
+    };
+    if let Err(e) = write_atomically(&plan.output, &object.data) {
+        eprintln!("dcache: cannot write {}: {e}", plan.output.display());
+        return 1;
+    }
+    0
+}
+
+fn log_outcome(plan: &CompilePlan, outcome: &dcache_client::Outcome) {
     tracing::debug!(
         "{}: {} from {} in {:?} ({} bytes sent, {} skipped)",
         plan.input.display(),
@@ -232,36 +320,96 @@ pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i3
         outcome.job.source_bytes_sent,
         outcome.job.source_bytes_skipped
     );
-    let result = outcome.job.result;
-    let remote = !config.hosts.is_empty();
-    if result.exit_code != 0 || ((remote || rewritten) && !result.stderr.is_empty()) {
-        // A remote server cannot quote the source lines gcc shows under a diagnostic (it
-        // has only the preprocessed text, not the files it names) and writes in its own
-        // locale, so a compile that printed anything runs again here for the exact
-        // output, as a failed one does. Failures are quick and never cached; clean
-        // compiles, the common case, are untouched. (The embedded server compiles in this
-        // directory and locale, so its diagnostics are already exact, unless the file names
-        // were rewritten for DCACHE_BASEDIR.)
-        tracing::debug!(
-            "compile exited {} with {} bytes of diagnostics; rerunning locally for the exact output",
-            result.exit_code,
-            result.stderr.len()
-        );
-        return local(&compiler, &args).unwrap_or(1);
+}
+
+/// The direct-mode key of this compile, if it may use direct mode.
+fn direct_key(
+    compiler: &OsString,
+    args: &[OsString],
+    compile_args: &[String],
+    plan: &CompilePlan,
+) -> Option<DirectKey> {
+    let cwd = std::env::current_dir().ok()?;
+    let source = std::fs::read(&plan.input).ok()?;
+    DirectKey::compute(&Invocation {
+        compiler,
+        args,
+        compile_args,
+        cwd: &cwd,
+        source: &source,
+    })
+}
+
+/// The store manifests live in: the local cache directory, beside the embedded cache's
+/// results, under keys of their own derivation context.
+fn manifest_store(config: &Config) -> Option<DiskStore> {
+    DiskStore::open_lazy(&config.dir.join("cache"), config.cache_size).ok()
+}
+
+/// Direct mode: if a manifest says which key this compile's preprocessed source has, ask
+/// for that key without preprocessing. `None`: go the usual way (no manifest, files
+/// changed, or the server no longer has the result).
+async fn try_direct(
+    config: &Config,
+    backend: &Backend,
+    compiler: &OsString,
+    args: &[OsString],
+    plan: &CompilePlan,
+    desc: &JobDesc,
+    dk: DirectKey,
+) -> Option<i32> {
+    let store = manifest_store(config)?;
+    let stored = store.get(&StoreKey(dk.0)).await?;
+    let manifest = Manifest::decode(&stored.stdout)?;
+    let entry = manifest.find_current()?;
+    if plan.dep_file.is_some() != entry.dep_file.is_some() {
+        return None;
     }
-    let mut err = std::io::stderr().lock();
-    let _ = err.write_all(&pre.stderr);
-    let _ = err.write_all(&result.stderr);
-    let _ = std::io::stdout().lock().write_all(&result.stdout);
-    let Some(object) = result.outputs.first() else {
-        eprintln!("dcache: the server returned no output file; compiling locally");
-        return local(&compiler, &args).unwrap_or(1);
+    let outcome = backend
+        .client()
+        .lookup(desc.clone(), entry.key)
+        .await
+        .ok()
+        .flatten()?;
+    let result = &outcome.job.result;
+    if result.exit_code != 0 || (backend.is_remote() && !result.stderr.is_empty()) {
+        // Not what a clean compile gives; let the usual path deal with it.
+        return None;
+    }
+    tracing::debug!(
+        "{}: direct hit from {} in {:?}",
+        plan.input.display(),
+        outcome.host,
+        outcome.elapsed
+    );
+    if let (Some(path), Some(dep)) = (&plan.dep_file, &entry.dep_file) {
+        if let Err(e) = write_atomically(path, dep) {
+            eprintln!("dcache: cannot write {}: {e}", path.display());
+            return Some(1);
+        }
+    }
+    Some(deliver(&[], result, plan, compiler, args))
+}
+
+/// Adds `entry` to the manifest under `dk` (best effort: a lost update costs one
+/// preprocessor run later, never a wrong result).
+async fn record_manifest(config: &Config, dk: DirectKey, entry: direct::Entry) {
+    let Some(store) = manifest_store(config) else {
+        return;
     };
-    if let Err(e) = write_atomically(&plan.output, &object.data) {
-        eprintln!("dcache: cannot write {}: {e}", plan.output.display());
-        return 1;
-    }
-    0
+    let key = StoreKey(dk.0);
+    let mut manifest = match store.get(&key).await {
+        Some(r) => Manifest::decode(&r.stdout).unwrap_or_default(),
+        None => Manifest::default(),
+    };
+    manifest.add(entry);
+    let value = dcache_proto::JobResult {
+        exit_code: 0,
+        stdout: Bytes::from(manifest.encode()),
+        stderr: Bytes::new(),
+        outputs: Vec::new(),
+    };
+    let _ = store.put(&key, &value).await;
 }
 
 fn local(compiler: &OsString, args: &[OsString]) -> Result<i32, ()> {
@@ -321,82 +469,6 @@ fn split_response(text: &str) -> Vec<String> {
         out.push(cur);
     }
     out
-}
-
-/// The embedded default: this process runs the server library over `mem://` with the
-/// shared disk cache, and counts what happened in the cache's stats file.
-async fn embedded(
-    config: &Config,
-    desc: JobDesc,
-    source: Bytes,
-) -> Result<dcache_client::Outcome, String> {
-    // Lazy: one compile per process, so no scan of the whole cache on every start.
-    let store = DiskStore::open_lazy(&config.dir.join("cache"), config.cache_size)
-        .map_err(|e| format!("local cache in {}: {e}", config.dir.display()))?;
-    // Compiling for the user on the user's machine: in the user's directory and locale, so
-    // warnings quote source lines and use the quote characters a local compile would.
-    let executor = LocalExecutor::new(LocalExecutorConfig {
-        workdir: std::env::current_dir().ok(),
-        locale: locale_env(),
-        ..LocalExecutorConfig::default()
-    });
-    let service = Service::new(
-        Arc::new(store),
-        Arc::new(executor),
-        ServiceConfig::default(),
-    );
-    let addr: Address = format!("mem://dcache-embedded-{}", std::process::id())
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let listener = bind(&addr, &TransportOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = {
-        let service = service.clone();
-        tokio::spawn(async move {
-            service
-                .serve(listener, async {
-                    let _ = stop_rx.await;
-                })
-                .await;
-        })
-    };
-    let client = Client::new(ClientOptions::new(vec![addr]));
-    let outcome = client
-        .compile(desc, source)
-        .await
-        .map_err(|e| e.to_string());
-    drop(client);
-    let _ = stop_tx.send(());
-    // Waits for the result to be stored before the process exits.
-    let _ = server.await;
-    let c = service.counters();
-    stats_file::record(
-        &config.dir,
-        &stats_file::Delta {
-            hits: c.hits.load(Ordering::Relaxed),
-            misses: c.misses.load(Ordering::Relaxed),
-            early_results: c.early_results.load(Ordering::Relaxed),
-            compiles: c.compiles.load(Ordering::Relaxed),
-            source_bytes_received: c.source_bytes_received.load(Ordering::Relaxed),
-            source_bytes_saved: c.source_bytes_saved.load(Ordering::Relaxed),
-        },
-    );
-    outcome
-}
-
-/// The locale variables that shape a compiler's diagnostics, as set here.
-fn locale_env() -> Vec<(String, String)> {
-    ["LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES"]
-        .into_iter()
-        .filter_map(|k| {
-            std::env::var(k)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .map(|v| (k.to_owned(), v))
-        })
-        .collect()
 }
 
 #[cfg(test)]

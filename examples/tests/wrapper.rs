@@ -307,6 +307,86 @@ fn zero_stats_with_servers_counts_from_now_for_this_user_only() {
 }
 
 #[test]
+fn direct_mode_skips_the_preprocessor_only_while_every_file_is_unchanged() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::create_dir(p.join("inc")).unwrap();
+    std::fs::write(p.join("inc/v.h"), "#define V 1\n").unwrap();
+    std::fs::write(
+        p.join("d.c"),
+        "#include \"v.h\"\nint v(void) { return V; }\n",
+    )
+    .unwrap();
+    std::fs::write(p.join("t.c"), "const char *t(void) { return __TIME__; }\n").unwrap();
+    // Files changed within a second of a compile are not trusted to be what it read.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let run = |src: &str, extra: &[(&str, &str)]| {
+        let obj = src.replace(".c", ".o");
+        let mut cmd = Command::new(DCACHE);
+        cmd.args(["gcc", "-Iinc", "-MD", "-c", src, "-o", &obj])
+            .current_dir(p)
+            .env_remove("DCACHE_HOSTS")
+            .env("DCACHE_DIR", cache.path())
+            .env("DCACHE_LOG", "debug");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).contains("direct hit")
+    };
+    let plain = |src: &str| {
+        let out = Command::new("gcc")
+            .args(["-Iinc", "-MD", "-c", src, "-o", "plain.o", "-MF", "plain.d"])
+            .args(["-MQ", &src.replace(".c", ".o")])
+            .current_dir(p)
+            .status()
+            .unwrap();
+        assert!(out.success());
+        (
+            std::fs::read(p.join("plain.o")).unwrap(),
+            std::fs::read(p.join("plain.d")).unwrap(),
+        )
+    };
+    let ours = || {
+        (
+            std::fs::read(p.join("d.o")).unwrap(),
+            std::fs::read(p.join("d.d")).unwrap(),
+        )
+    };
+    assert!(!run("d.c", &[]), "cold: nothing recorded yet");
+    std::fs::remove_file(p.join("d.d")).unwrap();
+    assert!(run("d.c", &[]), "warm: the manifest names the key");
+    assert_eq!(
+        ours(),
+        plain("d.c"),
+        "object and dependency file as gcc makes them"
+    );
+    assert!(
+        !run("d.c", &[("DCACHE_DIRECT", "0")]),
+        "DCACHE_DIRECT=0 turns it off"
+    );
+    // A header changes: the manifest no longer matches, the new object is compiled.
+    std::fs::write(p.join("inc/v.h"), "#define V 2\n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert!(!run("d.c", &[]));
+    assert_eq!(ours(), plain("d.c"), "the changed header was seen");
+    assert!(run("d.c", &[]), "and recorded");
+    // Back to the first contents: that entry is still in the manifest.
+    std::fs::write(p.join("inc/v.h"), "#define V 1\n").unwrap();
+    assert!(run("d.c", &[]));
+    assert_eq!(ours(), plain("d.c"));
+    // A source using the clock never takes the direct path.
+    assert!(!run("t.c", &[]));
+    assert!(!run("t.c", &[]));
+}
+
+#[test]
 fn a_dead_server_falls_back_to_a_local_compile_unless_told_not_to() {
     // A port nothing listens on: bind, note the port, close.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -117,6 +117,8 @@ pub struct CompilePlan {
     pub compile_args: Vec<String>,
     /// Whether `-g` (or a variant) is on: the object then names the client's directory.
     pub debug: bool,
+    /// The dependency file the preprocessor writes (`-MD`/`-MMD`), if any.
+    pub dep_file: Option<PathBuf>,
 }
 
 /// The verdict on a command line.
@@ -176,6 +178,7 @@ fn plan_str(compiler: &OsString, args: &[String]) -> Result<CompilePlan, LocalRe
     let mut pre: Vec<OsString> = Vec::new();
     let mut remote: Vec<String> = Vec::new();
     let (mut dep_md, mut dep_m_only, mut has_mf, mut has_mt) = (false, false, false, false);
+    let mut mf_path: Option<String> = None;
     let mut debug = false;
 
     let mut i = 0;
@@ -209,6 +212,9 @@ fn plan_str(compiler: &OsString, args: &[String]) -> Result<CompilePlan, LocalRe
                 i += 1;
                 has_mf |= a == "-MF";
                 has_mt |= a != "-MF";
+                if a == "-MF" {
+                    mf_path = Some(v.clone());
+                }
                 pre.push(a.into());
                 pre.push(v.into());
             }
@@ -226,6 +232,9 @@ fn plan_str(compiler: &OsString, args: &[String]) -> Result<CompilePlan, LocalRe
             _ if a.starts_with("-MF") || a.starts_with("-MT") || a.starts_with("-MQ") => {
                 has_mf |= a.starts_with("-MF");
                 has_mt |= !a.starts_with("-MF");
+                if let Some(p) = a.strip_prefix("-MF") {
+                    mf_path = Some(p.to_owned());
+                }
                 pre.push(a.into());
             }
             _ if a.starts_with("-o") => output = Some(a[2..].to_owned()),
@@ -276,13 +285,17 @@ fn plan_str(compiler: &OsString, args: &[String]) -> Result<CompilePlan, LocalRe
             Mode::Assembly => "s",
         }),
     };
+    let mut dep_file = None;
     if dep_md {
         // Make the dependency file's name and target explicit: the preprocessor runs
         // without -o, so it cannot derive them from the output as the compiler would.
         if !has_mf {
+            let d = output.with_extension("d");
             pre.push("-MF".into());
-            pre.push(output.with_extension("d").into_os_string());
+            pre.push(d.clone().into_os_string());
+            mf_path = Some(d.to_string_lossy().into_owned());
         }
+        dep_file = mf_path.map(PathBuf::from);
         if !has_mt {
             pre.push("-MQ".into());
             pre.push(output.clone().into_os_string());
@@ -302,6 +315,7 @@ fn plan_str(compiler: &OsString, args: &[String]) -> Result<CompilePlan, LocalRe
         preprocess_args: pre,
         compile_args: remote,
         debug,
+        dep_file,
     })
 }
 
@@ -448,6 +462,7 @@ mod tests {
             .map(|a| a.to_str().unwrap())
             .collect();
         assert_eq!(pre, ["-MD", "-MF", "out/foo.d", "-MQ", "out/foo.o"]);
+        assert_eq!(c.dep_file, Some(PathBuf::from("out/foo.d")));
         assert_eq!(c.compile_args, ["-c"]);
         let c = remote("-c foo.c -MMD -MF deps/x.d -MT tgt -MP");
         let pre: Vec<_> = c

@@ -3,4 +3,5 @@
 
 pub mod args;
 pub mod base_dir;
+pub mod direct;
 pub mod local;

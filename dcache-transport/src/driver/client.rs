@@ -38,6 +38,9 @@ pub enum JobError {
     /// The job could not be started (for example a field too long to encode).
     #[error("job refused locally: {0}")]
     Rejected(String),
+    /// A [`ClientHandle::lookup`] found nothing: the server answered MISS.
+    #[error("not in the server's cache")]
+    NotCached,
 }
 
 enum Command {
@@ -49,6 +52,8 @@ enum Command {
         source: Bytes,
         /// Whether `source` is the whole of it; if not, `Push` commands follow.
         fin: bool,
+        /// A lookup: on MISS the job is cancelled and answered [`JobError::NotCached`].
+        lookup: bool,
         reply: oneshot::Sender<Result<JobOutcome, JobError>>,
     },
     /// More source for a job submitted without `fin`.
@@ -162,8 +167,39 @@ impl ClientHandle {
         result
     }
 
+    /// Asks whether the server has the result for `key` without having the source at
+    /// hand (a key remembered from an earlier compile): the job goes ask-first and is
+    /// cancelled on MISS, which costs one round trip and no source. `Ok(None)` is a miss.
+    pub async fn lookup(
+        &self,
+        desc: JobDesc,
+        key: CacheKey,
+    ) -> Result<Option<JobOutcome>, JobError> {
+        let (token, rx) = self.send_command(|token, reply| Command::Submit {
+            token,
+            desc,
+            key: Some(key),
+            strategy: Some(Strategy::AskFirst),
+            source: Bytes::new(),
+            fin: false,
+            lookup: true,
+            reply,
+        })?;
+        let mut guard = CancelOnDrop {
+            handle: self,
+            token,
+            armed: true,
+        };
+        let result = rx.await.unwrap_or(Err(JobError::Closed));
+        guard.armed = false;
+        match result {
+            Ok(outcome) => Ok(Some(outcome)),
+            Err(JobError::NotCached) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Hands a job to the driver; returns its token and where its outcome will come.
-    #[allow(clippy::type_complexity)]
     fn send_submit(
         &self,
         desc: JobDesc,
@@ -171,19 +207,27 @@ impl ClientHandle {
         strategy: Option<Strategy>,
         source: Bytes,
         fin: bool,
-    ) -> Result<(u64, oneshot::Receiver<Result<JobOutcome, JobError>>), JobError> {
+    ) -> Result<(u64, OutcomeReceiver), JobError> {
+        self.send_command(|token, reply| Command::Submit {
+            token,
+            desc,
+            key,
+            strategy,
+            source,
+            fin,
+            lookup: false,
+            reply,
+        })
+    }
+
+    fn send_command(
+        &self,
+        make: impl FnOnce(u64, Reply) -> Command,
+    ) -> Result<(u64, OutcomeReceiver), JobError> {
         let token = self.tokens.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         self.commands
-            .send(Command::Submit {
-                token,
-                desc,
-                key,
-                strategy,
-                source,
-                fin,
-                reply,
-            })
+            .send(make(token, reply))
             .map_err(|_| JobError::Closed)?;
         Ok((token, rx))
     }
@@ -237,6 +281,7 @@ where
     let owner = ClientOwner {
         commands: rx,
         jobs: HashMap::new(),
+        lookups: std::collections::HashSet::new(),
         tokens: HashMap::new(),
         stats: VecDeque::new(),
         closed: false,
@@ -249,10 +294,13 @@ where
 }
 
 type Reply = oneshot::Sender<Result<JobOutcome, JobError>>;
+type OutcomeReceiver = oneshot::Receiver<Result<JobOutcome, JobError>>;
 
 struct ClientOwner {
     commands: mpsc::UnboundedReceiver<Command>,
     jobs: HashMap<JobId, (u64, Reply)>,
+    /// Jobs that are lookups: cancelled on MISS.
+    lookups: std::collections::HashSet<JobId>,
     tokens: HashMap<u64, JobId>,
     stats: VecDeque<oneshot::Sender<Result<Vec<Stat>, JobError>>>,
     closed: bool,
@@ -260,6 +308,7 @@ struct ClientOwner {
 
 impl ClientOwner {
     fn finish(&mut self, job: JobId, result: Result<JobOutcome, JobError>) {
+        self.lookups.remove(&job);
         if let Some((token, reply)) = self.jobs.remove(&job) {
             self.tokens.remove(&token);
             let _ = reply.send(result);
@@ -270,8 +319,12 @@ impl ClientOwner {
 impl Owner<ClientConnection> for ClientOwner {
     type Command = Command;
 
-    async fn on_event(&mut self, _machine: &mut ClientConnection, event: ClientEvent) {
+    async fn on_event(&mut self, machine: &mut ClientConnection, event: ClientEvent) {
         match event {
+            ClientEvent::Miss { job } if self.lookups.contains(&job) => {
+                let _ = machine.cancel(job);
+                self.finish(job, Err(JobError::NotCached));
+            }
             ClientEvent::Done { job, outcome } => self.finish(job, Ok(outcome)),
             ClientEvent::Failed { job, code, message } => {
                 self.finish(job, Err(JobError::Failed { code, message }));
@@ -288,6 +341,7 @@ impl Owner<ClientConnection> for ClientOwner {
                     let _ = reply.send(Err(err.clone()));
                 }
                 self.tokens.clear();
+                self.lookups.clear();
                 for reply in self.stats.drain(..) {
                     let _ = reply.send(Err(err.clone()));
                 }
@@ -311,6 +365,7 @@ impl Owner<ClientConnection> for ClientOwner {
                 strategy,
                 source,
                 fin,
+                lookup,
                 reply,
             } => {
                 if self.closed {
@@ -329,6 +384,9 @@ impl Owner<ClientConnection> for ClientOwner {
                         }
                         self.jobs.insert(job, (token, reply));
                         self.tokens.insert(token, job);
+                        if lookup {
+                            self.lookups.insert(job);
+                        }
                     }
                     Err(e) => {
                         let _ = reply.send(Err(JobError::Rejected(e.to_string())));
@@ -345,6 +403,7 @@ impl Owner<ClientConnection> for ClientOwner {
             Command::Cancel { token } => {
                 if let Some(job) = self.tokens.remove(&token) {
                     self.jobs.remove(&job);
+                    self.lookups.remove(&job);
                     let _ = machine.cancel(job);
                 }
             }

@@ -1,0 +1,440 @@
+//! Direct mode: finding a compile's cache key without running the preprocessor, as
+//! ccache's direct mode does.
+//!
+//! The preprocessor is the most expensive thing a warm build still runs. Its output is a
+//! function of the command line, the working directory, a few environment variables, the
+//! compiler, the source file and every file it includes. The first time a compile runs,
+//! the wrapper records a *manifest entry* under a [`DirectKey`] of everything but the
+//! included files: the list of files the preprocessor read (from its line markers) with a
+//! hash of each, and the cache key the preprocessed source had. Next time, if every listed
+//! file still hashes the same, the preprocessed source would be the same, so its cache key
+//! is known without preprocessing, and the server is asked for that key directly.
+//!
+//! What keeps this safe:
+//! - a source or header that uses `__DATE__`, `__TIME__` or `__TIMESTAMP__` is never
+//!   recorded (its output changes with the clock);
+//! - a file modified within a second of the compile's start is not recorded (it might have
+//!   changed between preprocessing and hashing);
+//! - names with escapes in the line markers are not recorded (they are not decoded);
+//! - a stale entry only costs a lookup: the server is asked for a key, and a miss falls
+//!   back to preprocessing as usual.
+//!
+//! Known limit, shared with ccache: a new header placed earlier on the include path, that
+//! would now shadow a recorded one, goes unnoticed until a recorded file changes.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use dcache_proto::CacheKey;
+
+/// Macros whose expansion depends on the clock.
+const TIME_MACROS: [&[u8]; 3] = [b"__DATE__", b"__TIME__", b"__TIMESTAMP__"];
+
+/// Environment variables that change what the preprocessor reads or writes, or what the
+/// compiler prints.
+const ENV: [&str; 14] = [
+    "CPATH",
+    "C_INCLUDE_PATH",
+    "CPLUS_INCLUDE_PATH",
+    "OBJC_INCLUDE_PATH",
+    "GCC_EXEC_PREFIX",
+    "COMPILER_PATH",
+    "SOURCE_DATE_EPOCH",
+    "DEPENDENCIES_OUTPUT",
+    "SUNPRO_DEPENDENCIES",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_MESSAGES",
+];
+
+/// Most entries one manifest keeps (one per distinct set of header contents seen).
+const MAX_ENTRIES: usize = 16;
+
+/// Files changed this recently before the compile started are not trusted to be what the
+/// preprocessor read (timestamps have coarse granularity on some filesystems).
+const TOO_NEW: Duration = Duration::from_secs(1);
+
+/// The key of everything a compile's preprocessed source depends on, except the contents
+/// of the files it includes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectKey(pub [u8; 32]);
+
+/// What a direct key is computed from.
+#[derive(Debug)]
+pub struct Invocation<'a> {
+    /// The compiler as invoked (`gcc`, `/usr/bin/gcc`); resolved on `PATH` here.
+    pub compiler: &'a OsString,
+    /// The whole command line after the compiler, as given.
+    pub args: &'a [OsString],
+    /// What the compile job will carry as its arguments (with any colour option added).
+    pub compile_args: &'a [String],
+    /// The working directory.
+    pub cwd: &'a Path,
+    /// The source file's contents.
+    pub source: &'a [u8],
+}
+
+impl DirectKey {
+    /// The key of `inv`, or `None` when direct mode must not be used: the compiler cannot
+    /// be found, or the source uses a time macro.
+    pub fn compute(inv: &Invocation<'_>) -> Option<Self> {
+        if uses_time_macros(inv.source) {
+            return None;
+        }
+        let compiler = resolve(inv.compiler)?;
+        let meta = std::fs::metadata(&compiler).ok()?;
+        let mut h = blake3::Hasher::new_derive_key("dcache 2026-11 direct-mode key v1");
+        let mut field = |bytes: &[u8]| {
+            h.update(&(bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        };
+        field(compiler.as_os_str().as_encoded_bytes());
+        field(&meta.len().to_be_bytes());
+        field(&meta.mtime().to_be_bytes());
+        field(&meta.mtime_nsec().to_be_bytes());
+        field(&(inv.args.len() as u64).to_be_bytes());
+        for a in inv.args {
+            field(a.as_encoded_bytes());
+        }
+        field(&(inv.compile_args.len() as u64).to_be_bytes());
+        for a in inv.compile_args {
+            field(a.as_bytes());
+        }
+        field(inv.cwd.as_os_str().as_encoded_bytes());
+        for name in ENV {
+            match std::env::var_os(name) {
+                Some(v) => {
+                    field(b"set");
+                    field(v.as_encoded_bytes());
+                }
+                None => field(b"unset"),
+            }
+        }
+        field(blake3::hash(inv.source).as_bytes());
+        Some(Self(*h.finalize().as_bytes()))
+    }
+}
+
+/// The compiler's path: as given when it names one, else the first match on `PATH`.
+fn resolve(compiler: &OsString) -> Option<PathBuf> {
+    let given = Path::new(compiler);
+    if given.components().count() > 1 {
+        return given.canonicalize().ok();
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(given))
+        .find(|p| p.is_file())
+        .and_then(|p| p.canonicalize().ok())
+}
+
+fn uses_time_macros(text: &[u8]) -> bool {
+    TIME_MACROS
+        .iter()
+        .any(|m| text.windows(m.len()).any(|w| w == *m))
+}
+
+/// One way the included files were, and the key the preprocessed source then had.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The cache key of the preprocessed source.
+    pub key: CacheKey,
+    /// The dependency file the preprocessor wrote (`-MD`), to write again on a hit.
+    pub dep_file: Option<Vec<u8>>,
+    /// Every file the preprocessor read, with the BLAKE3 hash of its contents.
+    pub files: Vec<(PathBuf, [u8; 32])>,
+}
+
+impl Entry {
+    /// The entry for a compile that just ran: the files named in `preprocessed`'s line
+    /// markers, hashed now. `None` when it must not be recorded: a name it cannot read
+    /// back, a file that changed after `started` (less a second), or a time macro.
+    pub fn record(
+        key: CacheKey,
+        dep_file: Option<Vec<u8>>,
+        preprocessed: &[u8],
+        started: SystemTime,
+    ) -> Option<Self> {
+        let limit = started.checked_sub(TOO_NEW)?;
+        let mut files = Vec::new();
+        for path in included_files(preprocessed)? {
+            let meta = std::fs::metadata(&path).ok()?;
+            let changed = SystemTime::UNIX_EPOCH
+                + Duration::new(u64::try_from(meta.mtime().max(meta.ctime())).ok()?, 0);
+            if changed >= limit {
+                return None;
+            }
+            let text = std::fs::read(&path).ok()?;
+            if uses_time_macros(&text) {
+                return None;
+            }
+            files.push((path, *blake3::hash(&text).as_bytes()));
+        }
+        Some(Self {
+            key,
+            dep_file,
+            files,
+        })
+    }
+}
+
+/// The files a preprocessed source says it read, in first-seen order: the names in its
+/// line markers (`# 12 "inc/x.h" 1`), less the compiler's pseudo-files (`<built-in>`) and
+/// the working-directory marker `-g` adds (`"/cwd//"`). `None` if a name has escapes.
+pub fn included_files(preprocessed: &[u8]) -> Option<Vec<PathBuf>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for line in preprocessed.split(|&b| b == b'\n') {
+        let Some(rest) = line.strip_prefix(b"# ") else {
+            continue;
+        };
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 {
+            continue;
+        }
+        let Some(quoted) = rest[digits..].strip_prefix(b" \"") else {
+            continue;
+        };
+        let end = quoted.iter().position(|&b| b == b'"')?;
+        let name = &quoted[..end];
+        if name.contains(&b'\\') {
+            return None;
+        }
+        if name.starts_with(b"<") || name.ends_with(b"//") {
+            continue;
+        }
+        let path = PathBuf::from(std::str::from_utf8(name).ok()?);
+        if seen.insert(path.clone()) {
+            out.push(path);
+        }
+    }
+    Some(out)
+}
+
+/// The entries recorded under one direct key, newest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Manifest {
+    entries: Vec<Entry>,
+}
+
+impl Manifest {
+    /// The entries, newest first.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// The newest entry whose files all still hash as recorded, reading each file once.
+    pub fn find_current(&self) -> Option<&Entry> {
+        let mut hashes: HashMap<&Path, Option<[u8; 32]>> = HashMap::new();
+        self.entries.iter().find(|e| {
+            e.files.iter().all(|(path, want)| {
+                let now = hashes.entry(path).or_insert_with(|| {
+                    std::fs::read(path)
+                        .ok()
+                        .map(|text| *blake3::hash(&text).as_bytes())
+                });
+                *now == Some(*want)
+            })
+        })
+    }
+
+    /// Adds `entry` as the newest, replacing one with the same files, keeping at most
+    /// [`MAX_ENTRIES`].
+    pub fn add(&mut self, entry: Entry) {
+        self.entries.retain(|e| e.files != entry.files);
+        self.entries.insert(0, entry);
+        self.entries.truncate(MAX_ENTRIES);
+    }
+
+    /// The stored form. Integrity is the store's job (every entry is digest-checked).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = b"DCM1".to_vec();
+        put_len(&mut out, self.entries.len());
+        for e in &self.entries {
+            out.extend_from_slice(e.key.as_bytes());
+            match &e.dep_file {
+                Some(d) => {
+                    out.push(1);
+                    put_bytes(&mut out, d);
+                }
+                None => out.push(0),
+            }
+            put_len(&mut out, e.files.len());
+            for (path, hash) in &e.files {
+                put_bytes(&mut out, path.as_os_str().as_encoded_bytes());
+                out.extend_from_slice(hash);
+            }
+        }
+        out
+    }
+
+    /// Reads the stored form; `None` for anything malformed (treated as no manifest).
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let mut r = Cursor(bytes.strip_prefix(b"DCM1")?);
+        let count = r.len()?;
+        let mut entries = Vec::with_capacity(count.min(MAX_ENTRIES));
+        for _ in 0..count {
+            let key = CacheKey::from_bytes(r.array()?);
+            let dep_file = match r.take(1)?[0] {
+                0 => None,
+                1 => Some(r.bytes()?.to_vec()),
+                _ => return None,
+            };
+            let n = r.len()?;
+            let mut files = Vec::with_capacity(n.min(4096));
+            for _ in 0..n {
+                let name = std::str::from_utf8(r.bytes()?).ok()?;
+                files.push((PathBuf::from(name), r.array()?));
+            }
+            entries.push(Entry {
+                key,
+                dep_file,
+                files,
+            });
+        }
+        r.0.is_empty().then_some(Self { entries })
+    }
+}
+
+fn put_len(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(&(n as u32).to_be_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_len(out, b.len());
+    out.extend_from_slice(b);
+}
+
+/// A bounded reader: every read checks what is left.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn len(&mut self) -> Option<usize> {
+        let b = self.take(4)?;
+        Some(u32::from_be_bytes(b.try_into().ok()?) as usize)
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.len()?;
+        self.take(n)
+    }
+
+    fn array(&mut self) -> Option<[u8; 32]> {
+        self.take(32)?.try_into().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_markers_name_the_files_read() {
+        let pre = b"# 0 \"x.c\"\n# 0 \"<built-in>\"\n# 0 \"<command-line>\"\n# 1 \"/w//\"\n# 1 \"x.c\"\n# 1 \"inc/h.h\" 1\nint h;\n# 2 \"x.c\" 2\n#pragma once\n";
+        assert_eq!(
+            included_files(pre),
+            Some(vec![PathBuf::from("x.c"), PathBuf::from("inc/h.h")])
+        );
+        assert_eq!(included_files(b"# 1 \"we\\\"ird.h\" 1\n"), None);
+    }
+
+    #[test]
+    fn time_macros_disable_direct_mode() {
+        assert!(uses_time_macros(b"const char *d = __DATE__;"));
+        assert!(uses_time_macros(b"__TIMESTAMP__"));
+        assert!(!uses_time_macros(b"int date, time;"));
+    }
+
+    #[test]
+    fn a_manifest_round_trips_and_refuses_garbage() {
+        let mut m = Manifest::default();
+        for i in 0..20u8 {
+            m.add(Entry {
+                key: CacheKey::from_bytes([i; 32]),
+                dep_file: (i % 2 == 0).then(|| b"x.o: x.c h.h\n".to_vec()),
+                files: vec![(PathBuf::from(format!("h{i}.h")), [i; 32])],
+            });
+        }
+        assert_eq!(m.entries().len(), MAX_ENTRIES);
+        assert_eq!(
+            m.entries()[0].key,
+            CacheKey::from_bytes([19; 32]),
+            "newest first"
+        );
+        let bytes = m.encode();
+        assert_eq!(Manifest::decode(&bytes), Some(m));
+        for cut in [0, 3, 4, 10, bytes.len() - 1] {
+            assert_eq!(Manifest::decode(&bytes[..cut]), None, "cut at {cut}");
+        }
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert_eq!(Manifest::decode(&trailing), None);
+        assert_eq!(Manifest::decode(b"DCM1\xff\xff\xff\xff"), None);
+    }
+
+    #[test]
+    fn the_current_entry_is_the_one_whose_files_match() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let h = dir.path().join("h.h");
+        std::fs::write(&h, "int v1;").unwrap_or_default();
+        let hash = |s: &str| *blake3::hash(s.as_bytes()).as_bytes();
+        let mut m = Manifest::default();
+        m.add(Entry {
+            key: CacheKey::from_bytes([1; 32]),
+            dep_file: None,
+            files: vec![(h.clone(), hash("int v1;"))],
+        });
+        m.add(Entry {
+            key: CacheKey::from_bytes([2; 32]),
+            dep_file: None,
+            files: vec![(h.clone(), hash("int v2;"))],
+        });
+        assert_eq!(
+            m.find_current().map(|e| e.key),
+            Some(CacheKey::from_bytes([1; 32]))
+        );
+        std::fs::write(&h, "int v2;").unwrap_or_default();
+        assert_eq!(
+            m.find_current().map(|e| e.key),
+            Some(CacheKey::from_bytes([2; 32]))
+        );
+        std::fs::write(&h, "int v3;").unwrap_or_default();
+        assert_eq!(m.find_current(), None);
+        std::fs::remove_file(&h).unwrap_or_default();
+        assert_eq!(m.find_current(), None, "a vanished file matches nothing");
+    }
+
+    #[test]
+    fn fresh_files_and_time_macros_are_not_recorded() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let h = dir.path().join("h.h");
+        std::fs::write(&h, "int h;").unwrap_or_default();
+        let pre = format!("# 1 \"{}\" 1\nint h;\n", h.display());
+        let key = CacheKey::from_bytes([7; 32]);
+        // Written just now: too new for a compile that started now.
+        assert_eq!(
+            Entry::record(key, None, pre.as_bytes(), SystemTime::now()),
+            None
+        );
+        // The same file for a compile that starts later is fine.
+        let later = SystemTime::now() + Duration::from_secs(5);
+        let e = Entry::record(key, None, pre.as_bytes(), later);
+        assert_eq!(e.map(|e| e.files.len()), Some(1));
+        std::fs::write(&h, "const char *t = __TIME__;").unwrap_or_default();
+        assert_eq!(Entry::record(key, None, pre.as_bytes(), later), None);
+    }
+}

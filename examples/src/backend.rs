@@ -1,0 +1,126 @@
+//! Where the wrapper's jobs go: configured servers, or the embedded default (the server
+//! library run in this process over `mem://`, with the shared disk cache). One per
+//! `dcache` process, started before the first job and finished after the last, so a
+//! direct-mode lookup and the compile that may follow share one server and connection.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use dcache_client::{Client, ClientOptions};
+use dcache_server::cache::DiskStore;
+use dcache_server::compiler::{LocalExecutor, LocalExecutorConfig};
+use dcache_server::{Service, ServiceConfig};
+use dcache_transport::{Address, TransportOptions, bind};
+
+use crate::stats_file;
+use crate::wrapper::Config;
+
+/// The client jobs go through, and for the embedded default the server behind it.
+pub struct Backend {
+    client: Client,
+    embedded: Option<Embedded>,
+}
+
+struct Embedded {
+    service: Arc<Service>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    /// Connects lazily to the configured servers, or starts the embedded one.
+    pub async fn start(config: &Config) -> Result<Self, String> {
+        if !config.hosts.is_empty() {
+            return Ok(Self {
+                client: Client::new(config.client_options()),
+                embedded: None,
+            });
+        }
+        // Lazy: one compile per process, so no scan of the whole cache on every start.
+        let store = DiskStore::open_lazy(&config.dir.join("cache"), config.cache_size)
+            .map_err(|e| format!("local cache in {}: {e}", config.dir.display()))?;
+        // Compiling for the user on the user's machine: in the user's directory and
+        // locale, so warnings quote source lines and use the quotes a local compile would.
+        let executor = LocalExecutor::new(LocalExecutorConfig {
+            workdir: std::env::current_dir().ok(),
+            locale: locale_env(),
+            ..LocalExecutorConfig::default()
+        });
+        let service = Service::new(
+            Arc::new(store),
+            Arc::new(executor),
+            ServiceConfig::default(),
+        );
+        let addr: Address = format!("mem://dcache-embedded-{}", std::process::id())
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let listener = bind(&addr, &TransportOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = {
+            let service = service.clone();
+            tokio::spawn(async move {
+                service
+                    .serve(listener, async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            })
+        };
+        Ok(Self {
+            client: Client::new(ClientOptions::new(vec![addr])),
+            embedded: Some(Embedded {
+                service,
+                stop,
+                server,
+            }),
+        })
+    }
+
+    /// The client to send jobs with.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Whether jobs go to configured servers rather than the embedded one.
+    pub fn is_remote(&self) -> bool {
+        self.embedded.is_none()
+    }
+
+    /// Ends the embedded server: waits for its results to be stored, and adds what it
+    /// did to the cache's statistics.
+    pub async fn finish(self, config: &Config) {
+        let Some(e) = self.embedded else {
+            return;
+        };
+        drop(self.client);
+        let _ = e.stop.send(());
+        let _ = e.server.await;
+        let c = e.service.counters();
+        stats_file::record(
+            &config.dir,
+            &stats_file::Delta {
+                hits: c.hits.load(Ordering::Relaxed),
+                misses: c.misses.load(Ordering::Relaxed),
+                early_results: c.early_results.load(Ordering::Relaxed),
+                compiles: c.compiles.load(Ordering::Relaxed),
+                source_bytes_received: c.source_bytes_received.load(Ordering::Relaxed),
+                source_bytes_saved: c.source_bytes_saved.load(Ordering::Relaxed),
+            },
+        );
+    }
+}
+
+/// The locale variables that shape a compiler's diagnostics, as set here.
+fn locale_env() -> Vec<(String, String)> {
+    ["LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES"]
+        .into_iter()
+        .filter_map(|k| {
+            std::env::var(k)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| (k.to_owned(), v))
+        })
+        .collect()
+}
