@@ -28,8 +28,12 @@ struct Embedded {
 }
 
 impl Backend {
-    /// Connects lazily to the configured servers, or starts the embedded one.
-    pub async fn start(config: &Config) -> Result<Self, String> {
+    /// Connects lazily to the configured servers, or starts the embedded one for
+    /// `compiler` as invoked (`gcc`, `/opt/gcc-13/bin/gcc`): the job names it by its file
+    /// name, which the embedded server resolves first in the directory it was invoked
+    /// from, then on this process's `PATH`, so it runs the very compiler a local compile
+    /// would.
+    pub async fn start(config: &Config, compiler: &std::ffi::OsStr) -> Result<Self, String> {
         if !config.hosts.is_empty() {
             return Ok(Self {
                 client: Client::new(config.client_options()),
@@ -41,7 +45,29 @@ impl Backend {
             .map_err(|e| format!("local cache in {}: {e}", config.dir.display()))?;
         // Compiling for the user on the user's machine: in the user's directory and
         // locale, so warnings quote source lines and use the quotes a local compile would.
+        // Only the compiler this process runs: each allowed one costs a `--version` run
+        // and a hash of its binary at start.
+        let invoked = std::path::Path::new(compiler);
+        let name = invoked
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut dirs: Vec<std::path::PathBuf> = invoked
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .and_then(|d| d.canonicalize().ok())
+            .into_iter()
+            .collect();
+        dirs.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
+        let path = std::env::join_paths(dirs)
+            .ok()
+            .and_then(|p| p.into_string().ok())
+            .unwrap_or_else(|| LocalExecutorConfig::default().path);
         let executor = LocalExecutor::new(LocalExecutorConfig {
+            allowed: vec![name],
+            path,
             workdir: std::env::current_dir().ok(),
             locale: locale_env(),
             ..LocalExecutorConfig::default()

@@ -169,13 +169,22 @@ pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i3
             return local(&compiler, &args).unwrap_or(1);
         }
     };
-    let backend = match Backend::start(config).await {
+    let backend = match Backend::start(config, &compiler).await {
         Ok(b) => b,
         Err(e) => return fail_over(config, &e, &compiler, &args),
     };
     let code = compile(config, &backend, &compiler, &args, &plan).await;
     backend.finish(config).await;
     code
+}
+
+/// The name a compile job carries: the compiler as invoked, without its directory (the
+/// server resolves names on its own path; a client never chooses a path).
+fn compiler_name(compiler: &OsString) -> String {
+    PathBuf::from(compiler)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// A server or the cache failed: compile locally with one warning line, or stop there
@@ -198,10 +207,6 @@ async fn compile(
     plan: &CompilePlan,
 ) -> i32 {
     let started = SystemTime::now();
-    let compiler_name = PathBuf::from(compiler)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let mut compile_args = plan.compile_args.clone();
     if std::io::stderr().is_terminal()
         && !compile_args.iter().any(|a| a.contains("diagnostics-color"))
@@ -210,7 +215,7 @@ async fn compile(
         compile_args.insert(0, "-fdiagnostics-color=always".into());
     }
     let mut desc = JobDesc {
-        compiler: compiler_name,
+        compiler: compiler_name(compiler),
         language: plan.language.preprocessed().into(),
         args: compile_args,
         source_len: None,

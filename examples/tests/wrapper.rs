@@ -387,6 +387,45 @@ fn direct_mode_skips_the_preprocessor_only_while_every_file_is_unchanged() {
 }
 
 #[test]
+fn the_embedded_server_runs_the_compiler_as_invoked_not_another_of_that_name() {
+    use std::os::unix::fs::PermissionsExt;
+    let cache = tempfile::tempdir().unwrap();
+    let bin = tempfile::tempdir().unwrap();
+    let log = bin.path().join("log");
+    // A `gcc` of its own, outside PATH, that logs each run.
+    let script = bin.path().join("gcc");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{}'\nexec /usr/bin/gcc \"$@\"\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("k.c"), "int k(void) { return 11; }\n").unwrap();
+    let out = Command::new(DCACHE)
+        .arg(&script)
+        .args(["-c", "k.c", "-o", "k.o"])
+        .current_dir(dir.path())
+        .env_remove("DCACHE_HOSTS")
+        .env("DCACHE_DIR", cache.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let runs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        runs.lines().any(|l| l.contains("cpp-output")),
+        "the compile itself ran the invoked gcc: {runs}"
+    );
+}
+
+#[test]
 fn a_dead_server_falls_back_to_a_local_compile_unless_told_not_to() {
     // A port nothing listens on: bind, note the port, close.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
