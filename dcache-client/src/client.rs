@@ -123,22 +123,13 @@ impl Client {
 
     /// Compiles one job whose whole source is at hand.
     pub async fn compile(&self, desc: JobDesc, source: Bytes) -> Result<Outcome, ClientError> {
-        if self.options.hosts.is_empty() {
-            return Err(ClientError::NoHosts);
-        }
         let key = CacheKey::compute(&desc, &source);
-        let candidates = lock(&self.health).candidates(&key, &self.names, Instant::now());
         let mut failures = Vec::new();
         // Each host is tried at most once per job: the list is finite, so this loop ends.
-        for i in candidates {
+        for i in self.candidates(&key)? {
             let host = self.options.hosts[i].clone();
-            let handle = match self.connection(i).await {
-                Ok(h) => h,
-                Err(e) => {
-                    lock(&self.health).mark_down(i, Instant::now());
-                    failures.push((host, e));
-                    continue;
-                }
+            let Some(handle) = self.connect_to(i, &mut failures).await else {
+                continue;
             };
             let start = Instant::now();
             let key = (self.options.strategy != Strategy::SendAll).then_some(key);
@@ -164,11 +155,7 @@ impl Client {
                     // server may do better.
                     _ => failures.push((host, format!("{code}: {message}"))),
                 },
-                Err(e) => {
-                    lock(&self.health).mark_down(i, Instant::now());
-                    lock(&self.connections)[i] = None;
-                    failures.push((host, e.to_string()));
-                }
+                Err(e) => self.connection_failed(i, &e, &mut failures),
             }
         }
         Err(ClientError::Unreachable(failures))
@@ -185,20 +172,12 @@ impl Client {
         desc: JobDesc,
         key: CacheKey,
     ) -> Result<Option<Outcome>, ClientError> {
-        if self.options.hosts.is_empty() {
-            return Err(ClientError::NoHosts);
-        }
-        let candidates = lock(&self.health).candidates(&key, &self.names, Instant::now());
         let mut failures = Vec::new();
-        for i in candidates {
+        // Each host is tried at most once per job: the list is finite, so this loop ends.
+        for i in self.candidates(&key)? {
             let host = self.options.hosts[i].clone();
-            let handle = match self.connection(i).await {
-                Ok(h) => h,
-                Err(e) => {
-                    lock(&self.health).mark_down(i, Instant::now());
-                    failures.push((host, e));
-                    continue;
-                }
+            let Some(handle) = self.connect_to(i, &mut failures).await else {
+                continue;
             };
             let start = Instant::now();
             match handle.lookup(desc.clone(), key).await {
@@ -213,11 +192,7 @@ impl Client {
                 Err(JobError::Failed { code, message }) if code == ErrorCode::REFUSED => {
                     return Err(ClientError::Refused { host, message });
                 }
-                Err(e) => {
-                    lock(&self.health).mark_down(i, Instant::now());
-                    lock(&self.connections)[i] = None;
-                    failures.push((host, e.to_string()));
-                }
+                Err(e) => self.connection_failed(i, &e, &mut failures),
             }
         }
         Err(ClientError::Unreachable(failures))
@@ -239,21 +214,13 @@ impl Client {
         desc: JobDesc,
         source: tokio::sync::mpsc::Receiver<Bytes>,
     ) -> Result<Outcome, ClientError> {
-        if self.options.hosts.is_empty() {
-            return Err(ClientError::NoHosts);
-        }
         let key = CacheKey::compute(&desc, b"");
-        let candidates = lock(&self.health).candidates(&key, &self.names, Instant::now());
         let mut failures = Vec::new();
-        for i in candidates {
+        // Each host is tried at most once per job: the list is finite, so this loop ends.
+        for i in self.candidates(&key)? {
             let host = self.options.hosts[i].clone();
-            let handle = match self.connection(i).await {
-                Ok(h) => h,
-                Err(e) => {
-                    lock(&self.health).mark_down(i, Instant::now());
-                    failures.push((host, e));
-                    continue;
-                }
+            let Some(handle) = self.connect_to(i, &mut failures).await else {
+                continue;
             };
             let start = Instant::now();
             return match handle.submit_stream(desc, source).await {
@@ -274,9 +241,9 @@ impl Client {
                     message,
                 }),
                 Err(e) => {
-                    lock(&self.health).mark_down(i, Instant::now());
-                    lock(&self.connections)[i] = None;
-                    Err(ClientError::Unreachable(vec![(host, e.to_string())]))
+                    let mut failures = Vec::new();
+                    self.connection_failed(i, &e, &mut failures);
+                    Err(ClientError::Unreachable(failures))
                 }
             };
         }
@@ -295,6 +262,39 @@ impl Client {
             out.push((host, r));
         }
         out
+    }
+
+    /// The hosts to try for `key`, in rendezvous order, less those backing off.
+    fn candidates(&self, key: &CacheKey) -> Result<Vec<usize>, ClientError> {
+        if self.options.hosts.is_empty() {
+            return Err(ClientError::NoHosts);
+        }
+        Ok(lock(&self.health).candidates(key, &self.names, Instant::now()))
+    }
+
+    /// The connection to host `i`; if it cannot be had, the host backs off and the
+    /// reason joins `failures`.
+    async fn connect_to(
+        &self,
+        i: usize,
+        failures: &mut Vec<(Address, String)>,
+    ) -> Option<ClientHandle> {
+        match self.connection(i).await {
+            Ok(h) => Some(h),
+            Err(e) => {
+                lock(&self.health).mark_down(i, Instant::now());
+                failures.push((self.options.hosts[i].clone(), e));
+                None
+            }
+        }
+    }
+
+    /// Host `i`'s connection failed under a job: the host backs off, the connection is
+    /// dropped (the next job opens a new one), and the reason joins `failures`.
+    fn connection_failed(&self, i: usize, e: &JobError, failures: &mut Vec<(Address, String)>) {
+        lock(&self.health).mark_down(i, Instant::now());
+        lock(&self.connections)[i] = None;
+        failures.push((self.options.hosts[i].clone(), e.to_string()));
     }
 
     async fn connection(&self, i: usize) -> Result<ClientHandle, String> {
