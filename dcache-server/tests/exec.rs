@@ -392,6 +392,56 @@ async fn refused_jobs_get_clear_errors_and_run_nothing() {
 }
 
 #[tokio::test]
+async fn a_remembered_identity_is_the_computed_one_and_follows_the_binary() {
+    let script = Script::new("cat >/dev/null");
+    let calls = script.marker("version-calls");
+    // A stand-in whose --version run leaves a trace, so we see when it is computed.
+    let body = format!(
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo x >> '{}'; echo 'cc 2'; exit 0; fi\ncat >/dev/null\n",
+        calls.display()
+    );
+    let write = |extra: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = script.marker("cc.new");
+        std::fs::write(&tmp, format!("{body}{extra}")).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, script.marker("cc")).unwrap();
+    };
+    write("");
+    let cache = tempfile::tempdir().unwrap();
+    let with_cache = || {
+        LocalExecutor::new(LocalExecutorConfig {
+            allowed: vec!["cc".into()],
+            path: format!("{}:/usr/bin:/bin", script.dir.path().display()),
+            identity_cache: Some(cache.path().to_owned()),
+            ..LocalExecutorConfig::default()
+        })
+        .identity("cc")
+    };
+    let runs = || {
+        std::fs::read_to_string(&calls)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let computed = script.executor(HANG).identity("cc");
+    assert!(computed.is_some());
+    let before = runs();
+    assert_eq!(
+        with_cache(),
+        computed,
+        "the first start computes and remembers"
+    );
+    assert_eq!(runs(), before + 1);
+    assert_eq!(with_cache(), computed, "the next one remembers");
+    assert_eq!(runs(), before + 1, "without running the compiler");
+    // A new binary is a new identity, computed again.
+    write("# upgraded\n");
+    let upgraded = with_cache();
+    assert_ne!(upgraded, computed);
+    assert_eq!(upgraded, script.executor(HANG).identity("cc"));
+}
+
+#[tokio::test]
 async fn the_compiler_identity_changes_with_the_binary() {
     let script = Script::new("cat >/dev/null");
     let before = script.executor(HANG).identity("cc").unwrap();

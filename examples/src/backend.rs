@@ -45,8 +45,8 @@ impl Backend {
             .map_err(|e| format!("local cache in {}: {e}", config.dir.display()))?;
         // Compiling for the user on the user's machine: in the user's directory and
         // locale, so warnings quote source lines and use the quotes a local compile would.
-        // Only the compiler this process runs: each allowed one costs a `--version` run
-        // and a hash of its binary at start.
+        // Only the compiler this process runs, and its identity remembered across
+        // processes: computing one costs a `--version` run and a hash of the binary.
         let invoked = std::path::Path::new(compiler);
         let name = invoked
             .file_name()
@@ -68,6 +68,7 @@ impl Backend {
         let executor = LocalExecutor::new(LocalExecutorConfig {
             allowed: vec![name],
             path,
+            identity_cache: Some(config.dir.join("compilers")),
             workdir: std::env::current_dir().ok(),
             locale: locale_env(),
             ..LocalExecutorConfig::default()

@@ -36,6 +36,11 @@ pub struct LocalExecutorConfig {
     /// are part of each compiler's identity: results compiled under one locale are never
     /// served under another.
     pub locale: Vec<(String, String)>,
+    /// A directory where compiler identities are remembered, keyed by the binary's path,
+    /// size, inode and change times: a process that starts for one compile (the wrapper's
+    /// embedded server) then skips the `--version` run and the hash of the binary. A
+    /// replaced or touched binary changes the key. `None`: compute at every start.
+    pub identity_cache: Option<PathBuf>,
 }
 
 impl Default for LocalExecutorConfig {
@@ -48,6 +53,7 @@ impl Default for LocalExecutorConfig {
             path: "/usr/local/bin:/usr/bin:/bin".into(),
             workdir: None,
             locale: Vec::new(),
+            identity_cache: None,
         }
     }
 }
@@ -75,7 +81,11 @@ impl LocalExecutor {
                 continue;
             }
             if let Some(path) = find_on_path(name, &config.path) {
-                if let Some(id) = identity(&path, &config.locale) {
+                let id = match &config.identity_cache {
+                    Some(dir) => cached_identity(dir, &path, &config.locale),
+                    None => identity(&path, &config.locale),
+                };
+                if let Some(id) = id {
                     compilers.insert(name.clone(), Compiler { path, id });
                 }
             }
@@ -102,6 +112,46 @@ fn find_on_path(name: &str, path: &str) -> Option<PathBuf> {
         .map(|dir| Path::new(dir).join(name))
         .find(|p| p.is_file())
         .and_then(|p| p.canonicalize().ok())
+}
+
+/// [`identity`], remembered in `dir` under a name derived from everything that changes
+/// when the binary does (path, size, inode, modification and change times) and the
+/// locale. Best effort: an unreadable or unwritable cache just computes.
+fn cached_identity(dir: &Path, path: &Path, locale: &[(String, String)]) -> Option<CompilerId> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let mut h = blake3::Hasher::new_derive_key("dcache 2026-11 compiler identity cache v1");
+    h.update(path.as_os_str().as_encoded_bytes());
+    for n in [
+        meta.len(),
+        meta.ino(),
+        meta.dev(),
+        meta.mtime() as u64,
+        meta.mtime_nsec() as u64,
+        meta.ctime() as u64,
+        meta.ctime_nsec() as u64,
+    ] {
+        h.update(&n.to_be_bytes());
+    }
+    for (k, v) in locale {
+        for part in [k, v] {
+            h.update(&(part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+    }
+    let file = dir.join(h.finalize().to_hex().as_str());
+    if let Ok(bytes) = std::fs::read(&file) {
+        if let Ok(id) = <[u8; 32]>::try_from(bytes.as_slice()) {
+            return Some(CompilerId(id));
+        }
+    }
+    let id = identity(path, locale)?;
+    let _ = std::fs::create_dir_all(dir).and_then(|()| {
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        std::io::Write::write_all(&mut tmp, &id.0)?;
+        tmp.persist(&file).map(|_| ()).map_err(|e| e.error)
+    });
+    Some(id)
 }
 
 /// Path, `--version` output and the binary's digest (any upgrade changes at least one),
