@@ -244,7 +244,7 @@ impl Manifest {
     }
 
     /// Adds `entry` as the newest, replacing one with the same files, keeping at most
-    /// [`MAX_ENTRIES`].
+    /// sixteen.
     pub fn add(&mut self, entry: Entry) {
         self.entries.retain(|e| e.files != entry.files);
         self.entries.insert(0, entry);
