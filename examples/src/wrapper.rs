@@ -140,7 +140,8 @@ environment:
                      so dcache works as a local compiler cache out of the box.
   DCACHE_STRATEGY    speculative (default), ask-first or send-all
   DCACHE_FALLBACK    0 turns the local fallback into an error
-  DCACHE_DIR         the embedded cache's directory (default: ~/.cache/dcache)
+  DCACHE_DIR         local directory: the embedded cache, direct-mode manifests and
+                     statistics (default: ~/.cache/dcache)
   DCACHE_CACHE_SIZE  the embedded cache's size limit (default: 5G)
   DCACHE_BASEDIR     absolute directory (e.g. your home): paths inside it are made
                      relative in the preprocessed source, so checkouts in different
