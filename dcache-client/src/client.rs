@@ -192,6 +192,9 @@ impl Client {
                 Err(JobError::Failed { code, message }) if code == ErrorCode::REFUSED => {
                     return Err(ClientError::Refused { host, message });
                 }
+                // The job, not the connection, failed (overloaded, shutting down, not
+                // encodable): a miss, and the compile that follows tries as usual.
+                Err(JobError::Failed { .. } | JobError::Rejected(_)) => return Ok(None),
                 Err(e) => self.connection_failed(i, &e, &mut failures),
             }
         }

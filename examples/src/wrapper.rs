@@ -222,7 +222,7 @@ async fn compile(
         source_len: None,
     };
     let direct = if config.direct {
-        direct_key(compiler, args, &desc.args, plan)
+        direct_key(config, compiler, args, &desc.args, plan)
     } else {
         None
     };
@@ -330,6 +330,7 @@ fn log_outcome(plan: &CompilePlan, outcome: &dcache_client::Outcome) {
 
 /// The direct-mode key of this compile, if it may use direct mode.
 fn direct_key(
+    config: &Config,
     compiler: &OsString,
     args: &[OsString],
     compile_args: &[String],
@@ -343,6 +344,7 @@ fn direct_key(
         compile_args,
         cwd: &cwd,
         source: &source,
+        base_dir: config.base_dir.as_deref(),
     })
 }
 

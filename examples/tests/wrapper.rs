@@ -425,6 +425,143 @@ fn the_embedded_server_runs_the_compiler_as_invoked_not_another_of_that_name() {
     );
 }
 
+/// Runs `dcache COMPILER ARGS` with the embedded server on `cache`, in `dir`, with
+/// direct-mode logging; returns whether direct mode answered.
+fn direct_run(cache: &Path, dir: &Path, compiler: &Path, args: &[&str]) -> bool {
+    let out = Command::new(DCACHE)
+        .arg(compiler)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("DCACHE_HOSTS")
+        .env("DCACHE_DIR", cache)
+        .env("DCACHE_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).contains("direct hit")
+}
+
+#[test]
+fn direct_mode_stays_off_where_file_hashes_cannot_tell() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::write(p.join("v.h"), "#define V 1\n").unwrap();
+    std::fs::write(
+        p.join("a.c"),
+        "#include \"v.h\"\nint a(void) { return V; }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("h.c"),
+        "#if __has_include(\"cfg.h\")\nint have = 1;\n#else\nint have = 0;\n#endif\n",
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let gcc = Path::new("gcc");
+    let twice = |args: &[&str]| {
+        direct_run(cache.path(), p, gcc, args) || direct_run(cache.path(), p, gcc, args)
+    };
+    // -P: no line markers, so no list of the files read.
+    assert!(!twice(&["-P", "-c", "a.c", "-o", "a.o"]));
+    // A clock macro on the command line.
+    assert!(!twice(&["-DBUILD=__TIME__", "-c", "a.c", "-o", "a.o"]));
+    // __has_include: a file appearing changes the output without changing any file read.
+    assert!(!twice(&["-c", "h.c", "-o", "h.o"]));
+    // The control: the plain compile does take the direct path the second time.
+    assert!(!direct_run(
+        cache.path(),
+        p,
+        gcc,
+        &["-c", "a.c", "-o", "a.o"]
+    ));
+    assert!(direct_run(
+        cache.path(),
+        p,
+        gcc,
+        &["-c", "a.c", "-o", "a.o"]
+    ));
+}
+
+#[test]
+fn a_symlink_switched_during_a_compile_is_not_recorded() {
+    use std::os::unix::fs::PermissionsExt;
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    for v in ["1", "2"] {
+        std::fs::create_dir(p.join(format!("inc_v{v}"))).unwrap();
+        std::fs::write(p.join(format!("inc_v{v}/v.h")), format!("#define V {v}\n")).unwrap();
+    }
+    std::os::unix::fs::symlink("inc_v1", p.join("inc")).unwrap();
+    std::fs::write(
+        p.join("r.c"),
+        "#include \"inc/v.h\"\nint r(void) { return V; }\n",
+    )
+    .unwrap();
+    // A gcc that, like a concurrent process, switches the link right after preprocessing.
+    let bin = tempfile::tempdir().unwrap();
+    let gcc = bin.path().join("gcc");
+    std::fs::write(
+        &gcc,
+        format!(
+            "#!/bin/sh\n/usr/bin/gcc \"$@\"; rc=$?\ncase \" $* \" in *\" -E \"*) \
+             [ -e '{swap}' ] && rm '{swap}' && ln -sfn inc_v2 '{link}';; esac\nexit $rc\n",
+            swap = p.join("swap").display(),
+            link = p.join("inc").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&gcc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    std::fs::write(p.join("swap"), "").unwrap();
+    let args = ["-c", "r.c", "-o", "r.o"];
+    assert!(!direct_run(cache.path(), p, &gcc, &args));
+    assert_eq!(
+        std::fs::read_link(p.join("inc")).unwrap(),
+        Path::new("inc_v2")
+    );
+    // Now inc -> inc_v2 (old files, fresh link): the first compile's entry must not have
+    // been recorded, or this would be served the V=1 object.
+    assert!(!direct_run(cache.path(), p, &gcc, &args));
+    let plain = Command::new("gcc")
+        .args(["-c", "r.c", "-o", "plain.o"])
+        .current_dir(p)
+        .status()
+        .unwrap();
+    assert!(plain.success());
+    assert_eq!(
+        std::fs::read(p.join("r.o")).unwrap(),
+        std::fs::read(p.join("plain.o")).unwrap()
+    );
+}
+
+#[test]
+fn output_to_dev_null_works_and_leaves_the_device_alone() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("n.c"), "int n;\n").unwrap();
+    for _ in 0..2 {
+        direct_run(
+            cache.path(),
+            dir.path(),
+            Path::new("gcc"),
+            &["-MD", "-MF", "/dev/null", "-c", "n.c", "-o", "/dev/null"],
+        );
+    }
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+}
+
 #[test]
 fn a_dead_server_falls_back_to_a_local_compile_unless_told_not_to() {
     // A port nothing listens on: bind, note the port, close.

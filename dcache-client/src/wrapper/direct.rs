@@ -11,16 +11,23 @@
 //! is known without preprocessing, and the server is asked for that key directly.
 //!
 //! What keeps this safe:
-//! - a source or header that uses `__DATE__`, `__TIME__` or `__TIMESTAMP__` is never
-//!   recorded (its output changes with the clock);
+//! - a source, header or command line that uses `__DATE__`, `__TIME__` or `__TIMESTAMP__`
+//!   is never recorded (its output changes with the clock), nor one that uses
+//!   `__has_include` (its output changes when a file appears, which no hash of existing
+//!   files can notice);
+//! - `-P` (no line markers, so no list of files) turns direct mode off;
+//! - a symlink on the way to an included file that changed within a second of the
+//!   compile's start blocks recording, like a changed file (a switched `inc -> inc_v2`
+//!   link during the compile would otherwise pair the old text's key with the new files);
 //! - a file modified within a second of the compile's start is not recorded (it might have
 //!   changed between preprocessing and hashing);
 //! - names with escapes in the line markers are not recorded (they are not decoded);
 //! - a stale entry only costs a lookup: the server is asked for a key, and a miss falls
 //!   back to preprocessing as usual.
 //!
-//! Known limit, shared with ccache: a new header placed earlier on the include path, that
-//! would now shadow a recorded one, goes unnoticed until a recorded file changes.
+//! Known limits, shared with ccache: a new header placed earlier on the include path, that
+//! would now shadow a recorded one, goes unnoticed until a recorded file changes; and a
+//! directory renamed during the very compile that records an entry is not detected.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -30,12 +37,16 @@ use std::time::{Duration, SystemTime};
 
 use dcache_proto::CacheKey;
 
-/// Macros whose expansion depends on the clock.
-const TIME_MACROS: [&[u8]; 3] = [b"__DATE__", b"__TIME__", b"__TIMESTAMP__"];
+/// Words that make a compile's output depend on something no file hash captures: the
+/// clock (`__DATE__`, `__TIME__`, `__TIMESTAMP__`) or whether a file exists
+/// (`__has_include`, `__has_include_next`).
+const UNRECORDABLE: [&[u8]; 4] = [b"__DATE__", b"__TIME__", b"__TIMESTAMP__", b"__has_include"];
 
 /// Environment variables that change what the preprocessor reads or writes, or what the
 /// compiler prints.
-const ENV: [&str; 14] = [
+const ENV: [&str; 15] = [
+    // gcc names the working directory by $PWD when it is the same directory (-g).
+    "PWD",
     "CPATH",
     "C_INCLUDE_PATH",
     "CPLUS_INCLUDE_PATH",
@@ -77,13 +88,21 @@ pub struct Invocation<'a> {
     pub cwd: &'a Path,
     /// The source file's contents.
     pub source: &'a [u8],
+    /// `DCACHE_BASEDIR`, which changes the preprocessed text the key stands for.
+    pub base_dir: Option<&'a Path>,
 }
 
 impl DirectKey {
     /// The key of `inv`, or `None` when direct mode must not be used: the compiler cannot
-    /// be found, or the source uses a time macro.
+    /// be found, the source or the command line uses a clock macro or `__has_include`,
+    /// or `-P` leaves the preprocessor's output without line markers.
     pub fn compute(inv: &Invocation<'_>) -> Option<Self> {
-        if uses_time_macros(inv.source) {
+        if unrecordable(inv.source)
+            || inv
+                .args
+                .iter()
+                .any(|a| a == "-P" || unrecordable(a.as_encoded_bytes()))
+        {
             return None;
         }
         let compiler = resolve(inv.compiler)?;
@@ -106,6 +125,13 @@ impl DirectKey {
             field(a.as_bytes());
         }
         field(inv.cwd.as_os_str().as_encoded_bytes());
+        match inv.base_dir {
+            Some(b) => {
+                field(b"base");
+                field(b.as_os_str().as_encoded_bytes());
+            }
+            None => field(b"no base"),
+        }
         for name in ENV {
             match std::env::var_os(name) {
                 Some(v) => {
@@ -133,10 +159,31 @@ fn resolve(compiler: &OsString) -> Option<PathBuf> {
         .and_then(|p| p.canonicalize().ok())
 }
 
-fn uses_time_macros(text: &[u8]) -> bool {
-    TIME_MACROS
+fn unrecordable(text: &[u8]) -> bool {
+    UNRECORDABLE
         .iter()
         .any(|m| text.windows(m.len()).any(|w| w == *m))
+}
+
+/// When `path`, or any symlink on the way to it, last changed.
+fn changed_at(path: &Path) -> Option<SystemTime> {
+    let mut latest = stamp(&std::fs::metadata(path).ok()?)?;
+    let mut prefix = PathBuf::new();
+    for c in path.components() {
+        prefix.push(c);
+        if let Ok(m) = std::fs::symlink_metadata(&prefix) {
+            if m.file_type().is_symlink() {
+                latest = latest.max(stamp(&m)?);
+            }
+        }
+    }
+    Some(latest)
+}
+
+/// The later of a file's modification and status-change times, in whole seconds.
+fn stamp(meta: &std::fs::Metadata) -> Option<SystemTime> {
+    let secs = u64::try_from(meta.mtime().max(meta.ctime())).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 /// One way the included files were, and the key the preprocessed source then had.
@@ -152,8 +199,9 @@ pub struct Entry {
 
 impl Entry {
     /// The entry for a compile that just ran: the files named in `preprocessed`'s line
-    /// markers, hashed now. `None` when it must not be recorded: a name it cannot read
-    /// back, a file that changed after `started` (less a second), or a time macro.
+    /// markers, hashed now. `None` when it must not be recorded: no markers at all, a name
+    /// it cannot read back, a file (or a symlink on its path) that changed after `started`
+    /// less a second, or a clock macro or `__has_include` in a file.
     pub fn record(
         key: CacheKey,
         dep_file: Option<Vec<u8>>,
@@ -161,16 +209,18 @@ impl Entry {
         started: SystemTime,
     ) -> Option<Self> {
         let limit = started.checked_sub(TOO_NEW)?;
+        let included = included_files(preprocessed)?;
+        if included.is_empty() {
+            // No line markers: nothing says which files the text came from.
+            return None;
+        }
         let mut files = Vec::new();
-        for path in included_files(preprocessed)? {
-            let meta = std::fs::metadata(&path).ok()?;
-            let changed = SystemTime::UNIX_EPOCH
-                + Duration::new(u64::try_from(meta.mtime().max(meta.ctime())).ok()?, 0);
-            if changed >= limit {
+        for path in included {
+            if changed_at(&path)? >= limit {
                 return None;
             }
             let text = std::fs::read(&path).ok()?;
-            if uses_time_macros(&text) {
+            if unrecordable(&text) {
                 return None;
             }
             files.push((path, *blake3::hash(&text).as_bytes()));
@@ -353,10 +403,72 @@ mod tests {
     }
 
     #[test]
-    fn time_macros_disable_direct_mode() {
-        assert!(uses_time_macros(b"const char *d = __DATE__;"));
-        assert!(uses_time_macros(b"__TIMESTAMP__"));
-        assert!(!uses_time_macros(b"int date, time;"));
+    fn clock_macros_has_include_and_dash_p_disable_direct_mode() {
+        assert!(unrecordable(b"const char *d = __DATE__;"));
+        assert!(unrecordable(b"__TIMESTAMP__"));
+        assert!(unrecordable(b"#if __has_include_next(<x.h>)"));
+        assert!(!unrecordable(b"int date, time;"));
+        let compiler = OsString::from("sh");
+        let cwd = std::env::temp_dir();
+        let key = |args: &[&str], base: Option<&Path>| {
+            let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+            DirectKey::compute(&Invocation {
+                compiler: &compiler,
+                args: &args,
+                compile_args: &[],
+                cwd: &cwd,
+                source: b"int x;",
+                base_dir: base,
+            })
+        };
+        assert!(key(&["-c", "x.c"], None).is_some());
+        assert_eq!(key(&["-DBUILD=__TIME__", "-c", "x.c"], None), None);
+        assert_eq!(key(&["-P", "-c", "x.c"], None), None);
+        assert_ne!(
+            key(&["-c", "x.c"], None),
+            key(&["-c", "x.c"], Some(Path::new("/home")))
+        );
+    }
+
+    #[test]
+    fn a_fresh_symlink_on_the_way_counts_as_a_change() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir(dir.path().join("v2")).unwrap_or_default();
+        let file = dir.path().join("v2/h.h");
+        std::fs::write(&file, "int h;").unwrap_or_default();
+        // The file itself is an hour old...
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .and_then(|f| f.set_modified(old))
+            .unwrap_or_default();
+        // ...but the link to its directory was switched just now.
+        std::os::unix::fs::symlink(dir.path().join("v2"), dir.path().join("inc"))
+            .unwrap_or_default();
+        let h = dir.path().join("inc/h.h");
+        let recent = SystemTime::now() - Duration::from_secs(2);
+        // (Here the file's status-change time is new as well, since setting its mtime
+        // changed it; the end-to-end test of the wrapper switches a link to old files.)
+        assert!(changed_at(&h).is_some_and(|t| t >= recent));
+        let pre = format!("# 1 \"{}\" 1\nint h;\n", h.display());
+        let key = CacheKey::from_bytes([7; 32]);
+        assert_eq!(
+            Entry::record(key, None, pre.as_bytes(), SystemTime::now()),
+            None
+        );
+        let later = SystemTime::now() + Duration::from_secs(5);
+        assert!(Entry::record(key, None, pre.as_bytes(), later).is_some());
+    }
+
+    #[test]
+    fn output_without_line_markers_is_not_recorded() {
+        let later = SystemTime::now() + Duration::from_secs(5);
+        let key = CacheKey::from_bytes([7; 32]);
+        assert_eq!(
+            Entry::record(key, None, b"int f(void) { return 1; }\n", later),
+            None
+        );
     }
 
     #[test]

@@ -91,6 +91,12 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 /// Writes `data` to `path` atomically: a temporary file in the same directory, synced,
 /// then renamed over the target, so a reader (or a crash) never sees half an object.
 pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_file()) {
+        // A device (`-o /dev/null`, as configure scripts do), a FIFO or a symlink: the
+        // compiler writes through the path, and so must we. Renaming over it would need
+        // write access to /dev, and as root would replace the device with a file.
+        return std::fs::write(path, data);
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -107,6 +113,31 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileTypeExt;
+
+    #[test]
+    fn devices_and_symlinks_are_written_through_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        write_atomically(Path::new("/dev/null"), b"discarded").unwrap();
+        assert!(
+            std::fs::metadata("/dev/null")
+                .unwrap()
+                .file_type()
+                .is_char_device()
+        );
+        let target = dir.path().join("real.o");
+        let link = dir.path().join("link.o");
+        std::fs::write(&target, b"old").unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        write_atomically(&link, b"new").unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+    }
 
     #[test]
     fn atomic_write_replaces_the_file_whole() {
