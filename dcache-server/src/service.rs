@@ -478,7 +478,17 @@ impl Connection {
                         if verdict {
                             self.send(ServerCommand::Miss(job));
                         }
-                        self.maybe_start(job, complete);
+                        // With no source yet (an ask-first job, or a client only asking
+                        // whether a remembered key is cached), the compiler starts with
+                        // the first chunk: a client that stops at MISS costs no process.
+                        let started_sending = self
+                            .jobs
+                            .get(&job)
+                            .and_then(|j| j.spool.as_ref())
+                            .is_some_and(|s| !s.is_empty());
+                        if complete || started_sending {
+                            self.maybe_start(job, complete);
+                        }
                     }
                 }
             }

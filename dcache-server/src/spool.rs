@@ -86,6 +86,11 @@ impl Spool {
         file.write_all(&data)
     }
 
+    /// Whether nothing has been kept yet.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.file.is_none()
+    }
+
     /// Whether part of the source is on disk: such a job is compiled only once its source
     /// is complete, so the replay cannot interleave with bytes still arriving.
     pub(crate) fn spilled(&self) -> bool {

@@ -443,3 +443,66 @@ async fn a_store_that_cannot_write_still_returns_every_result() {
         assert_eq!(stat(&stats, "store_errors"), 2, "{name}: {stats:?}");
     }
 }
+
+/// A fake compiler that counts how many compiles were started.
+struct Counting {
+    inner: FakeExecutor,
+    started: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Executor for Counting {
+    fn check(
+        &self,
+        desc: &JobDesc,
+    ) -> Result<dcache_server::exec::CompilerId, dcache_server::exec::ExecError> {
+        self.inner.check(desc)
+    }
+    fn compile(
+        &self,
+        desc: JobDesc,
+        source: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+    ) -> dcache_server::exec::CompileFuture {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.compile(desc, source)
+    }
+}
+
+#[tokio::test]
+async fn a_lookup_that_misses_starts_no_compiler_and_a_hit_needs_no_source() {
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let service = Service::new(
+        Arc::new(MemoryStore::new(1 << 30)),
+        Arc::new(Counting {
+            inner: FakeExecutor::new(Duration::from_millis(0)),
+            started: started.clone(),
+        }),
+        ServiceConfig::default(),
+    );
+    let (addr, _stop, _task) = start(&service, "mem://svc-lookup").await;
+    let c = client(&addr, Strategy::Speculative).await;
+    let d = desc("gcc", &["-O2"], None);
+    let src = Bytes::from_static(b"int looked_up;\n");
+    let key = CacheKey::compute(&d, &src);
+    assert_eq!(c.lookup(d.clone(), key).await.unwrap(), None);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        started.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a client that stops at MISS costs no compiler"
+    );
+    assert_eq!(stat(&service.stats(), "misses"), 1);
+    // An ask-first job that goes on after MISS is compiled as its source arrives.
+    let o = c
+        .submit_with(d.clone(), key, Strategy::AskFirst, src.clone())
+        .await
+        .unwrap();
+    assert!(!o.cached);
+    assert_eq!(started.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // Now the key is found without sending any source.
+    let found = c.lookup(d.clone(), key).await.unwrap().expect("a hit");
+    assert!(found.cached && found.early);
+    assert_eq!(found.source_bytes_sent, 0);
+    assert_eq!(found.result, reference_compile(&d, &src));
+    assert_eq!(stat(&service.stats(), "compiles"), 1);
+}
