@@ -64,6 +64,8 @@ pub struct Service {
     budget: Arc<Budget>,
     /// Connections inside `handle_connection` right now.
     open: std::sync::atomic::AtomicUsize,
+    /// Results being written to the store in the background.
+    storing: watch::Sender<usize>,
 }
 
 impl std::fmt::Debug for Service {
@@ -90,6 +92,7 @@ impl Service {
             in_flight: Mutex::new(HashMap::new()),
             budget: Budget::new(config.memory_budget),
             open: std::sync::atomic::AtomicUsize::new(0),
+            storing: watch::Sender::new(0),
             config,
         })
     }
@@ -175,6 +178,16 @@ impl Service {
         }
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
+        // Results are stored after they are answered; a stop must not lose them (the
+        // embedded server stops when its process is about to exit).
+        self.flush().await;
+    }
+
+    /// Waits until every result being stored in the background has been stored (or
+    /// failed to be).
+    pub async fn flush(&self) {
+        let mut storing = self.storing.subscribe();
+        let _ = storing.wait_for(|n| *n == 0).await;
     }
 
     /// Serves one connection until it closes. `stop` turning true asks for a graceful end.
@@ -527,6 +540,7 @@ impl Connection {
                             if let Some((tx, _)) = &flight {
                                 let _ = tx.send(Some(Some(result.clone())));
                             }
+                            service.storing.send_modify(|n| *n += 1);
                             tokio::spawn(async move {
                                 if service.store.put(&vk, &stored).await.is_err() {
                                     Counters::bump(&service.counters.store_errors);
@@ -534,6 +548,7 @@ impl Connection {
                                 if let Some((_tx, key)) = flight {
                                     lock(&service.in_flight).remove(&key);
                                 }
+                                service.storing.send_modify(|n| *n -= 1);
                             });
                         }
                         j.done = true;

@@ -506,3 +506,57 @@ async fn a_lookup_that_misses_starts_no_compiler_and_a_hit_needs_no_source() {
     assert_eq!(found.result, reference_compile(&d, &src));
     assert_eq!(stat(&service.stats(), "compiles"), 1);
 }
+
+/// A memory store whose writes take a while, like a slow disk.
+struct SlowStore(MemoryStore);
+
+#[async_trait::async_trait]
+impl Store for SlowStore {
+    async fn get(&self, k: &dcache_server::store::StoreKey) -> Option<dcache_proto::JobResult> {
+        self.0.get(k).await
+    }
+    async fn put(
+        &self,
+        k: &dcache_server::store::StoreKey,
+        v: &dcache_proto::JobResult,
+    ) -> Result<(), dcache_server::store::StoreError> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.0.put(k, v).await
+    }
+    async fn remove(
+        &self,
+        k: &dcache_server::store::StoreKey,
+    ) -> Result<bool, dcache_server::store::StoreError> {
+        self.0.remove(k).await
+    }
+    fn stats(&self) -> dcache_server::store::StoreStats {
+        self.0.stats()
+    }
+}
+
+#[tokio::test]
+async fn stopping_the_server_waits_for_results_being_stored() {
+    let store = Arc::new(SlowStore(MemoryStore::new(1 << 20)));
+    let service = Service::new(
+        store.clone(),
+        Arc::new(FakeExecutor::new(Duration::from_millis(0))),
+        ServiceConfig::default(),
+    );
+    let (addr, stop, task) = start(&service, "mem://svc-flush").await;
+    let c = client(&addr, Strategy::Speculative).await;
+    let d = desc("gcc", &[], None);
+    let src = Bytes::from_static(b"int kept;\n");
+    c.submit(d.clone(), Some(CacheKey::compute(&d, &src)), src)
+        .await
+        .unwrap();
+    drop(c);
+    // The answer is out; its store write takes 300 ms more. Stopping must wait for it, or
+    // a process that exits right after (the embedded server) would lose it.
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    assert_eq!(
+        store.stats().entries,
+        1,
+        "the result was stored before serve returned"
+    );
+}
