@@ -180,10 +180,19 @@ fn changed_at(path: &Path) -> Option<SystemTime> {
     Some(latest)
 }
 
-/// The later of a file's modification and status-change times, in whole seconds.
+/// The later of a file's modification and status-change times, to the nanosecond: whole
+/// seconds would make a file changed a tenth of a second before the compile look a second
+/// old.
 fn stamp(meta: &std::fs::Metadata) -> Option<SystemTime> {
-    let secs = u64::try_from(meta.mtime().max(meta.ctime())).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+    let at = |secs: i64, nanos: i64| -> Option<SystemTime> {
+        Some(
+            SystemTime::UNIX_EPOCH
+                + Duration::new(u64::try_from(secs).ok()?, u32::try_from(nanos).ok()?),
+        )
+    };
+    let modified = at(meta.mtime(), meta.mtime_nsec())?;
+    let changed = at(meta.ctime(), meta.ctime_nsec())?;
+    Some(modified.max(changed))
 }
 
 /// One way the included files were, and the key the preprocessed source then had.
@@ -446,18 +455,16 @@ mod tests {
         // ...but the link to its directory was switched just now.
         std::os::unix::fs::symlink(dir.path().join("v2"), dir.path().join("inc"))
             .unwrap_or_default();
+        let linked = SystemTime::now();
         let h = dir.path().join("inc/h.h");
-        let recent = SystemTime::now() - Duration::from_secs(2);
+        let recent = linked - Duration::from_secs(1);
         // (Here the file's status-change time is new as well, since setting its mtime
         // changed it; the end-to-end test of the wrapper switches a link to old files.)
         assert!(changed_at(&h).is_some_and(|t| t >= recent));
         let pre = format!("# 1 \"{}\" 1\nint h;\n", h.display());
         let key = CacheKey::from_bytes([7; 32]);
-        assert_eq!(
-            Entry::record(key, None, pre.as_bytes(), SystemTime::now()),
-            None
-        );
-        let later = SystemTime::now() + Duration::from_secs(5);
+        assert_eq!(Entry::record(key, None, pre.as_bytes(), linked), None);
+        let later = linked + Duration::from_secs(5);
         assert!(Entry::record(key, None, pre.as_bytes(), later).is_some());
     }
 
@@ -535,13 +542,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let h = dir.path().join("h.h");
         std::fs::write(&h, "int h;").unwrap_or_default();
+        // The compile "started" right after the write (however slow this machine is).
+        let written = SystemTime::now();
         let pre = format!("# 1 \"{}\" 1\nint h;\n", h.display());
         let key = CacheKey::from_bytes([7; 32]);
-        // Written just now: too new for a compile that started now.
-        assert_eq!(
-            Entry::record(key, None, pre.as_bytes(), SystemTime::now()),
-            None
-        );
+        // Written just before: too new.
+        assert_eq!(Entry::record(key, None, pre.as_bytes(), written), None);
         // The same file for a compile that starts later is fine.
         let later = SystemTime::now() + Duration::from_secs(5);
         let e = Entry::record(key, None, pre.as_bytes(), later);
