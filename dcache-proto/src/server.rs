@@ -35,6 +35,20 @@ pub enum ResultOrigin {
     Early,
 }
 
+impl ResultOrigin {
+    /// The frame that starts a result of this origin.
+    fn frame(self, job: JobId, head: ResultHead, body: Bytes, fin: bool) -> Frame {
+        Frame::Result {
+            job,
+            early: self == Self::Early,
+            cached: self != Self::Compiled,
+            head,
+            body,
+            fin,
+        }
+    }
+}
+
 /// Settings of a [`ServerConnection`].
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -189,7 +203,7 @@ enum Download {
     Open { verdict_sent: bool },
     /// A result is going out.
     Sending {
-        head: Option<(ResultHead, bool, bool)>,
+        head: Option<(ResultHead, ResultOrigin)>,
         body: Segments,
     },
     /// Result sent or ABORT sent.
@@ -370,7 +384,6 @@ impl ServerConnection {
         origin: ResultOrigin,
     ) -> Result<(), CommandError> {
         let early = origin == ResultOrigin::Early;
-        let cached = origin != ResultOrigin::Compiled;
         if result.outputs.len() > crate::MAX_OUTPUTS {
             return Err(CommandError::Encode(crate::FrameError::FieldTooLong(
                 "RESULT outputs",
@@ -408,15 +421,9 @@ impl ServerConnection {
                 .collect(),
         };
         // Validate names and sizes now, so the command fails rather than the connection.
-        Frame::Result {
-            job,
-            early,
-            cached,
-            head: head.clone(),
-            body: Bytes::new(),
-            fin: result.body_len() == 0,
-        }
-        .encode(Limits::BASELINE.max_frame_payload)?;
+        origin
+            .frame(job, head.clone(), Bytes::new(), result.body_len() == 0)
+            .encode(Limits::BASELINE.max_frame_payload)?;
         let mut body = Segments::default();
         body.push(result.stdout.clone());
         body.push(result.stderr.clone());
@@ -424,7 +431,7 @@ impl ServerConnection {
             body.push(o.data.clone());
         }
         j.download = Download::Sending {
-            head: Some((head, early, cached)),
+            head: Some((head, origin)),
             body,
         };
         if early {
@@ -595,7 +602,7 @@ impl ServerConnection {
                 continue;
             };
             let frame = match head.take() {
-                Some((head, early, cached)) => {
+                Some((head, origin)) => {
                     // Leave room for the head's fixed fields in the first frame.
                     let head_len = 26
                         + head
@@ -603,46 +610,19 @@ impl ServerConnection {
                             .iter()
                             .map(|o| 10 + o.name.len())
                             .sum::<usize>();
-                    let body = body.take(chunk.saturating_sub(head_len));
-                    Frame::Result {
+                    let first = body.take(chunk.saturating_sub(head_len));
+                    origin.frame(JobId(id), head, first, body.is_empty())
+                }
+                None => {
+                    let data = body.take(chunk);
+                    Frame::Data {
                         job: JobId(id),
-                        early,
-                        cached,
-                        head,
-                        body,
-                        fin: false,
+                        data,
+                        fin: body.is_empty(),
                     }
                 }
-                None => Frame::Data {
-                    job: JobId(id),
-                    data: body.take(chunk),
-                    fin: false,
-                },
             };
             let done = body.is_empty();
-            let frame = match frame {
-                Frame::Result {
-                    job,
-                    early,
-                    cached,
-                    head,
-                    body,
-                    ..
-                } => Frame::Result {
-                    job,
-                    early,
-                    cached,
-                    head,
-                    body,
-                    fin: done,
-                },
-                Frame::Data { job, data, .. } => Frame::Data {
-                    job,
-                    data,
-                    fin: done,
-                },
-                other => other,
-            };
             let encoded = match frame.encode(self.peer.max_frame_payload) {
                 Ok(e) => e,
                 Err(e) => {
