@@ -50,10 +50,7 @@ enum Command {
         key: Option<CacheKey>,
         strategy: Option<Strategy>,
         source: Bytes,
-        /// Whether `source` is the whole of it; if not, `Push` commands follow.
-        fin: bool,
-        /// A lookup: on MISS the job is cancelled and answered [`JobError::NotCached`].
-        lookup: bool,
+        how: Submit,
         reply: oneshot::Sender<Result<JobOutcome, JobError>>,
     },
     /// More source for a job submitted without `fin`.
@@ -139,7 +136,7 @@ impl ClientHandle {
         desc: JobDesc,
         mut source: mpsc::Receiver<Bytes>,
     ) -> Result<JobOutcome, JobError> {
-        let (token, mut rx) = self.send_submit(desc, None, None, Bytes::new(), false)?;
+        let (token, mut rx) = self.send_submit(desc, None, None, Bytes::new(), Submit::Streamed)?;
         let mut guard = CancelOnDrop {
             handle: self,
             token,
@@ -175,24 +172,14 @@ impl ClientHandle {
         desc: JobDesc,
         key: CacheKey,
     ) -> Result<Option<JobOutcome>, JobError> {
-        let (token, rx) = self.send_command(|token, reply| Command::Submit {
-            token,
+        let submitted = self.send_submit(
             desc,
-            key: Some(key),
-            strategy: Some(Strategy::AskFirst),
-            source: Bytes::new(),
-            fin: false,
-            lookup: true,
-            reply,
-        })?;
-        let mut guard = CancelOnDrop {
-            handle: self,
-            token,
-            armed: true,
-        };
-        let result = rx.await.unwrap_or(Err(JobError::Closed));
-        guard.armed = false;
-        match result {
+            Some(key),
+            Some(Strategy::AskFirst),
+            Bytes::new(),
+            Submit::Lookup,
+        )?;
+        match self.outcome(submitted).await {
             Ok(outcome) => Ok(Some(outcome)),
             Err(JobError::NotCached) => Ok(None),
             Err(e) => Err(e),
@@ -206,30 +193,34 @@ impl ClientHandle {
         key: Option<CacheKey>,
         strategy: Option<Strategy>,
         source: Bytes,
-        fin: bool,
-    ) -> Result<(u64, OutcomeReceiver), JobError> {
-        self.send_command(|token, reply| Command::Submit {
-            token,
-            desc,
-            key,
-            strategy,
-            source,
-            fin,
-            lookup: false,
-            reply,
-        })
-    }
-
-    fn send_command(
-        &self,
-        make: impl FnOnce(u64, Reply) -> Command,
+        how: Submit,
     ) -> Result<(u64, OutcomeReceiver), JobError> {
         let token = self.tokens.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         self.commands
-            .send(make(token, reply))
+            .send(Command::Submit {
+                token,
+                desc,
+                key,
+                strategy,
+                source,
+                how,
+                reply,
+            })
             .map_err(|_| JobError::Closed)?;
         Ok((token, rx))
+    }
+
+    /// Waits for a submitted job's outcome; dropping this future cancels the job.
+    async fn outcome(&self, (token, rx): (u64, OutcomeReceiver)) -> Result<JobOutcome, JobError> {
+        let mut guard = CancelOnDrop {
+            handle: self,
+            token,
+            armed: true,
+        };
+        let result = rx.await.unwrap_or(Err(JobError::Closed));
+        guard.armed = false;
+        result
     }
 
     async fn submit_inner(
@@ -239,15 +230,8 @@ impl ClientHandle {
         strategy: Option<Strategy>,
         source: Bytes,
     ) -> Result<JobOutcome, JobError> {
-        let (token, rx) = self.send_submit(desc, key, strategy, source, true)?;
-        let mut guard = CancelOnDrop {
-            handle: self,
-            token,
-            armed: true,
-        };
-        let result = rx.await.unwrap_or(Err(JobError::Closed));
-        guard.armed = false;
-        result
+        let submitted = self.send_submit(desc, key, strategy, source, Submit::Whole)?;
+        self.outcome(submitted).await
     }
 
     /// The server's counters.
@@ -294,6 +278,17 @@ where
 }
 
 type Reply = oneshot::Sender<Result<JobOutcome, JobError>>;
+
+/// How a job's source comes with its submission.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Submit {
+    /// All of it, at once.
+    Whole,
+    /// In `Push` commands that follow.
+    Streamed,
+    /// None: a lookup, cancelled on MISS and answered [`JobError::NotCached`].
+    Lookup,
+}
 type OutcomeReceiver = oneshot::Receiver<Result<JobOutcome, JobError>>;
 
 struct ClientOwner {
@@ -364,8 +359,7 @@ impl Owner<ClientConnection> for ClientOwner {
                 key,
                 strategy,
                 source,
-                fin,
-                lookup,
+                how,
                 reply,
             } => {
                 if self.closed {
@@ -379,12 +373,12 @@ impl Owner<ClientConnection> for ClientOwner {
                 match started {
                     Ok(job) => {
                         // Cannot fail: the job was just started and has no source yet.
-                        if fin || !source.is_empty() {
-                            let _ = machine.push_source(job, source, fin);
+                        if how == Submit::Whole {
+                            let _ = machine.push_source(job, source, true);
                         }
                         self.jobs.insert(job, (token, reply));
                         self.tokens.insert(token, job);
-                        if lookup {
+                        if how == Submit::Lookup {
                             self.lookups.insert(job);
                         }
                     }
