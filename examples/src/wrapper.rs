@@ -260,14 +260,7 @@ async fn compile(
     };
     log_outcome(plan, &outcome);
     let result = &outcome.job.result;
-    if result.exit_code != 0 || ((backend.is_remote() || rewritten) && !result.stderr.is_empty()) {
-        // A remote server cannot quote the source lines gcc shows under a diagnostic (it
-        // has only the preprocessed text, not the files it names) and writes in its own
-        // locale, so a compile that printed anything runs again here for the exact
-        // output, as a failed one does. Failures are quick and never cached; clean
-        // compiles, the common case, are untouched. (The embedded server compiles in this
-        // directory and locale, so its diagnostics are already exact, unless the file names
-        // were rewritten for DCACHE_BASEDIR.)
+    if needs_local_rerun(result, backend.is_remote(), rewritten) {
         tracing::debug!(
             "compile exited {} with {} bytes of diagnostics; rerunning locally for the exact output",
             result.exit_code,
@@ -287,6 +280,17 @@ async fn compile(
         }
     }
     code
+}
+
+/// Whether `result` must be redone here to be exactly what the compiler gives: a failure
+/// (quick, and never cached), or diagnostics from a compile that did not see the user's
+/// files and locale. A remote server cannot quote the source lines gcc shows under a
+/// diagnostic (it has only the preprocessed text, not the files it names) and writes in
+/// its own locale; the embedded server compiles in this directory and locale, so its
+/// output is exact unless the file names were `rewritten` for DCACHE_BASEDIR. Clean
+/// compiles, the common case, are never redone.
+fn needs_local_rerun(result: &dcache_proto::JobResult, remote: bool, rewritten: bool) -> bool {
+    result.exit_code != 0 || ((remote || rewritten) && !result.stderr.is_empty())
 }
 
 /// Prints what the compiler printed and writes its output, as the compiler would.
@@ -380,7 +384,7 @@ async fn try_direct(
         .ok()
         .flatten()?;
     let result = &outcome.job.result;
-    if result.exit_code != 0 || (backend.is_remote() && !result.stderr.is_empty()) {
+    if needs_local_rerun(result, backend.is_remote(), false) {
         // Not what a clean compile gives; let the usual path deal with it.
         return None;
     }
