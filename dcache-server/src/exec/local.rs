@@ -133,12 +133,7 @@ fn cached_identity(dir: &Path, path: &Path, locale: &[(String, String)]) -> Opti
     ] {
         h.update(&n.to_be_bytes());
     }
-    for (k, v) in locale {
-        for part in [k, v] {
-            h.update(&(part.len() as u64).to_be_bytes());
-            h.update(part.as_bytes());
-        }
-    }
+    hash_locale(&mut h, locale);
     let file = dir.join(h.finalize().to_hex().as_str());
     if let Ok(bytes) = std::fs::read(&file) {
         if let Ok(id) = <[u8; 32]>::try_from(bytes.as_slice()) {
@@ -152,6 +147,17 @@ fn cached_identity(dir: &Path, path: &Path, locale: &[(String, String)]) -> Opti
         tmp.persist(&file).map(|_| ()).map_err(|e| e.error)
     });
     Some(id)
+}
+
+/// Feeds the locale variables, length-prefixed so no two lists hash alike. An empty list
+/// feeds nothing, so identities under the default locale are what they always were.
+fn hash_locale(h: &mut blake3::Hasher, locale: &[(String, String)]) {
+    for (k, v) in locale {
+        for part in [k, v] {
+            h.update(&(part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+    }
 }
 
 /// Path, `--version` output and the binary's digest (any upgrade changes at least one),
@@ -169,13 +175,7 @@ fn identity(path: &Path, locale: &[(String, String)]) -> Option<CompilerId> {
     h.update(&(version.stdout.len() as u64).to_be_bytes());
     h.update(&version.stdout);
     h.update(blake3::hash(&binary).as_bytes());
-    // The default locale hashes as nothing, so default identities stay as they were.
-    for (k, v) in locale {
-        for part in [k, v] {
-            h.update(&(part.len() as u64).to_be_bytes());
-            h.update(part.as_bytes());
-        }
-    }
+    hash_locale(&mut h, locale);
     Some(CompilerId(*h.finalize().as_bytes()))
 }
 
