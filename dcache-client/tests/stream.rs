@@ -59,7 +59,7 @@ async fn a_streamed_source_compiles_and_a_second_stream_is_answered_from_the_cac
     let desc = JobDesc {
         compiler: "gcc".into(),
         language: "cpp-output".into(),
-        args: vec!["-O2".into()],
+        args: vec!["-O2".into(), "-c".into()],
         source_len: None,
     };
     let chunks: Vec<Bytes> = (0..20)
@@ -92,7 +92,7 @@ async fn an_empty_stream_is_an_empty_source() {
     let desc = JobDesc {
         compiler: "gcc".into(),
         language: "cpp-output".into(),
-        args: vec![],
+        args: vec!["-c".into()],
         source_len: None,
     };
     let o = client

@@ -12,6 +12,7 @@
 
 pub mod access;
 pub mod exec;
+pub mod sandbox;
 pub mod store;
 
 /// The stores under their first name; kept so code written against it still builds.

@@ -169,13 +169,14 @@ async fn a_compile_error_returns_gccs_stderr_and_status() {
 async fn gcc_failing_before_the_upload_ends_is_noticed_at_once() {
     let work = tempfile::tempdir().unwrap();
     let pre = preprocess(work.path(), PROGRAM);
-    // Passes the allow-list's shape (-f…) but gcc rejects it before reading any source.
-    let mut c = Compile::start(&gcc(), desc("gcc", &["-fno-such-option-anywhere", "-c"]));
+    // Passes the allow-list (a word for -std=) but gcc's driver rejects it before reading any
+    // source.
+    let mut c = Compile::start(&gcc(), desc("gcc", &["-std=no-such-std", "-c"]));
     assert_eq!(c.feed(pre.slice(..100)), Fed::Accepted);
     // The upload is still open: the result must come anyway.
     let r = tokio::time::timeout(HANG, c.wait()).await.unwrap().unwrap();
     assert_ne!(r.exit_code, 0);
-    assert!(String::from_utf8_lossy(&r.stderr).contains("-fno-such-option-anywhere"));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("no-such-std"));
     assert_eq!(c.feed(pre.slice(100..)), Fed::SourceEnded);
 }
 

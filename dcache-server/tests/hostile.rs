@@ -100,7 +100,7 @@ impl Honest {
                 let desc = JobDesc {
                     compiler: "gcc".into(),
                     language: "cpp-output".into(),
-                    args: vec!["-O2".into()],
+                    args: vec!["-O2".into(), "-c".into()],
                     source_len: None,
                 };
                 let src = Bytes::from(format!("int honest_{};\n", n % 8).repeat(200));
@@ -174,7 +174,7 @@ fn job(id: u32, len: Option<u64>) -> Frame {
         desc: JobDesc {
             compiler: "gcc".into(),
             language: "cpp-output".into(),
-            args: vec![],
+            args: vec!["-c".into()],
             source_len: len,
         },
     }
@@ -567,7 +567,7 @@ async fn a_client_killed_mid_upload_leaves_nothing_behind() {
     let desc = JobDesc {
         compiler: "gcc".into(),
         language: "cpp-output".into(),
-        args: vec![],
+        args: vec!["-c".into()],
         source_len: Some(200_000),
     };
     let full = Bytes::from(vec![b'x'; 200_000]);

@@ -32,7 +32,7 @@ fn job(n: u64) -> (JobDesc, Bytes) {
     let desc = JobDesc {
         compiler: "gcc".into(),
         language: "cpp-output".into(),
-        args: vec!["-O2".into(), format!("-DUNIT={n}")],
+        args: vec!["-O2".into(), "-c".into(), format!("-DUNIT={n}")],
         source_len: None,
     };
     // 1 to 64 KiB, so some jobs span several frames.

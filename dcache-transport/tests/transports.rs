@@ -103,7 +103,7 @@ fn desc(n: usize, len: Option<usize>) -> JobDesc {
     JobDesc {
         compiler: "gcc".into(),
         language: "cpp-output".into(),
-        args: vec![format!("-DN={n}")],
+        args: vec!["-c".into(), format!("-DN={n}")],
         source_len: len.map(|l| l as u64),
     }
 }

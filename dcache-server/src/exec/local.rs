@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dcache_proto::{JobDesc, JobResult, OutputFile};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use super::limits::{ExecLimits, ProcessTree, read_capped};
 use super::{CompileFuture, CompilerId, ExecError, Executor, args};
+use crate::sandbox::{Policy, Sandbox, toolchain};
 
 /// Settings of a [`LocalExecutor`].
 #[derive(Clone, Debug)]
@@ -41,6 +43,17 @@ pub struct LocalExecutorConfig {
     /// embedded server) then skips the `--version` run and the hash of the binary. A
     /// replaced or touched binary changes the key. `None`: compute at every start.
     pub identity_cache: Option<PathBuf>,
+    /// The kernel sandbox every compile runs in ([`Sandbox::probe`]). `None` runs the
+    /// compiler unconfined: right only for a server compiling for its own user (the
+    /// wrapper's embedded default); a server for other machines must have one (the
+    /// `dcache-server` binary refuses to serve beyond loopback without it).
+    pub sandbox: Option<Sandbox>,
+    /// Files or directories every sandboxed compile may also read and execute, beyond the
+    /// toolchain resolved for its compiler: a compiler installed with libraries of its
+    /// own, or the interpreter of a compiler wrapper script.
+    pub sandbox_paths: Vec<PathBuf>,
+    /// Memory, CPU, file size and output bounds of each compile.
+    pub limits: ExecLimits,
 }
 
 impl Default for LocalExecutorConfig {
@@ -54,6 +67,9 @@ impl Default for LocalExecutorConfig {
             workdir: None,
             locale: Vec::new(),
             identity_cache: None,
+            sandbox: None,
+            sandbox_paths: Vec::new(),
+            limits: ExecLimits::default(),
         }
     }
 }
@@ -62,6 +78,8 @@ impl Default for LocalExecutorConfig {
 struct Compiler {
     path: PathBuf,
     id: CompilerId,
+    /// What the sandbox lets this compiler read and execute (empty without a sandbox).
+    toolchain: std::sync::Arc<[PathBuf]>,
 }
 
 /// Runs real compilers found on this server.
@@ -80,13 +98,27 @@ impl LocalExecutor {
             if name.contains('/') {
                 continue;
             }
-            if let Some(path) = find_on_path(name, &config.path) {
+            if let Some(path) = toolchain::find_on_path(name, &config.path) {
                 let id = match &config.identity_cache {
                     Some(dir) => cached_identity(dir, &path, &config.locale),
                     None => identity(&path, &config.locale),
                 };
                 if let Some(id) = id {
-                    compilers.insert(name.clone(), Compiler { path, id });
+                    let toolchain = if config.sandbox.is_some() {
+                        let mut files = toolchain::resolve(&path, &config.path);
+                        files.extend(config.sandbox_paths.iter().cloned());
+                        files.into()
+                    } else {
+                        Vec::new().into()
+                    };
+                    compilers.insert(
+                        name.clone(),
+                        Compiler {
+                            path,
+                            id,
+                            toolchain,
+                        },
+                    );
                 }
             }
         }
@@ -105,13 +137,6 @@ impl LocalExecutor {
         v.sort_unstable();
         v
     }
-}
-
-fn find_on_path(name: &str, path: &str) -> Option<PathBuf> {
-    path.split(':')
-        .map(|dir| Path::new(dir).join(name))
-        .find(|p| p.is_file())
-        .and_then(|p| p.canonicalize().ok())
 }
 
 /// [`identity`], remembered in `dir` under a name derived from everything that changes
@@ -198,13 +223,14 @@ impl Executor for LocalExecutor {
 
     fn compile(&self, desc: JobDesc, source: mpsc::UnboundedReceiver<Bytes>) -> CompileFuture {
         let checked = self.check(&desc).map(|_| ());
-        let path = self.compilers.get(&desc.compiler).map(|c| c.path.clone());
+        let compiler = self.compilers.get(&desc.compiler).cloned();
         let config = self.config.clone();
         Box::pin(async move {
             checked?;
-            let path = path.ok_or_else(|| ExecError::CompilerNotAllowed(desc.compiler.clone()))?;
+            let compiler =
+                compiler.ok_or_else(|| ExecError::CompilerNotAllowed(desc.compiler.clone()))?;
             let limit = config.time_limit;
-            tokio::time::timeout(limit, run(path, desc, source, config))
+            tokio::time::timeout(limit, run(compiler, desc, source, config))
                 .await
                 .map_err(|_| ExecError::Timeout(limit))?
         })
@@ -212,7 +238,7 @@ impl Executor for LocalExecutor {
 }
 
 async fn run(
-    path: PathBuf,
+    compiler: Compiler,
     desc: JobDesc,
     mut source: mpsc::UnboundedReceiver<Bytes>,
     config: LocalExecutorConfig,
@@ -221,14 +247,33 @@ async fn run(
     let assembly = desc.args.iter().any(|a| a == "-S");
     let out_name = if assembly { "out.s" } else { "out.o" };
     let out_path = dir.path().join(out_name);
-    let mut command = Command::new(&path);
+    let mut argv: Vec<std::ffi::OsString> =
+        args::compiler_args(&desc.args).map(Into::into).collect();
+    argv.extend(["-x".into(), desc.language.clone().into(), "-".into()]);
+    argv.extend(["-o".into(), out_path.clone().into_os_string()]);
+    let limits = config.limits;
+    let mut resources = limits.resources;
+    // The CPU limit never exceeds the wall-clock one.
+    resources.cpu_seconds = resources
+        .cpu_seconds
+        .min(config.time_limit.as_secs().max(1));
+    let mut command = match &config.sandbox {
+        Some(sandbox) => Command::from(sandbox.command(
+            &compiler.path,
+            &argv,
+            &Policy {
+                toolchain: &compiler.toolchain,
+                job_dir: dir.path(),
+                limits: resources,
+            },
+        )),
+        None => {
+            let mut c = Command::new(&compiler.path);
+            c.args(&argv);
+            c
+        }
+    };
     command
-        .args(&desc.args)
-        .arg("-x")
-        .arg(&desc.language)
-        .arg("-")
-        .arg("-o")
-        .arg(&out_path)
         .current_dir(config.workdir.as_deref().unwrap_or(dir.path()))
         .env_clear()
         .env("PATH", &config.path)
@@ -242,9 +287,12 @@ async fn run(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group: whatever the compiler starts is killed with it.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()?;
-    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
+    let mut tree = ProcessTree::new(child.id());
+    let (Some(mut stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         return Err(ExecError::Io(std::io::Error::other(
@@ -252,17 +300,9 @@ async fn run(
         )));
     };
     // Read both outputs while feeding stdin, so a chatty compiler cannot block on a full
-    // pipe while we block on its full stdin.
-    let out_task = tokio::spawn(async move {
-        let mut v = Vec::new();
-        let _ = stdout.read_to_end(&mut v).await;
-        v
-    });
-    let err_task = tokio::spawn(async move {
-        let mut v = Vec::new();
-        let _ = stderr.read_to_end(&mut v).await;
-        v
-    });
+    // pipe while we block on its full stdin; each is capped so a flood cannot pin memory.
+    let out_task = tokio::spawn(read_capped(stdout, limits.max_stdout, "stdout"));
+    let err_task = tokio::spawn(read_capped(stderr, limits.max_stderr, "stderr"));
     let status = {
         let feed = async {
             while let Some(chunk) = source.recv().await {
@@ -283,13 +323,20 @@ async fn run(
             }
         }
     };
+    // Nothing of the compile outlives it, even a process that left its pipes open.
+    tree.kill();
     let stdout = out_task.await.unwrap_or_default();
     let stderr = err_task.await.unwrap_or_default();
     let exit_code = super::super::exit_code(status);
+    if config.sandbox.is_some() {
+        if let Some(why) = crate::sandbox::setup_failure(exit_code, &stderr) {
+            return Err(ExecError::Sandbox(why));
+        }
+    }
     let outputs = if exit_code == 0 {
         // The main output must be there; a compiler that exits 0 without it is broken.
         tokio::fs::metadata(&out_path).await?;
-        collect_outputs(dir.path()).await?
+        collect_outputs(dir.path(), resources.file_size).await?
     } else {
         Vec::new()
     };
@@ -304,7 +351,7 @@ async fn run(
 /// Every `out.*` file the compile left in its directory, named by extension (`.o` or `.s`,
 /// and side outputs such as `.dwo` from `-gsplit-dwarf`), sorted so results are
 /// deterministic. Names are labels, never paths: the client decides where they land.
-async fn collect_outputs(dir: &Path) -> std::io::Result<Vec<OutputFile>> {
+async fn collect_outputs(dir: &Path, max_size: u64) -> Result<Vec<OutputFile>, ExecError> {
     let mut outputs = Vec::new();
     let mut entries = tokio::fs::read_dir(dir).await?;
     while let Some(e) = entries.next_entry().await? {
@@ -314,6 +361,13 @@ async fn collect_outputs(dir: &Path) -> std::io::Result<Vec<OutputFile>> {
         };
         if ext.is_empty() || !e.file_type().await?.is_file() {
             continue;
+        }
+        let size = e.metadata().await?.len();
+        if size > max_size {
+            return Err(ExecError::OutputTooLarge {
+                size,
+                limit: max_size,
+            });
         }
         let data = tokio::fs::read(e.path()).await?;
         outputs.push(OutputFile {

@@ -6,7 +6,9 @@
 pub mod args;
 mod fake;
 mod handle;
+mod limits;
 mod local;
+mod options;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,6 +21,7 @@ use crate::store::StoreKey;
 
 pub use fake::{FakeExecutor, FakeFailure};
 pub use handle::{Compile, Fed};
+pub use limits::ExecLimits;
 pub use local::{LocalExecutor, LocalExecutorConfig};
 
 /// Identifies one compiler binary and version on this server: a digest of its resolved
@@ -64,6 +67,17 @@ pub enum ExecError {
     /// The compiler ran past the time limit and was killed.
     #[error("compile exceeded the time limit of {0:?}")]
     Timeout(std::time::Duration),
+    /// The sandbox could not confine the compile, so it did not run.
+    #[error("the compile sandbox failed: {0}")]
+    Sandbox(String),
+    /// An output file exceeded the size limit.
+    #[error("an output of {size} bytes exceeds the limit of {limit} bytes")]
+    OutputTooLarge {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
 }
 
 impl ExecError {
