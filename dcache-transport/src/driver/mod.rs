@@ -27,9 +27,9 @@ pub use server::{ServerCommand, ServerConnHandle, spawn_server_connection};
 
 /// Read buffer size: one read takes at most this much from the socket.
 const READ_CHUNK: usize = 64 * 1024;
-/// Small pieces are gathered into one write up to this size.
+/// Pieces are gathered into one write up to this size; one this large goes alone.
 const COALESCE: usize = 16 * 1024;
-/// Pieces below this size are gathered; larger ones (payloads) go in writes of their own.
+/// Pieces below this size are small (small frames, frame heads); larger ones are payloads.
 const SMALL_PIECE: usize = 1024;
 
 /// A fresh authentication challenge from the operating system's random source. `None`
@@ -225,32 +225,40 @@ where
     }
 }
 
-/// Takes the next write: a piece left over from the previous call, one large piece, or
-/// several small pieces gathered. A large piece (a source or result payload) is never
-/// glued behind small ones: it is kept in `carry` for the next write, so small frames such
-/// as JOB and HASH leave in a packet of their own instead of waiting for a full-size one
-/// to serialize. That is worth a packet's serialization time on every hit.
+/// Takes the next write: pieces gathered in order, or one piece of `COALESCE` bytes or
+/// more alone.
+///
+/// A payload (a piece of `SMALL_PIECE` bytes or more) is never glued behind the small
+/// pieces a write began with: it is kept in `carry` to begin the next write, so small
+/// frames such as JOB and HASH leave in a packet of their own instead of waiting for a
+/// full-size one to serialize. That is worth a packet's serialization time on every hit.
+///
+/// What follows a payload waits for it on the wire anyway, so it is gathered behind it:
+/// further payloads until the write holds `COALESCE` bytes, small pieces (the next frame's
+/// head among them) up to twice that. With many jobs in flight, results and uploads then
+/// share writes, and a frame's head does not go in a write of its own, apart from its
+/// payload: two writes per frame cost a third to half of the throughput at 256 hits in
+/// flight on one connection.
 fn next_write<M: Machine>(machine: &mut M, carry: &mut Option<Bytes>) -> Bytes {
-    if let Some(piece) = carry.take() {
-        return piece;
-    }
     let now = now();
-    let Some(first) = machine.poll_transmit(now) else {
+    let Some(first) = carry.take().or_else(|| machine.poll_transmit(now)) else {
         return Bytes::new();
     };
-    if first.len() >= SMALL_PIECE {
+    if first.len() >= COALESCE {
         return first;
     }
+    let began_small = first.len() < SMALL_PIECE;
     let mut buf = BytesMut::with_capacity(COALESCE);
     buf.extend_from_slice(&first);
-    while buf.len() < COALESCE {
-        match machine.poll_transmit(now) {
-            Some(next) if next.len() < SMALL_PIECE => buf.extend_from_slice(&next),
-            Some(next) => {
-                *carry = Some(next);
-                break;
-            }
-            None => break,
+    while let Some(next) = machine.poll_transmit(now) {
+        let large = next.len() >= SMALL_PIECE;
+        if large && (began_small || buf.len() >= COALESCE) {
+            *carry = Some(next);
+            break;
+        }
+        buf.extend_from_slice(&next);
+        if buf.len() >= if began_small { COALESCE } else { 2 * COALESCE } {
+            break;
         }
     }
     buf.freeze()
@@ -272,5 +280,87 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    /// Hands out scripted pieces; nothing else happens.
+    struct Script(VecDeque<Bytes>);
+
+    impl Machine for Script {
+        type Event = ();
+        fn handle_input(&mut self, _: Instant, _: &[u8]) {}
+        fn handle_eof(&mut self, _: Instant) {}
+        fn handle_timeout(&mut self, _: Instant) {}
+        fn poll_transmit(&mut self, _: Instant) -> Option<Bytes> {
+            self.0.pop_front()
+        }
+        fn poll_event(&mut self) -> Option<()> {
+            None
+        }
+        fn poll_timeout(&self) -> Option<Instant> {
+            None
+        }
+        fn is_closed(&self) -> bool {
+            self.0.is_empty()
+        }
+        fn wants_input(&self) -> bool {
+            false
+        }
+        fn resume_input(&mut self, _: Instant) {}
+        fn abort(&mut self) {}
+    }
+
+    /// The lengths of the writes the driver makes of `pieces`, checking that the bytes
+    /// come out whole and in order.
+    fn writes(pieces: &[usize]) -> Vec<usize> {
+        let script: VecDeque<Bytes> = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Bytes::from(vec![i as u8; n]))
+            .collect();
+        let expected: Vec<u8> = script.iter().flat_map(|b| b.to_vec()).collect();
+        let mut machine = Script(script);
+        let mut carry = None;
+        let (mut out, mut lens) = (Vec::new(), Vec::new());
+        loop {
+            let w = next_write(&mut machine, &mut carry);
+            if w.is_empty() {
+                break;
+            }
+            lens.push(w.len());
+            out.extend_from_slice(&w);
+        }
+        assert_eq!(out, expected);
+        lens
+    }
+
+    #[test]
+    fn small_frames_leave_before_a_payload() {
+        // JOB, HASH, a DATA head, then the 10 KiB source.
+        assert_eq!(writes(&[80, 40, 12, 10_240]), [132, 10_240]);
+        // A result head, then its body.
+        assert_eq!(writes(&[30, 2_560]), [30, 2_560]);
+        // A piece of the gathering size or more always goes alone.
+        assert_eq!(
+            writes(&[12, 64 << 10, 12, 64 << 10]),
+            [12, 64 << 10, 12, 64 << 10]
+        );
+    }
+
+    #[test]
+    fn frames_behind_a_payload_share_writes() {
+        // Many results in flight: head, body, head, body... Only the first head goes
+        // alone; then each write starts with a body and ends with the next frame's head.
+        let pieces: Vec<usize> = (0..64).flat_map(|_| [12, 2_580]).collect();
+        let lens = writes(&pieces);
+        assert_eq!(lens[0], 12);
+        assert!(lens[1..].iter().all(|&n| n >= SMALL_PIECE), "{lens:?}");
+        assert!(lens.len() <= 64 / 6 + 2, "{} writes: {lens:?}", lens.len());
     }
 }
