@@ -3,10 +3,6 @@
 
 pub mod backend;
 pub mod demo;
-pub mod loopback;
-pub mod plot;
-pub mod sim;
-pub mod sim_driver;
 pub mod stats_baseline;
 pub mod stats_file;
 pub mod util;
