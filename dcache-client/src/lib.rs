@@ -5,6 +5,7 @@
 
 mod client;
 pub mod hosts;
+pub mod stats;
 pub mod wrapper;
 
 pub use client::{Client, ClientError, ClientOptions, Outcome};

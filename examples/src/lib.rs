@@ -1,12 +1,8 @@
 //! Shared code of the dcache binaries; the binaries live in `src/bin/`.
 #![forbid(unsafe_code)]
 
-pub mod backend;
 pub mod demo;
-pub mod stats_baseline;
-pub mod stats_file;
 pub mod util;
-pub mod wrapper;
 
 /// The README's Rust examples, compiled as doctests so they cannot rot.
 #[cfg(doctest)]

@@ -3,7 +3,9 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use dcache_examples::{stats_baseline, stats_file, util, wrapper};
+use dcache_client::stats::{baseline as stats_baseline, local as stats_file};
+use dcache_client::wrapper::flow as wrapper;
+use dcache_examples::util;
 
 fn main() -> ExitCode {
     let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();

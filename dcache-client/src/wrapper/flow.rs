@@ -6,17 +6,18 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use crate::ClientOptions;
+use crate::wrapper::args::{CompilePlan, Plan, plan};
+use crate::wrapper::base_dir::relativize_line_markers;
+use crate::wrapper::direct::{self, DirectKey, Invocation, Manifest};
+use crate::wrapper::local::{preprocess, run_locally, write_atomically};
 use bytes::Bytes;
-use dcache_client::ClientOptions;
-use dcache_client::wrapper::args::{CompilePlan, Plan, plan};
-use dcache_client::wrapper::base_dir::relativize_line_markers;
-use dcache_client::wrapper::direct::{self, DirectKey, Invocation, Manifest};
-use dcache_client::wrapper::local::{preprocess, run_locally, write_atomically};
 use dcache_proto::{AuthKey, CacheKey, JobDesc, Strategy};
 use dcache_server::cache::{DiskStore, Store, StoreKey};
 use dcache_transport::Address;
 
-use crate::backend::Backend;
+use super::backend::Backend;
+use super::config::{parse_size, user_cache_dir};
 
 /// Configuration read from the environment (see `dcache --help`).
 #[derive(Clone, Debug)]
@@ -67,11 +68,9 @@ impl Config {
         );
         let dir = var("DCACHE_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| crate::util::user_cache_dir().join("dcache"));
+            .unwrap_or_else(|| user_cache_dir().join("dcache"));
         let cache_size = match var("DCACHE_CACHE_SIZE") {
-            Some(s) => {
-                crate::util::parse_size(&s).map_err(|e| format!("DCACHE_CACHE_SIZE: {e}"))?
-            }
+            Some(s) => parse_size(&s).map_err(|e| format!("DCACHE_CACHE_SIZE: {e}"))?,
             None => 5 << 30,
         };
         let token = match (var("DCACHE_TOKEN"), var("DCACHE_TOKEN_FILE")) {
@@ -316,7 +315,7 @@ fn deliver(
     0
 }
 
-fn log_outcome(plan: &CompilePlan, outcome: &dcache_client::Outcome) {
+fn log_outcome(plan: &CompilePlan, outcome: &crate::Outcome) {
     tracing::debug!(
         "{}: {} from {} in {:?} ({} bytes sent, {} skipped)",
         plan.input.display(),

@@ -6,14 +6,14 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use dcache_client::{Client, ClientOptions};
+use crate::{Client, ClientOptions};
 use dcache_server::cache::DiskStore;
 use dcache_server::compiler::{LocalExecutor, LocalExecutorConfig};
 use dcache_server::{Service, ServiceConfig};
 use dcache_transport::{Address, TransportOptions, bind};
 
-use crate::stats_file;
-use crate::wrapper::Config;
+use super::flow::Config;
+use crate::stats::local as stats_file;
 
 /// The client jobs go through, and for the embedded default the server behind it.
 pub struct Backend {
