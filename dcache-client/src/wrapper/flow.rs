@@ -1,158 +1,32 @@
-//! The `dcache` compiler wrapper: behave exactly like the compiler, compile remotely when
-//! possible, and locally whenever anything goes wrong.
+//! The `dcache` compiler wrapper's flow: behave exactly like the compiler, compile
+//! remotely when possible, and locally whenever anything goes wrong.
+//!
+//! [`run`] is the whole of `dcache COMPILER ARGS...`: expand response files, plan, start
+//! the [`Backend`], try direct mode, preprocess, send, and deliver the result or fall back
+//! to the local compiler. It needs the `embedded` feature: the embedded default is the
+//! server library, and direct-mode manifests are kept in the server's disk store.
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::SystemTime;
 
-use crate::ClientOptions;
-use crate::wrapper::args::{CompilePlan, Plan, plan};
-use crate::wrapper::base_dir::relativize_line_markers;
-use crate::wrapper::direct::{self, DirectKey, Invocation, Manifest};
-use crate::wrapper::local::{preprocess, run_locally, write_atomically};
 use bytes::Bytes;
-use dcache_proto::{AuthKey, CacheKey, JobDesc, Strategy};
-use dcache_server::cache::{DiskStore, Store, StoreKey};
-use dcache_transport::Address;
+use dcache_proto::{CacheKey, JobDesc};
+use dcache_server::store::{DiskStore, Store, StoreKey};
 
+use super::args::{CompilePlan, Plan, plan};
 use super::backend::Backend;
-use super::config::{parse_size, user_cache_dir};
+use super::base_dir::relativize_line_markers;
+use super::config::Config;
+use super::direct::{self, DirectKey, Invocation, Manifest};
+use super::local::{needs_local_rerun, preprocess, run_locally, write_atomically};
+use super::response::expand_response_files;
 
-/// Configuration read from the environment (see `dcache --help`).
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// `DCACHE_HOSTS`: servers; empty means the embedded default.
-    pub hosts: Vec<Address>,
-    /// `DCACHE_STRATEGY`.
-    pub strategy: Strategy,
-    /// `DCACHE_FALLBACK` (default on): compile locally when the server fails.
-    pub fallback: bool,
-    /// `DCACHE_DIR`: the embedded cache's directory.
-    pub dir: PathBuf,
-    /// `DCACHE_CACHE_SIZE`: the embedded cache's size limit.
-    pub cache_size: u64,
-    /// `DCACHE_TOKEN` (or the contents of the file `DCACHE_TOKEN_FILE` names): the shared
-    /// token for servers started with `--token-file`.
-    pub token: Option<AuthKey>,
-    /// `DCACHE_BASEDIR`: absolute paths inside it are rewritten relative to the working
-    /// directory in the preprocessed source, so checkouts in different places share keys.
-    pub base_dir: Option<PathBuf>,
-    /// `DCACHE_DIRECT` (default on): find a compile's key from a manifest of the files it
-    /// read last time, without running the preprocessor.
-    pub direct: bool,
-}
-
-impl Config {
-    /// Reads the environment; errors name the variable and what was wrong.
-    pub fn from_env() -> Result<Self, String> {
-        let var = |n: &str| std::env::var(n).ok().filter(|v| !v.trim().is_empty());
-        let hosts = match var("DCACHE_HOSTS") {
-            Some(h) => h
-                .split([' ', ',', '\t', '\n'])
-                .filter(|s| !s.is_empty())
-                .map(|s| {
-                    s.parse::<Address>()
-                        .map_err(|e| format!("DCACHE_HOSTS: {e}"))
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-            None => Vec::new(),
-        };
-        let strategy = match var("DCACHE_STRATEGY") {
-            Some(s) => s.parse().map_err(|e| format!("DCACHE_STRATEGY: {e}"))?,
-            None => Strategy::Speculative,
-        };
-        let fallback = !matches!(
-            var("DCACHE_FALLBACK").as_deref(),
-            Some("0" | "false" | "no" | "off")
-        );
-        let dir = var("DCACHE_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| user_cache_dir().join("dcache"));
-        let cache_size = match var("DCACHE_CACHE_SIZE") {
-            Some(s) => parse_size(&s).map_err(|e| format!("DCACHE_CACHE_SIZE: {e}"))?,
-            None => 5 << 30,
-        };
-        let token = match (var("DCACHE_TOKEN"), var("DCACHE_TOKEN_FILE")) {
-            (Some(t), _) => Some(AuthKey::from_token(t.as_bytes())),
-            (None, Some(path)) => {
-                let t = std::fs::read(&path)
-                    .map_err(|e| format!("DCACHE_TOKEN_FILE: cannot read {path}: {e}"))?;
-                if t.trim_ascii().is_empty() {
-                    return Err(format!("DCACHE_TOKEN_FILE: {path} is empty"));
-                }
-                Some(AuthKey::from_token(&t))
-            }
-            (None, None) => None,
-        };
-        let base_dir = match var("DCACHE_BASEDIR") {
-            Some(b) if !Path::new(&b).is_absolute() => {
-                return Err(format!("DCACHE_BASEDIR: {b} is not an absolute path"));
-            }
-            b => b.map(PathBuf::from),
-        };
-        let direct = !matches!(
-            var("DCACHE_DIRECT").as_deref(),
-            Some("0" | "false" | "no" | "off")
-        );
-        Ok(Self {
-            hosts,
-            strategy,
-            fallback,
-            dir,
-            cache_size,
-            token,
-            base_dir,
-            direct,
-        })
-    }
-
-    /// Client options for the configured servers.
-    pub fn client_options(&self) -> ClientOptions {
-        ClientOptions {
-            strategy: self.strategy,
-            auth: self.token.clone(),
-            ..ClientOptions::new(self.hosts.clone())
-        }
-    }
-}
-
-/// The help text: usage and every variable.
-pub const HELP: &str = "\
-dcache: distributed compilation with a server-side result cache
-
-usage: dcache COMPILER [ARGS...]   compile as COMPILER would (e.g. make CC=\"dcache gcc\")
-       dcache --stats [--json]    show each server's counters (or the local cache's)
-       dcache --zero-stats        reset the counters --stats shows (for servers: from now on,
-                                  for this user; the servers' own counters are shared)
-       dcache --demo              build a bundled C program cold, then warm
-       dcache --help
-
-A call with -c or -S and one C or C++ source is preprocessed here, hashed, and sent;
-anything else (linking, -E, several sources, -march=native, ...) runs the compiler
-locally, unchanged. If a server fails or refuses, the compile runs locally with a
-one-line warning.
-
-environment:
-  DCACHE_HOSTS       servers, separated by spaces or commas: tcp://HOST:PORT,
-                     unix:///path. Unset: an embedded server with a local disk cache,
-                     so dcache works as a local compiler cache out of the box.
-  DCACHE_STRATEGY    speculative (default), ask-first or send-all
-  DCACHE_FALLBACK    0 turns the local fallback into an error
-  DCACHE_DIR         local directory: the embedded cache, direct-mode manifests and
-                     statistics (default: ~/.cache/dcache)
-  DCACHE_CACHE_SIZE  the embedded cache's size limit (default: 5G)
-  DCACHE_BASEDIR     absolute directory (e.g. your home): paths inside it are made
-                     relative in the preprocessed source, so checkouts in different
-                     places share cache entries (file names in objects become relative)
-  DCACHE_DIRECT      0 turns direct mode off (default on: a compile whose source and
-                     headers are unchanged since last time skips the preprocessor)
-  DCACHE_TOKEN       shared token for servers started with --token-file; proved by
-                     challenge-response, never sent (DCACHE_TOKEN_FILE: read it from a file)
-  DCACHE_LOG         log filter, e.g. debug (default: warn)
-";
-
-/// Runs the wrapper for `compiler args…`; returns the exit code.
+/// Runs the wrapper for `compiler args…` as `dcache` does, printing what the compiler
+/// would print; returns the exit code to exit with. Never fails on its own account: any
+/// failure of the wrapper, the cache or a server becomes a local compile (or, with
+/// [`Config::fallback`] off, exit code 1 and one line on stderr).
 pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i32 {
     let args = match expand_response_files(args.clone()) {
         Ok(a) => a,
@@ -189,7 +63,12 @@ fn compiler_name(compiler: &OsString) -> String {
 
 /// A server or the cache failed: compile locally with one warning line, or stop there
 /// when the user asked for no fallback.
-fn fail_over(config: &Config, e: &str, compiler: &OsString, args: &[OsString]) -> i32 {
+fn fail_over(
+    config: &Config,
+    e: &dyn std::fmt::Display,
+    compiler: &OsString,
+    args: &[OsString],
+) -> i32 {
     if !config.fallback {
         eprintln!("dcache: {e} (DCACHE_FALLBACK=0: not compiling locally)");
         return 1;
@@ -255,7 +134,7 @@ async fn compile(
     let source = Bytes::from(pre.source);
     let outcome = match backend.client().compile(desc.clone(), source.clone()).await {
         Ok(o) => o,
-        Err(e) => return fail_over(config, &e.to_string(), compiler, args),
+        Err(e) => return fail_over(config, &e, compiler, args),
     };
     log_outcome(plan, &outcome);
     let result = &outcome.job.result;
@@ -279,17 +158,6 @@ async fn compile(
         }
     }
     code
-}
-
-/// Whether `result` must be redone here to be exactly what the compiler gives: a failure
-/// (quick, and never cached), or diagnostics from a compile that did not see the user's
-/// files and locale. A remote server cannot quote the source lines gcc shows under a
-/// diagnostic (it has only the preprocessed text, not the files it names) and writes in
-/// its own locale; the embedded server compiles in this directory and locale, so its
-/// output is exact unless the file names were `rewritten` for DCACHE_BASEDIR. Clean
-/// compiles, the common case, are never redone.
-fn needs_local_rerun(result: &dcache_proto::JobResult, remote: bool, rewritten: bool) -> bool {
-    result.exit_code != 0 || ((remote || rewritten) && !result.stderr.is_empty())
 }
 
 /// Prints what the compiler printed and writes its output, as the compiler would.
@@ -427,70 +295,4 @@ fn local(compiler: &OsString, args: &[OsString]) -> Result<i32, ()> {
     run_locally(compiler, args).map_err(|e| {
         eprintln!("dcache: cannot run {}: {e}", compiler.to_string_lossy());
     })
-}
-
-/// Expands `@file` arguments (gcc's response files) so the plan sees every option.
-fn expand_response_files(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
-    let mut out = Vec::with_capacity(args.len());
-    for a in args {
-        match a.to_str().and_then(|s| s.strip_prefix('@')) {
-            Some(path) if !path.is_empty() => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("@{path}: {e}"))?;
-                out.extend(split_response(&text).into_iter().map(OsString::from));
-            }
-            _ => out.push(a),
-        }
-    }
-    Ok(out)
-}
-
-/// gcc's response-file syntax: whitespace-separated, with quotes and backslash escapes.
-fn split_response(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quote = None;
-    let mut any = false;
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        match (c, quote) {
-            ('\\', _) => {
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                    any = true;
-                }
-            }
-            ('"' | '\'', None) => {
-                quote = Some(c);
-                any = true;
-            }
-            (c, Some(q)) if c == q => quote = None,
-            (c, None) if c.is_whitespace() => {
-                if any {
-                    out.push(std::mem::take(&mut cur));
-                    any = false;
-                }
-            }
-            (c, _) => {
-                cur.push(c);
-                any = true;
-            }
-        }
-    }
-    if any {
-        out.push(cur);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn response_files_split_like_gcc() {
-        assert_eq!(
-            split_response("-c  a.c\n-DX=\"a b\" 'c d' e\\ f \"\""),
-            ["-c", "a.c", "-DX=a b", "c d", "e f", ""]
-        );
-    }
 }

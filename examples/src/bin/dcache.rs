@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 
 use dcache_client::stats::{baseline as stats_baseline, local as stats_file};
-use dcache_client::wrapper::flow as wrapper;
+use dcache_client::wrapper;
 use dcache_examples::util;
 
 fn main() -> ExitCode {
