@@ -11,19 +11,11 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
-pub mod exec;
-pub mod store;
-
-/// The stores under their first name; kept so code written against it still builds.
-/// New code says [`store`].
-pub use store as cache;
-
-/// The executors under their first name; kept so code written against it still builds.
-/// New code says [`exec`].
-pub use exec as compiler;
 mod counters;
+pub mod exec;
 mod service;
 mod spool;
+pub mod store;
 
 pub use counters::Counters;
 pub use service::{Service, ServiceConfig};

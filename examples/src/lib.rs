@@ -1,4 +1,7 @@
-//! Shared code of the dcache binaries; the binaries live in `src/bin/`.
+//! What the bundled binaries share beyond the library crates: the `--demo` build and
+//! logging set-up. The binaries live in `src/bin/` (thin mains over `dcache-client` and
+//! `dcache-server`), the embedding example in `examples/`; the benchmark runner is the
+//! `dcache-bench` package in `bench/`.
 #![forbid(unsafe_code)]
 
 pub mod demo;
