@@ -1,7 +1,7 @@
 //! What the bundled binaries share beyond the library crates: the `--demo` build and
 //! logging set-up. The binaries live in `src/bin/` (thin mains over `dcache-client` and
 //! `dcache-server`), the embedding example in `examples/`; the benchmark runner is the
-//! `dcache-bench` package in `bench/`.
+//! `dcache-bench` package in `examples/bench/`.
 #![forbid(unsafe_code)]
 
 pub mod demo;
