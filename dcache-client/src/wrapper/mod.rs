@@ -10,8 +10,8 @@
 //! - [`base_dir`]: `DCACHE_BASEDIR`'s rewrite of line markers;
 //! - [`direct`]: direct mode's keys and manifests.
 //!
-//! With the `embedded` feature, the product itself: [`Backend`] (configured servers or the
-//! in-process server over `mem://`) and [`run`], the whole compile flow `dcache` runs.
+//! With the `embedded` feature, the product itself: `Backend` (configured servers or the
+//! in-process server over `mem://`) and `run`, the whole compile flow `dcache` runs.
 
 pub mod args;
 #[cfg(feature = "embedded")]
