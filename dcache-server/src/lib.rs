@@ -5,26 +5,20 @@
 //! - [`exec`]: the [`Executor`](exec::Executor) trait, the real allow-listed executor
 //!   that feeds source to the compiler as it arrives, the option allow-list and a test
 //!   double.
+//! - [`sandbox`]: the kernel sandbox (Landlock, namespaces, limits) every server-side
+//!   compile runs in, its launcher and its probe.
 //! - [`Service`]: serves connections: answers HASH lookups at once (EARLY_RESULT or MISS),
 //!   compiles misses with bounded concurrency and single-flight, verifies every received
 //!   source against its HASH before storing anything, and counts what happens.
 #![forbid(unsafe_code)]
 
 pub mod access;
+mod counters;
 pub mod exec;
 pub mod sandbox;
-pub mod store;
-
-/// The stores under their first name; kept so code written against it still builds.
-/// New code says [`store`].
-pub use store as cache;
-
-/// The executors under their first name; kept so code written against it still builds.
-/// New code says [`exec`].
-pub use exec as compiler;
-mod counters;
 mod service;
 mod spool;
+pub mod store;
 
 pub use counters::Counters;
 pub use service::{Service, ServiceConfig};

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::stats_file;
+use dcache_client::stats::local as stats_file;
 
 const FILES: [(&str, &str); 6] = [
     ("Makefile", include_str!("../demo/Makefile")),

@@ -1,16 +1,11 @@
-//! Shared code of the dcache binaries; the binaries live in `src/bin/`.
+//! What the bundled binaries share beyond the library crates: the `--demo` build and
+//! logging set-up. The binaries live in `src/bin/` (thin mains over `dcache-client` and
+//! `dcache-server`), the embedding example in `examples/`; the benchmark runner is the
+//! `dcache-bench` package in `examples/bench/`.
 #![forbid(unsafe_code)]
 
-pub mod backend;
 pub mod demo;
-pub mod loopback;
-pub mod plot;
-pub mod sim;
-pub mod sim_driver;
-pub mod stats_baseline;
-pub mod stats_file;
 pub mod util;
-pub mod wrapper;
 
 /// The README's Rust examples, compiled as doctests so they cannot rot.
 #[cfg(doctest)]

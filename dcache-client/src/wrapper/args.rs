@@ -53,6 +53,7 @@ impl std::fmt::Display for LocalReason {
 
 /// What a compile produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Mode {
     /// `-c`: an object file.
     Object,
@@ -62,6 +63,7 @@ pub enum Mode {
 
 /// Source language, as the preprocessor and the remote compiler name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Language {
     /// C.
     C,
@@ -121,7 +123,8 @@ pub struct CompilePlan {
     pub dep_file: Option<PathBuf>,
 }
 
-/// The verdict on a command line.
+/// The verdict on a command line. Exhaustive on purpose: a call is distributed or it is
+/// not, and a caller must handle both (new reasons to stay local go in [`LocalReason`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Plan {
     /// Distribute it.

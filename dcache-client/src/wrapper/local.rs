@@ -110,10 +110,44 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether `result` must be redone here to be exactly what the compiler gives: a failure
+/// (quick, and never cached), or diagnostics from a compile that did not see the user's
+/// files and locale. A remote server cannot quote the source lines gcc shows under a
+/// diagnostic (it has only the preprocessed text, not the files it names) and writes in
+/// its own locale; the embedded server compiles in this directory and locale, so its
+/// output is exact unless the file names were `rewritten` for DCACHE_BASEDIR. Clean
+/// compiles, the common case, are never redone.
+pub fn needs_local_rerun(result: &dcache_proto::JobResult, remote: bool, rewritten: bool) -> bool {
+    result.exit_code != 0 || ((remote || rewritten) && !result.stderr.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::FileTypeExt;
+
+    #[test]
+    fn only_failures_and_inexact_diagnostics_are_redone_locally() {
+        let result = |exit_code, stderr: &'static [u8]| dcache_proto::JobResult {
+            exit_code,
+            stdout: bytes::Bytes::new(),
+            stderr: bytes::Bytes::from_static(stderr),
+            outputs: Vec::new(),
+        };
+        let clean = result(0, b"");
+        let warned = result(0, b"warning: x");
+        let failed = result(1, b"");
+        // (remote, rewritten)
+        for (remote, rewritten) in [(false, false), (true, false), (false, true)] {
+            assert!(!needs_local_rerun(&clean, remote, rewritten));
+            assert!(needs_local_rerun(&failed, remote, rewritten));
+        }
+        // The embedded server compiles here, in this locale: its warnings are exact...
+        assert!(!needs_local_rerun(&warned, false, false));
+        // ...unless the file names were rewritten; a remote server's never are.
+        assert!(needs_local_rerun(&warned, false, true));
+        assert!(needs_local_rerun(&warned, true, false));
+    }
 
     #[test]
     fn devices_and_symlinks_are_written_through_not_replaced() {

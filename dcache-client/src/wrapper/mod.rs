@@ -1,7 +1,31 @@
-//! The compiler wrapper's building blocks: reading a command line and splitting a compile
-//! into a local preprocessor run and a remote compile.
+//! The compiler wrapper: `dcache COMPILER ARGS...` behaves like the compiler, compiling
+//! remotely (or through the embedded cache) when it can and locally when it cannot.
+//!
+//! The building blocks work without a server in the build:
+//! - [`config`]: [`Config`] from `DCACHE_*` variables, and the [`HELP`] text;
+//! - [`response`]: `@file` arguments, expanded before anything is decided;
+//! - [`args`]: whether a call can be distributed, and the [`CompilePlan`](args::CompilePlan);
+//! - [`local`]: the local preprocessor run, the local compile, atomic output writes, and
+//!   the rule for when a returned result must be redone locally;
+//! - [`base_dir`]: `DCACHE_BASEDIR`'s rewrite of line markers;
+//! - [`direct`]: direct mode's keys and manifests.
+//!
+//! With the `embedded` feature, the product itself: `Backend` (configured servers or the
+//! in-process server over `mem://`) and `run`, the whole compile flow `dcache` runs.
 
 pub mod args;
+#[cfg(feature = "embedded")]
+pub mod backend;
 pub mod base_dir;
+pub mod config;
 pub mod direct;
+#[cfg(feature = "embedded")]
+pub mod flow;
 pub mod local;
+pub mod response;
+
+#[cfg(feature = "embedded")]
+pub use backend::{Backend, BackendError};
+pub use config::{Config, ConfigError, HELP};
+#[cfg(feature = "embedded")]
+pub use flow::run;

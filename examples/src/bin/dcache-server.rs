@@ -10,14 +10,15 @@ use std::sync::Arc;
 
 use clap::Parser;
 use dcache_examples::util::{init_logging, parse_size, user_cache_dir};
-use dcache_server::cache::{DiskStore, MemoryStore, Store, TieredStore};
-use dcache_server::compiler::{LocalExecutor, LocalExecutorConfig};
+use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
+use dcache_server::store::{DiskStore, MemoryStore, Store, TieredStore};
 use dcache_server::{Service, ServiceConfig};
 use dcache_transport::{Address, TransportOptions, bind};
 
-/// The dcache compile server.
+/// dcache-server: the dcache compile server. Answers cache hits at once, compiles misses
+/// with the allowed compilers, keeps results in memory over a disk cache.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, long_about = None)]
 struct Args {
     /// Address to listen on: tcp://HOST:PORT or unix:///path. Repeat for several.
     /// Loopback only unless told otherwise.

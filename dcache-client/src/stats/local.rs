@@ -92,3 +92,40 @@ pub fn reset(dir: &Path) -> std::io::Result<()> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_add_up_a_torn_line_is_skipped_and_reset_forgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Delta {
+            hits: 1,
+            compiles: 2,
+            source_bytes_saved: 3,
+            ..Delta::default()
+        };
+        record(dir.path(), &d);
+        record(dir.path(), &d);
+        record(dir.path(), &Delta::default()); // nothing to add: no line
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("stats.log"))
+            .unwrap();
+        f.write_all(b"7 7\n").unwrap();
+        let get = |n: &str| {
+            totals(dir.path())
+                .into_iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v)
+        };
+        assert_eq!(get("hits"), Some(2));
+        assert_eq!(get("compiles"), Some(4));
+        assert_eq!(get("source_bytes_saved"), Some(6));
+        assert_eq!(get("misses"), Some(0));
+        reset(dir.path()).unwrap();
+        reset(dir.path()).unwrap(); // already gone: fine
+        assert_eq!(get("hits"), Some(0));
+    }
+}

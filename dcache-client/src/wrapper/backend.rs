@@ -2,29 +2,56 @@
 //! library run in this process over `mem://`, with the shared disk cache). One per
 //! `dcache` process, started before the first job and finished after the last, so a
 //! direct-mode lookup and the compile that may follow share one server and connection.
+//!
+//! A program that embeds dcache (a build tool compiling many files) uses it the same way:
+//! [`Backend::start`], then [`Backend::client`] for every job, then [`Backend::finish`].
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use dcache_client::{Client, ClientOptions};
-use dcache_server::cache::DiskStore;
-use dcache_server::compiler::{LocalExecutor, LocalExecutorConfig};
+use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
+use dcache_server::store::{DiskStore, StoreError};
 use dcache_server::{Service, ServiceConfig};
-use dcache_transport::{Address, TransportOptions, bind};
+use dcache_transport::{Address, AddressError, TransportError, TransportOptions, bind};
 
-use crate::stats_file;
-use crate::wrapper::Config;
+use super::config::Config;
+use crate::stats::local as stats_file;
+use crate::{Client, ClientOptions};
 
 /// The client jobs go through, and for the embedded default the server behind it.
+#[derive(Debug)]
 pub struct Backend {
     client: Client,
     embedded: Option<Embedded>,
 }
 
+#[derive(Debug)]
 struct Embedded {
     service: Arc<Service>,
     stop: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<()>,
+}
+
+/// Why the embedded server did not start. The wrapper then compiles locally, with one
+/// warning line (or fails, with `DCACHE_FALLBACK=0`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The local cache directory cannot be opened (not writable, not a directory).
+    #[error("local cache in {}: {source}", dir.display())]
+    Cache {
+        /// [`Config::dir`].
+        dir: std::path::PathBuf,
+        /// What the disk store reported.
+        source: StoreError,
+    },
+    /// The in-process address was refused (it names this process's id, so never in
+    /// practice; kept typed rather than unwrapped).
+    #[error("{0}")]
+    Address(AddressError),
+    /// The in-process listener could not be bound.
+    #[error("{0}")]
+    Listen(TransportError),
 }
 
 impl Backend {
@@ -33,7 +60,7 @@ impl Backend {
     /// name, which the embedded server resolves first in the directory it was invoked
     /// from, then on this process's `PATH`, so it runs the very compiler a local compile
     /// would.
-    pub async fn start(config: &Config, compiler: &std::ffi::OsStr) -> Result<Self, String> {
+    pub async fn start(config: &Config, compiler: &std::ffi::OsStr) -> Result<Self, BackendError> {
         if !config.hosts.is_empty() {
             return Ok(Self {
                 client: Client::new(config.client_options()),
@@ -41,8 +68,12 @@ impl Backend {
             });
         }
         // Lazy: one compile per process, so no scan of the whole cache on every start.
-        let store = DiskStore::open_lazy(&config.dir.join("cache"), config.cache_size)
-            .map_err(|e| format!("local cache in {}: {e}", config.dir.display()))?;
+        let store = DiskStore::open_lazy(&config.dir.join("cache"), config.cache_size).map_err(
+            |source| BackendError::Cache {
+                dir: config.dir.clone(),
+                source,
+            },
+        )?;
         // Compiling for the user on the user's machine: in the user's directory and
         // locale, so warnings quote source lines and use the quotes a local compile would.
         // Only the compiler this process runs, and its identity remembered across
@@ -80,10 +111,10 @@ impl Backend {
         );
         let addr: Address = format!("mem://dcache-embedded-{}", std::process::id())
             .parse()
-            .map_err(|e| format!("{e}"))?;
+            .map_err(BackendError::Address)?;
         let listener = bind(&addr, &TransportOptions::default())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(BackendError::Listen)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = {
             let service = service.clone();

@@ -7,7 +7,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use dcache_examples::sim;
+use dcache_bench::sim;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
                 // The harness runs on a virtual clock; this one reading is its origin only.
                 sim::run_matrix(Instant::now())
             } else {
-                match dcache_examples::sim_driver::run_matrix() {
+                match dcache_bench::sim_driver::run_matrix() {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("dcache-bench sim: {e}");
@@ -56,7 +56,7 @@ fn main() -> ExitCode {
                 for outcome in ["hit", "miss"] {
                     for bw in [100_000_000u64, 1_000_000_000] {
                         let path = dir.join(format!("sim-{outcome}-{}mbit.svg", bw / 1_000_000));
-                        let svg = dcache_examples::plot::figure(&cells, outcome, bw);
+                        let svg = dcache_bench::plot::figure(&cells, outcome, bw);
                         if let Err(e) = std::fs::write(&path, svg) {
                             eprintln!("dcache-bench: cannot write {}: {e}", path.display());
                             return ExitCode::FAILURE;
@@ -79,7 +79,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(dcache_examples::loopback::run()) {
+            match rt.block_on(dcache_bench::loopback::run()) {
                 Ok((text, js)) => {
                     print!("{text}");
                     if let Some(path) = json {
@@ -112,7 +112,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(dcache_examples::loopback::serve_fake(addr, ms, div)) {
+            match rt.block_on(dcache_bench::loopback::serve_fake(addr, ms, div)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("dcache-bench serve-fake: {e}");

@@ -1,0 +1,325 @@
+//! The wrapper's configuration, read from `DCACHE_*` environment variables (the way a
+//! compiler wrapper is configured: a build system passes `CC="dcache gcc"` and nothing
+//! else), and its help text.
+
+use std::path::{Path, PathBuf};
+
+use dcache_proto::{AuthKey, Strategy};
+use dcache_transport::{Address, AddressError};
+
+use crate::ClientOptions;
+
+/// The embedded cache's size limit when `DCACHE_CACHE_SIZE` is unset: 5 GiB.
+pub const DEFAULT_CACHE_SIZE: u64 = 5 << 30;
+
+/// Configuration read from the environment (see [`HELP`]).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Config {
+    /// `DCACHE_HOSTS`: servers; empty means the embedded default.
+    pub hosts: Vec<Address>,
+    /// `DCACHE_STRATEGY`.
+    pub strategy: Strategy,
+    /// `DCACHE_FALLBACK` (default on): compile locally when the server fails.
+    pub fallback: bool,
+    /// `DCACHE_DIR`: the embedded cache's directory.
+    pub dir: PathBuf,
+    /// `DCACHE_CACHE_SIZE`: the embedded cache's size limit.
+    pub cache_size: u64,
+    /// `DCACHE_TOKEN` (or the contents of the file `DCACHE_TOKEN_FILE` names): the shared
+    /// token for servers started with `--token-file`.
+    pub token: Option<AuthKey>,
+    /// `DCACHE_BASEDIR`: absolute paths inside it are rewritten relative to the working
+    /// directory in the preprocessed source, so checkouts in different places share keys.
+    pub base_dir: Option<PathBuf>,
+    /// `DCACHE_DIRECT` (default on): find a compile's key from a manifest of the files it
+    /// read last time, without running the preprocessor.
+    pub direct: bool,
+}
+
+/// Why the environment does not make a [`Config`]; the message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `DCACHE_HOSTS` holds something that is not an address.
+    #[error("DCACHE_HOSTS: {0}")]
+    Hosts(#[from] AddressError),
+    /// `DCACHE_STRATEGY` names no strategy.
+    #[error("DCACHE_STRATEGY: {0}")]
+    Strategy(String),
+    /// `DCACHE_CACHE_SIZE` is not a size.
+    #[error("DCACHE_CACHE_SIZE: {0}")]
+    CacheSize(#[from] SizeError),
+    /// The file `DCACHE_TOKEN_FILE` names cannot be read.
+    #[error("DCACHE_TOKEN_FILE: cannot read {path}: {source}")]
+    TokenFile {
+        /// The file.
+        path: String,
+        /// Why it cannot be read.
+        source: std::io::Error,
+    },
+    /// The file `DCACHE_TOKEN_FILE` names holds no token (an empty token would
+    /// authenticate nobody and silently protect nothing).
+    #[error("DCACHE_TOKEN_FILE: {0} is empty")]
+    EmptyTokenFile(String),
+    /// `DCACHE_BASEDIR` is relative: it is compared with the absolute paths in line
+    /// markers, so a relative one would match nothing or the wrong place.
+    #[error("DCACHE_BASEDIR: {0} is not an absolute path")]
+    BaseDirNotAbsolute(String),
+}
+
+/// Why a string is not a size (see [`parse_size`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SizeError {
+    /// No number in front.
+    #[error("{0:?} is not a size (examples: 10G, 512M, 1048576)")]
+    NotASize(String),
+    /// A unit other than K, M, G or T (with or without `B` or `iB`).
+    #[error("{0:?} has an unknown unit (use K, M, G or T)")]
+    UnknownUnit(String),
+    /// More bytes than a `u64` holds.
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
+
+impl Config {
+    /// The defaults with the cache in `dir`: the embedded server (no hosts), speculative,
+    /// local fallback and direct mode on, a 5 GiB cache, no token, no base directory. What
+    /// an embedding program starts from; [`from_env`](Self::from_env) starts from it too.
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            hosts: Vec::new(),
+            strategy: Strategy::Speculative,
+            fallback: true,
+            dir,
+            cache_size: DEFAULT_CACHE_SIZE,
+            token: None,
+            base_dir: None,
+            direct: true,
+        }
+    }
+
+    /// Reads the process environment; errors name the variable and what was wrong.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(|n| std::env::var(n).ok())
+    }
+
+    /// Reads the variables from `get` instead of the environment (what
+    /// [`from_env`](Self::from_env) does with `std::env::var`), so a program or a test can
+    /// configure the wrapper without touching its process's environment. A variable that
+    /// is unset or blank means its default.
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let var = |n: &str| get(n).filter(|v| !v.trim().is_empty());
+        let hosts = match var("DCACHE_HOSTS") {
+            Some(h) => h
+                .split([' ', ',', '\t', '\n'])
+                .filter(|s| !s.is_empty())
+                .map(str::parse::<Address>)
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
+        let strategy = match var("DCACHE_STRATEGY") {
+            Some(s) => s.parse().map_err(ConfigError::Strategy)?,
+            None => Strategy::Speculative,
+        };
+        let fallback = !is_off(var("DCACHE_FALLBACK").as_deref());
+        let dir = var("DCACHE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| user_cache_dir().join("dcache"));
+        let cache_size = match var("DCACHE_CACHE_SIZE") {
+            Some(s) => parse_size(&s)?,
+            None => DEFAULT_CACHE_SIZE,
+        };
+        let token = match (var("DCACHE_TOKEN"), var("DCACHE_TOKEN_FILE")) {
+            (Some(t), _) => Some(AuthKey::from_token(t.as_bytes())),
+            (None, Some(path)) => {
+                let t = match std::fs::read(&path) {
+                    Ok(t) => t,
+                    Err(source) => return Err(ConfigError::TokenFile { path, source }),
+                };
+                if t.trim_ascii().is_empty() {
+                    return Err(ConfigError::EmptyTokenFile(path));
+                }
+                Some(AuthKey::from_token(&t))
+            }
+            (None, None) => None,
+        };
+        let base_dir = match var("DCACHE_BASEDIR") {
+            Some(b) if !Path::new(&b).is_absolute() => {
+                return Err(ConfigError::BaseDirNotAbsolute(b));
+            }
+            b => b.map(PathBuf::from),
+        };
+        let direct = !is_off(var("DCACHE_DIRECT").as_deref());
+        Ok(Self {
+            hosts,
+            strategy,
+            fallback,
+            dir,
+            cache_size,
+            token,
+            base_dir,
+            direct,
+        })
+    }
+
+    /// Client options for the configured servers.
+    pub fn client_options(&self) -> ClientOptions {
+        ClientOptions {
+            strategy: self.strategy,
+            auth: self.token.clone(),
+            ..ClientOptions::new(self.hosts.clone())
+        }
+    }
+}
+
+/// Whether a switch variable's value turns it off (`0`, `false`, `no`, `off`).
+fn is_off(v: Option<&str>) -> bool {
+    matches!(v, Some("0" | "false" | "no" | "off"))
+}
+
+/// The help text of `dcache`: usage and every variable [`Config::from_env`] reads.
+pub const HELP: &str = "\
+dcache: distributed compilation with a server-side result cache
+
+usage: dcache COMPILER [ARGS...]   compile as COMPILER would (e.g. make CC=\"dcache gcc\")
+       dcache --stats [--json]    show each server's counters (or the local cache's)
+       dcache --zero-stats        reset the counters --stats shows (for servers: from now on,
+                                  for this user; the servers' own counters are shared)
+       dcache --demo              build a bundled C program cold, then warm
+       dcache --help
+
+A call with -c or -S and one C or C++ source is preprocessed here, hashed, and sent;
+anything else (linking, -E, several sources, -march=native, ...) runs the compiler
+locally, unchanged. If a server fails or refuses, the compile runs locally with a
+one-line warning.
+
+environment:
+  DCACHE_HOSTS       servers, separated by spaces or commas: tcp://HOST:PORT,
+                     unix:///path. Unset: an embedded server with a local disk cache,
+                     so dcache works as a local compiler cache out of the box.
+  DCACHE_STRATEGY    speculative (default), ask-first or send-all
+  DCACHE_FALLBACK    0 turns the local fallback into an error
+  DCACHE_DIR         local directory: the embedded cache, direct-mode manifests and
+                     statistics (default: ~/.cache/dcache)
+  DCACHE_CACHE_SIZE  the embedded cache's size limit (default: 5G)
+  DCACHE_BASEDIR     absolute directory (e.g. your home): paths inside it are made
+                     relative in the preprocessed source, so checkouts in different
+                     places share cache entries (file names in objects become relative)
+  DCACHE_DIRECT      0 turns direct mode off (default on: a compile whose source and
+                     headers are unchanged since last time skips the preprocessor)
+  DCACHE_TOKEN       shared token for servers started with --token-file; proved by
+                     challenge-response, never sent (DCACHE_TOKEN_FILE: read it from a file)
+  DCACHE_LOG         log filter, e.g. debug (default: warn)
+";
+
+/// Parses a size like `10G`, `512M`, `64k` or `1048576` (binary units), the form
+/// `DCACHE_CACHE_SIZE` and `dcache-server --cache-size` take.
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: u64 = num.parse().map_err(|_| SizeError::NotASize(s.to_owned()))?;
+    let mult: u64 = match unit
+        .trim()
+        .to_ascii_lowercase()
+        .trim_end_matches("ib")
+        .trim_end_matches('b')
+    {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(SizeError::UnknownUnit(s.to_owned())),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| SizeError::TooLarge(s.to_owned()))
+}
+
+/// The user's cache directory: `$XDG_CACHE_HOME`, else `$HOME/.cache`, else `/tmp`; the
+/// wrapper's default [`Config::dir`] is `dcache` inside it.
+pub fn user_cache_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return d.into();
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return std::path::PathBuf::from(h).join(".cache");
+    }
+    std::env::temp_dir()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(
+            parse_size("10X").map_err(|e| e.to_string()),
+            Err("\"10X\" has an unknown unit (use K, M, G or T)".to_owned())
+        );
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("123"), Ok(123));
+        assert!(parse_size("10X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    fn vars<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        |n| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn unset_and_blank_variables_mean_the_defaults() {
+        let c = Config::from_vars(vars(&[("DCACHE_DIR", "/c"), ("DCACHE_HOSTS", "  ")])).unwrap();
+        let d = Config::new("/c".into());
+        assert!(c.hosts.is_empty() && d.hosts.is_empty());
+        assert_eq!((c.fallback, c.direct, c.cache_size), (true, true, 5 << 30));
+        assert_eq!((d.fallback, d.direct, d.cache_size), (true, true, 5 << 30));
+        assert_eq!(c.dir, d.dir);
+        assert!(c.token.is_none() && c.base_dir.is_none());
+    }
+
+    #[test]
+    fn variables_are_read_and_bad_ones_named() {
+        let c = Config::from_vars(vars(&[
+            ("DCACHE_HOSTS", "tcp://a:1, unix:///s"),
+            ("DCACHE_STRATEGY", "ask-first"),
+            ("DCACHE_FALLBACK", "off"),
+            ("DCACHE_DIRECT", "0"),
+            ("DCACHE_CACHE_SIZE", "1M"),
+            ("DCACHE_BASEDIR", "/home"),
+        ]))
+        .unwrap();
+        assert_eq!(c.hosts.len(), 2);
+        assert_eq!(c.strategy, Strategy::AskFirst);
+        assert_eq!(
+            (c.fallback, c.direct, c.cache_size),
+            (false, false, 1 << 20)
+        );
+        assert_eq!(c.client_options().hosts.len(), 2);
+        let err = |pairs: &[(&str, &str)]| Config::from_vars(vars(pairs)).unwrap_err().to_string();
+        assert!(err(&[("DCACHE_HOSTS", "nope")]).starts_with("DCACHE_HOSTS: "));
+        assert!(err(&[("DCACHE_STRATEGY", "x")]).starts_with("DCACHE_STRATEGY: "));
+        assert!(err(&[("DCACHE_CACHE_SIZE", "9Q")]).starts_with("DCACHE_CACHE_SIZE: "));
+        assert_eq!(
+            err(&[("DCACHE_BASEDIR", "rel")]),
+            "DCACHE_BASEDIR: rel is not an absolute path"
+        );
+        assert!(
+            err(&[("DCACHE_TOKEN_FILE", "/nonexistent/t")])
+                .starts_with("DCACHE_TOKEN_FILE: cannot read /nonexistent/t: ")
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! The `dcache` compiler wrapper's flow: behave exactly like the compiler, compile
+//! remotely when possible, and locally whenever anything goes wrong.
+//!
+//! [`run`] is the whole of `dcache COMPILER ARGS...`: expand response files, plan, start
+//! the [`Backend`], try direct mode, preprocess, send, and deliver the result or fall back
+//! to the local compiler. It needs the `embedded` feature: the embedded default is the
+//! server library, and direct-mode manifests are kept in the server's disk store.
+
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use dcache_proto::{CacheKey, JobDesc};
+use dcache_server::store::{DiskStore, Store, StoreKey};
+
+use super::args::{CompilePlan, Plan, plan};
+use super::backend::Backend;
+use super::base_dir::relativize_line_markers;
+use super::config::Config;
+use super::direct::{self, DirectKey, Invocation, Manifest};
+use super::local::{needs_local_rerun, preprocess, run_locally, write_atomically};
+use super::response::expand_response_files;
+
+/// Runs the wrapper for `compiler args…` as `dcache` does, printing what the compiler
+/// would print; returns the exit code to exit with. Never fails on its own account: any
+/// failure of the wrapper, the cache or a server becomes a local compile (or, with
+/// [`Config::fallback`] off, exit code 1 and one line on stderr).
+pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i32 {
+    let args = match expand_response_files(args.clone()) {
+        Ok(a) => a,
+        Err(e) => {
+            // The compiler reads (or reports) its response files itself.
+            tracing::debug!("{e}; compiling locally");
+            return local(&compiler, &args).unwrap_or(1);
+        }
+    };
+    let plan = match plan(&compiler, &args) {
+        Plan::Remote(p) => p,
+        Plan::Local(reason) => {
+            tracing::debug!("running locally: {reason}");
+            return local(&compiler, &args).unwrap_or(1);
+        }
+    };
+    let backend = match Backend::start(config, &compiler).await {
+        Ok(b) => b,
+        Err(e) => return fail_over(config, &e, &compiler, &args),
+    };
+    let code = compile(config, &backend, &compiler, &args, &plan).await;
+    backend.finish(config).await;
+    code
+}
+
+/// The name a compile job carries: the compiler as invoked, without its directory (the
+/// server resolves names on its own path; a client never chooses a path).
+fn compiler_name(compiler: &OsString) -> String {
+    PathBuf::from(compiler)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// A server or the cache failed: compile locally with one warning line, or stop there
+/// when the user asked for no fallback.
+fn fail_over(
+    config: &Config,
+    e: &dyn std::fmt::Display,
+    compiler: &OsString,
+    args: &[OsString],
+) -> i32 {
+    if !config.fallback {
+        eprintln!("dcache: {e} (DCACHE_FALLBACK=0: not compiling locally)");
+        return 1;
+    }
+    eprintln!("dcache: {e}; compiling locally");
+    local(compiler, args).unwrap_or(1)
+}
+
+/// One distributable compile: direct-mode lookup, else preprocess and send.
+async fn compile(
+    config: &Config,
+    backend: &Backend,
+    compiler: &OsString,
+    args: &[OsString],
+    plan: &CompilePlan,
+) -> i32 {
+    let started = SystemTime::now();
+    let mut compile_args = plan.compile_args.clone();
+    if std::io::stderr().is_terminal()
+        && !compile_args.iter().any(|a| a.contains("diagnostics-color"))
+    {
+        // The server's compiler writes to a pipe; ask for the colours a terminal would get.
+        compile_args.insert(0, "-fdiagnostics-color=always".into());
+    }
+    let mut desc = JobDesc {
+        compiler: compiler_name(compiler),
+        language: plan.language.preprocessed().into(),
+        args: compile_args,
+        source_len: None,
+    };
+    let direct = if config.direct {
+        direct_key(config, compiler, args, &desc.args, plan)
+    } else {
+        None
+    };
+    if let Some(dk) = direct {
+        if let Some(code) = try_direct(config, backend, compiler, args, plan, &desc, dk).await {
+            return code;
+        }
+    }
+    let mut pre = match preprocess(plan) {
+        Ok(p) => p,
+        Err(e) => {
+            // The compiler reproduces the preprocessor's exact errors itself.
+            tracing::debug!("{e}; compiling locally");
+            return local(compiler, args).unwrap_or(1);
+        }
+    };
+    // With a base directory, absolute paths under it become relative, so another checkout
+    // of the same project has the same key. The compiler then sees other file names than
+    // a local compile would, which only shows in what it prints (handled below).
+    let rewritten = match (&config.base_dir, std::env::current_dir()) {
+        (Some(base), Ok(cwd)) => match relativize_line_markers(&pre.source, base, &cwd) {
+            Some(new) => {
+                pre.source = new;
+                true
+            }
+            None => false,
+        },
+        _ => false,
+    };
+    desc.source_len = Some(pre.source.len() as u64);
+    let source = Bytes::from(pre.source);
+    let outcome = match backend.client().compile(desc.clone(), source.clone()).await {
+        Ok(o) => o,
+        Err(e) => return fail_over(config, &e, compiler, args),
+    };
+    log_outcome(plan, &outcome);
+    let result = &outcome.job.result;
+    if needs_local_rerun(result, backend.is_remote(), rewritten) {
+        tracing::debug!(
+            "compile exited {} with {} bytes of diagnostics; rerunning locally for the exact output",
+            result.exit_code,
+            result.stderr.len()
+        );
+        return local(compiler, args).unwrap_or(1);
+    }
+    let code = deliver(&pre.stderr, result, plan, compiler, args);
+    if let (0, Some(dk), true) = (code, direct, pre.stderr.is_empty()) {
+        // Next time, this compile's key can be found without preprocessing.
+        let key = CacheKey::compute(&desc, &source);
+        let dep = plan.dep_file.as_ref().and_then(|d| std::fs::read(d).ok());
+        if plan.dep_file.is_none() || dep.is_some() {
+            if let Some(entry) = direct::Entry::record(key, dep, &source, started) {
+                record_manifest(config, dk, entry).await;
+            }
+        }
+    }
+    code
+}
+
+/// Prints what the compiler printed and writes its output, as the compiler would.
+fn deliver(
+    pre_stderr: &[u8],
+    result: &dcache_proto::JobResult,
+    plan: &CompilePlan,
+    compiler: &OsString,
+    args: &[OsString],
+) -> i32 {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(pre_stderr);
+    let _ = err.write_all(&result.stderr);
+    let _ = std::io::stdout().lock().write_all(&result.stdout);
+    let Some(object) = result.outputs.first() else {
+        eprintln!("dcache: the server returned no output file; compiling locally");
+        return local(compiler, args).unwrap_or(1);
+    };
+    if let Err(e) = write_atomically(&plan.output, &object.data) {
+        eprintln!("dcache: cannot write {}: {e}", plan.output.display());
+        return 1;
+    }
+    0
+}
+
+fn log_outcome(plan: &CompilePlan, outcome: &crate::Outcome) {
+    tracing::debug!(
+        "{}: {} from {} in {:?} ({} bytes sent, {} skipped)",
+        plan.input.display(),
+        match (outcome.job.cached, outcome.job.early) {
+            (true, true) => "early hit",
+            (true, false) => "hit",
+            _ => "compiled",
+        },
+        outcome.host,
+        outcome.elapsed,
+        outcome.job.source_bytes_sent,
+        outcome.job.source_bytes_skipped
+    );
+}
+
+/// The direct-mode key of this compile, if it may use direct mode.
+fn direct_key(
+    config: &Config,
+    compiler: &OsString,
+    args: &[OsString],
+    compile_args: &[String],
+    plan: &CompilePlan,
+) -> Option<DirectKey> {
+    let cwd = std::env::current_dir().ok()?;
+    let source = std::fs::read(&plan.input).ok()?;
+    DirectKey::compute(&Invocation {
+        compiler,
+        args,
+        compile_args,
+        cwd: &cwd,
+        source: &source,
+        base_dir: config.base_dir.as_deref(),
+    })
+}
+
+/// The store manifests live in: the local cache directory, beside the embedded cache's
+/// results, under keys of their own derivation context.
+fn manifest_store(config: &Config) -> Option<DiskStore> {
+    DiskStore::open_lazy(&config.dir.join("cache"), config.cache_size).ok()
+}
+
+/// Direct mode: if a manifest says which key this compile's preprocessed source has, ask
+/// for that key without preprocessing. `None`: go the usual way (no manifest, files
+/// changed, or the server no longer has the result).
+async fn try_direct(
+    config: &Config,
+    backend: &Backend,
+    compiler: &OsString,
+    args: &[OsString],
+    plan: &CompilePlan,
+    desc: &JobDesc,
+    dk: DirectKey,
+) -> Option<i32> {
+    let store = manifest_store(config)?;
+    let stored = store.get(&StoreKey(dk.0)).await?;
+    let manifest = Manifest::decode(&stored.stdout)?;
+    let entry = manifest.find_current()?;
+    if plan.dep_file.is_some() != entry.dep_file.is_some() {
+        return None;
+    }
+    let outcome = backend
+        .client()
+        .lookup(desc.clone(), entry.key)
+        .await
+        .ok()
+        .flatten()?;
+    let result = &outcome.job.result;
+    if needs_local_rerun(result, backend.is_remote(), false) {
+        // Not what a clean compile gives; let the usual path deal with it.
+        return None;
+    }
+    tracing::debug!(
+        "{}: direct hit from {} in {:?}",
+        plan.input.display(),
+        outcome.host,
+        outcome.elapsed
+    );
+    if let (Some(path), Some(dep)) = (&plan.dep_file, &entry.dep_file) {
+        if let Err(e) = write_atomically(path, dep) {
+            eprintln!("dcache: cannot write {}: {e}", path.display());
+            return Some(1);
+        }
+    }
+    Some(deliver(&[], result, plan, compiler, args))
+}
+
+/// Adds `entry` to the manifest under `dk` (best effort: a lost update costs one
+/// preprocessor run later, never a wrong result).
+async fn record_manifest(config: &Config, dk: DirectKey, entry: direct::Entry) {
+    let Some(store) = manifest_store(config) else {
+        return;
+    };
+    let key = StoreKey(dk.0);
+    let mut manifest = match store.get(&key).await {
+        Some(r) => Manifest::decode(&r.stdout).unwrap_or_default(),
+        None => Manifest::default(),
+    };
+    manifest.add(entry);
+    let value = dcache_proto::JobResult {
+        exit_code: 0,
+        stdout: Bytes::from(manifest.encode()),
+        stderr: Bytes::new(),
+        outputs: Vec::new(),
+    };
+    let _ = store.put(&key, &value).await;
+}
+
+fn local(compiler: &OsString, args: &[OsString]) -> Result<i32, ()> {
+    run_locally(compiler, args).map_err(|e| {
+        eprintln!("dcache: cannot run {}: {e}", compiler.to_string_lossy());
+    })
+}
