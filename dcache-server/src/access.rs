@@ -66,6 +66,14 @@ impl Cidr {
         }
     }
 
+    /// Whether the whole range is loopback (within 127.0.0.0/8 or exactly ::1): a
+    /// server allowing only such ranges serves only this machine.
+    pub fn is_loopback(&self) -> bool {
+        Self::loopback()
+            .iter()
+            .any(|l| l.prefix <= self.prefix && l.contains(self.addr))
+    }
+
     /// The default allow-list: loopback only, like distccd's default.
     pub fn loopback() -> Vec<Self> {
         vec![
@@ -84,6 +92,21 @@ impl Cidr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_ranges_are_told_apart() {
+        for (range, lo) in [
+            ("127.0.0.1", true),
+            ("127.0.0.0/8", true),
+            ("127.0.0.0/7", false),
+            ("::1", true),
+            ("10.0.0.0/8", false),
+            ("0.0.0.0/0", false),
+            ("::/0", false),
+        ] {
+            assert_eq!(range.parse::<Cidr>().unwrap().is_loopback(), lo, "{range}");
+        }
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap_or_else(|_| panic!("{s}"))

@@ -78,7 +78,7 @@ async fn two_concurrent_identical_jobs_compile_once() {
     let (addr, _stop, _task) = start(&service, "mem://svc-single-flight").await;
     let a = client(&addr, Strategy::Speculative).await;
     let b = client(&addr, Strategy::Speculative).await;
-    let d = desc("gcc", &["-O2"], None);
+    let d = desc("gcc", &["-O2", "-c"], None);
     let src = Bytes::from(vec![3u8; 100_000]);
     let key = CacheKey::compute(&d, &src);
     let (ra, rb) = tokio::join!(
@@ -98,7 +98,7 @@ async fn a_lying_hash_stores_nothing_and_an_honest_client_gets_the_right_object(
     let service = fake_service(0);
     let (addr, _stop, _task) = start(&service, "mem://svc-poison").await;
     let attacker = client(&addr, Strategy::Speculative).await;
-    let d = desc("gcc", &["-O2"], None);
+    let d = desc("gcc", &["-O2", "-c"], None);
     let honest_src = Bytes::from_static(b"int honest;\n");
     let evil_src = Bytes::from_static(b"int evil;\n");
     let honest_key = CacheKey::compute(&d, &honest_src);
@@ -136,7 +136,7 @@ async fn refused_jobs_get_clear_errors() {
         other => panic!("{other:?}"),
     }
     // The connection lives on.
-    let d = desc("gcc", &["-O1"], None);
+    let d = desc("gcc", &["-O1", "-c"], None);
     c.submit(d.clone(), None, src).await.unwrap();
 }
 
@@ -322,7 +322,7 @@ async fn a_compile_error_early_in_a_long_upload_stops_the_upload() {
     let c = client(&addr, Strategy::SendAll).await;
     let mut src = b"#error early\n".to_vec();
     src.extend(std::iter::repeat_n(b' ', 8 << 20));
-    let d = desc("gcc", &[], Some(src.len()));
+    let d = desc("gcc", &["-c"], Some(src.len()));
     // The fake compiler exits on `#error` at once; a speculative client must stop.
     let c2 = client(&addr, Strategy::Speculative).await;
     let key = CacheKey::compute(&d, &src);
@@ -350,7 +350,7 @@ async fn addresses_outside_the_allow_list_are_refused_with_a_clear_error() {
     );
     let (addr, _stop, _task) = start(&service, "tcp://127.0.0.1:0").await;
     let c = client(&addr, Strategy::Speculative).await;
-    let d = desc("gcc", &["-O2"], None);
+    let d = desc("gcc", &["-O2", "-c"], None);
     let r = c.submit(d, None, Bytes::from_static(b"int x;")).await;
     match r {
         Err(JobError::Connection(e)) => {
@@ -420,7 +420,7 @@ async fn a_store_that_cannot_write_still_returns_every_result() {
         );
         let (addr, _stop, _task) = start(&service, &format!("mem://svc-store-fails-{name}")).await;
         let c = client(&addr, Strategy::Speculative).await;
-        let d = desc("gcc", &["-O2"], None);
+        let d = desc("gcc", &["-O2", "-c"], None);
         let src = Bytes::from_static(b"int stored_nowhere;\n");
         for round in 0..2 {
             let key = CacheKey::compute(&d, &src);
@@ -481,7 +481,7 @@ async fn a_lookup_that_misses_starts_no_compiler_and_a_hit_needs_no_source() {
     );
     let (addr, _stop, _task) = start(&service, "mem://svc-lookup").await;
     let c = client(&addr, Strategy::Speculative).await;
-    let d = desc("gcc", &["-O2"], None);
+    let d = desc("gcc", &["-O2", "-c"], None);
     let src = Bytes::from_static(b"int looked_up;\n");
     let key = CacheKey::compute(&d, &src);
     assert_eq!(c.lookup(d.clone(), key).await.unwrap(), None);
@@ -544,7 +544,7 @@ async fn stopping_the_server_waits_for_results_being_stored() {
     );
     let (addr, stop, task) = start(&service, "mem://svc-flush").await;
     let c = client(&addr, Strategy::Speculative).await;
-    let d = desc("gcc", &[], None);
+    let d = desc("gcc", &["-c"], None);
     let src = Bytes::from_static(b"int kept;\n");
     c.submit(d.clone(), Some(CacheKey::compute(&d, &src)), src)
         .await

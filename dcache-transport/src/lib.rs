@@ -61,6 +61,7 @@ mod options;
 pub mod sim;
 mod stream;
 mod tcp;
+pub mod token;
 mod unix;
 
 pub use address::{Address, AddressError};

@@ -68,7 +68,10 @@ fn a_token_protected_server_serves_only_clients_holding_the_token() {
     // line that says what to fix; the server served nothing.
     for (envs, hint) in [
         (vec![], "DCACHE_TOKEN"),
-        (vec![("DCACHE_TOKEN", "guess")], "DCACHE_TOKEN"),
+        (
+            vec![("DCACHE_TOKEN", "a wrong guess, long enough")],
+            "DCACHE_TOKEN",
+        ),
     ] {
         std::fs::remove_file(dir.path().join("ok.o")).unwrap();
         let out = compile(dir.path(), "gcc", "ok.c", &s.addr, &envs);
@@ -101,6 +104,76 @@ fn a_token_protected_server_serves_only_clients_holding_the_token() {
     );
 }
 
+/// `dcache-server` with `args` that must refuse to start: its exit status and stderr.
+fn refused(args: &[&str]) -> (bool, String) {
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new(common::SERVER)
+        .args(["--listen", "tcp://127.0.0.1:0", "--cache-dir"])
+        .arg(cache.path())
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.success(), stderr(&out))
+}
+
+#[test]
+fn weak_or_exposed_tokens_are_refused_at_start() {
+    let secrets = tempfile::tempdir().unwrap();
+    let short = secrets.path().join("short");
+    std::fs::write(&short, "hunter2\n").unwrap();
+    std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, err) = refused(&["--token-file", short.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("fewer than 16"), "{err}");
+    assert!(err.contains("/dev/urandom"), "says how to make one: {err}");
+    let open = secrets.path().join("open");
+    std::fs::write(&open, "correct horse battery staple\n").unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, err) = refused(&["--token-file", open.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("chmod 600"), "{err}");
+    // The client refuses a short token too, rather than sending a guessable proof.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("t.c"), "int t;\n").unwrap();
+    let out = compile(
+        dir.path(),
+        "gcc",
+        "t.c",
+        "tcp://127.0.0.1:9",
+        &[("DCACHE_TOKEN", "hunter2")],
+    );
+    assert!(stderr(&out).contains("fewer than 16"), "{}", stderr(&out));
+}
+
+#[test]
+fn without_a_sandbox_a_server_beyond_loopback_refuses_to_start() {
+    // A launcher that cannot confine anything stands for a kernel without Landlock.
+    let no_sandbox = ["--sandbox-launcher", "/bin/false"];
+    let (ok, err) = refused(&[&no_sandbox[..], &["--allow", "10.0.0.0/8"]].concat());
+    assert!(!ok);
+    assert!(err.contains("refusing to serve beyond loopback"), "{err}");
+    assert!(err.contains("--insecure-no-sandbox"), "{err}");
+    // --check-sandbox says so and fails; with the real launcher it lists what is active.
+    let out = Command::new(common::SERVER)
+        .args(["--check-sandbox", "--sandbox-launcher", "/bin/false"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NOT AVAILABLE"));
+    let out = Command::new(common::SERVER)
+        .arg("--check-sandbox")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report} {}", stderr(&out));
+    assert!(report.contains("filesystem confined: yes"), "{report}");
+    assert!(report.contains("network unreachable: yes"), "{report}");
+    // Loopback only, the server starts (with a warning) even without a sandbox.
+    let cache = tempfile::tempdir().unwrap();
+    let s = server_on(cache.path(), &no_sandbox, &[]);
+    assert!(s.addr.starts_with("tcp://127.0.0.1:"));
+}
+
 /// A compiler named `cc` that runs gcc, and tells the test when it starts and ends. The
 /// file `delay` next to it holds seconds to sleep before compiling. The server clears the
 /// environment of compilers, so everything it needs is found next to it.
@@ -126,9 +199,17 @@ fn slow_compiler() -> tempfile::TempDir {
 
 fn server_with(cache: &Path, bin: &Path) -> common::Server {
     let path = format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display());
+    // Unconfined: the stand-in compiler signals the test through files beside itself,
+    // outside any job directory, which the sandbox (rightly) forbids.
     server_on(
         cache,
-        &["--allow-compiler", "cc", "--compiler-path", &path],
+        &[
+            "--allow-compiler",
+            "cc",
+            "--compiler-path",
+            &path,
+            "--insecure-no-sandbox",
+        ],
         &[],
     )
 }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use dcache_proto::{AuthKey, Strategy};
+use dcache_transport::token::{TokenError, read_token_file, token_key};
 use dcache_transport::{Address, AddressError};
 
 use crate::ClientOptions;
@@ -50,18 +51,13 @@ pub enum ConfigError {
     /// `DCACHE_CACHE_SIZE` is not a size.
     #[error("DCACHE_CACHE_SIZE: {0}")]
     CacheSize(#[from] SizeError),
-    /// The file `DCACHE_TOKEN_FILE` names cannot be read.
-    #[error("DCACHE_TOKEN_FILE: cannot read {path}: {source}")]
-    TokenFile {
-        /// The file.
-        path: String,
-        /// Why it cannot be read.
-        source: std::io::Error,
-    },
-    /// The file `DCACHE_TOKEN_FILE` names holds no token (an empty token would
-    /// authenticate nobody and silently protect nothing).
-    #[error("DCACHE_TOKEN_FILE: {0} is empty")]
-    EmptyTokenFile(String),
+    /// `DCACHE_TOKEN` is too weak to use (see [`dcache_transport::token`]).
+    #[error("DCACHE_TOKEN: {0}")]
+    Token(#[source] TokenError),
+    /// The file `DCACHE_TOKEN_FILE` names cannot be read, is readable by others, or holds
+    /// too short a token.
+    #[error("DCACHE_TOKEN_FILE: {0}")]
+    TokenFile(#[source] TokenError),
     /// `DCACHE_BASEDIR` is relative: it is compared with the absolute paths in line
     /// markers, so a relative one would match nothing or the wrong place.
     #[error("DCACHE_BASEDIR: {0} is not an absolute path")]
@@ -132,16 +128,9 @@ impl Config {
             None => DEFAULT_CACHE_SIZE,
         };
         let token = match (var("DCACHE_TOKEN"), var("DCACHE_TOKEN_FILE")) {
-            (Some(t), _) => Some(AuthKey::from_token(t.as_bytes())),
+            (Some(t), _) => Some(token_key(t.as_bytes()).map_err(ConfigError::Token)?),
             (None, Some(path)) => {
-                let t = match std::fs::read(&path) {
-                    Ok(t) => t,
-                    Err(source) => return Err(ConfigError::TokenFile { path, source }),
-                };
-                if t.trim_ascii().is_empty() {
-                    return Err(ConfigError::EmptyTokenFile(path));
-                }
-                Some(AuthKey::from_token(&t))
+                Some(read_token_file(Path::new(&path)).map_err(ConfigError::TokenFile)?)
             }
             (None, None) => None,
         };
@@ -320,6 +309,9 @@ mod tests {
         assert!(
             err(&[("DCACHE_TOKEN_FILE", "/nonexistent/t")])
                 .starts_with("DCACHE_TOKEN_FILE: cannot read /nonexistent/t: ")
+        );
+        assert!(
+            err(&[("DCACHE_TOKEN", "hunter2")]).starts_with("DCACHE_TOKEN: the token has 7 bytes")
         );
     }
 }

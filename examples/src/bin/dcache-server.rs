@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 use dcache_examples::util::{init_logging, parse_size, user_cache_dir};
+use dcache_server::exec::ExecLimits;
 use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
+use dcache_server::sandbox::{ResourceLimits, Sandbox};
 use dcache_server::store::{DiskStore, MemoryStore, Store, TieredStore};
 use dcache_server::{Service, ServiceConfig};
 use dcache_transport::{Address, TransportOptions, bind};
@@ -56,24 +58,118 @@ struct Args {
     /// Default: loopback only. Unix-socket clients are always allowed.
     #[arg(long = "allow", value_name = "CIDR")]
     allow: Vec<dcache_server::access::Cidr>,
-    /// File holding a shared token (any text; 32 random bytes, e.g. from
-    /// `head -c 32 /dev/urandom | base64`, recommended). Clients must prove they hold it
-    /// (DCACHE_TOKEN) by challenge-response before any job; it never crosses the wire.
+    /// File holding a shared token of at least 16 bytes, readable by its owner only
+    /// (`head -c 32 /dev/urandom | base64 > FILE && chmod 600 FILE`). Clients must prove
+    /// they hold it (DCACHE_TOKEN) by challenge-response before any job; it never crosses
+    /// the wire.
     #[arg(long, value_name = "PATH")]
     token_file: Option<std::path::PathBuf>,
+    /// Print which sandbox protections this kernel enforces for compiles, and exit
+    /// (status 0 when all that a server beyond loopback requires are active).
+    #[arg(long)]
+    check_sandbox: bool,
+    /// Run compiles unconfined, even beyond loopback and even where the kernel could
+    /// sandbox them. Any client that may connect can then read every file this user can
+    /// read. Only for a compiler that cannot run confined, on a trusted network.
+    #[arg(long)]
+    insecure_no_sandbox: bool,
+    /// A file or directory every sandboxed compile may also read and execute (repeatable):
+    /// a compiler installed with libraries of its own, or a wrapper script's interpreter.
+    #[arg(long = "sandbox-path", value_name = "PATH")]
+    sandbox_paths: Vec<std::path::PathBuf>,
+    /// The program that confines each compile (default: this binary itself).
+    #[arg(long, value_name = "PATH", hide = true)]
+    sandbox_launcher: Option<std::path::PathBuf>,
+    /// Address space of each compiler process, e.g. 4G.
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    limit_memory: u64,
+    /// Largest file a compile may write (object, assembly, temporary files), e.g. 256M.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    limit_output: u64,
+    /// Seconds one compile may take, upload included (wall clock, and CPU time of each
+    /// process).
+    #[arg(long, default_value_t = 300)]
+    limit_time: u64,
+    /// Bytes of stderr (and of stdout) kept per compile; the rest is cut with a note.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    limit_stderr: u64,
     /// Log each job (repeat for more detail).
     #[arg(long, short, action = clap::ArgAction::Count)]
     verbose: u8,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Each compile runs through this very binary as its sandbox launcher: that mode must
+    // start before any thread (namespaces can only be entered single-threaded).
+    dcache_server::sandbox::run_launcher_if_requested();
     let args = Args::parse();
     init_logging(match args.verbose {
         0 => "info",
         1 => "debug",
         _ => "trace",
     });
+    let sandbox = match probe_sandbox(&args) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if args.check_sandbox {
+        return ExitCode::SUCCESS;
+    }
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(serve(args, sandbox)),
+        Err(e) => {
+            eprintln!("dcache-server: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Finds out what the kernel enforces and decides, failing closed: a server that lets any
+/// non-loopback client in never compiles unconfined unless told `--insecure-no-sandbox`.
+fn probe_sandbox(args: &Args) -> Result<Option<Sandbox>, ExitCode> {
+    let launcher = match &args.sandbox_launcher {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(|e| {
+            eprintln!("dcache-server: cannot find its own executable for the sandbox: {e}");
+            ExitCode::FAILURE
+        })?,
+    };
+    let beyond_loopback = args.allow.iter().any(|c| !c.is_loopback());
+    if args.insecure_no_sandbox && !args.check_sandbox {
+        tracing::warn!(
+            "compiles are NOT sandboxed (--insecure-no-sandbox): clients can read this \
+             user's files"
+        );
+        return Ok(None);
+    }
+    match Sandbox::probe(&launcher) {
+        Ok(sandbox) => {
+            if args.check_sandbox {
+                println!("sandbox: {}", sandbox.protections());
+            }
+            tracing::info!("compiles are sandboxed: {}", sandbox.protections());
+            Ok(Some(sandbox))
+        }
+        Err(e) if args.check_sandbox => {
+            println!("sandbox: NOT AVAILABLE: {e}");
+            Err(ExitCode::FAILURE)
+        }
+        Err(e) if beyond_loopback => {
+            eprintln!(
+                "dcache-server: refusing to serve beyond loopback without a compile sandbox: \
+                 {e}\n(--insecure-no-sandbox overrides this; every client could then read \
+                 this user's files)"
+            );
+            Err(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            tracing::warn!("compiles are NOT sandboxed ({e}); serving loopback only");
+            Ok(None)
+        }
+    }
+}
+
+async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
     let dir = args
         .cache_dir
         .clone()
@@ -89,9 +185,22 @@ async fn main() -> ExitCode {
         }
     };
     let store: Arc<dyn Store> = Arc::new(TieredStore::new(MemoryStore::new(256 << 20), disk));
+    let stderr_cap = usize::try_from(args.limit_stderr).unwrap_or(usize::MAX);
     let executor = LocalExecutor::new(LocalExecutorConfig {
         allowed: args.allow_compiler.clone(),
         path: args.compiler_path.clone(),
+        time_limit: std::time::Duration::from_secs(args.limit_time.max(1)),
+        sandbox,
+        sandbox_paths: args.sandbox_paths.clone(),
+        limits: ExecLimits {
+            resources: ResourceLimits {
+                address_space: args.limit_memory,
+                cpu_seconds: args.limit_time.max(1),
+                file_size: args.limit_output,
+            },
+            max_stdout: stderr_cap,
+            max_stderr: stderr_cap,
+        },
         ..LocalExecutorConfig::default()
     });
     if executor.available().is_empty() {
@@ -110,7 +219,7 @@ async fn main() -> ExitCode {
         config.allow = args.allow.clone();
     }
     if let Some(path) = &args.token_file {
-        match read_token(path) {
+        match dcache_transport::token::read_token_file(path) {
             Ok(key) => config.protocol.auth = Some(key),
             Err(e) => {
                 eprintln!("dcache-server: --token-file {}: {e}", path.display());
@@ -171,23 +280,4 @@ async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
-}
-
-/// Reads the token file: it must exist and hold something. A file others can read is
-/// allowed (the operator may have reasons) but warned about, as ssh does for keys.
-fn read_token(path: &std::path::Path) -> Result<dcache_proto::AuthKey, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let token = std::fs::read(path).map_err(|e| e.to_string())?;
-    if token.trim_ascii().is_empty() {
-        return Err("the file is empty".into());
-    }
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(
-                "token file {} is readable by other users; chmod 600 it",
-                path.display()
-            );
-        }
-    }
-    Ok(dcache_proto::AuthKey::from_token(&token))
 }
