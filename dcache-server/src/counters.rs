@@ -39,6 +39,8 @@ counters! {
     compile_failures,
     /// Jobs that waited for an identical compile in flight instead of compiling.
     single_flight_waits,
+    /// Jobs ended because their upload stalled while they held a compile slot.
+    slow_uploads_ended,
     /// Source bytes received.
     source_bytes_received,
     /// Declared source bytes clients never had to send because the result came first.

@@ -17,6 +17,7 @@ mod counters;
 pub mod exec;
 pub mod sandbox;
 mod service;
+mod slots;
 mod spool;
 pub mod store;
 

@@ -12,10 +12,12 @@ use dcache_proto::{
 use dcache_transport::{BoxedStream, Listener, ServerCommand, spawn_server_connection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::AbortHandle;
+use tokio::time::Duration;
 
 use crate::access::Cidr;
 use crate::counters::Counters;
 use crate::exec::{CompilerId, ExecError, Executor, store_key};
+use crate::slots::{ConnId, FairSlots, SlotPermit};
 use crate::spool::{Budget, Spool};
 use crate::store::{Store, StoreKey};
 
@@ -34,6 +36,22 @@ pub struct ServiceConfig {
     /// Address ranges TCP clients may connect from (default: loopback only). Unix-socket
     /// and in-process clients are local and always allowed.
     pub allow: Vec<Cidr>,
+    /// Source bytes that waiting jobs may keep in temporary files, all connections
+    /// together; past it a job's upload is refused with OVERLOADED.
+    pub spool_disk_budget: usize,
+    /// Connections that may be in their handshake at once (a small pool of their own, so
+    /// silent or slow sockets cannot take the places of clients that authenticated; each
+    /// is bounded by the protocol's handshake timeout). More are refused at once.
+    pub max_handshaking: usize,
+    /// Connections one IP address may hold open at once; more are refused at once.
+    pub max_connections_per_address: usize,
+    /// Once a job holds a compile slot while its source still arrives, the slowest upload
+    /// it may keep: fewer bytes than this per second over a whole
+    /// [`upload_check_interval`](Self::upload_check_interval) ends the job (the client
+    /// compiles locally) and gives the slot back.
+    pub min_upload_rate: u64,
+    /// How often the upload rate of a job holding a slot is checked.
+    pub upload_check_interval: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -44,6 +62,11 @@ impl Default for ServiceConfig {
             max_connections: 1024,
             memory_budget: 256 << 20,
             allow: Cidr::loopback(),
+            spool_disk_budget: 4 << 30,
+            max_handshaking: 256,
+            max_connections_per_address: 64,
+            min_upload_rate: 16 << 10,
+            upload_check_interval: Duration::from_secs(10),
         }
     }
 }
@@ -57,8 +80,11 @@ pub struct Service {
     store: Arc<dyn Store>,
     executor: Arc<dyn Executor>,
     config: ServiceConfig,
-    slots: Arc<Semaphore>,
+    slots: Arc<FairSlots>,
     connections: Arc<Semaphore>,
+    handshaking: Arc<Semaphore>,
+    per_address: Mutex<HashMap<std::net::IpAddr, usize>>,
+    next_conn: std::sync::atomic::AtomicU64,
     counters: Counters,
     in_flight: Mutex<HashMap<StoreKey, Flight>>,
     budget: Arc<Budget>,
@@ -84,13 +110,16 @@ impl Service {
         config: ServiceConfig,
     ) -> Arc<Self> {
         Arc::new(Self {
-            slots: Arc::new(Semaphore::new(config.compile_slots.max(1))),
+            slots: FairSlots::new(config.compile_slots.max(1)),
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            handshaking: Arc::new(Semaphore::new(config.max_handshaking.max(1))),
+            per_address: Mutex::new(HashMap::new()),
+            next_conn: std::sync::atomic::AtomicU64::new(0),
             store,
             executor,
             counters: Counters::default(),
             in_flight: Mutex::new(HashMap::new()),
-            budget: Budget::new(config.memory_budget),
+            budget: Budget::new(config.memory_budget, config.spool_disk_budget),
             open: std::sync::atomic::AtomicUsize::new(0),
             storing: watch::Sender::new(0),
             config,
@@ -107,6 +136,10 @@ impl Service {
             ("evictions", s.evictions),
             ("corrupt_entries_dropped", s.corrupt),
             ("waiting_source_bytes_in_memory", self.budget.used() as u64),
+            (
+                "waiting_source_bytes_on_disk",
+                self.budget.disk_used() as u64,
+            ),
             ("connections_open", self.open_connections() as u64),
         ] {
             stats.push(Stat {
@@ -156,15 +189,52 @@ impl Service {
                         if !self.config.allow.iter().any(|c| c.contains(ip)) {
                             Counters::bump(&self.counters.connections_refused);
                             tracing::info!("refused {peer}: not in the allowed address ranges");
-                            tasks.spawn(refuse(stream, ip));
+                            tasks.spawn(refuse(
+                                stream,
+                                ErrorCode::UNAUTHORIZED,
+                                format!(
+                                    "{ip} is not allowed to use this server (see \
+                                     dcache-server --allow)"
+                                ),
+                            ));
                             drop(permit);
                             continue;
                         }
                     }
+                    let address = match peer.ip() {
+                        Some(ip) => match AddressShare::take(self, ip) {
+                            Some(share) => Some(share),
+                            None => {
+                                Counters::bump(&self.counters.connections_refused);
+                                tasks.spawn(refuse(
+                                    stream,
+                                    ErrorCode::OVERLOADED,
+                                    format!(
+                                        "{ip} already has {} connections open",
+                                        self.config.max_connections_per_address
+                                    ),
+                                ));
+                                drop(permit);
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
+                    let Ok(handshake) = self.handshaking.clone().try_acquire_owned() else {
+                        Counters::bump(&self.counters.connections_refused);
+                        tasks.spawn(refuse(
+                            stream,
+                            ErrorCode::OVERLOADED,
+                            "too many connections are in their handshake; try again".into(),
+                        ));
+                        drop(permit);
+                        continue;
+                    };
                     let me = self.clone();
                     let stop = stop_rx.clone();
                     tasks.spawn(async move {
-                        me.handle_connection(stream, stop).await;
+                        me.serve_connection(stream, stop, Some(handshake)).await;
+                        drop(address);
                         drop(permit);
                     });
                 }
@@ -194,13 +264,25 @@ impl Service {
     pub async fn handle_connection(
         self: &Arc<Self>,
         stream: BoxedStream,
+        stop: watch::Receiver<bool>,
+    ) {
+        self.serve_connection(stream, stop, None).await;
+    }
+
+    /// [`handle_connection`](Self::handle_connection), holding `handshake` (a place in
+    /// the handshake pool) until the peer has completed its handshake.
+    async fn serve_connection(
+        self: &Arc<Self>,
+        stream: BoxedStream,
         mut stop: watch::Receiver<bool>,
+        mut handshake: Option<OwnedSemaphorePermit>,
     ) {
         Counters::bump(&self.counters.connections);
         let _open = OpenGuard::new(&self.open);
         let mut conn = spawn_server_connection(stream, self.config.protocol.clone());
         let (internal_tx, mut internal) = mpsc::unbounded_channel();
         let mut actor = Connection {
+            id: self.next_conn.fetch_add(1, Ordering::Relaxed),
             service: self.clone(),
             commands: conn.commands.clone(),
             internal: internal_tx,
@@ -219,7 +301,14 @@ impl Service {
                         }
                         break;
                     }
-                    Some(ev) => actor.on_event(ev),
+                    Some(ev) => {
+                        if matches!(ev, ServerEvent::Connected { .. }) {
+                            // Authenticated and agreed: its place in the handshake pool
+                            // goes to the next newcomer.
+                            drop(handshake.take());
+                        }
+                        actor.on_event(ev);
+                    }
                     None => break,
                 },
                 Some(msg) = internal.recv() => actor.on_internal(msg),
@@ -246,10 +335,9 @@ enum Internal {
         result: Option<JobResult>,
     },
     /// A job whose whole source waited got a compile slot.
-    Slot {
-        job: JobId,
-        permit: OwnedSemaphorePermit,
-    },
+    Slot { job: JobId, permit: SlotPermit },
+    /// Time to check that a job holding a slot still receives its source fast enough.
+    CheckUpload { job: JobId },
     /// A compile finished.
     Compiled {
         job: JobId,
@@ -283,9 +371,15 @@ struct Job {
     leader: Option<watch::Sender<Option<Option<JobResult>>>>,
     task: Option<AbortHandle>,
     done: bool,
+    /// Source bytes received so far, and at the last upload-rate check.
+    received: u64,
+    received_at_check: u64,
+    /// The ticker of upload-rate checks while the job streams into a compile slot.
+    watchdog: Option<AbortHandle>,
 }
 
 struct Connection {
+    id: ConnId,
     service: Arc<Service>,
     commands: mpsc::UnboundedSender<ServerCommand>,
     internal: mpsc::UnboundedSender<Internal>,
@@ -315,6 +409,9 @@ impl Connection {
                             leader: None,
                             task: None,
                             done: false,
+                            received: 0,
+                            received_at_check: 0,
+                            watchdog: None,
                         },
                     );
                 }
@@ -335,6 +432,7 @@ impl Connection {
                 let Some(j) = self.jobs.get_mut(&job) else {
                     return;
                 };
+                j.received += data.len() as u64;
                 match &j.feed {
                     Feed::Streaming(tx) => {
                         let _ = tx.send(data);
@@ -511,6 +609,7 @@ impl Connection {
                     self.start_compile(job, permit, true);
                 }
             }
+            Internal::CheckUpload { job } => self.check_upload(job),
             Internal::Compiled { job, result } => {
                 let Some(mut j) = self.jobs.remove(&job) else {
                     return;
@@ -595,27 +694,28 @@ impl Connection {
         if !complete && (j.claimed.is_none() || j.spool.as_ref().is_some_and(Spool::spilled)) {
             return;
         }
-        match self.service.slots.clone().try_acquire_owned() {
-            Ok(permit) => self.start_compile(job, permit, complete),
-            Err(_) if complete => {
-                // Queue for a slot; the source stays in the spool until one is granted.
-                let slots = self.service.slots.clone();
+        match self.service.slots.try_acquire() {
+            Some(permit) => self.start_compile(job, permit, complete),
+            None if complete => {
+                // Queue for a slot, in this connection's turn; the source stays in the
+                // spool until one is granted.
+                let waiting = self.service.slots.acquire(self.id);
                 let internal = self.internal.clone();
                 let handle = tokio::spawn(async move {
-                    if let Ok(permit) = slots.acquire_owned().await {
+                    if let Ok(permit) = waiting.await {
                         let _ = internal.send(Internal::Slot { job, permit });
                     }
                 });
                 j.task = Some(handle.abort_handle());
             }
             // No slot yet and more source to come: keep spooling.
-            Err(_) => {}
+            None => {}
         }
     }
 
     /// Runs the compile of `job` in a slot, fed from its spool and then, unless the source
     /// is `complete`, from the chunks still arriving.
-    fn start_compile(&mut self, job: JobId, permit: OwnedSemaphorePermit, complete: bool) {
+    fn start_compile(&mut self, job: JobId, permit: SlotPermit, complete: bool) {
         let Some(j) = self.jobs.get_mut(&job) else {
             return;
         };
@@ -626,6 +726,21 @@ impl Connection {
         j.feed = if complete {
             Feed::Closed
         } else {
+            // The slot is held while the rest of the source arrives: watch that it does.
+            let interval = self.service.config.upload_check_interval;
+            let internal = self.internal.clone();
+            j.received_at_check = j.received;
+            let ticker = tokio::spawn(async move {
+                let mut tick =
+                    tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+                loop {
+                    tick.tick().await;
+                    if internal.send(Internal::CheckUpload { job }).is_err() {
+                        return;
+                    }
+                }
+            });
+            j.watchdog = Some(ticker.abort_handle());
             Feed::Streaming(tx)
         };
         let service = self.service.clone();
@@ -639,6 +754,44 @@ impl Connection {
         j.task = Some(handle.abort_handle());
     }
 
+    /// Ends a job whose upload, while it holds a compile slot, fell below the minimum
+    /// rate: the slot goes to someone else, the client compiles locally.
+    fn check_upload(&mut self, job: JobId) {
+        let config = &self.service.config;
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        if !matches!(j.feed, Feed::Streaming(_)) {
+            if let Some(w) = j.watchdog.take() {
+                w.abort();
+            }
+            return;
+        }
+        let want = config
+            .min_upload_rate
+            .saturating_mul(config.upload_check_interval.as_millis() as u64)
+            / 1000;
+        let got = j.received - j.received_at_check;
+        j.received_at_check = j.received;
+        if got >= want {
+            return;
+        }
+        Counters::bump(&self.service.counters.slow_uploads_ended);
+        let rate = config.min_upload_rate;
+        if let Some(j) = self.jobs.remove(&job) {
+            finish_job(&self.service, j, None);
+        }
+        self.send(ServerCommand::Abort {
+            job,
+            code: ErrorCode::TIMEOUT,
+            message: format!(
+                "the upload slowed below {rate} bytes/s while holding a compile slot \
+                 ({got} bytes in {:?}); the slot was given to another job",
+                config.upload_check_interval
+            ),
+        });
+    }
+
     fn abort_all(&mut self) {
         for (_, j) in self.jobs.drain() {
             finish_job(&self.service, j, None);
@@ -649,6 +802,9 @@ impl Connection {
 /// Ends a job's local state: stops its task and, if it led a single-flight group,
 /// publishes its result (or failure) and removes the group.
 fn finish_job(service: &Service, j: Job, published: Option<&JobResult>) {
+    if let Some(w) = &j.watchdog {
+        w.abort();
+    }
     if let Some(task) = &j.task {
         if !j.done {
             task.abort();
@@ -662,12 +818,9 @@ fn finish_job(service: &Service, j: Job, published: Option<&JobResult>) {
 
 /// Tells a refused peer why, in an ERROR frame, and closes. Best effort, bounded in time:
 /// a refused peer gets no more of the server than this.
-async fn refuse(mut stream: dcache_transport::BoxedStream, ip: std::net::IpAddr) {
+async fn refuse(mut stream: dcache_transport::BoxedStream, code: ErrorCode, message: String) {
     use tokio::io::AsyncWriteExt;
-    let frame = dcache_proto::Frame::Error {
-        code: ErrorCode::UNAUTHORIZED,
-        message: format!("{ip} is not allowed to use this server (see dcache-server --allow)"),
-    };
+    let frame = dcache_proto::Frame::Error { code, message };
     if let Ok(bytes) = frame.to_bytes(dcache_proto::Limits::BASELINE.max_frame_payload) {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
             let _ = stream.write_all(&bytes).await;
@@ -686,6 +839,40 @@ fn send(commands: &mpsc::UnboundedSender<ServerCommand>, cmd: ServerCommand) {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Critical sections are single map operations; poisoning cannot leave them torn.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One connection's place in its address's count, given back when dropped.
+struct AddressShare {
+    service: Arc<Service>,
+    ip: std::net::IpAddr,
+}
+
+impl AddressShare {
+    /// A place for one more connection from `ip`, if it has fewer than the limit.
+    fn take(service: &Arc<Service>, ip: std::net::IpAddr) -> Option<Self> {
+        let mut map = lock(&service.per_address);
+        let n = map.entry(ip).or_insert(0);
+        if *n >= service.config.max_connections_per_address.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            service: service.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressShare {
+    fn drop(&mut self) {
+        let mut map = lock(&self.service.per_address);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Counts a connection as open for as long as it lives, however its handler ends.

@@ -16,31 +16,46 @@ use tokio::sync::mpsc;
 /// Read size when replaying a spilled source into a compiler.
 const REPLAY_CHUNK: usize = 64 * 1024;
 
-/// The server-wide allowance of source bytes held in memory by waiting jobs.
+/// The server-wide allowances of source bytes held by waiting jobs: in memory, and in
+/// temporary files once memory is spent. Past both, a job's upload is refused (the
+/// service answers OVERLOADED) rather than filling the disk.
 #[derive(Debug)]
 pub(crate) struct Budget {
     used: AtomicUsize,
     limit: usize,
+    disk_used: AtomicUsize,
+    disk_limit: usize,
+}
+
+fn try_take(counter: &AtomicUsize, limit: usize, n: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+            (u.saturating_add(n) <= limit).then_some(u + n)
+        })
+        .is_ok()
 }
 
 impl Budget {
-    pub(crate) fn new(limit: usize) -> Arc<Self> {
+    pub(crate) fn new(limit: usize, disk_limit: usize) -> Arc<Self> {
         Arc::new(Self {
             used: AtomicUsize::new(0),
             limit,
+            disk_used: AtomicUsize::new(0),
+            disk_limit,
         })
     }
 
     fn try_take(&self, n: usize) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                (u + n <= self.limit).then_some(u + n)
-            })
-            .is_ok()
+        try_take(&self.used, self.limit, n)
     }
 
     fn give_back(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Bytes waiting in temporary files now.
+    pub(crate) fn disk_used(&self) -> usize {
+        self.disk_used.load(Ordering::Acquire)
     }
 
     /// Bytes held in memory now.
@@ -56,11 +71,32 @@ pub(crate) struct Spool {
     chunks: Vec<Bytes>,
     in_memory: usize,
     file: Option<File>,
+    disk: DiskShare,
+}
+
+/// Bytes of the disk allowance one spilled source holds, given back when dropped (after
+/// its replay, or with the job).
+#[derive(Debug)]
+struct DiskShare {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Drop for DiskShare {
+    fn drop(&mut self) {
+        self.budget
+            .disk_used
+            .fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 impl Spool {
     pub(crate) fn new(budget: Arc<Budget>) -> Self {
         Self {
+            disk: DiskShare {
+                budget: budget.clone(),
+                bytes: 0,
+            },
             budget,
             chunks: Vec::new(),
             in_memory: 0,
@@ -79,6 +115,13 @@ impl Spool {
             self.chunks.push(Bytes::copy_from_slice(&data));
             return Ok(());
         }
+        if !try_take(&self.budget.disk_used, self.budget.disk_limit, data.len()) {
+            return Err(std::io::Error::other(format!(
+                "the {} bytes of disk for waiting uploads are in use",
+                self.budget.disk_limit
+            )));
+        }
+        self.disk.bytes += data.len();
         let file = match &mut self.file {
             Some(f) => f,
             None => self.file.insert(tempfile::tempfile()?),
@@ -107,7 +150,15 @@ impl Spool {
         self.budget.give_back(std::mem::take(&mut self.in_memory));
         if let Some(mut file) = self.file.take() {
             let tx = tx.clone();
+            let disk = std::mem::replace(
+                &mut self.disk,
+                DiskShare {
+                    budget: self.budget.clone(),
+                    bytes: 0,
+                },
+            );
             tokio::task::spawn_blocking(move || {
+                let _disk = disk;
                 if file.seek(SeekFrom::Start(0)).is_err() {
                     return;
                 }
