@@ -9,7 +9,7 @@ use crate::auth::{self, AuthKey, FEATURE_AUTH, Nonce};
 use crate::decoder::FrameDecoder;
 use crate::error::{CommandError, ConnectionError};
 use crate::error_code::ErrorCode;
-use crate::frame::{Frame, Hello, JobId, Limits, ResultHead, Stat};
+use crate::frame::{Frame, Hello, JobId, Limits, ResultHead, ResultOrigin, Stat};
 use crate::handshake::{check_peer_limits, clamp_own_limits, negotiate};
 use crate::job::{JobDesc, JobResult, OutputFile};
 use crate::key::CacheKey;
@@ -96,12 +96,10 @@ impl Default for ClientConfig {
 pub struct JobOutcome {
     /// The compiler's output.
     pub result: JobResult,
-    /// Whether the server answered from its cache before the upload finished
-    /// (EARLY_RESULT).
-    pub early: bool,
-    /// Whether the result came from the server's cache at all (a hit: early, or after a
-    /// HASH-less upload) rather than from a compile for this job (a miss).
-    pub cached: bool,
+    /// Where the result came from: compiled for this job (a miss), found in the cache
+    /// after a HASH-less upload, or found in answer to HASH before the upload finished
+    /// (EARLY_RESULT). See [`ResultOrigin::is_cached`] and [`ResultOrigin::is_early`].
+    pub origin: ResultOrigin,
     /// The strategy the job ran with.
     pub strategy: Strategy,
     /// Source bytes put on the wire for this job.
@@ -179,8 +177,7 @@ enum Download {
     /// A result head arrived; the body is being assembled.
     Receiving {
         head: ResultHead,
-        early: bool,
-        cached: bool,
+        origin: ResultOrigin,
         body: BytesMut,
         total: u64,
     },
@@ -722,12 +719,11 @@ impl ClientConnection {
             Frame::Miss { job } => self.on_miss(job)?,
             Frame::Result {
                 job,
-                early,
-                cached,
+                origin,
                 head,
                 body,
                 fin,
-            } => self.on_result(job, (early, cached), head, body, fin)?,
+            } => self.on_result(job, origin, head, body, fin)?,
             Frame::Data { job, data, fin } => self.on_data(job, data, fin)?,
             Frame::Abort { job, code, message } => self.on_abort(job, code, message)?,
             other => {
@@ -809,7 +805,7 @@ impl ClientConnection {
     fn on_result(
         &mut self,
         job: JobId,
-        (early, cached): (bool, bool),
+        origin: ResultOrigin,
         head: ResultHead,
         body: Bytes,
         fin: bool,
@@ -819,7 +815,7 @@ impl ClientConnection {
         if !matches!(j.download, Download::Waiting) {
             return Err(unexpected(format!("second result for {job}")));
         }
-        if early && (j.key.is_none() || j.verdict) {
+        if origin.is_early() && (j.key.is_none() || j.verdict) {
             return Err(unexpected(format!(
                 "EARLY_RESULT for {job} that sent no HASH or already had its verdict"
             )));
@@ -848,8 +844,7 @@ impl ClientConnection {
         buf.extend_from_slice(&body);
         j.download = Download::Receiving {
             head,
-            early,
-            cached,
+            origin,
             body: buf,
             total,
         };
@@ -917,11 +912,7 @@ impl ClientConnection {
             return;
         };
         let Download::Receiving {
-            head,
-            early,
-            cached,
-            body,
-            ..
+            head, origin, body, ..
         } = std::mem::replace(&mut j.download, Download::Closed)
         else {
             return;
@@ -946,8 +937,7 @@ impl ClientConnection {
                     stderr,
                     outputs,
                 },
-                early,
-                cached,
+                origin,
                 strategy: j.strategy,
                 source_bytes_sent: j.sent,
                 source_bytes_skipped: j.total_len().saturating_sub(j.sent),

@@ -14,7 +14,7 @@ use crate::testing::{Pair, ReferenceServer, reference_compile};
 use crate::{
     AuthKey, CacheKey, ClientConfig, ClientConnection, ClientEvent, DecodeError, FEATURE_AUTH,
     Frame, FrameDecoder, FrameHeader, FrameType, HEADER_LEN, Hello, JobDesc, JobId, KeyHasher,
-    Limits, MAX_OUTPUTS, ServerConfig, ServerConnection, ServerEvent, Strategy,
+    Limits, MAX_OUTPUTS, ResultOrigin, ServerConfig, ServerConnection, ServerEvent, Strategy,
 };
 
 /// The payload limit the decoding targets use: small, so length checks are reached.
@@ -564,7 +564,7 @@ fn client_run(data: &[u8]) -> Vec<ClientEvent> {
                     let j = job_event(&mut jobs, job, "Done");
                     j.ended = true;
                     assert_eq!(outcome.strategy, j.strategy);
-                    if outcome.early {
+                    if outcome.origin.is_early() {
                         assert!(j.strategy != Strategy::SendAll && !j.missed, "bad early");
                     }
                     let len = CLIENT_SOURCE.len() as u64;
@@ -1004,8 +1004,11 @@ mod seeds {
         };
         let result = |job, early| Frame::Result {
             job: JobId(job),
-            early,
-            cached: early,
+            origin: if early {
+                ResultOrigin::Early
+            } else {
+                ResultOrigin::Compiled
+            },
             head: head.clone(),
             body: Bytes::from_static(b"w\n"),
             fin: false,
@@ -1044,8 +1047,7 @@ mod seeds {
                 data(2),
                 Frame::Result {
                     job: JobId(1),
-                    early: false,
-                    cached: false,
+                    origin: ResultOrigin::Compiled,
                     head: ResultHead {
                         exit_code: 1,
                         ..ResultHead::default()

@@ -26,7 +26,7 @@ pub use error::{CommandError, ConnectionError, DecodeError, FrameError};
 pub use error_code::ErrorCode;
 pub use frame::{
     EncodedFrame, Frame, HELLO_MAGIC, Hello, JobId, Limits, MAX_ARGS, MAX_OUTPUT_NAME, MAX_OUTPUTS,
-    MAX_STATS, OutputMeta, ResultHead, Stat,
+    MAX_STATS, OutputMeta, ResultHead, ResultOrigin, Stat,
 };
 pub use frame_type::{Flags, FrameType};
 pub use header::{FrameHeader, HEADER_LEN};
@@ -44,7 +44,7 @@ mod outbox;
 mod server;
 
 pub use client::{ClientConfig, ClientConnection, ClientEvent, JobOutcome, Strategy};
-pub use server::{ConnStats, ResultOrigin, ServerConfig, ServerConnection, ServerEvent};
+pub use server::{ConnStats, ServerConfig, ServerConnection, ServerEvent};
 
 pub mod testing;
 

@@ -12,42 +12,13 @@ use crate::client::{
 use crate::decoder::FrameDecoder;
 use crate::error::{CommandError, ConnectionError};
 use crate::error_code::ErrorCode;
-use crate::frame::{Frame, Hello, JobId, Limits, OutputMeta, ResultHead, Stat};
+use crate::frame::{Frame, Hello, JobId, Limits, OutputMeta, ResultHead, ResultOrigin, Stat};
 use crate::handshake::{check_peer_limits, clamp_own_limits, negotiate};
 use crate::header::HEADER_LEN;
 use crate::job::{JobDesc, JobResult};
 use crate::key::{CacheKey, KeyHasher};
 use crate::outbox::{Outbox, Segments};
 use crate::{VERSION_MAX, VERSION_MIN};
-
-/// Where a result comes from, which decides the frame that carries it and what the client
-/// learns: hit or miss, early or not.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ResultOrigin {
-    /// Compiled for this job (or a compile that failed): RESULT.
-    Compiled,
-    /// Found in the cache by the key of the source received, after the upload (a job
-    /// without HASH): RESULT with the CACHED flag.
-    Cache,
-    /// Found in the cache in answer to HASH: EARLY_RESULT, while the source may still be
-    /// in flight.
-    Early,
-}
-
-impl ResultOrigin {
-    /// The frame that starts a result of this origin.
-    fn frame(self, job: JobId, head: ResultHead, body: Bytes, fin: bool) -> Frame {
-        Frame::Result {
-            job,
-            early: self == Self::Early,
-            cached: self != Self::Compiled,
-            head,
-            body,
-            fin,
-        }
-    }
-}
 
 /// Settings of a [`ServerConnection`].
 #[derive(Clone, Debug)]
@@ -212,6 +183,10 @@ enum Download {
 
 #[derive(Debug)]
 struct Job {
+    /// Whether the client sent HASH for this job: only then is a verdict (MISS or an early
+    /// result) owed. Kept apart from the upload state, which forgets the claim once the
+    /// upload ends.
+    hashed: bool,
     upload: Upload,
     download: Download,
     declared: Option<u64>,
@@ -347,15 +322,9 @@ impl ServerConnection {
     /// Answers a [`ServerEvent::Lookup`] with a miss: the client keeps (or starts) sending.
     pub fn send_miss(&mut self, job: JobId) -> Result<(), CommandError> {
         let j = self.job_mut(job)?;
-        let claimed = matches!(
-            j.upload,
-            Upload::Receiving {
-                claimed: Some(_),
-                ..
-            }
-        ) || matches!(j.upload, Upload::Draining | Upload::Closed);
+        let hashed = j.hashed;
         match &mut j.download {
-            Download::Open { verdict_sent } if !*verdict_sent && claimed => {
+            Download::Open { verdict_sent } if !*verdict_sent && hashed => {
                 *verdict_sent = true;
             }
             Download::Closed => return Ok(()),
@@ -399,10 +368,10 @@ impl ServerConnection {
                 });
             }
             Download::Open { verdict_sent } => {
-                if early && verdict_sent {
+                if early && (verdict_sent || !j.hashed) {
                     return Err(CommandError::WrongState {
                         job: job.0,
-                        why: "early result after a verdict",
+                        why: "an early result needs a HASH and no verdict yet",
                     });
                 }
             }
@@ -421,9 +390,14 @@ impl ServerConnection {
                 .collect(),
         };
         // Validate names and sizes now, so the command fails rather than the connection.
-        origin
-            .frame(job, head.clone(), Bytes::new(), result.body_len() == 0)
-            .encode(Limits::BASELINE.max_frame_payload)?;
+        Frame::Result {
+            job,
+            origin,
+            head: head.clone(),
+            body: Bytes::new(),
+            fin: result.body_len() == 0,
+        }
+        .encode(Limits::BASELINE.max_frame_payload)?;
         let mut body = Segments::default();
         body.push(result.stdout.clone());
         body.push(result.stderr.clone());
@@ -611,7 +585,13 @@ impl ServerConnection {
                             .map(|o| 10 + o.name.len())
                             .sum::<usize>();
                     let first = body.take(chunk.saturating_sub(head_len));
-                    origin.frame(JobId(id), head, first, body.is_empty())
+                    Frame::Result {
+                        job: JobId(id),
+                        origin,
+                        head,
+                        body: first,
+                        fin: body.is_empty(),
+                    }
                 }
                 None => {
                     let data = body.take(chunk);
@@ -827,6 +807,7 @@ impl ServerConnection {
             self.jobs.insert(
                 job.0,
                 Job {
+                    hashed: false,
                     upload: Upload::Draining,
                     download: Download::Closed,
                     declared: desc.source_len,
@@ -840,6 +821,7 @@ impl ServerConnection {
         self.jobs.insert(
             job.0,
             Job {
+                hashed: false,
                 upload: Upload::Receiving {
                     hasher: Box::new(KeyHasher::new(&desc)),
                     claimed: None,
@@ -883,6 +865,7 @@ impl ServerConnection {
                 )));
             }
             *claimed = Some(key);
+            j.hashed = true;
             self.events.push_back(ServerEvent::Lookup { job, key });
         }
         Ok(())

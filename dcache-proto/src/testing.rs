@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::client::{ClientConfig, ClientConnection, ClientEvent};
+use crate::frame::ResultOrigin;
 use crate::frame::{JobId, Stat};
 use crate::job::{JobDesc, JobResult, OutputFile};
 use crate::key::CacheKey;
-use crate::server::{ResultOrigin, ServerConfig, ServerConnection, ServerEvent};
+use crate::server::{ServerConfig, ServerConnection, ServerEvent};
 
 /// A small deterministic generator (xorshift64*), so runs are reproducible from a seed
 /// without a dependency.

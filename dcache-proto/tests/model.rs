@@ -156,13 +156,13 @@ proptest! {
                 Some(ClientEvent::Done { outcome, .. }) => {
                     prop_assert_eq!(&outcome.result, &reference_compile(&e.desc, &e.src));
                     if e.cached_at_submit && strat != Plan::SendAll && !e.cancelled {
-                        prop_assert!(outcome.early, "{job} was cached but not answered early");
+                        prop_assert!(outcome.origin.is_early(), "{job} was cached but not answered early");
                     }
                     if strat == Plan::SendAll {
-                        prop_assert!(!outcome.early);
+                        prop_assert!(!outcome.origin.is_early());
                         prop_assert_eq!(outcome.source_bytes_sent, e.src.len() as u64);
                     }
-                    if strat == Plan::AskFirst && outcome.early {
+                    if strat == Plan::AskFirst && outcome.origin.is_early() {
                         prop_assert_eq!(outcome.source_bytes_sent, 0);
                     }
                     prop_assert_eq!(

@@ -60,7 +60,7 @@ fn warm(p: &mut Pair, d: &JobDesc, src: &Bytes) {
     let job = p.submit(d.clone(), src.clone()).expect("submit");
     p.run_until_job_ends(job, 100_000)
         .expect("warm-up job ended");
-    assert!(!outcome(p, job).early);
+    assert!(!outcome(p, job).origin.is_early());
 }
 
 #[test]
@@ -79,7 +79,7 @@ fn miss_then_hit_with_early_result_stops_a_large_upload() {
         p.run_until_job_ends(job, 100_000).unwrap();
         let o = outcome(&p, job);
         assert!(
-            o.early,
+            o.origin.is_early(),
             "second identical job must be answered by EARLY_RESULT"
         );
         assert_eq!(o.result, reference_compile(&d, &src));
@@ -123,8 +123,8 @@ fn miss_compiles_and_returns_the_result() {
         let job = p.submit(d.clone(), src.clone()).unwrap();
         p.run_until_job_ends(job, 100_000).unwrap();
         let o = outcome(&p, job);
-        assert!(!o.early);
-        assert!(!o.cached, "a miss is not from the cache");
+        assert!(!o.origin.is_early());
+        assert!(!o.origin.is_cached(), "a miss is not from the cache");
         assert_eq!(o.strategy, strategy);
         assert_eq!(o.result, reference_compile(&d, &src));
         assert_eq!(o.source_bytes_sent, src.len() as u64);
@@ -147,9 +147,16 @@ fn every_strategy_knows_a_hit_from_a_miss() {
         let job = p.submit(d.clone(), src.clone()).unwrap();
         p.run_until_job_ends(job, 100_000).unwrap();
         let o = outcome(&p, job);
-        assert!(o.cached, "{strategy:?}: the second run is a hit");
+        assert!(
+            o.origin.is_cached(),
+            "{strategy:?}: the second run is a hit"
+        );
         // Only a job that sent HASH can be answered before its upload ends.
-        assert_eq!(o.early, strategy != Strategy::SendAll, "{strategy:?}");
+        assert_eq!(
+            o.origin.is_early(),
+            strategy != Strategy::SendAll,
+            "{strategy:?}"
+        );
         assert_eq!(o.result, reference_compile(&d, &src));
     }
 }
@@ -164,7 +171,7 @@ fn ask_first_waits_for_the_verdict_and_sends_nothing_on_a_hit() {
     let job = p.submit(d.clone(), src.clone()).unwrap();
     p.run_until_job_ends(job, 100_000).unwrap();
     let o = outcome(&p, job);
-    assert!(o.early);
+    assert!(o.origin.is_early());
     assert_eq!(o.source_bytes_sent, 0);
     // JOB, HASH and the closing ABORT only.
     assert!(p.c2s.bytes_sent - before < 200);
@@ -370,7 +377,7 @@ fn a_compile_error_comes_back_with_its_status_and_is_not_cached() {
         p.run_until_job_ends(job, 100_000).unwrap();
         let o = outcome(&p, job);
         assert_eq!(o.result.exit_code, 1);
-        assert!(!o.early);
+        assert!(!o.origin.is_early());
     }
     assert_eq!(p.app.compiles, 2);
 }
@@ -551,4 +558,43 @@ fn oversized_source_is_refused_before_upload() {
     assert!(p.run(100_000));
     assert!(p.c2s.bytes_sent < 1 << 20);
     assert_eq!(p.server.jobs_open(), 0);
+}
+
+/// A verdict is owed only to a job that sent HASH: after a HASH-less upload has ended the
+/// server refuses both MISS and an early result instead of sending the client a frame it
+/// must treat as a protocol error.
+#[test]
+fn verdicts_are_refused_for_a_job_without_hash() {
+    let mut p = pair(Strategy::SendAll, 1, 0, 9);
+    // Hold the compile so the job stays open after its upload has ended.
+    p.app.compile_time = Duration::from_secs(1);
+    let src = source(100, 3);
+    let job = p.client.start_job(p.now, desc(1), None).unwrap();
+    p.client.push_source(job, src, true).unwrap();
+    let mut ended = false;
+    for _ in 0..100 {
+        p.run(1);
+        ended |= p
+            .server_events
+            .iter()
+            .any(|(_, e)| matches!(e, ServerEvent::SourceDone { .. }));
+        if ended {
+            break;
+        }
+    }
+    assert!(ended, "the upload never ended");
+    assert!(
+        p.server.send_miss(job).is_err(),
+        "MISS for a job without HASH"
+    );
+    let r = reference_compile(&desc(1), b"x");
+    assert!(
+        p.server
+            .send_result(job, &r, dcache_proto::ResultOrigin::Early)
+            .is_err(),
+        "early result for a job without HASH"
+    );
+    p.advance(Duration::from_secs(2));
+    let o = outcome(&p, job);
+    assert_eq!(o.origin, dcache_proto::ResultOrigin::Compiled);
 }

@@ -264,9 +264,7 @@ where
     };
     let owner = ClientOwner {
         commands: rx,
-        jobs: HashMap::new(),
-        lookups: std::collections::HashSet::new(),
-        tokens: HashMap::new(),
+        pending: HashMap::new(),
         stats: VecDeque::new(),
         closed: false,
     };
@@ -293,20 +291,33 @@ type OutcomeReceiver = oneshot::Receiver<Result<JobOutcome, JobError>>;
 
 struct ClientOwner {
     commands: mpsc::UnboundedReceiver<Command>,
-    jobs: HashMap<JobId, (u64, Reply)>,
-    /// Jobs that are lookups: cancelled on MISS.
-    lookups: std::collections::HashSet<JobId>,
-    tokens: HashMap<u64, JobId>,
+    /// Open jobs by id: the one map, so nothing is kept in sync by hand. Events (the hot
+    /// path) find their job directly; the rarer commands that name a handle's token
+    /// (more source, cancel) scan it.
+    pending: HashMap<JobId, Pending>,
     stats: VecDeque<oneshot::Sender<Result<Vec<Stat>, JobError>>>,
     closed: bool,
 }
 
+/// A job a handle waits for.
+struct Pending {
+    /// The handle's name for the job, given before the job had an id.
+    token: u64,
+    /// A lookup: cancelled on MISS and answered [`JobError::NotCached`].
+    lookup: bool,
+    reply: Reply,
+}
+
 impl ClientOwner {
+    fn job_of(&self, token: u64) -> Option<JobId> {
+        self.pending
+            .iter()
+            .find_map(|(&job, p)| (p.token == token).then_some(job))
+    }
+
     fn finish(&mut self, job: JobId, result: Result<JobOutcome, JobError>) {
-        self.lookups.remove(&job);
-        if let Some((token, reply)) = self.jobs.remove(&job) {
-            self.tokens.remove(&token);
-            let _ = reply.send(result);
+        if let Some(p) = self.pending.remove(&job) {
+            let _ = p.reply.send(result);
         }
     }
 }
@@ -316,7 +327,7 @@ impl Owner<ClientConnection> for ClientOwner {
 
     async fn on_event(&mut self, machine: &mut ClientConnection, event: ClientEvent) {
         match event {
-            ClientEvent::Miss { job } if self.lookups.contains(&job) => {
+            ClientEvent::Miss { job } if self.pending.get(&job).is_some_and(|p| p.lookup) => {
                 let _ = machine.cancel(job);
                 self.finish(job, Err(JobError::NotCached));
             }
@@ -332,11 +343,9 @@ impl Owner<ClientConnection> for ClientOwner {
             ClientEvent::Closed { error } => {
                 self.closed = true;
                 let err = error.map_or(JobError::Closed, JobError::Connection);
-                for (_, (_, reply)) in self.jobs.drain() {
-                    let _ = reply.send(Err(err.clone()));
+                for (_, p) in self.pending.drain() {
+                    let _ = p.reply.send(Err(err.clone()));
                 }
-                self.tokens.clear();
-                self.lookups.clear();
                 for reply in self.stats.drain(..) {
                     let _ = reply.send(Err(err.clone()));
                 }
@@ -376,11 +385,15 @@ impl Owner<ClientConnection> for ClientOwner {
                         if how == Submit::Whole {
                             let _ = machine.push_source(job, source, true);
                         }
-                        self.jobs.insert(job, (token, reply));
-                        self.tokens.insert(token, job);
-                        if how == Submit::Lookup {
-                            self.lookups.insert(job);
-                        }
+                        let lookup = how == Submit::Lookup;
+                        self.pending.insert(
+                            job,
+                            Pending {
+                                token,
+                                lookup,
+                                reply,
+                            },
+                        );
                     }
                     Err(e) => {
                         let _ = reply.send(Err(JobError::Rejected(e.to_string())));
@@ -388,16 +401,15 @@ impl Owner<ClientConnection> for ClientOwner {
                 }
             }
             Command::Push { token, data, fin } => {
-                if let Some(&job) = self.tokens.get(&token) {
+                if let Some(job) = self.job_of(token) {
                     // Refused only when the job already has its answer (a result needs no
                     // more source) or is gone: nothing to do either way.
                     let _ = machine.push_source(job, data, fin);
                 }
             }
             Command::Cancel { token } => {
-                if let Some(job) = self.tokens.remove(&token) {
-                    self.jobs.remove(&job);
-                    self.lookups.remove(&job);
+                if let Some(job) = self.job_of(token) {
+                    self.pending.remove(&job);
                     let _ = machine.cancel(job);
                 }
             }
@@ -413,10 +425,9 @@ impl Owner<ClientConnection> for ClientOwner {
     fn on_owner_gone(&mut self, machine: &mut ClientConnection) {
         // Every handle is gone, so nobody waits for the open jobs: cancel them, and close
         // cleanly once the server has acknowledged.
-        for (job, _) in self.jobs.drain() {
+        for (job, _) in self.pending.drain() {
             let _ = machine.cancel(job);
         }
-        self.tokens.clear();
         machine.shutdown();
     }
 }
