@@ -6,14 +6,14 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::auth::{self, AuthKey, FEATURE_AUTH, Nonce};
-use crate::decoder::FrameDecoder;
+use crate::conn::{self, Connection, Core, CoreJob, Endpoint, internal, protocol, unexpected};
 use crate::error::{CommandError, ConnectionError};
 use crate::error_code::ErrorCode;
 use crate::frame::{Frame, Hello, JobId, Limits, ResultHead, ResultOrigin, Stat};
 use crate::handshake::{check_peer_limits, clamp_own_limits, negotiate};
 use crate::job::{JobDesc, JobResult, OutputFile};
 use crate::key::CacheKey;
-use crate::outbox::{Outbox, Segments};
+use crate::outbox::Segments;
 use crate::{VERSION_MAX, VERSION_MIN};
 
 /// How a client uses HASH. All three run on the same code so they can be compared.
@@ -186,7 +186,7 @@ enum Download {
 }
 
 #[derive(Debug)]
-struct Job {
+pub(crate) struct Job {
     desc: JobDesc,
     key: Option<CacheKey>,
     strategy: Strategy,
@@ -238,16 +238,10 @@ impl Job {
 pub struct ClientConnection {
     config: ClientConfig,
     state: State,
-    decoder: FrameDecoder,
-    inbuf: BytesMut,
-    outbox: Outbox,
-    events: VecDeque<ClientEvent>,
-    peer: Limits,
+    core: Core<Job, ClientEvent>,
     next_job: u32,
-    jobs: BTreeMap<u32, Job>,
     announced: usize,
     waiting: VecDeque<u32>,
-    ready: VecDeque<u32>,
     stats_pending: u32,
     /// GOAWAY's `last_job`, once received: jobs above it were not accepted, and an ABORT
     /// the server sent for one of them may still arrive after we have dropped it.
@@ -276,7 +270,7 @@ impl ClientConnection {
     fn build(mut config: ClientConfig, now: Instant, nonce: Option<Nonce>) -> Self {
         config.limits = clamp_own_limits(config.limits);
         config.chunk_size = config.chunk_size.max(1);
-        let mut outbox = Outbox::default();
+        let mut core = Core::new(config.limits.max_frame_payload);
         let (features, extensions) = match (&config.auth, nonce) {
             (Some(_), Some(n)) => (FEATURE_AUTH, Bytes::copy_from_slice(&n)),
             _ => (0, Bytes::new()),
@@ -288,22 +282,16 @@ impl ClientConnection {
             features,
             extensions,
         });
-        outbox.push(encode_control(&hello, Limits::BASELINE.max_frame_payload));
+        core.outbox.control(&hello);
         Self {
-            decoder: FrameDecoder::new(config.limits.max_frame_payload),
+            core,
             state: State::Handshaking {
                 deadline: now + config.handshake_timeout,
             },
             config,
-            inbuf: BytesMut::new(),
-            outbox,
-            events: VecDeque::new(),
-            peer: Limits::BASELINE,
             next_job: 1,
-            jobs: BTreeMap::new(),
             announced: 0,
             waiting: VecDeque::new(),
-            ready: VecDeque::new(),
             stats_pending: 0,
             goaway_last_job: None,
             nonce,
@@ -318,11 +306,6 @@ impl ClientConnection {
         matches!(self.state, State::Open | State::GoingAway)
     }
 
-    /// Whether the connection is over and everything queued has been handed out.
-    pub fn is_closed(&self) -> bool {
-        self.state == State::Closed && self.outbox.is_empty()
-    }
-
     /// Whether new jobs may still be started.
     pub fn accepts_jobs(&self) -> bool {
         matches!(self.state, State::Handshaking { .. } | State::Open)
@@ -330,17 +313,17 @@ impl ClientConnection {
 
     /// Jobs started and not yet finished (including those waiting for a slot).
     pub fn jobs_open(&self) -> usize {
-        self.jobs.len()
+        self.core.jobs.len()
     }
 
     /// The limits in force for what we send: the server's, or the baseline before its HELLO.
     pub fn peer_limits(&self) -> Limits {
-        self.peer
+        self.core.peer
     }
 
     /// Source bytes sent so far for `job`, if it is open.
     pub fn source_bytes_sent(&self, job: JobId) -> Option<u64> {
-        self.jobs.get(&job.0).map(|j| j.sent)
+        self.core.jobs.get(&job.0).map(|j| j.sent)
     }
 
     // ----- commands -----
@@ -391,7 +374,7 @@ impl ClientConnection {
         // The id space is 2^32 jobs per connection; the owner opens a new connection long
         // before, but refuse rather than wrap if it does not.
         self.next_job = self.next_job.checked_add(1).ok_or(CommandError::Closed)?;
-        self.jobs.insert(
+        self.core.jobs.insert(
             id,
             Job {
                 desc,
@@ -419,6 +402,7 @@ impl ClientConnection {
     /// they are dropped silently: the server no longer wants them.
     pub fn push_source(&mut self, job: JobId, data: Bytes, fin: bool) -> Result<(), CommandError> {
         let j = self
+            .core
             .jobs
             .get_mut(&job.0)
             .ok_or(CommandError::UnknownJob(job.0))?;
@@ -437,19 +421,22 @@ impl ClientConnection {
     /// Cancels a job. No event is reported for it afterwards.
     pub fn cancel(&mut self, job: JobId) -> Result<(), CommandError> {
         let j = self
+            .core
             .jobs
             .get_mut(&job.0)
             .ok_or(CommandError::UnknownJob(job.0))?;
         j.cancelled = true;
         if !j.announced {
             self.waiting.retain(|&id| id != job.0);
-            self.jobs.remove(&job.0);
+            self.core.jobs.remove(&job.0);
             return Ok(());
         }
         if j.upload != Upload::Closed {
             j.upload = Upload::Closed;
             j.source.clear();
-            queue_abort(&mut self.outbox, job, ErrorCode::CANCELLED, "cancelled");
+            self.core
+                .outbox
+                .abort(job, ErrorCode::CANCELLED, "cancelled");
         }
         self.maybe_forget(job.0);
         Ok(())
@@ -465,10 +452,7 @@ impl ClientConnection {
             // Nothing but HELLO and AUTH may precede the proof; sent once it is out.
             self.stats_held += 1;
         } else {
-            self.outbox.push(encode_control(
-                &Frame::StatsRequest,
-                self.peer.max_frame_payload,
-            ));
+            self.core.outbox.control(&Frame::StatsRequest);
         }
         Ok(())
     }
@@ -486,134 +470,11 @@ impl ClientConnection {
             return;
         }
         for id in std::mem::take(&mut self.waiting) {
-            self.jobs.remove(&id);
+            self.core.jobs.remove(&id);
         }
         self.state = State::GoingAway;
-        if self.jobs.is_empty() {
+        if self.core.jobs.is_empty() {
             self.close_cleanly();
-        }
-    }
-
-    /// Closes the connection now with an ERROR frame; open jobs are lost.
-    pub fn close(&mut self, code: ErrorCode, reason: &str) {
-        self.fail_with(
-            ConnectionError::LocallyClosed {
-                code,
-                reason: reason.to_owned(),
-            },
-            true,
-        );
-    }
-
-    // ----- inputs -----
-
-    /// Feeds bytes read from the transport.
-    pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        if self.state == State::Closed {
-            return;
-        }
-        self.inbuf.extend_from_slice(data);
-        loop {
-            match self.decoder.decode(&mut self.inbuf) {
-                Ok(Some(frame)) => {
-                    if let Err(e) = self.on_frame(now, frame) {
-                        self.fail_with(e, true);
-                    }
-                    if self.state == State::Closed {
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    self.fail_with(protocol(e.code(), e.to_string()), true);
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The transport's read side ended.
-    pub fn handle_eof(&mut self, _now: Instant) {
-        if self.state == State::Closed {
-            return;
-        }
-        if self.jobs.is_empty() && self.inbuf.is_empty() && self.is_connected() {
-            self.close_cleanly();
-        } else {
-            self.fail_with(ConnectionError::UnexpectedEof, false);
-        }
-    }
-
-    /// A timer from [`poll_timeout`](Self::poll_timeout) fired.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if let State::Handshaking { deadline } = self.state {
-            if now >= deadline {
-                self.fail_with(ConnectionError::Timeout { what: "handshake" }, true);
-            }
-        }
-    }
-
-    // ----- outputs -----
-
-    /// The next bytes to write to the transport.
-    ///
-    /// Source chunks are produced here, one per call, round-robin across jobs, so nothing
-    /// is committed to the wire before the transport asks: an early result can stop an
-    /// upload that has not been handed out yet.
-    pub fn poll_transmit(&mut self, _now: Instant) -> Option<Bytes> {
-        if let Some(bytes) = self.outbox.pop() {
-            return Some(bytes);
-        }
-        if self.state == State::Closed {
-            return None;
-        }
-        let max_chunk = self.config.chunk_size.min(self.peer.max_frame_payload) as usize;
-        while let Some(id) = self.ready.pop_front() {
-            let Some(job) = self.jobs.get_mut(&id) else {
-                continue;
-            };
-            job.in_ready = false;
-            if !job.sendable() {
-                continue;
-            }
-            let data = job.source.take(max_chunk);
-            let fin = job.source_fin && job.source.is_empty();
-            job.sent += data.len() as u64;
-            let frame = Frame::Source {
-                job: JobId(id),
-                data,
-                fin,
-            };
-            let encoded = match frame.encode(self.peer.max_frame_payload) {
-                Ok(e) => e,
-                Err(e) => {
-                    // Unreachable: the chunk is bounded by the peer's limit above.
-                    self.fail_with(internal(e.to_string()), true);
-                    return self.outbox.pop();
-                }
-            };
-            if fin {
-                job.upload = Upload::Closed;
-                self.maybe_forget(id);
-            } else {
-                self.mark_ready(id);
-            }
-            self.outbox.set_tail(encoded.tail);
-            return Some(encoded.head);
-        }
-        None
-    }
-
-    /// The next event for the owner.
-    pub fn poll_event(&mut self) -> Option<ClientEvent> {
-        self.events.pop_front()
-    }
-
-    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.state {
-            State::Handshaking { deadline } => Some(deadline),
-            _ => None,
         }
     }
 
@@ -638,16 +499,13 @@ impl ClientConnection {
                 }
                 let version = negotiate(VERSION_MIN, VERSION_MAX, &hello)?;
                 check_peer_limits(&hello.limits)?;
-                self.peer = hello.limits;
+                self.core.set_peer(hello.limits);
                 self.authenticate(&hello)?;
                 self.state = State::Open;
                 for _ in 0..std::mem::take(&mut self.stats_held) {
-                    self.outbox.push(encode_control(
-                        &Frame::StatsRequest,
-                        self.peer.max_frame_payload,
-                    ));
+                    self.core.outbox.control(&Frame::StatsRequest);
                 }
-                self.events.push_back(ClientEvent::Connected {
+                self.core.events.push_back(ClientEvent::Connected {
                     version,
                     server: hello,
                 });
@@ -659,44 +517,44 @@ impl ClientConnection {
             Frame::GoAway { last_job } => {
                 self.state = State::GoingAway;
                 self.goaway_last_job = Some(last_job);
-                self.events.push_back(ClientEvent::GoAway);
+                self.core.events.push_back(ClientEvent::GoAway);
                 // JOBs that crossed the GOAWAY on the wire were not accepted. The server
                 // answers them with ABORT if it is still open, or has closed already; either
                 // way they end here, and our ABORT lets a server still draining them let go.
                 let refused: Vec<u32> = self
+                    .core
                     .jobs
                     .range(last_job.saturating_add(1)..)
                     .map(|(&id, _)| id)
                     .collect();
                 for id in refused {
-                    let Some(job) = self.jobs.get(&id) else {
+                    let Some(job) = self.core.jobs.get(&id) else {
                         continue;
                     };
                     if !job.announced {
                         continue;
                     }
                     if job.upload != Upload::Closed {
-                        queue_abort(
-                            &mut self.outbox,
+                        self.core.outbox.abort(
                             JobId(id),
                             ErrorCode::CANCELLED,
                             "server is going away",
                         );
                     }
                     if !job.cancelled {
-                        self.events.push_back(ClientEvent::Failed {
+                        self.core.events.push_back(ClientEvent::Failed {
                             job: JobId(id),
                             code: ErrorCode::SHUTTING_DOWN,
                             message: "server is going away; job was not accepted".into(),
                         });
                     }
-                    self.jobs.remove(&id);
+                    self.core.jobs.remove(&id);
                     self.announced -= 1;
                 }
                 for id in std::mem::take(&mut self.waiting) {
-                    if let Some(job) = self.jobs.remove(&id) {
+                    if let Some(job) = self.core.jobs.remove(&id) {
                         if !job.cancelled {
-                            self.events.push_back(ClientEvent::Failed {
+                            self.core.events.push_back(ClientEvent::Failed {
                                 job: JobId(id),
                                 code: ErrorCode::SHUTTING_DOWN,
                                 message: "server is going away; job was not sent".into(),
@@ -704,7 +562,7 @@ impl ClientConnection {
                         }
                     }
                 }
-                if self.jobs.is_empty() {
+                if self.core.jobs.is_empty() {
                     self.close_cleanly();
                 }
             }
@@ -713,7 +571,7 @@ impl ClientConnection {
                     return Err(unexpected("STATS without a request".into()));
                 }
                 self.stats_pending -= 1;
-                self.events.push_back(ClientEvent::Stats(stats));
+                self.core.events.push_back(ClientEvent::Stats(stats));
             }
             Frame::Ignorable { .. } => {}
             Frame::Miss { job } => self.on_miss(job)?,
@@ -767,8 +625,7 @@ impl ClientConnection {
         let answer = Frame::Auth {
             proof: *key.client_proof(&server_nonce, &client_nonce).as_bytes(),
         };
-        self.outbox
-            .push(encode_control(&answer, self.peer.max_frame_payload));
+        self.core.outbox.control(&answer);
         Ok(())
     }
 
@@ -784,7 +641,7 @@ impl ClientConnection {
     }
 
     fn on_miss(&mut self, job: JobId) -> Result<(), ConnectionError> {
-        let j = Self::open_job(&mut self.jobs, job, "MISS")?;
+        let j = Self::open_job(&mut self.core.jobs, job, "MISS")?;
         if j.key.is_none() || j.verdict || !matches!(j.download, Download::Waiting) {
             return Err(unexpected(format!(
                 "MISS for {job} that asked for no verdict"
@@ -797,7 +654,7 @@ impl ClientConnection {
         let cancelled = j.cancelled;
         self.mark_ready(job.0);
         if !cancelled {
-            self.events.push_back(ClientEvent::Miss { job });
+            self.core.events.push_back(ClientEvent::Miss { job });
         }
         Ok(())
     }
@@ -811,7 +668,7 @@ impl ClientConnection {
         fin: bool,
     ) -> Result<(), ConnectionError> {
         let max = self.config.max_result_len;
-        let j = Self::open_job(&mut self.jobs, job, "RESULT")?;
+        let j = Self::open_job(&mut self.core.jobs, job, "RESULT")?;
         if !matches!(j.download, Download::Waiting) {
             return Err(unexpected(format!("second result for {job}")));
         }
@@ -833,12 +690,9 @@ impl ClientConnection {
         if j.upload != Upload::Closed {
             j.upload = Upload::Closed;
             j.source.clear();
-            queue_abort(
-                &mut self.outbox,
-                job,
-                ErrorCode::CANCELLED,
-                "result received",
-            );
+            self.core
+                .outbox
+                .abort(job, ErrorCode::CANCELLED, "result received");
         }
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&body);
@@ -855,7 +709,7 @@ impl ClientConnection {
     }
 
     fn on_data(&mut self, job: JobId, data: Bytes, fin: bool) -> Result<(), ConnectionError> {
-        let j = Self::open_job(&mut self.jobs, job, "DATA")?;
+        let j = Self::open_job(&mut self.core.jobs, job, "DATA")?;
         let Download::Receiving { body, total, .. } = &mut j.download else {
             return Err(unexpected(format!("DATA for {job} without a result head")));
         };
@@ -879,12 +733,13 @@ impl ClientConnection {
         code: ErrorCode,
         message: String,
     ) -> Result<(), ConnectionError> {
-        if !self.jobs.contains_key(&job.0) && self.goaway_last_job.is_some_and(|last| job.0 > last)
+        if !self.core.jobs.contains_key(&job.0)
+            && self.goaway_last_job.is_some_and(|last| job.0 > last)
         {
             // The server's answer to a JOB that crossed its GOAWAY; already ended here.
             return Ok(());
         }
-        let j = Self::open_job(&mut self.jobs, job, "ABORT")?;
+        let j = Self::open_job(&mut self.core.jobs, job, "ABORT")?;
         if matches!(j.download, Download::Closed) {
             return Err(unexpected(format!("ABORT for {job} after its result")));
         }
@@ -892,15 +747,13 @@ impl ClientConnection {
         if j.upload != Upload::Closed {
             j.upload = Upload::Closed;
             j.source.clear();
-            queue_abort(
-                &mut self.outbox,
-                job,
-                ErrorCode::CANCELLED,
-                "aborted by server",
-            );
+            self.core
+                .outbox
+                .abort(job, ErrorCode::CANCELLED, "aborted by server");
         }
         if !j.cancelled {
-            self.events
+            self.core
+                .events
                 .push_back(ClientEvent::Failed { job, code, message });
         }
         self.maybe_forget(job.0);
@@ -908,7 +761,7 @@ impl ClientConnection {
     }
 
     fn complete(&mut self, job: JobId) {
-        let Some(j) = self.jobs.get_mut(&job.0) else {
+        let Some(j) = self.core.jobs.get_mut(&job.0) else {
             return;
         };
         let Download::Receiving {
@@ -942,20 +795,22 @@ impl ClientConnection {
                 source_bytes_sent: j.sent,
                 source_bytes_skipped: j.total_len().saturating_sub(j.sent),
             };
-            self.events.push_back(ClientEvent::Done { job, outcome });
+            self.core
+                .events
+                .push_back(ClientEvent::Done { job, outcome });
         }
         self.maybe_forget(job.0);
     }
 
     fn announce_waiting(&mut self) {
-        let max_jobs = self.peer.max_jobs as usize;
+        let max_jobs = self.core.peer.max_jobs as usize;
         // With a token, nothing goes out before the server has proved itself.
         let held = self.auth_pending();
         while !held && self.announced < max_jobs && self.state != State::Closed {
             let Some(id) = self.waiting.pop_front() else {
                 return;
             };
-            let Some(job) = self.jobs.get_mut(&id) else {
+            let Some(job) = self.core.jobs.get_mut(&id) else {
                 continue;
             };
             job.announced = true;
@@ -965,18 +820,14 @@ impl ClientConnection {
                 desc: job.desc.clone(),
             };
             // Checked by start_job against the baseline limit, which every peer accepts.
-            self.outbox
-                .push(encode_control(&frame, self.peer.max_frame_payload));
+            self.core.outbox.control(&frame);
             match (job.strategy, job.key) {
                 (Strategy::SendAll, _) | (_, None) => job.upload = Upload::Open,
                 (strategy, Some(key)) => {
-                    self.outbox.push(encode_control(
-                        &Frame::Hash {
-                            job: JobId(id),
-                            key,
-                        },
-                        self.peer.max_frame_payload,
-                    ));
+                    self.core.outbox.control(&Frame::Hash {
+                        job: JobId(id),
+                        key,
+                    });
                     job.upload = if strategy == Strategy::AskFirst {
                         Upload::Blocked
                     } else {
@@ -989,23 +840,14 @@ impl ClientConnection {
     }
 
     fn mark_ready(&mut self, id: u32) {
-        if let Some(job) = self.jobs.get_mut(&id) {
-            if !job.in_ready && job.sendable() {
-                job.in_ready = true;
-                self.ready.push_back(id);
-            }
-        }
+        self.core.mark_ready(id);
     }
 
     fn maybe_forget(&mut self, id: u32) {
-        let Some(job) = self.jobs.get(&id) else {
-            return;
-        };
-        if job.upload == Upload::Closed && matches!(job.download, Download::Closed) {
-            self.jobs.remove(&id);
+        if self.core.forget_if_done(id) {
             self.announced -= 1;
             self.announce_waiting();
-            if self.state == State::GoingAway && self.jobs.is_empty() {
+            if self.state == State::GoingAway && self.core.jobs.is_empty() {
                 self.close_cleanly();
             }
         }
@@ -1013,72 +855,146 @@ impl ClientConnection {
 
     fn close_cleanly(&mut self) {
         self.state = State::Closed;
-        self.jobs.clear();
+        self.core.clear_jobs();
         self.waiting.clear();
-        self.ready.clear();
-        self.events.push_back(ClientEvent::Closed { error: None });
+        self.core
+            .events
+            .push_back(ClientEvent::Closed { error: None });
+    }
+}
+
+impl Endpoint for ClientConnection {
+    type Job = Job;
+    type Event = ClientEvent;
+
+    fn core(&mut self) -> &mut Core<Job, ClientEvent> {
+        &mut self.core
     }
 
-    /// Ends the connection; with `send` an ERROR frame tells the peer why.
+    fn is_over(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    fn on_frame(&mut self, now: Instant, frame: Frame) -> Result<(), ConnectionError> {
+        ClientConnection::on_frame(self, now, frame)
+    }
+
     fn fail_with(&mut self, error: ConnectionError, send: bool) {
         if self.state == State::Closed {
             return;
         }
-        self.outbox.clear_frames();
-        if send && !matches!(error, ConnectionError::PeerError { .. }) {
-            let frame = Frame::Error {
-                code: error.code(),
-                message: truncate_message(&error.to_string()),
-            };
-            self.outbox
-                .push(encode_control(&frame, self.peer.max_frame_payload));
-        }
-        self.state = State::Closed;
-        self.jobs.clear();
+        self.core.fail(&error, send);
         self.waiting.clear();
-        self.ready.clear();
-        self.events
+        self.state = State::Closed;
+        self.core
+            .events
             .push_back(ClientEvent::Closed { error: Some(error) });
     }
-}
 
-/// Encodes a small control frame. Control frames built by this crate always fit the
-/// baseline limit (messages are truncated to fit), so failure here is a bug; it degrades to
-/// an empty write rather than a panic.
-pub(crate) fn encode_control(frame: &Frame, max: u32) -> Bytes {
-    frame.to_bytes(max).unwrap_or_default()
-}
-
-pub(crate) fn queue_abort(outbox: &mut Outbox, job: JobId, code: ErrorCode, message: &str) {
-    let frame = Frame::Abort {
-        job,
-        code,
-        message: truncate_message(message),
-    };
-    outbox.push(encode_control(&frame, Limits::BASELINE.max_frame_payload));
-}
-
-/// Error messages are for people; keep them short enough for any frame.
-pub(crate) fn truncate_message(message: &str) -> String {
-    const MAX: usize = 1024;
-    if message.len() <= MAX {
-        return message.to_owned();
+    fn chunk_size(&self) -> usize {
+        self.config.chunk_size.min(self.core.peer.max_frame_payload) as usize
     }
-    let mut end = MAX;
-    while !message.is_char_boundary(end) {
-        end -= 1;
+
+    fn after_last_frame(&mut self, id: u32) {
+        self.maybe_forget(id);
     }
-    message[..end].to_owned()
 }
 
-pub(crate) fn unexpected(reason: String) -> ConnectionError {
-    protocol(ErrorCode::UNEXPECTED_FRAME, reason)
+impl Connection for ClientConnection {
+    type Event = ClientEvent;
+
+    fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        conn::handle_input(self, now, data);
+    }
+
+    fn handle_eof(&mut self, _now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        if self.core.jobs.is_empty() && !self.core.has_buffered_input() && self.is_connected() {
+            self.close_cleanly();
+        } else {
+            self.fail_with(ConnectionError::UnexpectedEof, false);
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        if let State::Handshaking { deadline } = self.state {
+            if now >= deadline {
+                self.fail_with(ConnectionError::Timeout { what: "handshake" }, true);
+            }
+        }
+    }
+
+    fn poll_transmit(&mut self, _now: Instant) -> Option<Bytes> {
+        conn::poll_transmit(self)
+    }
+
+    fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.core.events.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Handshaking { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.state == State::Closed && self.core.outbox.is_empty()
+    }
+
+    /// Always true but for a frame's worth of buffered input: the client never pauses
+    /// decoding (what it receives is bounded by the jobs it started).
+    fn wants_input(&self) -> bool {
+        self.core
+            .wants_input(false, self.config.limits.max_frame_payload)
+    }
+
+    fn has_paused_input(&self) -> bool {
+        self.core.has_paused_input(false)
+    }
+
+    fn close(&mut self, code: ErrorCode, reason: &str) {
+        self.fail_with(
+            ConnectionError::LocallyClosed {
+                code,
+                reason: reason.to_owned(),
+            },
+            true,
+        );
+    }
 }
 
-pub(crate) fn protocol(code: ErrorCode, reason: String) -> ConnectionError {
-    ConnectionError::Protocol { code, reason }
-}
+impl CoreJob for Job {
+    fn has_data(&self) -> bool {
+        self.sendable()
+    }
 
-pub(crate) fn internal(reason: String) -> ConnectionError {
-    protocol(ErrorCode::INTERNAL, reason)
+    fn next_frame(&mut self, id: u32, chunk: usize) -> Option<(Frame, bool)> {
+        if !self.sendable() {
+            return None;
+        }
+        let data = self.source.take(chunk);
+        let fin = self.source_fin && self.source.is_empty();
+        self.sent += data.len() as u64;
+        if fin {
+            self.upload = Upload::Closed;
+        }
+        let frame = Frame::Source {
+            job: JobId(id),
+            data,
+            fin,
+        };
+        Some((frame, fin))
+    }
+
+    fn is_done(&self) -> bool {
+        self.upload == Upload::Closed && matches!(self.download, Download::Closed)
+    }
+
+    fn in_ready(&mut self) -> &mut bool {
+        &mut self.in_ready
+    }
 }

@@ -144,6 +144,12 @@ pub struct ResultHead {
 }
 
 impl ResultHead {
+    /// Bytes of a RESULT payload's fixed fields: exit code (4), stdout length (8), stderr
+    /// length (8), output count (2).
+    pub const FIXED_LEN: usize = 22;
+    /// Bytes of one output's entry besides its name: name length (2) and data length (8).
+    pub const OUTPUT_FIXED_LEN: usize = 10;
+
     /// Total body length, or `None` if the declared lengths overflow (a hostile head).
     pub fn body_len(&self) -> Option<u64> {
         let mut total = self.stdout_len.checked_add(self.stderr_len)?;

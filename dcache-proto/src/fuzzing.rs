@@ -12,9 +12,9 @@ use bytes::{Bytes, BytesMut};
 
 use crate::testing::{Pair, ReferenceServer, reference_compile};
 use crate::{
-    AuthKey, CacheKey, ClientConfig, ClientConnection, ClientEvent, DecodeError, FEATURE_AUTH,
-    Frame, FrameDecoder, FrameHeader, FrameType, HEADER_LEN, Hello, JobDesc, JobId, KeyHasher,
-    Limits, MAX_OUTPUTS, ResultOrigin, ServerConfig, ServerConnection, ServerEvent, Strategy,
+    AuthKey, CacheKey, ClientConfig, ClientConnection, ClientEvent, Connection, DecodeError,
+    FEATURE_AUTH, Frame, FrameDecoder, FrameHeader, FrameType, HEADER_LEN, Hello, JobDesc, JobId,
+    KeyHasher, Limits, MAX_OUTPUTS, ServerConfig, ServerConnection, ServerEvent, Strategy,
 };
 
 /// The payload limit the decoding targets use: small, so length checks are reached.
@@ -891,7 +891,7 @@ fn pair_run(data: &[u8]) -> Option<Pair> {
 #[cfg(test)]
 mod seeds {
     use super::*;
-    use crate::{ErrorCode, OutputMeta, ResultHead, Stat};
+    use crate::{ErrorCode, OutputMeta, ResultHead, ResultOrigin, Stat};
 
     fn enc(frames: &[Frame]) -> Vec<u8> {
         let mut out = Vec::new();

@@ -39,11 +39,13 @@ pub const VERSION_MIN: u16 = 1;
 pub const VERSION_MAX: u16 = 1;
 
 mod client;
+mod conn;
 mod handshake;
 mod outbox;
 mod server;
 
 pub use client::{ClientConfig, ClientConnection, ClientEvent, JobOutcome, Strategy};
+pub use conn::Connection;
 pub use server::{ConnStats, ServerConfig, ServerConnection, ServerEvent};
 
 pub mod testing;

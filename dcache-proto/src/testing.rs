@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::client::{ClientConfig, ClientConnection, ClientEvent};
+use crate::conn::Connection;
 use crate::frame::ResultOrigin;
 use crate::frame::{JobId, Stat};
 use crate::job::{JobDesc, JobResult, OutputFile};

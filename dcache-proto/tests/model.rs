@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use dcache_proto::Connection;
 use dcache_proto::testing::{Pair, reference_compile};
 use dcache_proto::{ClientConfig, ClientEvent, JobDesc, JobId, ServerConfig, Strategy as Plan};
 use proptest::prelude::*;

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use dcache_proto::Connection;
 use dcache_proto::testing::{Pair, reference_compile};
 use dcache_proto::{
     CacheKey, ClientConfig, ClientEvent, ConnectionError, ErrorCode, Frame, JobDesc, JobId, Limits,

@@ -19,7 +19,7 @@ mod server;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use dcache_proto::{ClientConnection, ErrorCode, ServerConnection};
+use dcache_proto::{Connection, ErrorCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub use client::{ClientHandle, JobError, spawn_client};
@@ -41,93 +41,8 @@ fn fresh_nonce() -> Option<dcache_proto::Nonce> {
     Some(nonce)
 }
 
-/// What the driver needs from a state machine; implemented for both ends.
-pub(crate) trait Machine {
-    type Event;
-    fn handle_input(&mut self, now: Instant, data: &[u8]);
-    fn handle_eof(&mut self, now: Instant);
-    fn handle_timeout(&mut self, now: Instant);
-    fn poll_transmit(&mut self, now: Instant) -> Option<Bytes>;
-    fn poll_event(&mut self) -> Option<Self::Event>;
-    fn poll_timeout(&self) -> Option<Instant>;
-    fn is_closed(&self) -> bool;
-    fn wants_input(&self) -> bool;
-    /// Decodes input that waited while output was backed up, if it may now.
-    fn resume_input(&mut self, now: Instant);
-    /// The transport failed: end the connection now.
-    fn abort(&mut self);
-}
-
-impl Machine for ClientConnection {
-    type Event = dcache_proto::ClientEvent;
-    fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        ClientConnection::handle_input(self, now, data);
-    }
-    fn handle_eof(&mut self, now: Instant) {
-        ClientConnection::handle_eof(self, now);
-    }
-    fn handle_timeout(&mut self, now: Instant) {
-        ClientConnection::handle_timeout(self, now);
-    }
-    fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
-        ClientConnection::poll_transmit(self, now)
-    }
-    fn poll_event(&mut self) -> Option<Self::Event> {
-        ClientConnection::poll_event(self)
-    }
-    fn poll_timeout(&self) -> Option<Instant> {
-        ClientConnection::poll_timeout(self)
-    }
-    fn is_closed(&self) -> bool {
-        ClientConnection::is_closed(self)
-    }
-    fn wants_input(&self) -> bool {
-        true
-    }
-    fn resume_input(&mut self, _now: Instant) {}
-    fn abort(&mut self) {
-        self.close(ErrorCode::INTERNAL, "transport failed");
-    }
-}
-
-impl Machine for ServerConnection {
-    type Event = dcache_proto::ServerEvent;
-    fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        ServerConnection::handle_input(self, now, data);
-    }
-    fn handle_eof(&mut self, now: Instant) {
-        ServerConnection::handle_eof(self, now);
-    }
-    fn handle_timeout(&mut self, now: Instant) {
-        ServerConnection::handle_timeout(self, now);
-    }
-    fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
-        ServerConnection::poll_transmit(self, now)
-    }
-    fn poll_event(&mut self) -> Option<Self::Event> {
-        ServerConnection::poll_event(self)
-    }
-    fn poll_timeout(&self) -> Option<Instant> {
-        ServerConnection::poll_timeout(self)
-    }
-    fn is_closed(&self) -> bool {
-        ServerConnection::is_closed(self)
-    }
-    fn wants_input(&self) -> bool {
-        ServerConnection::wants_input(self)
-    }
-    fn resume_input(&mut self, now: Instant) {
-        if self.has_paused_input() {
-            self.handle_input(now, &[]);
-        }
-    }
-    fn abort(&mut self) {
-        self.close(ErrorCode::INTERNAL, "transport failed");
-    }
-}
-
 /// The owner side of a driven connection: takes events, supplies commands.
-pub(crate) trait Owner<M: Machine> {
+pub(crate) trait Owner<M: Connection> {
     type Command;
     /// Handles one event; may wait (backpressure).
     async fn on_event(&mut self, machine: &mut M, event: M::Event);
@@ -148,7 +63,7 @@ fn now() -> Instant {
 /// Runs `machine` over `stream` until the connection is closed and flushed.
 pub(crate) async fn drive<M, S, O>(mut machine: M, stream: S, mut owner: O)
 where
-    M: Machine,
+    M: Connection,
     S: AsyncRead + AsyncWrite + Send,
     O: Owner<M>,
 {
@@ -159,7 +74,9 @@ where
     let mut read_done = false;
     let mut owner_open = true;
     loop {
-        machine.resume_input(now());
+        if machine.has_paused_input() {
+            machine.handle_input(now(), &[]);
+        }
         while let Some(event) = machine.poll_event() {
             owner.on_event(&mut machine, event).await;
         }
@@ -195,7 +112,7 @@ where
                     // worth reading. End the machine and discard what it still queues.
                     pending = Bytes::new();
                     read_done = true;
-                    machine.abort();
+                    machine.close(ErrorCode::INTERNAL, "transport failed");
                     drain_to_closed(&mut machine);
                 }
             },
@@ -218,7 +135,7 @@ where
             else => {
                 // Nothing can happen any more: the peer stopped sending, the owner left,
                 // nothing is left to write and no timer is armed.
-                machine.abort();
+                machine.close(ErrorCode::INTERNAL, "transport failed");
                 drain_to_closed(&mut machine);
             }
         }
@@ -230,7 +147,7 @@ where
 /// glued behind small ones: it is kept in `carry` for the next write, so small frames such
 /// as JOB and HASH leave in a packet of their own instead of waiting for a full-size one
 /// to serialize. That is worth a packet's serialization time on every hit.
-fn next_write<M: Machine>(machine: &mut M, carry: &mut Option<Bytes>) -> Bytes {
+fn next_write<M: Connection>(machine: &mut M, carry: &mut Option<Bytes>) -> Bytes {
     if let Some(piece) = carry.take() {
         return piece;
     }
@@ -257,7 +174,7 @@ fn next_write<M: Machine>(machine: &mut M, carry: &mut Option<Bytes>) -> Bytes {
 }
 
 /// Writes are impossible: discard output until the machine reports closed.
-fn drain_to_closed<M: Machine>(machine: &mut M) {
+fn drain_to_closed<M: Connection>(machine: &mut M) {
     let now = now();
     // Closed machines produce only what was queued before closing, so this ends; the
     // bound is a guard against a machine bug turning into a hang.
