@@ -217,19 +217,11 @@ impl Job {
 /// The client end of a dcache connection, without IO.
 ///
 /// # Driving it
-/// - Inputs: [`handle_input`](Self::handle_input) with bytes read from the transport,
-///   [`handle_eof`](Self::handle_eof) when the read side ends, and
-///   [`handle_timeout`](Self::handle_timeout) when the instant from
-///   [`poll_timeout`](Self::poll_timeout) has passed.
-/// - Commands: [`start_job`](Self::start_job), [`push_source`](Self::push_source),
-///   [`cancel`](Self::cancel), [`request_stats`](Self::request_stats),
-///   [`close`](Self::close).
-/// - Outputs, drained after every input or command, in this order:
-///   [`poll_transmit`](Self::poll_transmit) until `None` (or until the transport stops
-///   accepting: call it again when it has room), [`poll_event`](Self::poll_event) until
-///   `None`, then [`poll_timeout`](Self::poll_timeout) to re-arm the timer. When
-///   [`is_closed`](Self::is_closed) turns true, everything is sent and the transport can be
-///   shut down.
+/// Through [`Connection`], in the order of the crate's run loop (see the crate
+/// documentation). Commands: [`start_job`](Self::start_job),
+/// [`push_source`](Self::push_source), [`cancel`](Self::cancel),
+/// [`request_stats`](Self::request_stats), [`shutdown`](Self::shutdown),
+/// [`Connection::close`].
 ///
 /// The HELLO is queued at construction and the first jobs may be started at once: their
 /// frames follow the HELLO without waiting for the server's answer, within the protocol's

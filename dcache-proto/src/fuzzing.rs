@@ -328,10 +328,11 @@ fn drain_server(
     out: &mut Vec<u8>,
     t: Instant,
 ) {
+    // The crate's run loop: input (paused input resumed), events, transmit, until idle.
     loop {
         let mut progress = false;
-        while let Some(b) = conn.poll_transmit(t) {
-            out.extend_from_slice(&b);
+        if conn.has_paused_input() {
+            conn.handle_input(t, &[]);
             progress = true;
         }
         while let Some(ev) = conn.poll_event() {
@@ -339,11 +340,12 @@ fn drain_server(
             app.handle(conn, ev);
             progress = true;
         }
+        while let Some(b) = conn.poll_transmit(t) {
+            out.extend_from_slice(&b);
+            progress = true;
+        }
         if !progress {
             return;
-        }
-        if conn.has_paused_input() {
-            conn.handle_input(t, &[]);
         }
     }
 }
@@ -543,10 +545,8 @@ fn client_run(data: &[u8]) -> Vec<ClientEvent> {
     let mut closed = false;
     let mut server: Option<Hello> = None;
     let mut events = Vec::new();
+    // The crate's run loop after an input: events, then transmit.
     let mut step = |conn: &mut ClientConnection, t: Instant, out: &mut Vec<u8>| {
-        while let Some(b) = conn.poll_transmit(t) {
-            out.extend_from_slice(&b);
-        }
         while let Some(ev) = conn.poll_event() {
             assert!(!closed, "event after Closed: {ev:?}");
             match &ev {
@@ -590,6 +590,9 @@ fn client_run(data: &[u8]) -> Vec<ClientEvent> {
                 ClientEvent::Closed { .. } => closed = true,
             }
             events.push(ev);
+        }
+        while let Some(b) = conn.poll_transmit(t) {
+            out.extend_from_slice(&b);
         }
     };
     let mut t = now;

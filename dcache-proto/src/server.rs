@@ -193,16 +193,10 @@ pub(crate) struct Job {
 /// The server end of a dcache connection, without IO.
 ///
 /// # Driving it
-/// - Inputs: [`handle_input`](Self::handle_input), [`handle_eof`](Self::handle_eof),
-///   [`handle_timeout`](Self::handle_timeout).
-/// - Commands: [`send_miss`](Self::send_miss), [`send_result`](Self::send_result),
-///   [`abort_job`](Self::abort_job), [`send_stats`](Self::send_stats),
-///   [`goaway`](Self::goaway), [`close`](Self::close).
-/// - Outputs, drained after every input or command, in this order:
-///   [`poll_transmit`](Self::poll_transmit) until `None` (or the transport is full),
-///   [`poll_event`](Self::poll_event) until `None`, then
-///   [`poll_timeout`](Self::poll_timeout). When [`is_closed`](Self::is_closed) turns true,
-///   the transport can be shut down.
+/// Through [`Connection`], in the order of the crate's run loop, backpressure included
+/// (see the crate documentation). Commands: [`send_miss`](Self::send_miss),
+/// [`send_result`](Self::send_result), [`abort_job`](Self::abort_job),
+/// [`send_stats`](Self::send_stats), [`goaway`](Self::goaway), [`Connection::close`].
 ///
 /// Trust: the state machine hashes every source byte it receives and reports the job's key
 /// only in [`ServerEvent::SourceDone`], after checking it against the client's HASH. A

@@ -599,3 +599,21 @@ fn verdicts_are_refused_for_a_job_without_hash() {
     let o = outcome(&p, job);
     assert_eq!(o.origin, dcache_proto::ResultOrigin::Compiled);
 }
+
+/// The server pauses decoding while too many STATS answers are owed; the run loop must
+/// resume the paused input once they are answered, or the requests behind the pause wait
+/// for input that never comes.
+#[test]
+fn paused_input_is_resumed_by_the_run_loop() {
+    let mut p = pair(Strategy::Speculative, 1, 0, 4);
+    for _ in 0..20 {
+        p.client.request_stats().unwrap();
+    }
+    assert!(p.run(1000));
+    let answered = p
+        .client_events
+        .iter()
+        .filter(|(_, e)| matches!(e, ClientEvent::Stats(_)))
+        .count();
+    assert_eq!(answered, 20, "requests behind the pause were never decoded");
+}

@@ -1,14 +1,17 @@
-//! The async driver: one task per connection running a sans-IO state machine over any
-//! `AsyncRead + AsyncWrite`.
+//! The async driver: one task per connection running a sans-IO state machine (any
+//! [`dcache_proto::Connection`]) over any `AsyncRead + AsyncWrite`.
 //!
-//! The loop, after every input or command:
-//! 1. hand every event to the owner (the owner may wait: that is the read-side
+//! It follows the run loop of `dcache-proto`'s crate documentation. Each turn:
+//! 1. input: the last `select!` arm fed what it read (or the end of stream); input the
+//!    machine paused while its output was backed up is resumed first thing;
+//! 2. events: every event goes to the owner (the owner may wait: that is the read-side
 //!    backpressure, since no more input is read meanwhile);
-//! 2. take bytes from `poll_transmit` only when the previous write finished, so at most one
-//!    write buffer is held and nothing is committed to the socket before it has room (an
-//!    early result can still stop an upload that the socket has not taken);
-//! 3. wait for whichever comes first: a command, the socket accepting bytes, bytes to read,
-//!    or the state machine's timer.
+//! 3. transmit: bytes are taken from `poll_transmit` only when the previous write
+//!    finished, so at most one write buffer is held and nothing is committed to the
+//!    socket before it has room (an early result can still stop an upload that the socket
+//!    has not taken);
+//! 4. wait for whichever comes first: a command, the socket accepting bytes, bytes to read
+//!    (only while the machine `wants_input`), or the machine's timer.
 //!
 //! Every `await` in the select is cancel-safe (`read_buf`, `write`, channel receive,
 //! `sleep_until`), so no byte is lost when another branch wins.
