@@ -29,15 +29,24 @@ pub enum Strategy {
     /// No HASH: the server compiles (or finds the result by the key it computes itself
     /// once it has the whole source). How an old or simple client talks.
     SendAll,
+    /// HASH, then wait for the verdict, with no source at hand (a key remembered from an
+    /// earlier compile, say): a hit comes back as a result like any other, and a MISS ends
+    /// the job at once with [`ClientEvent::NotCached`] (the client cancels it; the server
+    /// compiles nothing). One round trip and no source either way. Chosen per job with
+    /// [`ClientConnection::start_job_with`]; such a job takes no
+    /// [`push_source`](ClientConnection::push_source).
+    Lookup,
 }
 
 impl Strategy {
-    /// The name used in configuration (`speculative`, `ask-first`, `send-all`).
+    /// The name used in configuration (`speculative`, `ask-first`, `send-all`) and in
+    /// reports (`lookup`, which is chosen per job, not configured: it takes no source).
     pub fn name(self) -> &'static str {
         match self {
             Self::Speculative => "speculative",
             Self::AskFirst => "ask-first",
             Self::SendAll => "send-all",
+            Self::Lookup => "lookup",
         }
     }
 }
@@ -65,7 +74,7 @@ pub struct ClientConfig {
     /// Largest SOURCE chunk we send. Smaller chunks interleave concurrent jobs more finely
     /// and let an early result stop the upload sooner; larger ones cost fewer headers.
     pub chunk_size: u32,
-    /// The default strategy for jobs started with a key.
+    /// The default strategy for jobs started with a key ([`ClientConnection::start_job`]).
     pub strategy: Strategy,
     /// How long the server may take to answer HELLO.
     pub handshake_timeout: Duration,
@@ -100,6 +109,9 @@ pub struct JobOutcome {
     /// after a HASH-less upload, or found in answer to HASH before the upload finished
     /// (EARLY_RESULT). See [`ResultOrigin::is_cached`] and [`ResultOrigin::is_early`].
     pub origin: ResultOrigin,
+    /// The cache key the job was sent with (its HASH), if it had one: what a caller
+    /// remembers to look the result up again later.
+    pub key: Option<CacheKey>,
     /// The strategy the job ran with.
     pub strategy: Strategy,
     /// Source bytes put on the wire for this job.
@@ -121,6 +133,12 @@ pub enum ClientEvent {
     },
     /// The server does not have the result; the upload goes on (or starts, for ask-first).
     Miss {
+        /// The job.
+        job: JobId,
+    },
+    /// A [`Strategy::Lookup`] job found nothing: the server answered MISS, and the job has
+    /// ended without a result (nothing more is reported for it).
+    NotCached {
         /// The job.
         job: JobId,
     },
@@ -353,7 +371,7 @@ impl ClientConnection {
             Strategy::SendAll => None,
             _ => Some(key.ok_or(CommandError::WrongState {
                 job: self.next_job,
-                why: "speculative and ask-first jobs need a cache key",
+                why: "speculative, ask-first and lookup jobs need a cache key",
             })?),
         };
         // Refuse what the server would refuse, before it costs a frame.
@@ -401,6 +419,12 @@ impl ClientConnection {
         if j.source_fin {
             return Err(CommandError::SourceFinished(job.0));
         }
+        if j.strategy == Strategy::Lookup {
+            return Err(CommandError::WrongState {
+                job: job.0,
+                why: "a lookup takes no source",
+            });
+        }
         j.pushed += data.len() as u64;
         j.source_fin = fin;
         if j.upload != Upload::Closed {
@@ -410,12 +434,14 @@ impl ClientConnection {
         Ok(())
     }
 
-    /// Cancels a job. No event is reported for it afterwards.
+    /// Cancels a job. No event is reported for it afterwards. A job that has ended (or was
+    /// cancelled already) is unknown, even while the connection still drains its frames.
     pub fn cancel(&mut self, job: JobId) -> Result<(), CommandError> {
         let j = self
             .core
             .jobs
             .get_mut(&job.0)
+            .filter(|j| !j.cancelled)
             .ok_or(CommandError::UnknownJob(job.0))?;
         j.cancelled = true;
         if !j.announced {
@@ -640,6 +666,23 @@ impl ClientConnection {
             )));
         }
         j.verdict = true;
+        if j.strategy == Strategy::Lookup {
+            // Not cached: end the job here. It stays known, marked cancelled, until the
+            // server's answer to our ABORT, so frames still in flight for it are drained.
+            let reported = j.cancelled;
+            j.cancelled = true;
+            // A lookup cancelled before its verdict has already said ABORT.
+            if j.upload != Upload::Closed {
+                j.upload = Upload::Closed;
+                self.core
+                    .outbox
+                    .abort(job, ErrorCode::CANCELLED, "not cached");
+            }
+            if !reported {
+                self.core.events.push_back(ClientEvent::NotCached { job });
+            }
+            return Ok(());
+        }
         if j.upload == Upload::Blocked {
             j.upload = Upload::Open;
         }
@@ -783,6 +826,7 @@ impl ClientConnection {
                     outputs,
                 },
                 origin,
+                key: j.key,
                 strategy: j.strategy,
                 source_bytes_sent: j.sent,
                 source_bytes_skipped: j.total_len().saturating_sub(j.sent),
@@ -820,7 +864,7 @@ impl ClientConnection {
                         job: JobId(id),
                         key,
                     });
-                    job.upload = if strategy == Strategy::AskFirst {
+                    job.upload = if matches!(strategy, Strategy::AskFirst | Strategy::Lookup) {
                         Upload::Blocked
                     } else {
                         Upload::Open

@@ -467,13 +467,13 @@ fn job_event<'a>(
     j
 }
 
-/// A [`ClientConnection`] with three jobs started (speculative, ask-first, send-all) and a
-/// stats request, fed arbitrary server bytes.
+/// A [`ClientConnection`] with four jobs started (speculative, ask-first, send-all, lookup)
+/// and a stats request, fed arbitrary server bytes.
 ///
 /// The first byte chooses: a valid server HELLO in front (when even), the delivery size,
 /// a tiny chunk size and a tiny result limit. Invariants: no panic; no event after
-/// `Closed`; `Miss`, `Done` and `Failed` only for started jobs, one end per job, MISS and
-/// early results only for hashed jobs; byte counts consistent with the 5-byte sources;
+/// `Closed`; `Miss`, `Done`, `Failed` and `NotCached` only for started jobs, one end per
+/// job, MISS and early results only for hashed jobs, `NotCached` only for the lookup; byte counts consistent with the 5-byte sources;
 /// results within the limit; output is valid client frames, within the server's limit,
 /// JOB as started, HASH only for hashed jobs before their source, source bytes exactly a
 /// prefix of the job's, and no source for an ask-first job that got no MISS.
@@ -499,9 +499,14 @@ fn client_run(data: &[u8]) -> Vec<ClientEvent> {
         now,
     );
     let mut jobs: HashMap<JobId, ClientJob> = HashMap::new();
-    for (i, strategy) in [Strategy::Speculative, Strategy::AskFirst, Strategy::SendAll]
-        .into_iter()
-        .enumerate()
+    for (i, strategy) in [
+        Strategy::Speculative,
+        Strategy::AskFirst,
+        Strategy::SendAll,
+        Strategy::Lookup,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let desc = JobDesc {
             compiler: "cc".into(),
@@ -519,7 +524,7 @@ fn client_run(data: &[u8]) -> Vec<ClientEvent> {
                 .expect("job is open");
             conn.push_source(job, Bytes::from_static(&CLIENT_SOURCE[2..]), true)
                 .expect("job is open");
-        } else {
+        } else if strategy != Strategy::Lookup {
             conn.push_source(job, Bytes::from_static(CLIENT_SOURCE), true)
                 .expect("job is open");
         }
@@ -582,6 +587,15 @@ fn client_run(data: &[u8]) -> Vec<ClientEvent> {
                     }
                 }
                 ClientEvent::Failed { job, .. } => job_event(&mut jobs, job, "Failed").ended = true,
+                ClientEvent::NotCached { job } => {
+                    let j = job_event(&mut jobs, job, "NotCached");
+                    assert_eq!(
+                        j.strategy,
+                        Strategy::Lookup,
+                        "NotCached for a job with source"
+                    );
+                    j.ended = true;
+                }
                 ClientEvent::Stats(_) => {
                     assert!(stats_wanted > 0, "unrequested Stats");
                     stats_wanted -= 1;
@@ -637,6 +651,7 @@ fn client_run(data: &[u8]) -> Vec<ClientEvent> {
             Frame::Source { job, data, fin } => {
                 assert!(announced.contains(&job), "SOURCE before JOB");
                 let j = &jobs[&job];
+                assert!(j.strategy != Strategy::Lookup, "source sent for a lookup");
                 if j.strategy == Strategy::AskFirst {
                     assert!(j.missed, "ask-first source without a MISS");
                 }
@@ -700,7 +715,8 @@ const PAIR_STEPS: usize = 200_000;
 /// compile time (bit 3), latency (bits 4-5), bandwidth (bit 6) and the server's job limit
 /// at the 16 baseline (bit 7). Then every 3 bytes `a b c` are one operation chosen by
 /// `a % 10`: submit a job (0-2; source from `b c`, declared length when `a & 0x10`, a
-/// wrong one when `a & 0x30 == 0x30`), cancel one (3), request stats (4), advance time (5),
+/// wrong one when `a & 0x30 == 0x30`; a lookup of that source's key instead for 2 with
+/// `a & 0x40`), cancel one (3), request stats (4), advance time (5),
 /// run (6), choose a tamperer for client-to-server bytes (7), server GOAWAY (8), client
 /// shutdown (9). At most 64 operations.
 ///
@@ -749,6 +765,7 @@ fn pair_run(data: &[u8]) -> Option<Pair> {
     let mut expect: HashMap<JobId, (JobDesc, Bytes)> = HashMap::new();
     let mut jobs = Vec::new();
     let mut cancelled_at: HashMap<JobId, usize> = HashMap::new();
+    let mut lookups = HashSet::new();
     let mut tampered = false;
     let mut shut_down = false;
     for op in ops.chunks(3).take(64) {
@@ -767,9 +784,20 @@ fn pair_run(data: &[u8]) -> Option<Pair> {
                         (a & 0x10 != 0).then_some(len)
                     },
                 };
-                if let Some(job) = p.submit(desc.clone(), src.clone()) {
+                // A lookup (by the key of this source, never sent) when `a` is 2 mod 10
+                // with bit 6 set.
+                let lookup = a % 10 == 2 && a & 0x40 != 0;
+                let job = if lookup {
+                    p.lookup(desc.clone(), &src)
+                } else {
+                    p.submit(desc.clone(), src.clone())
+                };
+                if let Some(job) = job {
                     expect.insert(job, (desc, src));
                     jobs.push(job);
+                    if lookup {
+                        lookups.insert(job);
+                    }
                 }
             }
             3 => {
@@ -822,7 +850,8 @@ fn pair_run(data: &[u8]) -> Option<Pair> {
         let job = match ev {
             ClientEvent::Done { job, .. }
             | ClientEvent::Failed { job, .. }
-            | ClientEvent::Miss { job } => *job,
+            | ClientEvent::Miss { job }
+            | ClientEvent::NotCached { job } => *job,
             ClientEvent::Closed { .. } => {
                 closed = true;
                 continue;
@@ -839,7 +868,12 @@ fn pair_run(data: &[u8]) -> Option<Pair> {
         }
         if let ClientEvent::Done { outcome, .. } = ev {
             ended.insert(job);
-            assert_eq!(outcome.strategy, strategy);
+            let expected = if lookups.contains(&job) {
+                Strategy::Lookup
+            } else {
+                strategy
+            };
+            assert_eq!(outcome.strategy, expected);
             // A HASH-less upload has no integrity check of its own: bytes altered on the
             // wire are compiled as received (the transport's integrity is all there is).
             // With HASH, the server verifies what it received, so a result is only ever
@@ -854,6 +888,9 @@ fn pair_run(data: &[u8]) -> Option<Pair> {
                 "{job}: result for other bytes than the job's"
             );
         } else if let ClientEvent::Failed { .. } = ev {
+            ended.insert(job);
+        } else if let ClientEvent::NotCached { .. } = ev {
+            assert!(lookups.contains(&job), "NotCached for {job}, not a lookup");
             ended.insert(job);
         }
     }
@@ -1097,6 +1134,8 @@ mod seeds {
             many,
             // Regression: send-all with a byte flipped in flight.
             vec![0x06, 7, 1, 0, 0, 0x39, 0x39, 0, 0, 7, 6, 0, 0],
+            // A lookup that misses, the compile, then a lookup that hits.
+            vec![0x00, 72, 7, 1, 6, 0, 0, 0, 7, 1, 6, 0, 0, 72, 7, 1, 6, 0, 0],
         ]
     }
 
@@ -1200,6 +1239,21 @@ mod tests {
         assert!(events.iter().any(|e| matches!(e, ClientEvent::Stats(_))));
         let events = client_run(&server_streams()[1]);
         assert_eq!(events.iter().filter(done).count(), 3, "{events:?}");
+        let lookup = pair_run(pair_programs().last().expect("seeds")).expect("a program");
+        let events: Vec<&ClientEvent> = lookup.client_events.iter().map(|(_, e)| e).collect();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, ClientEvent::NotCached { .. })),
+            "{events:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, ClientEvent::Done { outcome, .. }
+                if outcome.strategy == Strategy::Lookup && outcome.origin.is_early())),
+            "{events:?}"
+        );
         for prog in pair_programs() {
             let p = pair_run(&prog).expect("a program");
             assert!(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::client::{ClientConfig, ClientConnection, ClientEvent};
+use crate::client::{ClientConfig, ClientConnection, ClientEvent, Strategy};
 use crate::conn::Connection;
 use crate::frame::ResultOrigin;
 use crate::frame::{JobId, Stat};
@@ -397,6 +397,15 @@ impl Pair {
         .min()
     }
 
+    /// Starts a [`Strategy::Lookup`] job for the key of `desc` and `source`: the source
+    /// itself is never sent.
+    pub fn lookup(&mut self, desc: JobDesc, source: &[u8]) -> Option<JobId> {
+        let key = CacheKey::compute(&desc, source);
+        self.client
+            .start_job_with(self.now, desc, Some(key), Strategy::Lookup)
+            .ok()
+    }
+
     /// Moves bytes and events until nothing more happens or `max_steps` deliveries passed.
     /// Returns whether the pair went quiet.
     pub fn run(&mut self, max_steps: usize) -> bool {
@@ -419,7 +428,8 @@ impl Pair {
         false
     }
 
-    /// Runs until the client has reported `Done` or `Failed` for `job`.
+    /// Runs until the client has reported the end of `job`: `Done`, `Failed` or
+    /// `NotCached`.
     pub fn run_until_job_ends(&mut self, job: JobId, max_steps: usize) -> Option<ClientEvent> {
         for _ in 0..max_steps {
             if let Some(e) = self.job_end(job) {
@@ -435,7 +445,11 @@ impl Pair {
     /// The event that ended `job`, if one came.
     pub fn job_end(&self, job: JobId) -> Option<ClientEvent> {
         self.client_events.iter().find_map(|(_, e)| match e {
-            ClientEvent::Done { job: j, .. } | ClientEvent::Failed { job: j, .. } if *j == job => {
+            ClientEvent::Done { job: j, .. }
+            | ClientEvent::Failed { job: j, .. }
+            | ClientEvent::NotCached { job: j }
+                if *j == job =>
+            {
                 Some(e.clone())
             }
             _ => None,

@@ -617,3 +617,56 @@ fn paused_input_is_resumed_by_the_run_loop() {
         .count();
     assert_eq!(answered, 20, "requests behind the pause were never decoded");
 }
+
+/// A lookup costs one round trip and no source: a hit comes back early with its key, a
+/// miss ends the job with `NotCached` and the server compiles nothing.
+#[test]
+fn lookup_hits_early_and_ends_on_a_miss_without_source() {
+    let mut p = pair(Strategy::Speculative, 5, 0, 11);
+    let d = with_len(desc(1), 3000);
+    let src = source(3000, 7);
+    let job = p.lookup(d.clone(), &src).unwrap();
+    assert!(p.run(1000));
+    assert!(
+        p.client_events
+            .iter()
+            .any(|(_, e)| matches!(e, ClientEvent::NotCached { job: j } if *j == job)),
+        "{:?}",
+        p.client_events
+    );
+    assert!(p.client.cancel(job).is_err(), "the job has ended");
+    assert_eq!(p.app.compiles, 0);
+    assert_eq!(p.client.jobs_open(), 0);
+    assert_eq!(p.server.jobs_open(), 0);
+    assert!(
+        !p.client_events
+            .iter()
+            .any(|(_, e)| matches!(e, ClientEvent::Miss { .. })),
+        "a lookup's MISS is reported as NotCached only"
+    );
+
+    warm(&mut p, &d, &src);
+    let before = p.c2s.bytes_sent;
+    let start = p.now;
+    let job = p.lookup(d.clone(), &src).unwrap();
+    let o = match p.run_until_job_ends(job, 1000) {
+        Some(ClientEvent::Done { outcome, .. }) => outcome,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(o.origin, dcache_proto::ResultOrigin::Early);
+    assert_eq!(o.strategy, Strategy::Lookup);
+    assert_eq!(o.key, Some(CacheKey::compute(&d, &src)));
+    assert_eq!(o.result, reference_compile(&d, &src));
+    assert_eq!(o.source_bytes_sent, 0);
+    assert!(p.c2s.bytes_sent - before < 200, "no source went out");
+    let done_at = p
+        .client_events
+        .iter()
+        .find_map(|(t, e)| matches!(e, ClientEvent::Done { job: j, .. } if *j == job).then_some(*t))
+        .unwrap();
+    assert!(
+        done_at - start <= Duration::from_millis(11),
+        "one round trip"
+    );
+    assert!(p.client.push_source(job, src, true).is_err());
+}

@@ -165,8 +165,9 @@ impl ClientHandle {
     }
 
     /// Asks whether the server has the result for `key` without having the source at
-    /// hand (a key remembered from an earlier compile): the job goes ask-first and is
-    /// cancelled on MISS, which costs one round trip and no source. `Ok(None)` is a miss.
+    /// hand (a key remembered from an earlier compile): a [`Strategy::Lookup`] job, which
+    /// the connection ends itself on MISS; one round trip and no source. `Ok(None)` is a
+    /// miss.
     pub async fn lookup(
         &self,
         desc: JobDesc,
@@ -175,9 +176,9 @@ impl ClientHandle {
         let submitted = self.send_submit(
             desc,
             Some(key),
-            Some(Strategy::AskFirst),
+            Some(Strategy::Lookup),
             Bytes::new(),
-            Submit::Lookup,
+            Submit::NoSource,
         )?;
         match self.outcome(submitted).await {
             Ok(outcome) => Ok(Some(outcome)),
@@ -284,8 +285,8 @@ enum Submit {
     Whole,
     /// In `Push` commands that follow.
     Streamed,
-    /// None: a lookup, cancelled on MISS and answered [`JobError::NotCached`].
-    Lookup,
+    /// None at all: a lookup.
+    NoSource,
 }
 type OutcomeReceiver = oneshot::Receiver<Result<JobOutcome, JobError>>;
 
@@ -303,8 +304,6 @@ struct ClientOwner {
 struct Pending {
     /// The handle's name for the job, given before the job had an id.
     token: u64,
-    /// A lookup: cancelled on MISS and answered [`JobError::NotCached`].
-    lookup: bool,
     reply: Reply,
 }
 
@@ -325,12 +324,9 @@ impl ClientOwner {
 impl Owner<ClientConnection> for ClientOwner {
     type Command = Command;
 
-    async fn on_event(&mut self, machine: &mut ClientConnection, event: ClientEvent) {
+    async fn on_event(&mut self, _machine: &mut ClientConnection, event: ClientEvent) {
         match event {
-            ClientEvent::Miss { job } if self.pending.get(&job).is_some_and(|p| p.lookup) => {
-                let _ = machine.cancel(job);
-                self.finish(job, Err(JobError::NotCached));
-            }
+            ClientEvent::NotCached { job } => self.finish(job, Err(JobError::NotCached)),
             ClientEvent::Done { job, outcome } => self.finish(job, Ok(outcome)),
             ClientEvent::Failed { job, code, message } => {
                 self.finish(job, Err(JobError::Failed { code, message }));
@@ -385,15 +381,7 @@ impl Owner<ClientConnection> for ClientOwner {
                         if how == Submit::Whole {
                             let _ = machine.push_source(job, source, true);
                         }
-                        let lookup = how == Submit::Lookup;
-                        self.pending.insert(
-                            job,
-                            Pending {
-                                token,
-                                lookup,
-                                reply,
-                            },
-                        );
+                        self.pending.insert(job, Pending { token, reply });
                     }
                     Err(e) => {
                         let _ = reply.send(Err(JobError::Rejected(e.to_string())));
