@@ -1,6 +1,6 @@
 //! The client end of a connection.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -66,6 +66,10 @@ impl std::str::FromStr for Strategy {
     }
 }
 
+/// The longest any of the client's timeouts may be; longer settings are cut to it, so a
+/// deadline never overflows the clock and a job never waits without bound.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// Settings of a [`ClientConnection`].
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -76,8 +80,16 @@ pub struct ClientConfig {
     pub chunk_size: u32,
     /// The default strategy for jobs started with a key ([`ClientConnection::start_job`]).
     pub strategy: Strategy,
-    /// How long the server may take to answer HELLO.
+    /// How long the server may take to answer HELLO (at most [`MAX_TIMEOUT`]).
     pub handshake_timeout: Duration,
+    /// How long a job the server owes an answer (a verdict to its HASH, or a result once
+    /// its whole source has been pushed) may go without a frame from the server before it
+    /// fails with [`ClientEvent::TimedOut`]; the owner then compiles elsewhere or locally.
+    /// Counted from when the answer became owed and again from each frame for the job.
+    /// The server sends nothing while it compiles, so this must exceed the longest
+    /// compile worth waiting for, plus the upload: a job that outlives it is given up, not
+    /// lost, since the owner falls back. Default 60 s, at most [`MAX_TIMEOUT`].
+    pub progress_timeout: Duration,
     /// Largest result body we accept (stdout + stderr + outputs).
     pub max_result_len: u64,
     /// Authenticate with this shared token's key (see [`AuthKey`]), and insist that the
@@ -94,6 +106,7 @@ impl Default for ClientConfig {
             chunk_size: 64 * 1024,
             strategy: Strategy::Speculative,
             handshake_timeout: Duration::from_secs(10),
+            progress_timeout: Duration::from_secs(60),
             max_result_len: 1024 * 1024 * 1024,
             auth: None,
         }
@@ -158,6 +171,14 @@ pub enum ClientEvent {
         /// The server's explanation.
         message: String,
     },
+    /// A job heard nothing from the server for [`ClientConfig::progress_timeout`]: it has
+    /// ended here (the server is told with ABORT) and nothing more is reported for it.
+    TimedOut {
+        /// The job.
+        job: JobId,
+        /// How long it went without a frame.
+        after: Duration,
+    },
     /// The server's counters, in answer to [`ClientConnection::request_stats`].
     Stats(Vec<Stat>),
     /// The server will take no new jobs on this connection; open jobs still finish.
@@ -218,9 +239,20 @@ pub(crate) struct Job {
     verdict: bool,
     download: Download,
     cancelled: bool,
+    /// When the job last heard from the server (or started): its entry in `silent`.
+    heard: Instant,
 }
 
 impl Job {
+    /// Whether the server owes this job an answer, so its silence counts: a verdict to
+    /// a HASH, or a result once the owner has given the whole source. Not while the
+    /// owner is still producing source after the verdict (the wait is then the owner's).
+    fn owed(&self) -> bool {
+        !self.cancelled
+            && !matches!(self.download, Download::Closed)
+            && (self.source_fin || (self.key.is_some() && !self.verdict))
+    }
+
     fn sendable(&self) -> bool {
         self.announced
             && self.upload == Upload::Open
@@ -260,6 +292,12 @@ pub struct ClientConnection {
     nonce: Option<Nonce>,
     /// Stats requests made before authentication completed, not yet sent.
     stats_held: u32,
+    /// Jobs owed an answer, by when they last heard from the server: the first entry is
+    /// the next to time out.
+    silent: BTreeSet<(Instant, u32)>,
+    /// Jobs whose owner finished the source in a command that has no `now`: their timer
+    /// starts at the next call that has one.
+    unclocked: Vec<u32>,
 }
 
 impl ClientConnection {
@@ -279,6 +317,8 @@ impl ClientConnection {
 
     fn build(mut config: ClientConfig, now: Instant, nonce: Option<Nonce>) -> Self {
         config.limits = clamp_own_limits(config.limits);
+        config.handshake_timeout = config.handshake_timeout.min(MAX_TIMEOUT);
+        config.progress_timeout = config.progress_timeout.min(MAX_TIMEOUT);
         config.chunk_size = config.chunk_size.max(1);
         let mut core = Core::new(config.limits.max_frame_payload);
         let (features, extensions) = match (&config.auth, nonce) {
@@ -306,6 +346,8 @@ impl ClientConnection {
             goaway_last_job: None,
             nonce,
             stats_held: 0,
+            silent: BTreeSet::new(),
+            unclocked: Vec::new(),
         }
     }
 
@@ -357,7 +399,7 @@ impl ClientConnection {
     /// strategies need one.
     pub fn start_job_with(
         &mut self,
-        _now: Instant,
+        now: Instant,
         desc: JobDesc,
         key: Option<CacheKey>,
         strategy: Strategy,
@@ -400,9 +442,11 @@ impl ClientConnection {
                 verdict: false,
                 download: Download::Waiting,
                 cancelled: false,
+                heard: now,
             },
         );
         self.waiting.push_back(id);
+        self.retime(id, now);
         self.announce_waiting();
         Ok(JobId(id))
     }
@@ -430,6 +474,9 @@ impl ClientConnection {
         if j.upload != Upload::Closed {
             j.source.push(data);
         }
+        if fin {
+            self.unclocked.push(job.0);
+        }
         self.mark_ready(job.0);
         Ok(())
     }
@@ -444,9 +491,10 @@ impl ClientConnection {
             .filter(|j| !j.cancelled)
             .ok_or(CommandError::UnknownJob(job.0))?;
         j.cancelled = true;
+        self.silent.remove(&(j.heard, job.0));
         if !j.announced {
             self.waiting.retain(|&id| id != job.0);
-            self.core.jobs.remove(&job.0);
+            self.remove_job(job.0);
             return Ok(());
         }
         if j.upload != Upload::Closed {
@@ -488,7 +536,7 @@ impl ClientConnection {
             return;
         }
         for id in std::mem::take(&mut self.waiting) {
-            self.core.jobs.remove(&id);
+            self.remove_job(id);
         }
         self.state = State::GoingAway;
         if self.core.jobs.is_empty() {
@@ -498,7 +546,7 @@ impl ClientConnection {
 
     // ----- internals -----
 
-    fn on_frame(&mut self, _now: Instant, frame: Frame) -> Result<(), ConnectionError> {
+    fn on_frame(&mut self, now: Instant, frame: Frame) -> Result<(), ConnectionError> {
         if let State::Handshaking { .. } = self.state {
             match frame {
                 Frame::Hello(_) | Frame::Error { .. } => {}
@@ -566,11 +614,11 @@ impl ClientConnection {
                             message: "server is going away; job was not accepted".into(),
                         });
                     }
-                    self.core.jobs.remove(&id);
+                    self.remove_job(id);
                     self.announced -= 1;
                 }
                 for id in std::mem::take(&mut self.waiting) {
-                    if let Some(job) = self.core.jobs.remove(&id) {
+                    if let Some(job) = self.remove_job(id) {
                         if !job.cancelled {
                             self.core.events.push_back(ClientEvent::Failed {
                                 job: JobId(id),
@@ -592,15 +640,24 @@ impl ClientConnection {
                 self.core.events.push_back(ClientEvent::Stats(stats));
             }
             Frame::Ignorable { .. } => {}
-            Frame::Miss { job } => self.on_miss(job)?,
+            Frame::Miss { job } => {
+                self.retime(job.0, now);
+                self.on_miss(job)?;
+            }
             Frame::Result {
                 job,
                 origin,
                 head,
                 body,
                 fin,
-            } => self.on_result(job, origin, head, body, fin)?,
-            Frame::Data { job, data, fin } => self.on_data(job, data, fin)?,
+            } => {
+                self.retime(job.0, now);
+                self.on_result(job, origin, head, body, fin)?;
+            }
+            Frame::Data { job, data, fin } => {
+                self.retime(job.0, now);
+                self.on_data(job, data, fin)?;
+            }
             Frame::Abort { job, code, message } => self.on_abort(job, code, message)?,
             other => {
                 return Err(unexpected(format!(
@@ -879,8 +936,75 @@ impl ClientConnection {
         self.core.mark_ready(id);
     }
 
+    /// Removes a job and its timer.
+    fn remove_job(&mut self, id: u32) -> Option<Job> {
+        let job = self.core.jobs.remove(&id)?;
+        self.silent.remove(&(job.heard, id));
+        Some(job)
+    }
+
+    /// Something happened to job `id` at `now` (it started, the server said something,
+    /// its owner finished its source): its progress timer starts again if the server owes
+    /// it an answer, and stops if not.
+    fn retime(&mut self, id: u32, now: Instant) {
+        if let Some(j) = self.core.jobs.get_mut(&id) {
+            self.silent.remove(&(j.heard, id));
+            if j.owed() {
+                j.heard = now;
+                self.silent.insert((now, id));
+            }
+        }
+    }
+
+    /// Starts the progress timers of jobs whose owner finished their source since.
+    fn start_clocks(&mut self, now: Instant) {
+        for id in std::mem::take(&mut self.unclocked) {
+            self.retime(id, now);
+        }
+    }
+
+    /// Fails every job that has heard nothing for the progress timeout by `now`.
+    fn time_out_jobs(&mut self, now: Instant) {
+        let timeout = self.config.progress_timeout;
+        while let Some(&(heard, id)) = self.silent.first() {
+            if heard.checked_add(timeout).is_none_or(|due| now < due) {
+                return;
+            }
+            self.silent.pop_first();
+            // A job its owner no longer waits for (cancelled, or ended by NotCached) is
+            // only draining: nothing to report.
+            let Some(j) = self.core.jobs.get_mut(&id).filter(|j| !j.cancelled) else {
+                continue;
+            };
+            j.cancelled = true;
+            self.core.events.push_back(ClientEvent::TimedOut {
+                job: JobId(id),
+                after: now.saturating_duration_since(heard),
+            });
+            if !j.announced {
+                self.waiting.retain(|&w| w != id);
+                self.remove_job(id);
+                continue;
+            }
+            // Like a cancel: the job stays known until the server's answer to ABORT, so
+            // its frames still in flight are drained.
+            if j.upload != Upload::Closed {
+                j.upload = Upload::Closed;
+                j.source.clear();
+                self.core
+                    .outbox
+                    .abort(JobId(id), ErrorCode::CANCELLED, "no progress");
+            }
+            self.maybe_forget(id);
+        }
+    }
+
     fn maybe_forget(&mut self, id: u32) {
+        let heard = self.core.jobs.get(&id).map(|j| j.heard);
         if self.core.forget_if_done(id) {
+            if let Some(heard) = heard {
+                self.silent.remove(&(heard, id));
+            }
             self.announced -= 1;
             self.announce_waiting();
             if self.state == State::GoingAway && self.core.jobs.is_empty() {
@@ -892,6 +1016,7 @@ impl ClientConnection {
     fn close_cleanly(&mut self) {
         self.state = State::Closed;
         self.core.clear_jobs();
+        self.silent.clear();
         self.waiting.clear();
         self.core
             .events
@@ -921,6 +1046,7 @@ impl Endpoint for ClientConnection {
         }
         self.core.fail(&error, send);
         self.waiting.clear();
+        self.silent.clear();
         self.state = State::Closed;
         self.core
             .events
@@ -958,11 +1084,17 @@ impl Connection for ClientConnection {
         if let State::Handshaking { deadline } = self.state {
             if now >= deadline {
                 self.fail_with(ConnectionError::Timeout { what: "handshake" }, true);
+                return;
             }
+        }
+        if self.state != State::Closed {
+            self.start_clocks(now);
+            self.time_out_jobs(now);
         }
     }
 
-    fn poll_transmit(&mut self, _now: Instant) -> Option<Bytes> {
+    fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
+        self.start_clocks(now);
         conn::poll_transmit(self)
     }
 
@@ -971,10 +1103,16 @@ impl Connection for ClientConnection {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        match self.state {
+        let handshake = match self.state {
             State::Handshaking { deadline } => Some(deadline),
+            State::Closed => return None,
             _ => None,
-        }
+        };
+        let progress = self
+            .silent
+            .first()
+            .and_then(|&(heard, _)| heard.checked_add(self.config.progress_timeout));
+        [handshake, progress].into_iter().flatten().min()
     }
 
     fn is_closed(&self) -> bool {

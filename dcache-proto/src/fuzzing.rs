@@ -587,6 +587,9 @@ fn client_run(data: &[u8]) -> Vec<ClientEvent> {
                     }
                 }
                 ClientEvent::Failed { job, .. } => job_event(&mut jobs, job, "Failed").ended = true,
+                ClientEvent::TimedOut { job, .. } => {
+                    job_event(&mut jobs, job, "TimedOut").ended = true;
+                }
                 ClientEvent::NotCached { job } => {
                     let j = job_event(&mut jobs, job, "NotCached");
                     assert_eq!(
@@ -851,7 +854,8 @@ fn pair_run(data: &[u8]) -> Option<Pair> {
             ClientEvent::Done { job, .. }
             | ClientEvent::Failed { job, .. }
             | ClientEvent::Miss { job }
-            | ClientEvent::NotCached { job } => *job,
+            | ClientEvent::NotCached { job }
+            | ClientEvent::TimedOut { job, .. } => *job,
             ClientEvent::Closed { .. } => {
                 closed = true;
                 continue;
@@ -891,6 +895,11 @@ fn pair_run(data: &[u8]) -> Option<Pair> {
             ended.insert(job);
         } else if let ClientEvent::NotCached { .. } = ev {
             assert!(lookups.contains(&job), "NotCached for {job}, not a lookup");
+            ended.insert(job);
+        } else if let ClientEvent::TimedOut { .. } = ev {
+            // The reference server always answers: only bytes lost or altered on the way
+            // can leave a job without progress.
+            assert!(tampered, "{job} timed out on an honest link: {ev:?}");
             ended.insert(job);
         }
     }

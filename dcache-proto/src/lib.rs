@@ -85,7 +85,7 @@ mod handshake;
 mod outbox;
 mod server;
 
-pub use client::{ClientConfig, ClientConnection, ClientEvent, JobOutcome, Strategy};
+pub use client::{ClientConfig, ClientConnection, ClientEvent, JobOutcome, MAX_TIMEOUT, Strategy};
 pub use conn::Connection;
 pub use server::{ConnStats, ServerConfig, ServerConnection, ServerEvent};
 

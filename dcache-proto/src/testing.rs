@@ -428,8 +428,8 @@ impl Pair {
         false
     }
 
-    /// Runs until the client has reported the end of `job`: `Done`, `Failed` or
-    /// `NotCached`.
+    /// Runs until the client has reported the end of `job`: `Done`, `Failed`,
+    /// `NotCached` or `TimedOut`.
     pub fn run_until_job_ends(&mut self, job: JobId, max_steps: usize) -> Option<ClientEvent> {
         for _ in 0..max_steps {
             if let Some(e) = self.job_end(job) {
@@ -448,6 +448,7 @@ impl Pair {
             ClientEvent::Done { job: j, .. }
             | ClientEvent::Failed { job: j, .. }
             | ClientEvent::NotCached { job: j }
+            | ClientEvent::TimedOut { job: j, .. }
                 if *j == job =>
             {
                 Some(e.clone())

@@ -670,3 +670,85 @@ fn lookup_hits_early_and_ends_on_a_miss_without_source() {
     );
     assert!(p.client.push_source(job, src, true).is_err());
 }
+
+/// A job the server owes an answer fails with `TimedOut` once it has heard nothing for the
+/// progress timeout, so the owner can compile elsewhere; a compile that answers in time,
+/// and a job whose owner is still producing source, do not time out.
+#[test]
+fn a_job_without_progress_times_out_on_virtual_time() {
+    let config = ClientConfig {
+        progress_timeout: Duration::from_secs(60),
+        ..ClientConfig::default()
+    };
+    let server = ServerConfig {
+        stall_timeout: Duration::from_secs(600),
+        ..ServerConfig::default()
+    };
+    let mut p = Pair::new(
+        config.clone(),
+        server.clone(),
+        Duration::from_millis(1),
+        0,
+        3,
+        Instant::now(),
+    );
+    // The server takes two minutes to compile: the job gives up after one.
+    p.app.compile_time = Duration::from_secs(120);
+    let start = p.now;
+    let job = p.submit(desc(1), source(500, 1)).unwrap();
+    p.advance(Duration::from_secs(59));
+    assert!(p.job_end(job).is_none(), "timed out early");
+    p.advance(Duration::from_secs(2));
+    let at = p
+        .client_events
+        .iter()
+        .find_map(|(t, e)| {
+            matches!(e, ClientEvent::TimedOut { job: j, .. } if *j == job).then_some(*t)
+        })
+        .expect("the job timed out");
+    // Counted from the MISS, one round trip after the start.
+    assert!(at - start >= Duration::from_secs(60) && at - start <= Duration::from_millis(60_010));
+    p.advance(Duration::from_secs(120));
+    assert_eq!(
+        p.job_end(job)
+            .map(|e| matches!(e, ClientEvent::TimedOut { .. })),
+        Some(true)
+    );
+    assert_eq!(
+        p.client.jobs_open(),
+        0,
+        "the server's answer to ABORT let it go"
+    );
+    assert_eq!(p.server.jobs_open(), 0);
+
+    // A compile of 50 s answers in time.
+    let mut p = Pair::new(
+        config.clone(),
+        server.clone(),
+        Duration::from_millis(1),
+        0,
+        3,
+        Instant::now(),
+    );
+    p.app.compile_time = Duration::from_secs(50);
+    let job = p.submit(desc(2), source(500, 2)).unwrap();
+    p.advance(Duration::from_secs(120));
+    assert!(matches!(p.job_end(job), Some(ClientEvent::Done { .. })));
+
+    // The owner streams its source slowly: that wait is not the server's.
+    let mut p = Pair::new(
+        config,
+        server,
+        Duration::from_millis(1),
+        0,
+        3,
+        Instant::now(),
+    );
+    let job = p.client.start_job(p.now, desc(3), None).unwrap();
+    p.client.push_source(job, source(100, 3), false).unwrap();
+    p.advance(Duration::from_secs(120));
+    assert!(p.job_end(job).is_none());
+    p.client.push_source(job, Bytes::new(), true).unwrap();
+    p.advance(Duration::from_secs(1));
+    assert!(matches!(p.job_end(job), Some(ClientEvent::Done { .. })));
+}

@@ -104,3 +104,42 @@ async fn a_client_that_never_reads_cannot_grow_the_servers_memory() {
         "{answers} large answers queued for a client that never reads"
     );
 }
+
+/// A server that reads the job and never answers: the job fails with `TimedOut` after
+/// the client's progress timeout (virtual time), so the caller can compile locally.
+#[tokio::test(start_paused = true)]
+async fn a_job_the_server_never_answers_times_out() {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    // The silent peer: answers HELLO, then reads everything and says nothing.
+    tokio::spawn(async move {
+        let mut framed = Framed::new(server, FrameCodec::new(1 << 20));
+        framed.send(hello()).await.unwrap();
+        while let Some(Ok(_)) = framed.next().await {}
+    });
+    let handle = dcache_transport::spawn_client(
+        client,
+        dcache_proto::ClientConfig {
+            progress_timeout: Duration::from_secs(5),
+            ..dcache_proto::ClientConfig::default()
+        },
+    );
+    let desc = dcache_proto::JobDesc {
+        compiler: "cc".into(),
+        language: "cpp-output".into(),
+        args: vec![],
+        source_len: None,
+    };
+    let started = tokio::time::Instant::now();
+    let r = handle
+        .submit(desc, None, Bytes::from_static(b"int x;\n"))
+        .await;
+    assert!(
+        matches!(r, Err(dcache_transport::JobError::TimedOut { after }) if after >= Duration::from_secs(5)),
+        "{r:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+}

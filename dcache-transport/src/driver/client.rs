@@ -38,6 +38,13 @@ pub enum JobError {
     /// The job could not be started (for example a field too long to encode).
     #[error("job refused locally: {0}")]
     Rejected(String),
+    /// The server sent nothing for the job for the connection's
+    /// [`ClientConfig::progress_timeout`]: compile elsewhere or locally.
+    #[error("no answer from the server for {after:?}")]
+    TimedOut {
+        /// How long the job went without a frame.
+        after: std::time::Duration,
+    },
     /// A [`ClientHandle::lookup`] found nothing: the server answered MISS.
     #[error("not in the server's cache")]
     NotCached,
@@ -327,6 +334,9 @@ impl Owner<ClientConnection> for ClientOwner {
     async fn on_event(&mut self, _machine: &mut ClientConnection, event: ClientEvent) {
         match event {
             ClientEvent::NotCached { job } => self.finish(job, Err(JobError::NotCached)),
+            ClientEvent::TimedOut { job, after } => {
+                self.finish(job, Err(JobError::TimedOut { after }));
+            }
             ClientEvent::Done { job, outcome } => self.finish(job, Ok(outcome)),
             ClientEvent::Failed { job, code, message } => {
                 self.finish(job, Err(JobError::Failed { code, message }));
