@@ -7,9 +7,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::codec::{Reader, check_str16, put_str16};
 use crate::error::FrameError;
 use crate::error_code::ErrorCode;
+use crate::fields::{Reader, check_str16, put_str16};
 use crate::frame_type::{Flags, FrameType};
 use crate::header::{FrameHeader, HEADER_LEN};
 use crate::job::JobDesc;

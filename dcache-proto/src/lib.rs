@@ -51,10 +51,10 @@
 #![forbid(unsafe_code)]
 
 mod auth;
-mod codec;
 mod decoder;
 mod error;
 mod error_code;
+mod fields;
 mod frame;
 mod frame_type;
 mod header;
@@ -91,6 +91,8 @@ pub use server::{ConnStats, ServerConfig, ServerConnection, ServerEvent};
 
 pub mod testing;
 
-#[cfg(feature = "fuzzing")]
+// Built for this crate's own tests too, so the fuzz regression tests and the seed-corpus
+// check run under a plain `cargo test`.
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
