@@ -155,15 +155,9 @@ pub fn chunked_equals_oneshot(data: &[u8]) {
 
 /// A valid HELLO as either side would send it.
 fn hello_bytes() -> Bytes {
-    Frame::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        limits: Limits::default(),
-        features: 0,
-        extensions: Bytes::new(),
-    })
-    .to_bytes(Limits::BASELINE.max_frame_payload)
-    .unwrap_or_default()
+    crate::testing::hello()
+        .to_bytes(Limits::BASELINE.max_frame_payload)
+        .unwrap_or_default()
 }
 
 /// Frame types a client sends.
@@ -1187,23 +1181,18 @@ mod tests {
     }
 
     #[test]
-    fn server_input_runs_on_seeds() {
-        for s in all_streams() {
-            server_input(&s);
-        }
-        // Every configuration the first byte selects, on garbage after it.
-        for first in 0..=255u8 {
-            server_input(&[first, 2, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
-        }
-    }
-
-    #[test]
-    fn client_input_runs_on_seeds() {
-        for s in all_streams() {
-            client_input(&s);
-        }
-        for first in 0..=255u8 {
-            client_input(&[first, 5, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
+    fn connection_targets_run_on_seeds() {
+        /// A target and a frame type to make garbage of.
+        type Target = (fn(&[u8]), u8);
+        let targets: [Target; 2] = [(server_input, 2), (client_input, 5)];
+        for (target, garbage) in targets {
+            for s in all_streams() {
+                target(&s);
+            }
+            // Every configuration the first byte selects, on garbage after it.
+            for first in 0..=255u8 {
+                target(&[first, garbage, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
+            }
         }
     }
 

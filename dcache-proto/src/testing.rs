@@ -15,7 +15,7 @@ use bytes::Bytes;
 use crate::client::{ClientConfig, ClientConnection, ClientEvent, Strategy};
 use crate::conn::Connection;
 use crate::frame::ResultOrigin;
-use crate::frame::{JobId, Stat};
+use crate::frame::{Frame, Hello, JobId, Limits, Stat};
 use crate::job::{JobDesc, JobResult, OutputFile};
 use crate::key::CacheKey;
 use crate::server::{ServerConfig, ServerConnection, ServerEvent};
@@ -123,6 +123,18 @@ impl Link {
         }
         out
     }
+}
+
+/// A plain HELLO as either side would send it (versions this crate speaks, default
+/// limits, no features): for tests that play one end by hand.
+pub fn hello() -> Frame {
+    Frame::Hello(Hello {
+        min_version: crate::VERSION_MIN,
+        max_version: crate::VERSION_MAX,
+        limits: Limits::default(),
+        features: 0,
+        extensions: Bytes::new(),
+    })
 }
 
 /// What the reference server does with a job's source: a deterministic stand-in for a

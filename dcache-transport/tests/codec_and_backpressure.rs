@@ -4,21 +4,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use dcache_proto::{Frame, Hello, JobId, Limits, ServerConfig, ServerEvent, Stat};
+use dcache_proto::testing::hello;
+use dcache_proto::{Frame, JobId, ServerConfig, ServerEvent, Stat};
 use dcache_transport::{FrameCodec, ServerCommand, spawn_server_connection};
 use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio_util::codec::Framed;
-
-fn hello() -> Frame {
-    Frame::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        limits: Limits::default(),
-        features: 0,
-        extensions: Bytes::new(),
-    })
-}
 
 #[tokio::test]
 async fn frames_cross_a_stream_through_the_codec() {

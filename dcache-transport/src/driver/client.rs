@@ -50,16 +50,19 @@ pub enum JobError {
     NotCached,
 }
 
+/// A job handed to the driver.
+struct Submission {
+    token: u64,
+    desc: JobDesc,
+    key: Option<CacheKey>,
+    strategy: Option<Strategy>,
+    source: Bytes,
+    how: Submit,
+    reply: Reply,
+}
+
 enum Command {
-    Submit {
-        token: u64,
-        desc: JobDesc,
-        key: Option<CacheKey>,
-        strategy: Option<Strategy>,
-        source: Bytes,
-        how: Submit,
-        reply: oneshot::Sender<Result<JobOutcome, JobError>>,
-    },
+    Submit(Submission),
     /// More source for a job submitted without `fin`.
     Push {
         token: u64,
@@ -205,16 +208,17 @@ impl ClientHandle {
     ) -> Result<(u64, OutcomeReceiver), JobError> {
         let token = self.tokens.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
+        let submission = Submission {
+            token,
+            desc,
+            key,
+            strategy,
+            source,
+            how,
+            reply,
+        };
         self.commands
-            .send(Command::Submit {
-                token,
-                desc,
-                key,
-                strategy,
-                source,
-                how,
-                reply,
-            })
+            .send(Command::Submit(submission))
             .map_err(|_| JobError::Closed)?;
         Ok((token, rx))
     }
@@ -328,6 +332,36 @@ impl ClientOwner {
     }
 }
 
+impl ClientOwner {
+    /// Starts a submitted job; a job the machine refuses is answered at once.
+    fn start(&mut self, machine: &mut ClientConnection, s: Submission, now: Instant) {
+        if self.closed {
+            let _ = s.reply.send(Err(JobError::Closed));
+            return;
+        }
+        let started = match s.strategy {
+            Some(strategy) => machine.start_job_with(now, s.desc, s.key, strategy),
+            None => machine.start_job(now, s.desc, s.key),
+        };
+        match started {
+            Ok(job) => {
+                // Cannot fail: the job was just started and has no source yet.
+                if s.how == Submit::Whole {
+                    let _ = machine.push_source(job, s.source, true);
+                }
+                let pending = Pending {
+                    token: s.token,
+                    reply: s.reply,
+                };
+                self.pending.insert(job, pending);
+            }
+            Err(e) => {
+                let _ = s.reply.send(Err(JobError::Rejected(e.to_string())));
+            }
+        }
+    }
+}
+
 impl Owner<ClientConnection> for ClientOwner {
     type Command = Command;
 
@@ -368,36 +402,7 @@ impl Owner<ClientConnection> for ClientOwner {
 
     fn apply(&mut self, machine: &mut ClientConnection, command: Command, now: Instant) {
         match command {
-            Command::Submit {
-                token,
-                desc,
-                key,
-                strategy,
-                source,
-                how,
-                reply,
-            } => {
-                if self.closed {
-                    let _ = reply.send(Err(JobError::Closed));
-                    return;
-                }
-                let started = match strategy {
-                    Some(s) => machine.start_job_with(now, desc, key, s),
-                    None => machine.start_job(now, desc, key),
-                };
-                match started {
-                    Ok(job) => {
-                        // Cannot fail: the job was just started and has no source yet.
-                        if how == Submit::Whole {
-                            let _ = machine.push_source(job, source, true);
-                        }
-                        self.pending.insert(job, Pending { token, reply });
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(JobError::Rejected(e.to_string())));
-                    }
-                }
-            }
+            Command::Submit(s) => self.start(machine, s, now),
             Command::Push { token, data, fin } => {
                 if let Some(job) = self.job_of(token) {
                     // Refused only when the job already has its answer (a result needs no
