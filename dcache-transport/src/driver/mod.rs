@@ -14,7 +14,7 @@
 //!    (only while the machine `wants_input`), or the machine's timer.
 //!
 //! Every `await` in the select is cancel-safe (`read_buf`, `write`, channel receive,
-//! `sleep_until`), so no byte is lost when another branch wins.
+//! the pinned timer), so no byte is lost when another branch wins.
 
 mod client;
 mod server;
@@ -76,6 +76,12 @@ where
     let mut carry = None;
     let mut read_done = false;
     let mut owner_open = true;
+    // One timer for the connection's life, moved only when the machine's deadline moves:
+    // a client with jobs open always has one, and re-registering it on every turn would
+    // cost a timer-wheel insertion per frame.
+    let timer = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(timer);
+    let mut armed: Option<tokio::time::Instant> = None;
     loop {
         if machine.has_paused_input() {
             machine.handle_input(now(), &[]);
@@ -96,6 +102,12 @@ where
             return;
         }
         let deadline = machine.poll_timeout().map(tokio::time::Instant::from_std);
+        if deadline != armed {
+            if let Some(d) = deadline {
+                timer.as_mut().reset(d);
+            }
+            armed = deadline;
+        }
         let can_read = !read_done && machine.wants_input();
         tokio::select! {
             biased;
@@ -132,7 +144,9 @@ where
                     }
                 }
             },
-            () = sleep_until(deadline), if deadline.is_some() => {
+            () = &mut timer, if armed.is_some() => {
+                // Fired: re-armed next turn even if the deadline is unchanged.
+                armed = None;
                 machine.handle_timeout(now());
             },
             else => {
@@ -185,12 +199,5 @@ fn drain_to_closed<M: Connection>(machine: &mut M) {
         if machine.poll_transmit(now).is_none() {
             break;
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
