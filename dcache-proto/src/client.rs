@@ -51,17 +51,22 @@ impl Strategy {
     }
 }
 
-impl std::str::FromStr for Strategy {
-    type Err = String;
+/// A strategy name that is not one of the configurable three.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown strategy {0:?}: expected speculative, ask-first or send-all")]
+pub struct UnknownStrategy(pub String);
 
+impl std::str::FromStr for Strategy {
+    type Err = UnknownStrategy;
+
+    /// Parses a configuration name. `lookup` is not one: it is chosen per job, for a job
+    /// with no source at hand.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "speculative" => Ok(Self::Speculative),
             "ask-first" => Ok(Self::AskFirst),
             "send-all" => Ok(Self::SendAll),
-            other => Err(format!(
-                "unknown strategy {other:?}: expected speculative, ask-first or send-all"
-            )),
+            other => Err(UnknownStrategy(other.to_owned())),
         }
     }
 }

@@ -85,7 +85,9 @@ mod handshake;
 mod outbox;
 mod server;
 
-pub use client::{ClientConfig, ClientConnection, ClientEvent, JobOutcome, MAX_TIMEOUT, Strategy};
+pub use client::{
+    ClientConfig, ClientConnection, ClientEvent, JobOutcome, MAX_TIMEOUT, Strategy, UnknownStrategy,
+};
 pub use conn::Connection;
 pub use server::{ConnStats, ServerConfig, ServerConnection, ServerEvent};
 
