@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::auth::{self, AuthKey, FEATURE_AUTH, Nonce};
-use crate::conn::{self, Connection, Core, CoreJob, Endpoint, internal, protocol, unexpected};
+use crate::conn::{
+    self, Connection, Core, CoreJob, Endpoint, MAX_TIMEOUT, internal, protocol, unexpected,
+};
 use crate::error::{CommandError, ConnectionError};
 use crate::error_code::ErrorCode;
 use crate::frame::{Frame, Hello, JobId, Limits, ResultHead, ResultOrigin, Stat};
@@ -70,10 +72,6 @@ impl std::str::FromStr for Strategy {
         }
     }
 }
-
-/// The longest any of the client's timeouts may be; longer settings are cut to it, so a
-/// deadline never overflows the clock and a job never waits without bound.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Settings of a [`ClientConnection`].
 #[derive(Clone, Debug)]

@@ -9,7 +9,7 @@
 //! through the crate-private [`Endpoint`] trait.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -19,6 +19,11 @@ use crate::error_code::ErrorCode;
 use crate::frame::{Frame, Limits};
 use crate::header::HEADER_LEN;
 use crate::outbox::{Outbox, truncate_message};
+
+/// The longest any timeout of either end may be; longer settings are cut to it, so a
+/// deadline never overflows the clock (adding a huge `Duration` to an `Instant` panics)
+/// and nothing waits without bound.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// What a driver needs from a connection state machine, whichever end it is.
 ///

@@ -86,9 +86,9 @@ mod outbox;
 mod server;
 
 pub use client::{
-    ClientConfig, ClientConnection, ClientEvent, JobOutcome, MAX_TIMEOUT, Strategy, UnknownStrategy,
+    ClientConfig, ClientConnection, ClientEvent, JobOutcome, Strategy, UnknownStrategy,
 };
-pub use conn::Connection;
+pub use conn::{Connection, MAX_TIMEOUT};
 pub use server::{ConnStats, ServerConfig, ServerConnection, ServerEvent};
 
 pub mod testing;

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::auth::{self, AUTH_LEN, AuthKey, FEATURE_AUTH, Nonce};
-use crate::conn::{self, Connection, Core, CoreJob, Endpoint, internal, protocol, unexpected};
+use crate::conn::{
+    self, Connection, Core, CoreJob, Endpoint, MAX_TIMEOUT, internal, protocol, unexpected,
+};
 use crate::error::{CommandError, ConnectionError};
 use crate::error_code::ErrorCode;
 use crate::frame::{Frame, Hello, JobId, Limits, OutputMeta, ResultHead, ResultOrigin, Stat};
@@ -23,7 +25,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Largest result frame we send; smaller interleaves concurrent results more finely.
     pub chunk_size: u32,
-    /// How long a client may take to send its HELLO.
+    /// How long a client may take to send its HELLO. This and the other timeouts are cut
+    /// to [`MAX_TIMEOUT`](crate::MAX_TIMEOUT).
     pub handshake_timeout: Duration,
     /// How long a connection with no open job may sit silent before we close it.
     pub idle_timeout: Duration,
@@ -240,6 +243,13 @@ impl ServerConnection {
     fn build(mut config: ServerConfig, now: Instant, nonce: Option<Nonce>) -> Self {
         config.limits = clamp_own_limits(config.limits);
         config.chunk_size = config.chunk_size.max(1024);
+        for t in [
+            &mut config.handshake_timeout,
+            &mut config.idle_timeout,
+            &mut config.stall_timeout,
+        ] {
+            *t = (*t).min(MAX_TIMEOUT);
+        }
         Self {
             core: Core::new(config.limits.max_frame_payload),
             handshake_deadline: now + config.handshake_timeout,

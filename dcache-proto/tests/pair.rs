@@ -752,3 +752,42 @@ fn a_job_without_progress_times_out_on_virtual_time() {
     p.advance(Duration::from_secs(1));
     assert!(matches!(p.job_end(job), Some(ClientEvent::Done { .. })));
 }
+
+/// Timeouts set to "forever" are cut to MAX_TIMEOUT instead of overflowing the clock
+/// (adding `Duration::MAX` to an `Instant` panics).
+#[test]
+fn huge_timeouts_do_not_overflow_the_clock() {
+    let forever = Duration::MAX;
+    let mut p = Pair::new(
+        ClientConfig {
+            handshake_timeout: forever,
+            progress_timeout: forever,
+            ..ClientConfig::default()
+        },
+        ServerConfig {
+            handshake_timeout: forever,
+            idle_timeout: forever,
+            stall_timeout: forever,
+            ..ServerConfig::default()
+        },
+        Duration::from_millis(1),
+        0,
+        2,
+        Instant::now(),
+    );
+    let job = p.submit(desc(1), source(100, 1)).unwrap();
+    assert!(matches!(
+        p.run_until_job_ends(job, 1000),
+        Some(ClientEvent::Done { .. })
+    ));
+    assert!(
+        p.client
+            .poll_timeout()
+            .is_none_or(|t| t <= p.now + dcache_proto::MAX_TIMEOUT)
+    );
+    assert!(
+        p.server
+            .poll_timeout()
+            .is_none_or(|t| t <= p.now + dcache_proto::MAX_TIMEOUT)
+    );
+}
