@@ -1,19 +1,21 @@
 //! The client end of a connection.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
 use crate::auth::{self, AuthKey, FEATURE_AUTH, Nonce};
-use crate::decoder::FrameDecoder;
+use crate::conn::{
+    self, Connection, Core, CoreJob, Endpoint, MAX_TIMEOUT, internal, protocol, unexpected,
+};
 use crate::error::{CommandError, ConnectionError};
 use crate::error_code::ErrorCode;
-use crate::frame::{Frame, Hello, JobId, Limits, ResultHead, Stat};
+use crate::frame::{Frame, Hello, JobId, Limits, ResultHead, ResultOrigin, Stat};
 use crate::handshake::{check_peer_limits, clamp_own_limits, negotiate};
 use crate::job::{JobDesc, JobResult, OutputFile};
 use crate::key::CacheKey;
-use crate::outbox::{Outbox, Segments};
+use crate::outbox::Segments;
 use crate::{VERSION_MAX, VERSION_MIN};
 
 /// How a client uses HASH. All three run on the same code so they can be compared.
@@ -29,30 +31,44 @@ pub enum Strategy {
     /// No HASH: the server compiles (or finds the result by the key it computes itself
     /// once it has the whole source). How an old or simple client talks.
     SendAll,
+    /// HASH, then wait for the verdict, with no source at hand (a key remembered from an
+    /// earlier compile, say): a hit comes back as a result like any other, and a MISS ends
+    /// the job at once with [`ClientEvent::NotCached`] (the client cancels it; the server
+    /// compiles nothing). One round trip and no source either way. Chosen per job with
+    /// [`ClientConnection::start_job_with`]; such a job takes no
+    /// [`push_source`](ClientConnection::push_source).
+    Lookup,
 }
 
 impl Strategy {
-    /// The name used in configuration (`speculative`, `ask-first`, `send-all`).
+    /// The name used in configuration (`speculative`, `ask-first`, `send-all`) and in
+    /// reports (`lookup`, which is chosen per job, not configured: it takes no source).
     pub fn name(self) -> &'static str {
         match self {
             Self::Speculative => "speculative",
             Self::AskFirst => "ask-first",
             Self::SendAll => "send-all",
+            Self::Lookup => "lookup",
         }
     }
 }
 
-impl std::str::FromStr for Strategy {
-    type Err = String;
+/// A strategy name that is not one of the configurable three.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown strategy {0:?}: expected speculative, ask-first or send-all")]
+pub struct UnknownStrategy(pub String);
 
+impl std::str::FromStr for Strategy {
+    type Err = UnknownStrategy;
+
+    /// Parses a configuration name. `lookup` is not one: it is chosen per job, for a job
+    /// with no source at hand.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "speculative" => Ok(Self::Speculative),
             "ask-first" => Ok(Self::AskFirst),
             "send-all" => Ok(Self::SendAll),
-            other => Err(format!(
-                "unknown strategy {other:?}: expected speculative, ask-first or send-all"
-            )),
+            other => Err(UnknownStrategy(other.to_owned())),
         }
     }
 }
@@ -65,10 +81,20 @@ pub struct ClientConfig {
     /// Largest SOURCE chunk we send. Smaller chunks interleave concurrent jobs more finely
     /// and let an early result stop the upload sooner; larger ones cost fewer headers.
     pub chunk_size: u32,
-    /// The default strategy for jobs started with a key.
+    /// The default strategy for jobs started with a key ([`ClientConnection::start_job`]).
     pub strategy: Strategy,
-    /// How long the server may take to answer HELLO.
+    /// How long the server may take to answer HELLO (at most [`MAX_TIMEOUT`]).
     pub handshake_timeout: Duration,
+    /// How long a job the server owes an answer (a verdict to its HASH, or a result once
+    /// its whole source has been pushed) may go without a frame from the server before it
+    /// fails with [`ClientEvent::TimedOut`]; the owner then compiles elsewhere or locally.
+    /// Counted from when the answer became owed and again from each frame for the job.
+    /// The server sends nothing while it compiles, so this must exceed the longest
+    /// compile worth waiting for, plus the upload: a job that outlives it is given up, not
+    /// lost, since the owner falls back. Default 330 s: a little more than a server's
+    /// default compile time limit (300 s), so a compile the server would still finish is
+    /// waited for. At most [`MAX_TIMEOUT`].
+    pub progress_timeout: Duration,
     /// Largest result body we accept (stdout + stderr + outputs).
     pub max_result_len: u64,
     /// Authenticate with this shared token's key (see [`AuthKey`]), and insist that the
@@ -85,6 +111,7 @@ impl Default for ClientConfig {
             chunk_size: 64 * 1024,
             strategy: Strategy::Speculative,
             handshake_timeout: Duration::from_secs(10),
+            progress_timeout: Duration::from_secs(330),
             max_result_len: 1024 * 1024 * 1024,
             auth: None,
         }
@@ -96,12 +123,13 @@ impl Default for ClientConfig {
 pub struct JobOutcome {
     /// The compiler's output.
     pub result: JobResult,
-    /// Whether the server answered from its cache before the upload finished
-    /// (EARLY_RESULT).
-    pub early: bool,
-    /// Whether the result came from the server's cache at all (a hit: early, or after a
-    /// HASH-less upload) rather than from a compile for this job (a miss).
-    pub cached: bool,
+    /// Where the result came from: compiled for this job (a miss), found in the cache
+    /// after a HASH-less upload, or found in answer to HASH before the upload finished
+    /// (EARLY_RESULT). See [`ResultOrigin::is_cached`] and [`ResultOrigin::is_early`].
+    pub origin: ResultOrigin,
+    /// The cache key the job was sent with (its HASH), if it had one: what a caller
+    /// remembers to look the result up again later.
+    pub key: Option<CacheKey>,
     /// The strategy the job ran with.
     pub strategy: Strategy,
     /// Source bytes put on the wire for this job.
@@ -126,6 +154,12 @@ pub enum ClientEvent {
         /// The job.
         job: JobId,
     },
+    /// A [`Strategy::Lookup`] job found nothing: the server answered MISS, and the job has
+    /// ended without a result (nothing more is reported for it).
+    NotCached {
+        /// The job.
+        job: JobId,
+    },
     /// A job finished with a result (which may be a failed compile: see its exit code).
     Done {
         /// The job.
@@ -141,6 +175,14 @@ pub enum ClientEvent {
         code: ErrorCode,
         /// The server's explanation.
         message: String,
+    },
+    /// A job heard nothing from the server for [`ClientConfig::progress_timeout`]: it has
+    /// ended here (the server is told with ABORT) and nothing more is reported for it.
+    TimedOut {
+        /// The job.
+        job: JobId,
+        /// How long it went without a frame.
+        after: Duration,
     },
     /// The server's counters, in answer to [`ClientConnection::request_stats`].
     Stats(Vec<Stat>),
@@ -179,8 +221,7 @@ enum Download {
     /// A result head arrived; the body is being assembled.
     Receiving {
         head: ResultHead,
-        early: bool,
-        cached: bool,
+        origin: ResultOrigin,
         body: BytesMut,
         total: u64,
     },
@@ -189,7 +230,7 @@ enum Download {
 }
 
 #[derive(Debug)]
-struct Job {
+pub(crate) struct Job {
     desc: JobDesc,
     key: Option<CacheKey>,
     strategy: Strategy,
@@ -203,9 +244,20 @@ struct Job {
     verdict: bool,
     download: Download,
     cancelled: bool,
+    /// When the job last heard from the server (or started): its entry in `silent`.
+    heard: Instant,
 }
 
 impl Job {
+    /// Whether the server owes this job an answer, so its silence counts: a verdict to
+    /// a HASH, or a result once the owner has given the whole source. Not while the
+    /// owner is still producing source after the verdict (the wait is then the owner's).
+    fn owed(&self) -> bool {
+        !self.cancelled
+            && !matches!(self.download, Download::Closed)
+            && (self.source_fin || (self.key.is_some() && !self.verdict))
+    }
+
     fn sendable(&self) -> bool {
         self.announced
             && self.upload == Upload::Open
@@ -220,19 +272,11 @@ impl Job {
 /// The client end of a dcache connection, without IO.
 ///
 /// # Driving it
-/// - Inputs: [`handle_input`](Self::handle_input) with bytes read from the transport,
-///   [`handle_eof`](Self::handle_eof) when the read side ends, and
-///   [`handle_timeout`](Self::handle_timeout) when the instant from
-///   [`poll_timeout`](Self::poll_timeout) has passed.
-/// - Commands: [`start_job`](Self::start_job), [`push_source`](Self::push_source),
-///   [`cancel`](Self::cancel), [`request_stats`](Self::request_stats),
-///   [`close`](Self::close).
-/// - Outputs, drained after every input or command, in this order:
-///   [`poll_transmit`](Self::poll_transmit) until `None` (or until the transport stops
-///   accepting: call it again when it has room), [`poll_event`](Self::poll_event) until
-///   `None`, then [`poll_timeout`](Self::poll_timeout) to re-arm the timer. When
-///   [`is_closed`](Self::is_closed) turns true, everything is sent and the transport can be
-///   shut down.
+/// Through [`Connection`], in the order of the crate's run loop (see the crate
+/// documentation). Commands: [`start_job`](Self::start_job),
+/// [`push_source`](Self::push_source), [`cancel`](Self::cancel),
+/// [`request_stats`](Self::request_stats), [`shutdown`](Self::shutdown),
+/// [`Connection::close`].
 ///
 /// The HELLO is queued at construction and the first jobs may be started at once: their
 /// frames follow the HELLO without waiting for the server's answer, within the protocol's
@@ -241,16 +285,10 @@ impl Job {
 pub struct ClientConnection {
     config: ClientConfig,
     state: State,
-    decoder: FrameDecoder,
-    inbuf: BytesMut,
-    outbox: Outbox,
-    events: VecDeque<ClientEvent>,
-    peer: Limits,
+    core: Core<Job, ClientEvent>,
     next_job: u32,
-    jobs: BTreeMap<u32, Job>,
     announced: usize,
     waiting: VecDeque<u32>,
-    ready: VecDeque<u32>,
     stats_pending: u32,
     /// GOAWAY's `last_job`, once received: jobs above it were not accepted, and an ABORT
     /// the server sent for one of them may still arrive after we have dropped it.
@@ -259,6 +297,12 @@ pub struct ClientConnection {
     nonce: Option<Nonce>,
     /// Stats requests made before authentication completed, not yet sent.
     stats_held: u32,
+    /// Jobs owed an answer, by when they last heard from the server: the first entry is
+    /// the next to time out.
+    silent: BTreeSet<(Instant, u32)>,
+    /// Jobs whose owner finished the source in a command that has no `now`: their timer
+    /// starts at the next call that has one.
+    unclocked: Vec<u32>,
 }
 
 impl ClientConnection {
@@ -278,8 +322,10 @@ impl ClientConnection {
 
     fn build(mut config: ClientConfig, now: Instant, nonce: Option<Nonce>) -> Self {
         config.limits = clamp_own_limits(config.limits);
+        config.handshake_timeout = config.handshake_timeout.min(MAX_TIMEOUT);
+        config.progress_timeout = config.progress_timeout.min(MAX_TIMEOUT);
         config.chunk_size = config.chunk_size.max(1);
-        let mut outbox = Outbox::default();
+        let mut core = Core::new(config.limits.max_frame_payload);
         let (features, extensions) = match (&config.auth, nonce) {
             (Some(_), Some(n)) => (FEATURE_AUTH, Bytes::copy_from_slice(&n)),
             _ => (0, Bytes::new()),
@@ -291,26 +337,22 @@ impl ClientConnection {
             features,
             extensions,
         });
-        outbox.push(encode_control(&hello, Limits::BASELINE.max_frame_payload));
+        core.outbox.control(&hello);
         Self {
-            decoder: FrameDecoder::new(config.limits.max_frame_payload),
+            core,
             state: State::Handshaking {
                 deadline: now + config.handshake_timeout,
             },
             config,
-            inbuf: BytesMut::new(),
-            outbox,
-            events: VecDeque::new(),
-            peer: Limits::BASELINE,
             next_job: 1,
-            jobs: BTreeMap::new(),
             announced: 0,
             waiting: VecDeque::new(),
-            ready: VecDeque::new(),
             stats_pending: 0,
             goaway_last_job: None,
             nonce,
             stats_held: 0,
+            silent: BTreeSet::new(),
+            unclocked: Vec::new(),
         }
     }
 
@@ -321,11 +363,6 @@ impl ClientConnection {
         matches!(self.state, State::Open | State::GoingAway)
     }
 
-    /// Whether the connection is over and everything queued has been handed out.
-    pub fn is_closed(&self) -> bool {
-        self.state == State::Closed && self.outbox.is_empty()
-    }
-
     /// Whether new jobs may still be started.
     pub fn accepts_jobs(&self) -> bool {
         matches!(self.state, State::Handshaking { .. } | State::Open)
@@ -333,17 +370,17 @@ impl ClientConnection {
 
     /// Jobs started and not yet finished (including those waiting for a slot).
     pub fn jobs_open(&self) -> usize {
-        self.jobs.len()
+        self.core.jobs.len()
     }
 
     /// The limits in force for what we send: the server's, or the baseline before its HELLO.
     pub fn peer_limits(&self) -> Limits {
-        self.peer
+        self.core.peer
     }
 
     /// Source bytes sent so far for `job`, if it is open.
     pub fn source_bytes_sent(&self, job: JobId) -> Option<u64> {
-        self.jobs.get(&job.0).map(|j| j.sent)
+        self.core.jobs.get(&job.0).map(|j| j.sent)
     }
 
     // ----- commands -----
@@ -367,7 +404,7 @@ impl ClientConnection {
     /// strategies need one.
     pub fn start_job_with(
         &mut self,
-        _now: Instant,
+        now: Instant,
         desc: JobDesc,
         key: Option<CacheKey>,
         strategy: Strategy,
@@ -381,7 +418,7 @@ impl ClientConnection {
             Strategy::SendAll => None,
             _ => Some(key.ok_or(CommandError::WrongState {
                 job: self.next_job,
-                why: "speculative and ask-first jobs need a cache key",
+                why: "speculative, ask-first and lookup jobs need a cache key",
             })?),
         };
         // Refuse what the server would refuse, before it costs a frame.
@@ -394,7 +431,7 @@ impl ClientConnection {
         // The id space is 2^32 jobs per connection; the owner opens a new connection long
         // before, but refuse rather than wrap if it does not.
         self.next_job = self.next_job.checked_add(1).ok_or(CommandError::Closed)?;
-        self.jobs.insert(
+        self.core.jobs.insert(
             id,
             Job {
                 desc,
@@ -410,9 +447,11 @@ impl ClientConnection {
                 verdict: false,
                 download: Download::Waiting,
                 cancelled: false,
+                heard: now,
             },
         );
         self.waiting.push_back(id);
+        self.retime(id, now);
         self.announce_waiting();
         Ok(JobId(id))
     }
@@ -422,37 +461,53 @@ impl ClientConnection {
     /// they are dropped silently: the server no longer wants them.
     pub fn push_source(&mut self, job: JobId, data: Bytes, fin: bool) -> Result<(), CommandError> {
         let j = self
+            .core
             .jobs
             .get_mut(&job.0)
             .ok_or(CommandError::UnknownJob(job.0))?;
         if j.source_fin {
             return Err(CommandError::SourceFinished(job.0));
         }
+        if j.strategy == Strategy::Lookup {
+            return Err(CommandError::WrongState {
+                job: job.0,
+                why: "a lookup takes no source",
+            });
+        }
         j.pushed += data.len() as u64;
         j.source_fin = fin;
         if j.upload != Upload::Closed {
             j.source.push(data);
         }
+        if fin {
+            self.unclocked.push(job.0);
+        }
         self.mark_ready(job.0);
         Ok(())
     }
 
-    /// Cancels a job. No event is reported for it afterwards.
+    /// Cancels a job. No event is reported for it afterwards. A job that has ended (or was
+    /// cancelled already) is unknown, even while the connection still drains its frames.
     pub fn cancel(&mut self, job: JobId) -> Result<(), CommandError> {
         let j = self
+            .core
             .jobs
             .get_mut(&job.0)
+            .filter(|j| !j.cancelled)
             .ok_or(CommandError::UnknownJob(job.0))?;
         j.cancelled = true;
+        self.silent.remove(&(j.heard, job.0));
         if !j.announced {
             self.waiting.retain(|&id| id != job.0);
-            self.jobs.remove(&job.0);
+            self.remove_job(job.0);
             return Ok(());
         }
         if j.upload != Upload::Closed {
             j.upload = Upload::Closed;
             j.source.clear();
-            queue_abort(&mut self.outbox, job, ErrorCode::CANCELLED, "cancelled");
+            self.core
+                .outbox
+                .abort(job, ErrorCode::CANCELLED, "cancelled");
         }
         self.maybe_forget(job.0);
         Ok(())
@@ -468,10 +523,7 @@ impl ClientConnection {
             // Nothing but HELLO and AUTH may precede the proof; sent once it is out.
             self.stats_held += 1;
         } else {
-            self.outbox.push(encode_control(
-                &Frame::StatsRequest,
-                self.peer.max_frame_payload,
-            ));
+            self.core.outbox.control(&Frame::StatsRequest);
         }
         Ok(())
     }
@@ -489,140 +541,17 @@ impl ClientConnection {
             return;
         }
         for id in std::mem::take(&mut self.waiting) {
-            self.jobs.remove(&id);
+            self.remove_job(id);
         }
         self.state = State::GoingAway;
-        if self.jobs.is_empty() {
+        if self.core.jobs.is_empty() {
             self.close_cleanly();
-        }
-    }
-
-    /// Closes the connection now with an ERROR frame; open jobs are lost.
-    pub fn close(&mut self, code: ErrorCode, reason: &str) {
-        self.fail_with(
-            ConnectionError::LocallyClosed {
-                code,
-                reason: reason.to_owned(),
-            },
-            true,
-        );
-    }
-
-    // ----- inputs -----
-
-    /// Feeds bytes read from the transport.
-    pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        if self.state == State::Closed {
-            return;
-        }
-        self.inbuf.extend_from_slice(data);
-        loop {
-            match self.decoder.decode(&mut self.inbuf) {
-                Ok(Some(frame)) => {
-                    if let Err(e) = self.on_frame(now, frame) {
-                        self.fail_with(e, true);
-                    }
-                    if self.state == State::Closed {
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    self.fail_with(protocol(e.code(), e.to_string()), true);
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The transport's read side ended.
-    pub fn handle_eof(&mut self, _now: Instant) {
-        if self.state == State::Closed {
-            return;
-        }
-        if self.jobs.is_empty() && self.inbuf.is_empty() && self.is_connected() {
-            self.close_cleanly();
-        } else {
-            self.fail_with(ConnectionError::UnexpectedEof, false);
-        }
-    }
-
-    /// A timer from [`poll_timeout`](Self::poll_timeout) fired.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if let State::Handshaking { deadline } = self.state {
-            if now >= deadline {
-                self.fail_with(ConnectionError::Timeout { what: "handshake" }, true);
-            }
-        }
-    }
-
-    // ----- outputs -----
-
-    /// The next bytes to write to the transport.
-    ///
-    /// Source chunks are produced here, one per call, round-robin across jobs, so nothing
-    /// is committed to the wire before the transport asks: an early result can stop an
-    /// upload that has not been handed out yet.
-    pub fn poll_transmit(&mut self, _now: Instant) -> Option<Bytes> {
-        if let Some(bytes) = self.outbox.pop() {
-            return Some(bytes);
-        }
-        if self.state == State::Closed {
-            return None;
-        }
-        let max_chunk = self.config.chunk_size.min(self.peer.max_frame_payload) as usize;
-        while let Some(id) = self.ready.pop_front() {
-            let Some(job) = self.jobs.get_mut(&id) else {
-                continue;
-            };
-            job.in_ready = false;
-            if !job.sendable() {
-                continue;
-            }
-            let data = job.source.take(max_chunk);
-            let fin = job.source_fin && job.source.is_empty();
-            job.sent += data.len() as u64;
-            let frame = Frame::Source {
-                job: JobId(id),
-                data,
-                fin,
-            };
-            let encoded = match frame.encode(self.peer.max_frame_payload) {
-                Ok(e) => e,
-                Err(e) => {
-                    // Unreachable: the chunk is bounded by the peer's limit above.
-                    self.fail_with(internal(e.to_string()), true);
-                    return self.outbox.pop();
-                }
-            };
-            if fin {
-                job.upload = Upload::Closed;
-                self.maybe_forget(id);
-            } else {
-                self.mark_ready(id);
-            }
-            self.outbox.set_tail(encoded.tail);
-            return Some(encoded.head);
-        }
-        None
-    }
-
-    /// The next event for the owner.
-    pub fn poll_event(&mut self) -> Option<ClientEvent> {
-        self.events.pop_front()
-    }
-
-    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.state {
-            State::Handshaking { deadline } => Some(deadline),
-            _ => None,
         }
     }
 
     // ----- internals -----
 
-    fn on_frame(&mut self, _now: Instant, frame: Frame) -> Result<(), ConnectionError> {
+    fn on_frame(&mut self, now: Instant, frame: Frame) -> Result<(), ConnectionError> {
         if let State::Handshaking { .. } = self.state {
             match frame {
                 Frame::Hello(_) | Frame::Error { .. } => {}
@@ -641,16 +570,13 @@ impl ClientConnection {
                 }
                 let version = negotiate(VERSION_MIN, VERSION_MAX, &hello)?;
                 check_peer_limits(&hello.limits)?;
-                self.peer = hello.limits;
+                self.core.set_peer(hello.limits);
                 self.authenticate(&hello)?;
                 self.state = State::Open;
                 for _ in 0..std::mem::take(&mut self.stats_held) {
-                    self.outbox.push(encode_control(
-                        &Frame::StatsRequest,
-                        self.peer.max_frame_payload,
-                    ));
+                    self.core.outbox.control(&Frame::StatsRequest);
                 }
-                self.events.push_back(ClientEvent::Connected {
+                self.core.events.push_back(ClientEvent::Connected {
                     version,
                     server: hello,
                 });
@@ -662,44 +588,44 @@ impl ClientConnection {
             Frame::GoAway { last_job } => {
                 self.state = State::GoingAway;
                 self.goaway_last_job = Some(last_job);
-                self.events.push_back(ClientEvent::GoAway);
+                self.core.events.push_back(ClientEvent::GoAway);
                 // JOBs that crossed the GOAWAY on the wire were not accepted. The server
                 // answers them with ABORT if it is still open, or has closed already; either
                 // way they end here, and our ABORT lets a server still draining them let go.
                 let refused: Vec<u32> = self
+                    .core
                     .jobs
                     .range(last_job.saturating_add(1)..)
                     .map(|(&id, _)| id)
                     .collect();
                 for id in refused {
-                    let Some(job) = self.jobs.get(&id) else {
+                    let Some(job) = self.core.jobs.get(&id) else {
                         continue;
                     };
                     if !job.announced {
                         continue;
                     }
                     if job.upload != Upload::Closed {
-                        queue_abort(
-                            &mut self.outbox,
+                        self.core.outbox.abort(
                             JobId(id),
                             ErrorCode::CANCELLED,
                             "server is going away",
                         );
                     }
                     if !job.cancelled {
-                        self.events.push_back(ClientEvent::Failed {
+                        self.core.events.push_back(ClientEvent::Failed {
                             job: JobId(id),
                             code: ErrorCode::SHUTTING_DOWN,
                             message: "server is going away; job was not accepted".into(),
                         });
                     }
-                    self.jobs.remove(&id);
+                    self.remove_job(id);
                     self.announced -= 1;
                 }
                 for id in std::mem::take(&mut self.waiting) {
-                    if let Some(job) = self.jobs.remove(&id) {
+                    if let Some(job) = self.remove_job(id) {
                         if !job.cancelled {
-                            self.events.push_back(ClientEvent::Failed {
+                            self.core.events.push_back(ClientEvent::Failed {
                                 job: JobId(id),
                                 code: ErrorCode::SHUTTING_DOWN,
                                 message: "server is going away; job was not sent".into(),
@@ -707,7 +633,7 @@ impl ClientConnection {
                         }
                     }
                 }
-                if self.jobs.is_empty() {
+                if self.core.jobs.is_empty() {
                     self.close_cleanly();
                 }
             }
@@ -716,19 +642,27 @@ impl ClientConnection {
                     return Err(unexpected("STATS without a request".into()));
                 }
                 self.stats_pending -= 1;
-                self.events.push_back(ClientEvent::Stats(stats));
+                self.core.events.push_back(ClientEvent::Stats(stats));
             }
             Frame::Ignorable { .. } => {}
-            Frame::Miss { job } => self.on_miss(job)?,
+            Frame::Miss { job } => {
+                self.retime(job.0, now);
+                self.on_miss(job)?;
+            }
             Frame::Result {
                 job,
-                early,
-                cached,
+                origin,
                 head,
                 body,
                 fin,
-            } => self.on_result(job, (early, cached), head, body, fin)?,
-            Frame::Data { job, data, fin } => self.on_data(job, data, fin)?,
+            } => {
+                self.retime(job.0, now);
+                self.on_result(job, origin, head, body, fin)?;
+            }
+            Frame::Data { job, data, fin } => {
+                self.retime(job.0, now);
+                self.on_data(job, data, fin)?;
+            }
             Frame::Abort { job, code, message } => self.on_abort(job, code, message)?,
             other => {
                 return Err(unexpected(format!(
@@ -771,8 +705,7 @@ impl ClientConnection {
         let answer = Frame::Auth {
             proof: *key.client_proof(&server_nonce, &client_nonce).as_bytes(),
         };
-        self.outbox
-            .push(encode_control(&answer, self.peer.max_frame_payload));
+        self.core.outbox.control(&answer);
         Ok(())
     }
 
@@ -788,20 +721,37 @@ impl ClientConnection {
     }
 
     fn on_miss(&mut self, job: JobId) -> Result<(), ConnectionError> {
-        let j = Self::open_job(&mut self.jobs, job, "MISS")?;
+        let j = Self::open_job(&mut self.core.jobs, job, "MISS")?;
         if j.key.is_none() || j.verdict || !matches!(j.download, Download::Waiting) {
             return Err(unexpected(format!(
                 "MISS for {job} that asked for no verdict"
             )));
         }
         j.verdict = true;
+        if j.strategy == Strategy::Lookup {
+            // Not cached: end the job here. It stays known, marked cancelled, until the
+            // server's answer to our ABORT, so frames still in flight for it are drained.
+            let reported = j.cancelled;
+            j.cancelled = true;
+            // A lookup cancelled before its verdict has already said ABORT.
+            if j.upload != Upload::Closed {
+                j.upload = Upload::Closed;
+                self.core
+                    .outbox
+                    .abort(job, ErrorCode::CANCELLED, "not cached");
+            }
+            if !reported {
+                self.core.events.push_back(ClientEvent::NotCached { job });
+            }
+            return Ok(());
+        }
         if j.upload == Upload::Blocked {
             j.upload = Upload::Open;
         }
         let cancelled = j.cancelled;
         self.mark_ready(job.0);
         if !cancelled {
-            self.events.push_back(ClientEvent::Miss { job });
+            self.core.events.push_back(ClientEvent::Miss { job });
         }
         Ok(())
     }
@@ -809,17 +759,17 @@ impl ClientConnection {
     fn on_result(
         &mut self,
         job: JobId,
-        (early, cached): (bool, bool),
+        origin: ResultOrigin,
         head: ResultHead,
         body: Bytes,
         fin: bool,
     ) -> Result<(), ConnectionError> {
         let max = self.config.max_result_len;
-        let j = Self::open_job(&mut self.jobs, job, "RESULT")?;
+        let j = Self::open_job(&mut self.core.jobs, job, "RESULT")?;
         if !matches!(j.download, Download::Waiting) {
             return Err(unexpected(format!("second result for {job}")));
         }
-        if early && (j.key.is_none() || j.verdict) {
+        if origin.is_early() && (j.key.is_none() || j.verdict) {
             return Err(unexpected(format!(
                 "EARLY_RESULT for {job} that sent no HASH or already had its verdict"
             )));
@@ -837,19 +787,15 @@ impl ClientConnection {
         if j.upload != Upload::Closed {
             j.upload = Upload::Closed;
             j.source.clear();
-            queue_abort(
-                &mut self.outbox,
-                job,
-                ErrorCode::CANCELLED,
-                "result received",
-            );
+            self.core
+                .outbox
+                .abort(job, ErrorCode::CANCELLED, "result received");
         }
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&body);
         j.download = Download::Receiving {
             head,
-            early,
-            cached,
+            origin,
             body: buf,
             total,
         };
@@ -860,7 +806,7 @@ impl ClientConnection {
     }
 
     fn on_data(&mut self, job: JobId, data: Bytes, fin: bool) -> Result<(), ConnectionError> {
-        let j = Self::open_job(&mut self.jobs, job, "DATA")?;
+        let j = Self::open_job(&mut self.core.jobs, job, "DATA")?;
         let Download::Receiving { body, total, .. } = &mut j.download else {
             return Err(unexpected(format!("DATA for {job} without a result head")));
         };
@@ -884,12 +830,13 @@ impl ClientConnection {
         code: ErrorCode,
         message: String,
     ) -> Result<(), ConnectionError> {
-        if !self.jobs.contains_key(&job.0) && self.goaway_last_job.is_some_and(|last| job.0 > last)
+        if !self.core.jobs.contains_key(&job.0)
+            && self.goaway_last_job.is_some_and(|last| job.0 > last)
         {
             // The server's answer to a JOB that crossed its GOAWAY; already ended here.
             return Ok(());
         }
-        let j = Self::open_job(&mut self.jobs, job, "ABORT")?;
+        let j = Self::open_job(&mut self.core.jobs, job, "ABORT")?;
         if matches!(j.download, Download::Closed) {
             return Err(unexpected(format!("ABORT for {job} after its result")));
         }
@@ -897,15 +844,13 @@ impl ClientConnection {
         if j.upload != Upload::Closed {
             j.upload = Upload::Closed;
             j.source.clear();
-            queue_abort(
-                &mut self.outbox,
-                job,
-                ErrorCode::CANCELLED,
-                "aborted by server",
-            );
+            self.core
+                .outbox
+                .abort(job, ErrorCode::CANCELLED, "aborted by server");
         }
         if !j.cancelled {
-            self.events
+            self.core
+                .events
                 .push_back(ClientEvent::Failed { job, code, message });
         }
         self.maybe_forget(job.0);
@@ -913,15 +858,11 @@ impl ClientConnection {
     }
 
     fn complete(&mut self, job: JobId) {
-        let Some(j) = self.jobs.get_mut(&job.0) else {
+        let Some(j) = self.core.jobs.get_mut(&job.0) else {
             return;
         };
         let Download::Receiving {
-            head,
-            early,
-            cached,
-            body,
-            ..
+            head, origin, body, ..
         } = std::mem::replace(&mut j.download, Download::Closed)
         else {
             return;
@@ -946,26 +887,28 @@ impl ClientConnection {
                     stderr,
                     outputs,
                 },
-                early,
-                cached,
+                origin,
+                key: j.key,
                 strategy: j.strategy,
                 source_bytes_sent: j.sent,
                 source_bytes_skipped: j.total_len().saturating_sub(j.sent),
             };
-            self.events.push_back(ClientEvent::Done { job, outcome });
+            self.core
+                .events
+                .push_back(ClientEvent::Done { job, outcome });
         }
         self.maybe_forget(job.0);
     }
 
     fn announce_waiting(&mut self) {
-        let max_jobs = self.peer.max_jobs as usize;
+        let max_jobs = self.core.peer.max_jobs as usize;
         // With a token, nothing goes out before the server has proved itself.
         let held = self.auth_pending();
         while !held && self.announced < max_jobs && self.state != State::Closed {
             let Some(id) = self.waiting.pop_front() else {
                 return;
             };
-            let Some(job) = self.jobs.get_mut(&id) else {
+            let Some(job) = self.core.jobs.get_mut(&id) else {
                 continue;
             };
             job.announced = true;
@@ -975,19 +918,15 @@ impl ClientConnection {
                 desc: job.desc.clone(),
             };
             // Checked by start_job against the baseline limit, which every peer accepts.
-            self.outbox
-                .push(encode_control(&frame, self.peer.max_frame_payload));
+            self.core.outbox.control(&frame);
             match (job.strategy, job.key) {
                 (Strategy::SendAll, _) | (_, None) => job.upload = Upload::Open,
                 (strategy, Some(key)) => {
-                    self.outbox.push(encode_control(
-                        &Frame::Hash {
-                            job: JobId(id),
-                            key,
-                        },
-                        self.peer.max_frame_payload,
-                    ));
-                    job.upload = if strategy == Strategy::AskFirst {
+                    self.core.outbox.control(&Frame::Hash {
+                        job: JobId(id),
+                        key,
+                    });
+                    job.upload = if matches!(strategy, Strategy::AskFirst | Strategy::Lookup) {
                         Upload::Blocked
                     } else {
                         Upload::Open
@@ -999,23 +938,81 @@ impl ClientConnection {
     }
 
     fn mark_ready(&mut self, id: u32) {
-        if let Some(job) = self.jobs.get_mut(&id) {
-            if !job.in_ready && job.sendable() {
-                job.in_ready = true;
-                self.ready.push_back(id);
+        self.core.mark_ready(id);
+    }
+
+    /// Removes a job and its timer.
+    fn remove_job(&mut self, id: u32) -> Option<Job> {
+        let job = self.core.jobs.remove(&id)?;
+        self.silent.remove(&(job.heard, id));
+        Some(job)
+    }
+
+    /// Something happened to job `id` at `now` (it started, the server said something,
+    /// its owner finished its source): its progress timer starts again if the server owes
+    /// it an answer, and stops if not.
+    fn retime(&mut self, id: u32, now: Instant) {
+        if let Some(j) = self.core.jobs.get_mut(&id) {
+            self.silent.remove(&(j.heard, id));
+            if j.owed() {
+                j.heard = now;
+                self.silent.insert((now, id));
             }
         }
     }
 
+    /// Starts the progress timers of jobs whose owner finished their source since.
+    fn start_clocks(&mut self, now: Instant) {
+        for id in std::mem::take(&mut self.unclocked) {
+            self.retime(id, now);
+        }
+    }
+
+    /// Fails every job that has heard nothing for the progress timeout by `now`.
+    fn time_out_jobs(&mut self, now: Instant) {
+        let timeout = self.config.progress_timeout;
+        while let Some(&(heard, id)) = self.silent.first() {
+            if heard.checked_add(timeout).is_none_or(|due| now < due) {
+                return;
+            }
+            self.silent.pop_first();
+            // A job its owner no longer waits for (cancelled, or ended by NotCached) is
+            // only draining: nothing to report.
+            let Some(j) = self.core.jobs.get_mut(&id).filter(|j| !j.cancelled) else {
+                continue;
+            };
+            j.cancelled = true;
+            self.core.events.push_back(ClientEvent::TimedOut {
+                job: JobId(id),
+                after: now.saturating_duration_since(heard),
+            });
+            if !j.announced {
+                self.waiting.retain(|&w| w != id);
+                self.remove_job(id);
+                continue;
+            }
+            // Like a cancel: the job stays known until the server's answer to ABORT, so
+            // its frames still in flight are drained.
+            if j.upload != Upload::Closed {
+                j.upload = Upload::Closed;
+                j.source.clear();
+                self.core
+                    .outbox
+                    .abort(JobId(id), ErrorCode::CANCELLED, "no progress");
+            }
+            self.maybe_forget(id);
+        }
+    }
+
     fn maybe_forget(&mut self, id: u32) {
-        let Some(job) = self.jobs.get(&id) else {
-            return;
-        };
-        if job.upload == Upload::Closed && matches!(job.download, Download::Closed) {
-            self.jobs.remove(&id);
+        let heard = self.core.jobs.get(&id).map(|j| j.heard);
+        if self.core.forget_if_done(id) {
+            if let Some(heard) = heard {
+                self.silent.remove(&(heard, id));
+            }
             self.announced -= 1;
             self.announce_waiting();
-            if self.state == State::GoingAway && self.jobs.is_empty() {
+            if self.state == State::GoingAway && self.core.jobs.is_empty() {
                 self.close_cleanly();
             }
         }
@@ -1023,72 +1020,160 @@ impl ClientConnection {
 
     fn close_cleanly(&mut self) {
         self.state = State::Closed;
-        self.jobs.clear();
+        self.core.clear_jobs();
+        self.silent.clear();
         self.waiting.clear();
-        self.ready.clear();
-        self.events.push_back(ClientEvent::Closed { error: None });
+        self.core
+            .events
+            .push_back(ClientEvent::Closed { error: None });
+    }
+}
+
+impl Endpoint for ClientConnection {
+    type Job = Job;
+    type Event = ClientEvent;
+
+    fn core(&mut self) -> &mut Core<Job, ClientEvent> {
+        &mut self.core
     }
 
-    /// Ends the connection; with `send` an ERROR frame tells the peer why.
+    fn is_over(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    fn on_frame(&mut self, now: Instant, frame: Frame) -> Result<(), ConnectionError> {
+        ClientConnection::on_frame(self, now, frame)
+    }
+
     fn fail_with(&mut self, error: ConnectionError, send: bool) {
         if self.state == State::Closed {
             return;
         }
-        self.outbox.clear_frames();
-        if send && !matches!(error, ConnectionError::PeerError { .. }) {
-            let frame = Frame::Error {
-                code: error.code(),
-                message: truncate_message(&error.to_string()),
-            };
-            self.outbox
-                .push(encode_control(&frame, self.peer.max_frame_payload));
-        }
-        self.state = State::Closed;
-        self.jobs.clear();
+        self.core.fail(&error, send);
         self.waiting.clear();
-        self.ready.clear();
-        self.events
+        self.silent.clear();
+        self.state = State::Closed;
+        self.core
+            .events
             .push_back(ClientEvent::Closed { error: Some(error) });
     }
-}
 
-/// Encodes a small control frame. Control frames built by this crate always fit the
-/// baseline limit (messages are truncated to fit), so failure here is a bug; it degrades to
-/// an empty write rather than a panic.
-pub(crate) fn encode_control(frame: &Frame, max: u32) -> Bytes {
-    frame.to_bytes(max).unwrap_or_default()
-}
-
-pub(crate) fn queue_abort(outbox: &mut Outbox, job: JobId, code: ErrorCode, message: &str) {
-    let frame = Frame::Abort {
-        job,
-        code,
-        message: truncate_message(message),
-    };
-    outbox.push(encode_control(&frame, Limits::BASELINE.max_frame_payload));
-}
-
-/// Error messages are for people; keep them short enough for any frame.
-pub(crate) fn truncate_message(message: &str) -> String {
-    const MAX: usize = 1024;
-    if message.len() <= MAX {
-        return message.to_owned();
+    fn chunk_size(&self) -> usize {
+        self.config.chunk_size.min(self.core.peer.max_frame_payload) as usize
     }
-    let mut end = MAX;
-    while !message.is_char_boundary(end) {
-        end -= 1;
+
+    fn after_last_frame(&mut self, id: u32) {
+        self.maybe_forget(id);
     }
-    message[..end].to_owned()
 }
 
-pub(crate) fn unexpected(reason: String) -> ConnectionError {
-    protocol(ErrorCode::UNEXPECTED_FRAME, reason)
+impl Connection for ClientConnection {
+    type Event = ClientEvent;
+
+    fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        conn::handle_input(self, now, data);
+    }
+
+    fn handle_eof(&mut self, _now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        if self.core.jobs.is_empty() && !self.core.has_buffered_input() && self.is_connected() {
+            self.close_cleanly();
+        } else {
+            self.fail_with(ConnectionError::UnexpectedEof, false);
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        if let State::Handshaking { deadline } = self.state {
+            if now >= deadline {
+                self.fail_with(ConnectionError::Timeout { what: "handshake" }, true);
+                return;
+            }
+        }
+        if self.state != State::Closed {
+            self.start_clocks(now);
+            self.time_out_jobs(now);
+        }
+    }
+
+    fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
+        self.start_clocks(now);
+        conn::poll_transmit(self)
+    }
+
+    fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.core.events.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        let handshake = match self.state {
+            State::Handshaking { deadline } => Some(deadline),
+            State::Closed => return None,
+            _ => None,
+        };
+        let progress = self
+            .silent
+            .first()
+            .and_then(|&(heard, _)| heard.checked_add(self.config.progress_timeout));
+        [handshake, progress].into_iter().flatten().min()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.state == State::Closed && self.core.outbox.is_empty()
+    }
+
+    /// Always true but for a frame's worth of buffered input: the client never pauses
+    /// decoding (what it receives is bounded by the jobs it started).
+    fn wants_input(&self) -> bool {
+        self.core
+            .wants_input(false, self.config.limits.max_frame_payload)
+    }
+
+    fn has_paused_input(&self) -> bool {
+        self.core.has_paused_input(false)
+    }
+
+    fn close(&mut self, code: ErrorCode, reason: &str) {
+        self.fail_with(
+            ConnectionError::LocallyClosed {
+                code,
+                reason: reason.to_owned(),
+            },
+            true,
+        );
+    }
 }
 
-pub(crate) fn protocol(code: ErrorCode, reason: String) -> ConnectionError {
-    ConnectionError::Protocol { code, reason }
-}
+impl CoreJob for Job {
+    fn has_data(&self) -> bool {
+        self.sendable()
+    }
 
-pub(crate) fn internal(reason: String) -> ConnectionError {
-    protocol(ErrorCode::INTERNAL, reason)
+    fn next_frame(&mut self, id: u32, chunk: usize) -> Option<(Frame, bool)> {
+        if !self.sendable() {
+            return None;
+        }
+        let data = self.source.take(chunk);
+        let fin = self.source_fin && self.source.is_empty();
+        self.sent += data.len() as u64;
+        if fin {
+            self.upload = Upload::Closed;
+        }
+        let frame = Frame::Source {
+            job: JobId(id),
+            data,
+            fin,
+        };
+        Some((frame, fin))
+    }
+
+    fn is_done(&self) -> bool {
+        self.upload == Upload::Closed && matches!(self.download, Download::Closed)
+    }
+
+    fn in_ready(&mut self) -> &mut bool {
+        &mut self.in_ready
+    }
 }

@@ -7,9 +7,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::codec::{Reader, check_str16, put_str16};
 use crate::error::FrameError;
 use crate::error_code::ErrorCode;
+use crate::fields::{Reader, check_str16, put_str16};
 use crate::frame_type::{Flags, FrameType};
 use crate::header::{FrameHeader, HEADER_LEN};
 use crate::job::JobDesc;
@@ -26,6 +26,34 @@ pub const MAX_OUTPUTS: usize = 64;
 pub const MAX_OUTPUT_NAME: usize = 255;
 /// Most counters a STATS frame may carry.
 pub const MAX_STATS: usize = 1024;
+
+/// Where a result comes from. It decides the frame that carries the result (so a
+/// combination the wire cannot express, such as "early but compiled", cannot be built) and
+/// tells the client whether its job was a hit or a miss, early or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ResultOrigin {
+    /// Compiled for this job (or a compile that failed): RESULT.
+    Compiled,
+    /// Found in the cache by the key of the source received, after the upload (a job
+    /// without HASH): RESULT with the CACHED flag.
+    Cache,
+    /// Found in the cache in answer to HASH: EARLY_RESULT, while the source may still be
+    /// in flight.
+    Early,
+}
+
+impl ResultOrigin {
+    /// Whether the result came from the cache (a hit), early or not.
+    pub fn is_cached(self) -> bool {
+        self != Self::Compiled
+    }
+
+    /// Whether the result answered HASH before the upload finished (EARLY_RESULT).
+    pub fn is_early(self) -> bool {
+        self == Self::Early
+    }
+}
 
 /// Identifies a job within one connection. The client allocates ids in increasing order
 /// starting at 1; 0 names the connection itself.
@@ -116,6 +144,12 @@ pub struct ResultHead {
 }
 
 impl ResultHead {
+    /// Bytes of a RESULT payload's fixed fields: exit code (4), stdout length (8), stderr
+    /// length (8), output count (2).
+    pub const FIXED_LEN: usize = 22;
+    /// Bytes of one output's entry besides its name: name length (2) and data length (8).
+    pub const OUTPUT_FIXED_LEN: usize = 10;
+
     /// Total body length, or `None` if the declared lengths overflow (a hostile head).
     pub fn body_len(&self) -> Option<u64> {
         let mut total = self.stdout_len.checked_add(self.stderr_len)?;
@@ -173,11 +207,9 @@ pub enum Frame {
     Result {
         /// The job.
         job: JobId,
-        /// EARLY_RESULT (answer to HASH) rather than RESULT.
-        early: bool,
-        /// The result came from the server's cache, not a compile for this job: the
-        /// CACHED flag on RESULT; always true for EARLY_RESULT (encoded without a flag).
-        cached: bool,
+        /// Where the result comes from: EARLY_RESULT for [`ResultOrigin::Early`], RESULT
+        /// with the CACHED flag for [`ResultOrigin::Cache`], plain RESULT otherwise.
+        origin: ResultOrigin,
         /// Exit status and body layout.
         head: ResultHead,
         /// The first body bytes.
@@ -276,8 +308,11 @@ impl Frame {
             Self::Hash { .. } => FrameType::HASH,
             Self::Source { .. } => FrameType::SOURCE,
             Self::Miss { .. } => FrameType::MISS,
-            Self::Result { early: true, .. } => FrameType::EARLY_RESULT,
-            Self::Result { early: false, .. } => FrameType::RESULT,
+            Self::Result {
+                origin: ResultOrigin::Early,
+                ..
+            } => FrameType::EARLY_RESULT,
+            Self::Result { .. } => FrameType::RESULT,
             Self::Data { .. } => FrameType::DATA,
             Self::Abort { .. } => FrameType::ABORT,
             Self::Error { .. } => FrameType::ERROR,
@@ -416,11 +451,16 @@ impl Frame {
                 };
                 let body = r.rest();
                 check_body(&head, body.len() as u64, fin)?;
-                let early = header.ty == FrameType::EARLY_RESULT;
+                let origin = if header.ty == FrameType::EARLY_RESULT {
+                    ResultOrigin::Early
+                } else if header.flags & Flags::CACHED != 0 {
+                    ResultOrigin::Cache
+                } else {
+                    ResultOrigin::Compiled
+                };
                 Self::Result {
                     job,
-                    early,
-                    cached: early || header.flags & Flags::CACHED != 0,
+                    origin,
                     head,
                     body,
                     fin,
@@ -523,8 +563,7 @@ impl Frame {
                 head: rh,
                 body,
                 fin,
-                early,
-                cached,
+                origin,
                 ..
             } => {
                 if rh.outputs.len() > MAX_OUTPUTS {
@@ -543,7 +582,7 @@ impl Frame {
                 if *fin {
                     flags |= Flags::FIN;
                 }
-                if *cached && !*early {
+                if *origin == ResultOrigin::Cache {
                     flags |= Flags::CACHED;
                 }
                 tail = body.clone();

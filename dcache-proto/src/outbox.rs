@@ -4,20 +4,57 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
+use crate::error_code::ErrorCode;
+use crate::frame::{Frame, JobId, Limits};
+
 /// Queued control frames plus, at most, the unsent tail of a bulk frame.
 ///
 /// A bulk frame (SOURCE, RESULT, DATA) goes out as its head then its shared payload; once
 /// the head has been handed out, the tail must follow before anything else, or the peer
 /// would read the next frame as payload. Keeping the tail apart lets a connection drop its
 /// queued control frames on a fatal error without tearing a frame in half.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Outbox {
     tail: Option<Bytes>,
     frames: VecDeque<Bytes>,
     queued_bytes: usize,
+    /// The peer's frame payload limit, which control frames must fit.
+    peer_max: u32,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Self {
+            tail: None,
+            frames: VecDeque::new(),
+            queued_bytes: 0,
+            peer_max: Limits::BASELINE.max_frame_payload,
+        }
+    }
 }
 
 impl Outbox {
+    /// Control frames from now on are checked against the peer's announced limit.
+    pub(crate) fn set_peer_max(&mut self, max: u32) {
+        self.peer_max = max;
+    }
+
+    /// Queues a small control frame. Control frames built by this crate always fit the
+    /// baseline limit (messages are truncated to fit), so an encoding failure is a bug; it
+    /// degrades to an empty write rather than a panic.
+    pub(crate) fn control(&mut self, frame: &Frame) {
+        self.push(frame.to_bytes(self.peer_max).unwrap_or_default());
+    }
+
+    /// Queues ABORT for `job`.
+    pub(crate) fn abort(&mut self, job: JobId, code: ErrorCode, message: &str) {
+        self.control(&Frame::Abort {
+            job,
+            code,
+            message: truncate_message(message),
+        });
+    }
+
     /// Queues a whole frame behind the others.
     pub(crate) fn push(&mut self, frame: Bytes) {
         self.queued_bytes += frame.len();
@@ -99,4 +136,17 @@ impl Segments {
         self.parts.clear();
         self.len = 0;
     }
+}
+
+/// Error messages are for people; keep them short enough for any frame.
+pub(crate) fn truncate_message(message: &str) -> String {
+    const MAX: usize = 1024;
+    if message.len() <= MAX {
+        return message.to_owned();
+    }
+    let mut end = MAX;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_owned()
 }

@@ -1,53 +1,22 @@
 //! The server end of a connection.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
 use crate::auth::{self, AUTH_LEN, AuthKey, FEATURE_AUTH, Nonce};
-use crate::client::{
-    encode_control, internal, protocol, queue_abort, truncate_message, unexpected,
+use crate::conn::{
+    self, Connection, Core, CoreJob, Endpoint, MAX_TIMEOUT, internal, protocol, unexpected,
 };
-use crate::decoder::FrameDecoder;
 use crate::error::{CommandError, ConnectionError};
 use crate::error_code::ErrorCode;
-use crate::frame::{Frame, Hello, JobId, Limits, OutputMeta, ResultHead, Stat};
+use crate::frame::{Frame, Hello, JobId, Limits, OutputMeta, ResultHead, ResultOrigin, Stat};
 use crate::handshake::{check_peer_limits, clamp_own_limits, negotiate};
-use crate::header::HEADER_LEN;
 use crate::job::{JobDesc, JobResult};
 use crate::key::{CacheKey, KeyHasher};
-use crate::outbox::{Outbox, Segments};
+use crate::outbox::Segments;
 use crate::{VERSION_MAX, VERSION_MIN};
-
-/// Where a result comes from, which decides the frame that carries it and what the client
-/// learns: hit or miss, early or not.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ResultOrigin {
-    /// Compiled for this job (or a compile that failed): RESULT.
-    Compiled,
-    /// Found in the cache by the key of the source received, after the upload (a job
-    /// without HASH): RESULT with the CACHED flag.
-    Cache,
-    /// Found in the cache in answer to HASH: EARLY_RESULT, while the source may still be
-    /// in flight.
-    Early,
-}
-
-impl ResultOrigin {
-    /// The frame that starts a result of this origin.
-    fn frame(self, job: JobId, head: ResultHead, body: Bytes, fin: bool) -> Frame {
-        Frame::Result {
-            job,
-            early: self == Self::Early,
-            cached: self != Self::Compiled,
-            head,
-            body,
-            fin,
-        }
-    }
-}
 
 /// Settings of a [`ServerConnection`].
 #[derive(Clone, Debug)]
@@ -56,7 +25,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Largest result frame we send; smaller interleaves concurrent results more finely.
     pub chunk_size: u32,
-    /// How long a client may take to send its HELLO.
+    /// How long a client may take to send its HELLO. This and the other timeouts are cut
+    /// to [`MAX_TIMEOUT`](crate::MAX_TIMEOUT).
     pub handshake_timeout: Duration,
     /// How long a connection with no open job may sit silent before we close it.
     pub idle_timeout: Duration,
@@ -211,7 +181,11 @@ enum Download {
 }
 
 #[derive(Debug)]
-struct Job {
+pub(crate) struct Job {
+    /// Whether the client sent HASH for this job: only then is a verdict (MISS or an early
+    /// result) owed. Kept apart from the upload state, which forgets the claim once the
+    /// upload ends.
+    hashed: bool,
     upload: Upload,
     download: Download,
     declared: Option<u64>,
@@ -222,16 +196,10 @@ struct Job {
 /// The server end of a dcache connection, without IO.
 ///
 /// # Driving it
-/// - Inputs: [`handle_input`](Self::handle_input), [`handle_eof`](Self::handle_eof),
-///   [`handle_timeout`](Self::handle_timeout).
-/// - Commands: [`send_miss`](Self::send_miss), [`send_result`](Self::send_result),
-///   [`abort_job`](Self::abort_job), [`send_stats`](Self::send_stats),
-///   [`goaway`](Self::goaway), [`close`](Self::close).
-/// - Outputs, drained after every input or command, in this order:
-///   [`poll_transmit`](Self::poll_transmit) until `None` (or the transport is full),
-///   [`poll_event`](Self::poll_event) until `None`, then
-///   [`poll_timeout`](Self::poll_timeout). When [`is_closed`](Self::is_closed) turns true,
-///   the transport can be shut down.
+/// Through [`Connection`], in the order of the crate's run loop, backpressure included
+/// (see the crate documentation). Commands: [`send_miss`](Self::send_miss),
+/// [`send_result`](Self::send_result), [`abort_job`](Self::abort_job),
+/// [`send_stats`](Self::send_stats), [`goaway`](Self::goaway), [`Connection::close`].
 ///
 /// Trust: the state machine hashes every source byte it receives and reports the job's key
 /// only in [`ServerEvent::SourceDone`], after checking it against the client's HASH. A
@@ -240,14 +208,8 @@ struct Job {
 pub struct ServerConnection {
     config: ServerConfig,
     state: State,
-    decoder: FrameDecoder,
-    inbuf: BytesMut,
-    outbox: Outbox,
-    events: VecDeque<ServerEvent>,
-    peer: Limits,
+    core: Core<Job, ServerEvent>,
     highest_job: u32,
-    jobs: BTreeMap<u32, Job>,
-    ready: VecDeque<u32>,
     handshake_deadline: Instant,
     last_input: Instant,
     read_closed: bool,
@@ -281,18 +243,19 @@ impl ServerConnection {
     fn build(mut config: ServerConfig, now: Instant, nonce: Option<Nonce>) -> Self {
         config.limits = clamp_own_limits(config.limits);
         config.chunk_size = config.chunk_size.max(1024);
+        for t in [
+            &mut config.handshake_timeout,
+            &mut config.idle_timeout,
+            &mut config.stall_timeout,
+        ] {
+            *t = (*t).min(MAX_TIMEOUT);
+        }
         Self {
-            decoder: FrameDecoder::new(config.limits.max_frame_payload),
+            core: Core::new(config.limits.max_frame_payload),
             handshake_deadline: now + config.handshake_timeout,
             config,
             state: State::Handshaking,
-            inbuf: BytesMut::new(),
-            outbox: Outbox::default(),
-            events: VecDeque::new(),
-            peer: Limits::BASELINE,
             highest_job: 0,
-            jobs: BTreeMap::new(),
-            ready: VecDeque::new(),
             last_input: now,
             read_closed: false,
             stats: ConnStats::default(),
@@ -304,14 +267,9 @@ impl ServerConnection {
 
     // ----- getters -----
 
-    /// Whether the connection is over and everything queued has been handed out.
-    pub fn is_closed(&self) -> bool {
-        self.state == State::Closed && self.outbox.is_empty()
-    }
-
     /// Jobs open on this connection.
     pub fn jobs_open(&self) -> usize {
-        self.jobs.len()
+        self.core.jobs.len()
     }
 
     /// This connection's counters.
@@ -321,24 +279,11 @@ impl ServerConnection {
 
     /// Bytes of whole control frames waiting to be written.
     pub fn queued_bytes(&self) -> usize {
-        self.outbox.queued_bytes()
-    }
-
-    /// Whether the driver should read more input now. False while output for this client
-    /// is backed up (decoding is paused then) or a frame's worth of input already waits.
-    pub fn wants_input(&self) -> bool {
-        !self.decoding_paused()
-            && self.inbuf.len() <= self.config.limits.max_frame_payload as usize + HEADER_LEN
-    }
-
-    /// Whether buffered input waits to be decoded once output drains; the driver then
-    /// calls [`handle_input`](Self::handle_input) with no new bytes.
-    pub fn has_paused_input(&self) -> bool {
-        !self.inbuf.is_empty() && !self.decoding_paused() && self.state != State::Closed
+        self.core.outbox.queued_bytes()
     }
 
     fn decoding_paused(&self) -> bool {
-        self.outbox.queued_bytes() >= self.config.max_queued_output
+        self.core.outbox.queued_bytes() >= self.config.max_queued_output
             || self.stats_pending >= MAX_PENDING_STATS
     }
 
@@ -347,15 +292,9 @@ impl ServerConnection {
     /// Answers a [`ServerEvent::Lookup`] with a miss: the client keeps (or starts) sending.
     pub fn send_miss(&mut self, job: JobId) -> Result<(), CommandError> {
         let j = self.job_mut(job)?;
-        let claimed = matches!(
-            j.upload,
-            Upload::Receiving {
-                claimed: Some(_),
-                ..
-            }
-        ) || matches!(j.upload, Upload::Draining | Upload::Closed);
+        let hashed = j.hashed;
         match &mut j.download {
-            Download::Open { verdict_sent } if !*verdict_sent && claimed => {
+            Download::Open { verdict_sent } if !*verdict_sent && hashed => {
                 *verdict_sent = true;
             }
             Download::Closed => return Ok(()),
@@ -367,10 +306,7 @@ impl ServerConnection {
             }
         }
         self.stats.misses += 1;
-        self.outbox.push(encode_control(
-            &Frame::Miss { job },
-            self.peer.max_frame_payload,
-        ));
+        self.core.outbox.control(&Frame::Miss { job });
         Ok(())
     }
 
@@ -399,10 +335,10 @@ impl ServerConnection {
                 });
             }
             Download::Open { verdict_sent } => {
-                if early && verdict_sent {
+                if early && (verdict_sent || !j.hashed) {
                     return Err(CommandError::WrongState {
                         job: job.0,
-                        why: "early result after a verdict",
+                        why: "an early result needs a HASH and no verdict yet",
                     });
                 }
             }
@@ -421,9 +357,14 @@ impl ServerConnection {
                 .collect(),
         };
         // Validate names and sizes now, so the command fails rather than the connection.
-        origin
-            .frame(job, head.clone(), Bytes::new(), result.body_len() == 0)
-            .encode(Limits::BASELINE.max_frame_payload)?;
+        Frame::Result {
+            job,
+            origin,
+            head: head.clone(),
+            body: Bytes::new(),
+            fin: result.body_len() == 0,
+        }
+        .encode(Limits::BASELINE.max_frame_payload)?;
         let mut body = Segments::default();
         body.push(result.stdout.clone());
         body.push(result.stderr.clone());
@@ -455,7 +396,7 @@ impl ServerConnection {
             return Ok(());
         }
         j.download = Download::Closed;
-        queue_abort(&mut self.outbox, job, code, message);
+        self.core.outbox.abort(job, code, message);
         self.stop_upload(job);
         self.maybe_forget(job.0);
         Ok(())
@@ -467,9 +408,9 @@ impl ServerConnection {
             return Err(CommandError::Closed);
         }
         let frame = Frame::Stats(stats);
-        let bytes = frame.to_bytes(self.peer.max_frame_payload)?;
+        let bytes = frame.to_bytes(self.core.peer.max_frame_payload)?;
         self.stats_pending = self.stats_pending.saturating_sub(1);
-        self.outbox.push(bytes);
+        self.core.outbox.push(bytes);
         Ok(())
     }
 
@@ -481,189 +422,8 @@ impl ServerConnection {
         }
         let last_job = self.highest_job;
         self.state = State::GoingAway { last_job };
-        self.outbox.push(encode_control(
-            &Frame::GoAway { last_job },
-            self.peer.max_frame_payload,
-        ));
+        self.core.outbox.control(&Frame::GoAway { last_job });
         self.close_if_done();
-    }
-
-    /// Closes now with an ERROR frame; open jobs are lost.
-    pub fn close(&mut self, code: ErrorCode, reason: &str) {
-        self.fail_with(
-            ConnectionError::LocallyClosed {
-                code,
-                reason: reason.to_owned(),
-            },
-            true,
-        );
-    }
-
-    // ----- inputs -----
-
-    /// Feeds bytes read from the transport.
-    pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        if self.state == State::Closed {
-            return;
-        }
-        if self.inbuf.is_empty() && !data.is_empty() {
-            // A frame starts: the stall clock counts from its first byte.
-            self.last_input = now;
-        }
-        self.inbuf.extend_from_slice(data);
-        loop {
-            // Backed-up output pauses decoding; the bytes wait in the buffer.
-            if self.decoding_paused() {
-                return;
-            }
-            match self.decoder.decode(&mut self.inbuf) {
-                Ok(Some(frame)) => {
-                    // Progress is a whole frame, not a byte: a peer trickling one byte at
-                    // a time cannot hold an upload open past the stall timeout.
-                    self.last_input = now;
-                    if let Err(e) = self.on_frame(frame) {
-                        self.fail_with(e, true);
-                    }
-                    if self.state == State::Closed {
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    self.fail_with(protocol(e.code(), e.to_string()), true);
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The transport's read side ended. Jobs whose source is complete still get their
-    /// results; a job cut off mid-upload fails the connection.
-    pub fn handle_eof(&mut self, _now: Instant) {
-        if self.state == State::Closed {
-            return;
-        }
-        self.read_closed = true;
-        let uploading = self
-            .jobs
-            .values()
-            .any(|j| !matches!(j.upload, Upload::Closed));
-        if self.is_handshaking() || uploading || !self.inbuf.is_empty() {
-            self.fail_with(ConnectionError::UnexpectedEof, false);
-            return;
-        }
-        // Nobody will read a GOAWAY; finish what is open and close.
-        if let State::Open = self.state {
-            self.state = State::GoingAway {
-                last_job: self.highest_job,
-            };
-        }
-        self.close_if_done();
-    }
-
-    /// A timer from [`poll_timeout`](Self::poll_timeout) fired.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        match self.state {
-            State::Handshaking | State::Authenticating { .. } if now >= self.handshake_deadline => {
-                self.fail_with(ConnectionError::Timeout { what: "handshake" }, true);
-            }
-            State::Open | State::GoingAway { .. } => {
-                if self.awaiting_input() {
-                    if now >= self.last_input + self.config.stall_timeout {
-                        self.fail_with(ConnectionError::Timeout { what: "upload" }, true);
-                    }
-                } else if self.jobs.is_empty() && now >= self.last_input + self.config.idle_timeout
-                {
-                    self.goaway();
-                }
-            }
-            _ => {}
-        }
-    }
-
-    // ----- outputs -----
-
-    /// The next bytes to write. Result frames are produced here, one per call, round-robin
-    /// across jobs.
-    pub fn poll_transmit(&mut self, _now: Instant) -> Option<Bytes> {
-        if let Some(bytes) = self.outbox.pop() {
-            return Some(bytes);
-        }
-        if self.state == State::Closed {
-            return None;
-        }
-        let chunk = self.config.chunk_size.min(self.peer.max_frame_payload) as usize;
-        while let Some(id) = self.ready.pop_front() {
-            let Some(job) = self.jobs.get_mut(&id) else {
-                continue;
-            };
-            job.in_ready = false;
-            let Download::Sending { head, body } = &mut job.download else {
-                continue;
-            };
-            let frame = match head.take() {
-                Some((head, origin)) => {
-                    // Leave room for the head's fixed fields in the first frame.
-                    let head_len = 26
-                        + head
-                            .outputs
-                            .iter()
-                            .map(|o| 10 + o.name.len())
-                            .sum::<usize>();
-                    let first = body.take(chunk.saturating_sub(head_len));
-                    origin.frame(JobId(id), head, first, body.is_empty())
-                }
-                None => {
-                    let data = body.take(chunk);
-                    Frame::Data {
-                        job: JobId(id),
-                        data,
-                        fin: body.is_empty(),
-                    }
-                }
-            };
-            let done = body.is_empty();
-            let encoded = match frame.encode(self.peer.max_frame_payload) {
-                Ok(e) => e,
-                Err(e) => {
-                    // Unreachable: sizes are bounded by the peer's limit above and the
-                    // head was validated by send_result.
-                    self.fail_with(internal(e.to_string()), true);
-                    return self.outbox.pop();
-                }
-            };
-            if done {
-                job.download = Download::Closed;
-                self.maybe_forget(id);
-            } else {
-                self.mark_ready(id);
-            }
-            self.outbox.set_tail(encoded.tail);
-            return Some(encoded.head);
-        }
-        None
-    }
-
-    /// The next event for the owner.
-    pub fn poll_event(&mut self) -> Option<ServerEvent> {
-        self.events.pop_front()
-    }
-
-    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.state {
-            State::Handshaking | State::Authenticating { .. } => Some(self.handshake_deadline),
-            State::Open | State::GoingAway { .. } if !self.read_closed => {
-                if self.awaiting_input() {
-                    Some(self.last_input + self.config.stall_timeout)
-                } else if self.jobs.is_empty() && self.state == State::Open {
-                    Some(self.last_input + self.config.idle_timeout)
-                } else {
-                    None
-                }
-            }
-            _ => None,
-        }
     }
 
     // ----- internals -----
@@ -678,11 +438,11 @@ impl ServerConnection {
             };
             let version = negotiate(VERSION_MIN, VERSION_MAX, &hello)?;
             check_peer_limits(&hello.limits)?;
-            self.peer = hello.limits;
+            self.core.set_peer(hello.limits);
             let Some(key) = self.config.auth.clone() else {
                 self.send_hello(0, Bytes::new());
                 self.state = State::Open;
-                self.events.push_back(ServerEvent::Connected {
+                self.core.events.push_back(ServerEvent::Connected {
                     version,
                     client: hello,
                 });
@@ -726,7 +486,7 @@ impl ServerConnection {
             }
             Frame::StatsRequest => {
                 self.stats_pending += 1;
-                self.events.push_back(ServerEvent::StatsRequested);
+                self.core.events.push_back(ServerEvent::StatsRequested);
                 Ok(())
             }
             Frame::Ignorable { .. } => Ok(()),
@@ -755,8 +515,7 @@ impl ServerConnection {
             features,
             extensions,
         });
-        self.outbox
-            .push(encode_control(&ours, self.peer.max_frame_payload));
+        self.core.outbox.control(&ours);
     }
 
     /// The one frame accepted while authenticating. Anything else, or a wrong proof, ends
@@ -784,7 +543,8 @@ impl ServerConnection {
         }
         self.state = State::Open;
         if let Some((version, client)) = self.pending_connect.take() {
-            self.events
+            self.core
+                .events
                 .push_back(ServerEvent::Connected { version, client });
         }
         Ok(())
@@ -798,7 +558,7 @@ impl ServerConnection {
             )));
         }
         self.highest_job = job.0;
-        if self.jobs.len() >= self.config.limits.max_jobs as usize {
+        if self.core.jobs.len() >= self.config.limits.max_jobs as usize {
             return Err(protocol(
                 ErrorCode::LIMIT,
                 format!(
@@ -824,9 +584,10 @@ impl ServerConnection {
                 })
         };
         if let Some((code, message)) = refuse {
-            self.jobs.insert(
+            self.core.jobs.insert(
                 job.0,
                 Job {
+                    hashed: false,
                     upload: Upload::Draining,
                     download: Download::Closed,
                     declared: desc.source_len,
@@ -834,12 +595,13 @@ impl ServerConnection {
                     in_ready: false,
                 },
             );
-            queue_abort(&mut self.outbox, job, code, &message);
+            self.core.outbox.abort(job, code, &message);
             return Ok(());
         }
-        self.jobs.insert(
+        self.core.jobs.insert(
             job.0,
             Job {
+                hashed: false,
                 upload: Upload::Receiving {
                     hasher: Box::new(KeyHasher::new(&desc)),
                     claimed: None,
@@ -853,7 +615,9 @@ impl ServerConnection {
                 in_ready: false,
             },
         );
-        self.events.push_back(ServerEvent::JobStarted { job, desc });
+        self.core
+            .events
+            .push_back(ServerEvent::JobStarted { job, desc });
         Ok(())
     }
 
@@ -871,7 +635,7 @@ impl ServerConnection {
     }
 
     fn on_hash(&mut self, job: JobId, key: CacheKey) -> Result<(), ConnectionError> {
-        let j = Self::known_job(&mut self.jobs, job, "HASH")?;
+        let j = Self::known_job(&mut self.core.jobs, job, "HASH")?;
         // A job refused at JOB time is draining; its HASH was already in flight.
         if let Upload::Receiving {
             claimed, started, ..
@@ -883,7 +647,8 @@ impl ServerConnection {
                 )));
             }
             *claimed = Some(key);
-            self.events.push_back(ServerEvent::Lookup { job, key });
+            j.hashed = true;
+            self.core.events.push_back(ServerEvent::Lookup { job, key });
         }
         Ok(())
     }
@@ -892,7 +657,7 @@ impl ServerConnection {
         let max_source = self.config.limits.max_source_len;
         let len = data.len() as u64;
         self.stats.source_bytes_received += len;
-        let j = Self::known_job(&mut self.jobs, job, "SOURCE")?;
+        let j = Self::known_job(&mut self.core.jobs, job, "SOURCE")?;
         j.received += len;
         let received = j.received;
         let declared = j.declared;
@@ -932,14 +697,16 @@ impl ServerConnection {
             );
         } else {
             if !data.is_empty() {
-                self.events.push_back(ServerEvent::Source { job, data });
+                self.core
+                    .events
+                    .push_back(ServerEvent::Source { job, data });
             }
             if fin {
                 self.finish_upload(job);
             }
         }
         if fin {
-            if let Some(j) = self.jobs.get_mut(&job.0) {
+            if let Some(j) = self.core.jobs.get_mut(&job.0) {
                 j.upload = Upload::Closed;
             }
             self.maybe_forget(job.0);
@@ -949,7 +716,7 @@ impl ServerConnection {
 
     /// The last chunk arrived while we still wanted the source: verify and report.
     fn finish_upload(&mut self, job: JobId) {
-        let Some(j) = self.jobs.get_mut(&job.0) else {
+        let Some(j) = self.core.jobs.get_mut(&job.0) else {
             return;
         };
         let Upload::Receiving {
@@ -968,21 +735,22 @@ impl ServerConnection {
             );
             return;
         }
-        self.events
+        self.core
+            .events
             .push_back(ServerEvent::SourceDone { job, key, len });
     }
 
     /// Fails a job on our side: tell the owner, tell the client, want no more source.
     fn fail_job(&mut self, job: JobId, code: ErrorCode, message: String) {
-        self.events.push_back(ServerEvent::JobCancelled {
+        self.core.events.push_back(ServerEvent::JobCancelled {
             job,
             code,
             message: message.clone(),
         });
-        if let Some(j) = self.jobs.get_mut(&job.0) {
+        if let Some(j) = self.core.jobs.get_mut(&job.0) {
             if !matches!(j.download, Download::Closed) {
                 j.download = Download::Closed;
-                queue_abort(&mut self.outbox, job, code, &message);
+                self.core.outbox.abort(job, code, &message);
             }
         }
         self.stop_upload(job);
@@ -994,7 +762,7 @@ impl ServerConnection {
         code: ErrorCode,
         message: String,
     ) -> Result<(), ConnectionError> {
-        let j = Self::known_job(&mut self.jobs, job, "ABORT")?;
+        let j = Self::known_job(&mut self.core.jobs, job, "ABORT")?;
         let was_receiving = matches!(j.upload, Upload::Receiving { .. });
         j.upload = Upload::Closed;
         if let Some(d) = j.declared {
@@ -1004,16 +772,15 @@ impl ServerConnection {
         // answer to that result ("no more source"), and cutting it would lose the result.
         if matches!(j.download, Download::Open { .. }) {
             j.download = Download::Closed;
-            queue_abort(
-                &mut self.outbox,
-                job,
-                ErrorCode::CANCELLED,
-                "cancelled by client",
-            );
-            self.events
+            self.core
+                .outbox
+                .abort(job, ErrorCode::CANCELLED, "cancelled by client");
+            self.core
+                .events
                 .push_back(ServerEvent::JobCancelled { job, code, message });
         } else if was_receiving {
-            self.events
+            self.core
+                .events
                 .push_back(ServerEvent::JobCancelled { job, code, message });
         }
         self.maybe_forget(job.0);
@@ -1021,7 +788,7 @@ impl ServerConnection {
     }
 
     fn stop_upload(&mut self, job: JobId) {
-        if let Some(j) = self.jobs.get_mut(&job.0) {
+        if let Some(j) = self.core.jobs.get_mut(&job.0) {
             if matches!(j.upload, Upload::Receiving { .. }) {
                 j.upload = Upload::Draining;
             }
@@ -1032,7 +799,8 @@ impl ServerConnection {
         if self.state == State::Closed {
             return Err(CommandError::Closed);
         }
-        self.jobs
+        self.core
+            .jobs
             .get_mut(&job.0)
             .ok_or(CommandError::UnknownJob(job.0))
     }
@@ -1041,57 +809,231 @@ impl ServerConnection {
     /// in the buffer. Either way the upload-stall timer runs, so neither an unfinished
     /// upload nor a half-sent frame can hold the connection open.
     fn awaiting_input(&self) -> bool {
-        !self.inbuf.is_empty()
+        self.core.has_buffered_input()
             || self
+                .core
                 .jobs
                 .values()
                 .any(|j| !matches!(j.upload, Upload::Closed))
     }
 
     fn mark_ready(&mut self, id: u32) {
-        if let Some(job) = self.jobs.get_mut(&id) {
-            if !job.in_ready && matches!(job.download, Download::Sending { .. }) {
-                job.in_ready = true;
-                self.ready.push_back(id);
-            }
-        }
+        self.core.mark_ready(id);
     }
 
     fn maybe_forget(&mut self, id: u32) {
-        let Some(job) = self.jobs.get(&id) else {
-            return;
-        };
-        if matches!(job.upload, Upload::Closed) && matches!(job.download, Download::Closed) {
-            self.jobs.remove(&id);
+        if self.core.forget_if_done(id) {
             self.close_if_done();
         }
     }
 
     fn close_if_done(&mut self) {
-        if matches!(self.state, State::GoingAway { .. }) && self.jobs.is_empty() {
+        if matches!(self.state, State::GoingAway { .. }) && self.core.jobs.is_empty() {
             self.state = State::Closed;
-            self.ready.clear();
-            self.events.push_back(ServerEvent::Closed { error: None });
+            self.core.clear_jobs();
+            self.core
+                .events
+                .push_back(ServerEvent::Closed { error: None });
         }
+    }
+}
+
+impl Endpoint for ServerConnection {
+    type Job = Job;
+    type Event = ServerEvent;
+
+    fn core(&mut self) -> &mut Core<Job, ServerEvent> {
+        &mut self.core
+    }
+
+    fn is_over(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    fn on_frame(&mut self, _now: Instant, frame: Frame) -> Result<(), ConnectionError> {
+        ServerConnection::on_frame(self, frame)
     }
 
     fn fail_with(&mut self, error: ConnectionError, send: bool) {
         if self.state == State::Closed {
             return;
         }
-        self.outbox.clear_frames();
-        if send && !matches!(error, ConnectionError::PeerError { .. }) {
-            let frame = Frame::Error {
-                code: error.code(),
-                message: truncate_message(&error.to_string()),
-            };
-            self.outbox
-                .push(encode_control(&frame, self.peer.max_frame_payload));
-        }
+        self.core.fail(&error, send);
         self.state = State::Closed;
-        self.jobs.clear();
-        self.ready.clear();
-        self.events
+        self.core
+            .events
             .push_back(ServerEvent::Closed { error: Some(error) });
+    }
+
+    fn decoding_paused(&self) -> bool {
+        ServerConnection::decoding_paused(self)
+    }
+
+    fn on_progress(&mut self, now: Instant) {
+        self.last_input = now;
+    }
+
+    fn chunk_size(&self) -> usize {
+        self.config.chunk_size.min(self.core.peer.max_frame_payload) as usize
+    }
+
+    fn after_last_frame(&mut self, id: u32) {
+        self.maybe_forget(id);
+    }
+}
+
+impl Connection for ServerConnection {
+    type Event = ServerEvent;
+
+    fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        conn::handle_input(self, now, data);
+    }
+
+    /// Jobs whose source is complete still get their results; a job cut off mid-upload
+    /// fails the connection.
+    fn handle_eof(&mut self, _now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.read_closed = true;
+        let uploading = self
+            .core
+            .jobs
+            .values()
+            .any(|j| !matches!(j.upload, Upload::Closed));
+        if self.is_handshaking() || uploading || self.core.has_buffered_input() {
+            self.fail_with(ConnectionError::UnexpectedEof, false);
+            return;
+        }
+        // Nobody will read a GOAWAY; finish what is open and close.
+        if let State::Open = self.state {
+            self.state = State::GoingAway {
+                last_job: self.highest_job,
+            };
+        }
+        self.close_if_done();
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Handshaking | State::Authenticating { .. } if now >= self.handshake_deadline => {
+                self.fail_with(ConnectionError::Timeout { what: "handshake" }, true);
+            }
+            State::Open | State::GoingAway { .. } => {
+                if self.awaiting_input() {
+                    if now >= self.last_input + self.config.stall_timeout {
+                        self.fail_with(ConnectionError::Timeout { what: "upload" }, true);
+                    }
+                } else if self.core.jobs.is_empty()
+                    && now >= self.last_input + self.config.idle_timeout
+                {
+                    self.goaway();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn poll_transmit(&mut self, _now: Instant) -> Option<Bytes> {
+        conn::poll_transmit(self)
+    }
+
+    fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.core.events.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Handshaking | State::Authenticating { .. } => Some(self.handshake_deadline),
+            State::Open | State::GoingAway { .. } if !self.read_closed => {
+                if self.awaiting_input() {
+                    Some(self.last_input + self.config.stall_timeout)
+                } else if self.core.jobs.is_empty() && self.state == State::Open {
+                    Some(self.last_input + self.config.idle_timeout)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.state == State::Closed && self.core.outbox.is_empty()
+    }
+
+    /// False while output for this client is backed up (decoding is paused then) or a
+    /// frame's worth of input already waits.
+    fn wants_input(&self) -> bool {
+        self.core
+            .wants_input(self.decoding_paused(), self.config.limits.max_frame_payload)
+    }
+
+    fn has_paused_input(&self) -> bool {
+        self.state != State::Closed && self.core.has_paused_input(self.decoding_paused())
+    }
+
+    fn close(&mut self, code: ErrorCode, reason: &str) {
+        self.fail_with(
+            ConnectionError::LocallyClosed {
+                code,
+                reason: reason.to_owned(),
+            },
+            true,
+        );
+    }
+}
+
+/// The first frame of a result leaves room for the head: its fixed fields (exit code,
+/// stdout and stderr lengths, output count: [`ResultHead::FIXED_LEN`] bytes) plus, per
+/// output, a length-prefixed name and a length.
+fn result_head_len(head: &ResultHead) -> usize {
+    ResultHead::FIXED_LEN
+        + head
+            .outputs
+            .iter()
+            .map(|o| ResultHead::OUTPUT_FIXED_LEN + o.name.len())
+            .sum::<usize>()
+}
+
+impl CoreJob for Job {
+    fn has_data(&self) -> bool {
+        matches!(self.download, Download::Sending { .. })
+    }
+
+    fn next_frame(&mut self, id: u32, chunk: usize) -> Option<(Frame, bool)> {
+        let Download::Sending { head, body } = &mut self.download else {
+            return None;
+        };
+        let frame = match head.take() {
+            Some((head, origin)) => {
+                let first = body.take(chunk.saturating_sub(result_head_len(&head)));
+                Frame::Result {
+                    job: JobId(id),
+                    origin,
+                    head,
+                    body: first,
+                    fin: body.is_empty(),
+                }
+            }
+            None => Frame::Data {
+                job: JobId(id),
+                data: body.take(chunk),
+                fin: body.is_empty(),
+            },
+        };
+        let last = body.is_empty();
+        if last {
+            self.download = Download::Closed;
+        }
+        Some((frame, last))
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(self.upload, Upload::Closed) && matches!(self.download, Download::Closed)
+    }
+
+    fn in_ready(&mut self) -> &mut bool {
+        &mut self.in_ready
     }
 }

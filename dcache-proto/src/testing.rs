@@ -12,11 +12,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::client::{ClientConfig, ClientConnection, ClientEvent};
-use crate::frame::{JobId, Stat};
+use crate::client::{ClientConfig, ClientConnection, ClientEvent, Strategy};
+use crate::conn::Connection;
+use crate::frame::ResultOrigin;
+use crate::frame::{Frame, Hello, JobId, Limits, Stat};
 use crate::job::{JobDesc, JobResult, OutputFile};
 use crate::key::CacheKey;
-use crate::server::{ResultOrigin, ServerConfig, ServerConnection, ServerEvent};
+use crate::server::{ServerConfig, ServerConnection, ServerEvent};
 
 /// A small deterministic generator (xorshift64*), so runs are reproducible from a seed
 /// without a dependency.
@@ -121,6 +123,18 @@ impl Link {
         }
         out
     }
+}
+
+/// A plain HELLO as either side would send it (versions this crate speaks, default
+/// limits, no features): for tests that play one end by hand.
+pub fn hello() -> Frame {
+    Frame::Hello(Hello {
+        min_version: crate::VERSION_MIN,
+        max_version: crate::VERSION_MAX,
+        limits: Limits::default(),
+        features: 0,
+        extensions: Bytes::new(),
+    })
 }
 
 /// What the reference server does with a job's source: a deterministic stand-in for a
@@ -367,22 +381,49 @@ impl Pair {
         Some(job)
     }
 
+    /// One turn of the crate's run loop for both ends at the current virtual time, in the
+    /// order the crate documentation prescribes: input (bytes due on the links, then input
+    /// either end paused), events (the reference application reacts to the server's),
+    /// transmit (while the links have room), timers that are due. Returns whether anything
+    /// happened; time does not move.
+    pub fn step(&mut self) -> bool {
+        let mut progress = self.deliver();
+        progress |= self.resume_paused_input();
+        progress |= self.handle_events();
+        progress |= self.transmit();
+        progress |= self.fire_timers();
+        progress
+    }
+
+    /// The next instant something is due: a delivery, a compile, a timer.
+    fn next_due(&self) -> Option<Instant> {
+        [
+            self.c2s.next_arrival(),
+            self.s2c.next_arrival(),
+            self.app.next_ready(),
+            self.client.poll_timeout(),
+            self.server.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Starts a [`Strategy::Lookup`] job for the key of `desc` and `source`: the source
+    /// itself is never sent.
+    pub fn lookup(&mut self, desc: JobDesc, source: &[u8]) -> Option<JobId> {
+        let key = CacheKey::compute(&desc, source);
+        self.client
+            .start_job_with(self.now, desc, Some(key), Strategy::Lookup)
+            .ok()
+    }
+
     /// Moves bytes and events until nothing more happens or `max_steps` deliveries passed.
     /// Returns whether the pair went quiet.
     pub fn run(&mut self, max_steps: usize) -> bool {
         for _ in 0..max_steps {
             self.pump();
-            let next = [
-                self.c2s.next_arrival(),
-                self.s2c.next_arrival(),
-                self.app.next_ready(),
-                self.client.poll_timeout(),
-                self.server.poll_timeout(),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
-            let Some(next) = next else {
+            let Some(next) = self.next_due() else {
                 return true;
             };
             // With nothing in flight and no compile running, only timers are left: stop
@@ -395,12 +436,12 @@ impl Pair {
                 return true;
             }
             self.now = self.now.max(next);
-            self.deliver();
         }
         false
     }
 
-    /// Runs until the client has reported `Done` or `Failed` for `job`.
+    /// Runs until the client has reported the end of `job`: `Done`, `Failed`,
+    /// `NotCached` or `TimedOut`.
     pub fn run_until_job_ends(&mut self, job: JobId, max_steps: usize) -> Option<ClientEvent> {
         for _ in 0..max_steps {
             if let Some(e) = self.job_end(job) {
@@ -416,7 +457,12 @@ impl Pair {
     /// The event that ended `job`, if one came.
     pub fn job_end(&self, job: JobId) -> Option<ClientEvent> {
         self.client_events.iter().find_map(|(_, e)| match e {
-            ClientEvent::Done { job: j, .. } | ClientEvent::Failed { job: j, .. } if *j == job => {
+            ClientEvent::Done { job: j, .. }
+            | ClientEvent::Failed { job: j, .. }
+            | ClientEvent::NotCached { job: j }
+            | ClientEvent::TimedOut { job: j, .. }
+                if *j == job =>
+            {
                 Some(e.clone())
             }
             _ => None,
@@ -428,38 +474,38 @@ impl Pair {
         let end = self.now + d;
         loop {
             self.pump();
-            let next = [
-                self.c2s.next_arrival(),
-                self.s2c.next_arrival(),
-                self.app.next_ready(),
-                self.client.poll_timeout(),
-                self.server.poll_timeout(),
-            ]
-            .into_iter()
-            .flatten()
-            .filter(|t| *t <= end)
-            .min();
-            let Some(next) = next else {
-                self.now = end;
-                self.fire_timers();
-                self.pump();
-                return;
-            };
-            self.now = self.now.max(next);
-            self.deliver();
+            match self.next_due().filter(|t| *t <= end) {
+                Some(next) => self.now = self.now.max(next),
+                None => {
+                    self.now = end;
+                    self.pump();
+                    return;
+                }
+            }
         }
     }
 
-    fn fire_timers(&mut self) {
+    /// Steps until neither end has anything to do at the current time.
+    pub fn pump(&mut self) {
+        while self.step() {}
+    }
+
+    /// Timers due by now; whether one fired.
+    fn fire_timers(&mut self) -> bool {
+        let mut fired = false;
         if self.client.poll_timeout().is_some_and(|t| t <= self.now) {
             self.client.handle_timeout(self.now);
+            fired = true;
         }
         if self.server.poll_timeout().is_some_and(|t| t <= self.now) {
             self.server.handle_timeout(self.now);
+            fired = true;
         }
+        fired
     }
 
-    fn deliver(&mut self) {
+    /// Bytes due on both links, fed to their ends; whether any arrived.
+    fn deliver(&mut self) -> bool {
         let now = self.now;
         let mut up = self.c2s.take_due(now);
         if let Some(alter) = self.alter_c2s {
@@ -470,7 +516,21 @@ impl Pair {
         let down = self.s2c.take_due(now);
         self.feed(true, &up);
         self.feed(false, &down);
-        self.fire_timers();
+        !up.is_empty() || !down.is_empty()
+    }
+
+    /// Input either end paused while its output was backed up, decoded once it may be.
+    fn resume_paused_input(&mut self) -> bool {
+        let mut resumed = false;
+        if self.server.has_paused_input() {
+            self.server.handle_input(self.now, &[]);
+            resumed = true;
+        }
+        if self.client.has_paused_input() {
+            self.client.handle_input(self.now, &[]);
+            resumed = true;
+        }
+        resumed
     }
 
     fn feed(&mut self, to_server: bool, bytes: &[u8]) {
@@ -491,41 +551,43 @@ impl Pair {
         }
     }
 
-    /// Lets both ends write what they can and handles every event, until neither has
-    /// anything to do right now.
-    pub fn pump(&mut self) {
-        loop {
-            let mut progress = false;
-            while self.c2s.has_room() {
-                let Some(b) = self.client.poll_transmit(self.now) else {
-                    break;
-                };
-                self.c2s.send(self.now, b);
-                progress = true;
-            }
-            while self.s2c.has_room() {
-                let Some(b) = self.server.poll_transmit(self.now) else {
-                    break;
-                };
-                self.s2c.send(self.now, b);
-                progress = true;
-            }
-            while let Some(e) = self.server.poll_event() {
-                self.server_events.push((self.now, e.clone()));
-                self.app.handle_at(&mut self.server, e, Some(self.now));
-                progress = true;
-            }
-            if self.app.next_ready().is_some_and(|t| t <= self.now) {
-                self.app.release(&mut self.server, self.now);
-                progress = true;
-            }
-            while let Some(e) = self.client.poll_event() {
-                self.client_events.push((self.now, e));
-                progress = true;
-            }
-            if !progress {
-                return;
-            }
+    /// Every event of both ends; the reference application answers the server's, and
+    /// compiles that have finished by now are released.
+    fn handle_events(&mut self) -> bool {
+        let mut progress = false;
+        while let Some(e) = self.server.poll_event() {
+            self.server_events.push((self.now, e.clone()));
+            self.app.handle_at(&mut self.server, e, Some(self.now));
+            progress = true;
         }
+        if self.app.next_ready().is_some_and(|t| t <= self.now) {
+            self.app.release(&mut self.server, self.now);
+            progress = true;
+        }
+        while let Some(e) = self.client.poll_event() {
+            self.client_events.push((self.now, e));
+            progress = true;
+        }
+        progress
+    }
+
+    /// What both ends have to write, while the links have room.
+    fn transmit(&mut self) -> bool {
+        let mut progress = false;
+        while self.c2s.has_room() {
+            let Some(b) = self.client.poll_transmit(self.now) else {
+                break;
+            };
+            self.c2s.send(self.now, b);
+            progress = true;
+        }
+        while self.s2c.has_room() {
+            let Some(b) = self.server.poll_transmit(self.now) else {
+                break;
+            };
+            self.s2c.send(self.now, b);
+            progress = true;
+        }
+        progress
     }
 }

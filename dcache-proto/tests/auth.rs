@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use dcache_proto::Connection;
 use dcache_proto::testing::{Pair, reference_compile};
 use dcache_proto::{
     AuthKey, ClientConfig, ClientConnection, ClientEvent, ConnectionError, ErrorCode, FEATURE_AUTH,

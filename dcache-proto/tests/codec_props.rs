@@ -6,7 +6,7 @@
 use bytes::{Bytes, BytesMut};
 use dcache_proto::{
     CacheKey, DecodeError, ErrorCode, Frame, FrameDecoder, FrameType, Hello, JobDesc, JobId,
-    Limits, OutputMeta, ResultHead, Stat,
+    Limits, OutputMeta, ResultHead, ResultOrigin, Stat,
 };
 use proptest::prelude::*;
 
@@ -49,9 +49,11 @@ fn result_frame() -> impl Strategy<Value = Frame> {
                 let inline = cut.index(body.len() + 1);
                 Frame::Result {
                     job,
-                    early,
-                    // EARLY_RESULT is always from the cache: the canonical form says so.
-                    cached: early || cached,
+                    origin: match (early, cached) {
+                        (true, _) => ResultOrigin::Early,
+                        (false, true) => ResultOrigin::Cache,
+                        (false, false) => ResultOrigin::Compiled,
+                    },
                     head: ResultHead {
                         exit_code,
                         stdout_len: out.len() as u64,

@@ -5,7 +5,7 @@
 use bytes::{Bytes, BytesMut};
 use dcache_proto::{
     CacheKey, DecodeError, ErrorCode, Frame, FrameDecoder, FrameError, FrameType, Hello, JobDesc,
-    JobId, Limits, OutputMeta, ResultHead, Stat,
+    JobId, Limits, OutputMeta, ResultHead, ResultOrigin, Stat,
 };
 
 const SPEC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md"));
@@ -62,8 +62,7 @@ fn frame(name: &str) -> Frame {
         "miss" => Frame::Miss { job: JobId(1) },
         "early-result" => Frame::Result {
             job: JobId(1),
-            early: true,
-            cached: true,
+            origin: ResultOrigin::Early,
             head: ResultHead {
                 exit_code: 0,
                 stdout_len: 0,
@@ -78,8 +77,7 @@ fn frame(name: &str) -> Frame {
         },
         "result-cached" => Frame::Result {
             job: JobId(2),
-            early: false,
-            cached: true,
+            origin: ResultOrigin::Cache,
             head: ResultHead {
                 exit_code: 0,
                 stdout_len: 0,
@@ -94,8 +92,7 @@ fn frame(name: &str) -> Frame {
         },
         "result-partial" => Frame::Result {
             job: JobId(3),
-            early: false,
-            cached: false,
+            origin: ResultOrigin::Compiled,
             head: ResultHead {
                 exit_code: 1,
                 stdout_len: 0,

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use dcache_proto::Connection;
 use dcache_proto::testing::{Pair, reference_compile};
 use dcache_proto::{ClientConfig, ClientEvent, JobDesc, JobId, ServerConfig, Strategy as Plan};
 use proptest::prelude::*;
@@ -20,6 +21,8 @@ use proptest::prelude::*;
 enum Op {
     /// Submit job `desc` (one of 3) with source `src` (one of 4; source 3 fails to compile).
     Submit { desc: u8, src: u8 },
+    /// Look job `desc` with source `src` up by its key, without sending the source.
+    Lookup { desc: u8, src: u8 },
     /// Cancel the n-th submitted job (mod count).
     Cancel(usize),
     /// Let virtual time pass.
@@ -33,6 +36,7 @@ enum Op {
 fn op() -> impl proptest::strategy::Strategy<Value = Op> {
     prop_oneof![
         4 => (0u8..3, 0u8..4).prop_map(|(desc, src)| Op::Submit { desc, src }),
+        2 => (0u8..3, 0u8..4).prop_map(|(desc, src)| Op::Lookup { desc, src }),
         1 => any::<usize>().prop_map(Op::Cancel),
         2 => (0u16..50).prop_map(Op::Advance),
         2 => Just(Op::Run),
@@ -69,6 +73,7 @@ struct Expect {
     src: Bytes,
     cancelled: bool,
     cached_at_submit: bool,
+    lookup: bool,
 }
 
 proptest! {
@@ -100,16 +105,23 @@ proptest! {
         let mut stats_asked = 0;
         for op in ops {
             match op {
-                Op::Submit { desc, src } => {
+                Op::Submit { desc, src } | Op::Lookup { desc, src } => {
+                    let lookup = matches!(op, Op::Lookup { .. });
                     let mut d = make_desc(desc);
                     let s = make_source(src);
                     d.source_len = Some(s.len() as u64);
-                    let job = p.submit(d.clone(), s.clone()).expect("client accepts jobs");
+                    let job = if lookup {
+                        p.lookup(d.clone(), &s)
+                    } else {
+                        p.submit(d.clone(), s.clone())
+                    };
+                    let job = job.expect("client accepts jobs");
                     expect.insert(job, Expect {
                         desc: d,
                         src: s,
                         cancelled: false,
                         cached_at_submit: cached.contains(&(desc, src)),
+                        lookup,
                     });
                     keys.insert(job, (desc, src));
                     order.push(job);
@@ -148,21 +160,33 @@ proptest! {
         // Every job ended exactly as the model says.
         for (job, e) in &expect {
             let ends: Vec<_> = p.client_events.iter().filter(|(_, ev)| matches!(ev,
-                ClientEvent::Done { job: j, .. } | ClientEvent::Failed { job: j, .. } if j == job
+                ClientEvent::Done { job: j, .. } | ClientEvent::Failed { job: j, .. }
+                | ClientEvent::NotCached { job: j } if j == job
             )).collect();
             prop_assert!(ends.len() <= 1, "{job} ended twice");
             match ends.first().map(|(_, ev)| ev) {
                 None => prop_assert!(e.cancelled, "{job} never ended"),
+                Some(ClientEvent::NotCached { .. }) => {
+                    prop_assert!(e.lookup, "{job}: NotCached for a job that was not a lookup");
+                    prop_assert!(!e.cached_at_submit, "{job} was cached but not found");
+                }
+                Some(ClientEvent::Done { outcome, .. }) if e.lookup => {
+                    prop_assert_eq!(&outcome.result, &reference_compile(&e.desc, &e.src));
+                    prop_assert!(outcome.origin.is_early(), "{job}: a lookup's result is early");
+                    prop_assert_eq!(outcome.source_bytes_sent, 0);
+                    prop_assert_eq!(outcome.key, Some(dcache_proto::CacheKey::compute(&e.desc, &e.src)));
+                }
                 Some(ClientEvent::Done { outcome, .. }) => {
                     prop_assert_eq!(&outcome.result, &reference_compile(&e.desc, &e.src));
+                    prop_assert_eq!(outcome.key.is_some(), strat != Plan::SendAll);
                     if e.cached_at_submit && strat != Plan::SendAll && !e.cancelled {
-                        prop_assert!(outcome.early, "{job} was cached but not answered early");
+                        prop_assert!(outcome.origin.is_early(), "{job} was cached but not answered early");
                     }
                     if strat == Plan::SendAll {
-                        prop_assert!(!outcome.early);
+                        prop_assert!(!outcome.origin.is_early());
                         prop_assert_eq!(outcome.source_bytes_sent, e.src.len() as u64);
                     }
-                    if strat == Plan::AskFirst && outcome.early {
+                    if strat == Plan::AskFirst && outcome.origin.is_early() {
                         prop_assert_eq!(outcome.source_bytes_sent, 0);
                     }
                     prop_assert_eq!(

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use dcache_proto::Connection;
 use dcache_proto::testing::{Pair, reference_compile};
 use dcache_proto::{
     CacheKey, ClientConfig, ClientEvent, ConnectionError, ErrorCode, Frame, JobDesc, JobId, Limits,
@@ -60,7 +61,7 @@ fn warm(p: &mut Pair, d: &JobDesc, src: &Bytes) {
     let job = p.submit(d.clone(), src.clone()).expect("submit");
     p.run_until_job_ends(job, 100_000)
         .expect("warm-up job ended");
-    assert!(!outcome(p, job).early);
+    assert!(!outcome(p, job).origin.is_early());
 }
 
 #[test]
@@ -79,7 +80,7 @@ fn miss_then_hit_with_early_result_stops_a_large_upload() {
         p.run_until_job_ends(job, 100_000).unwrap();
         let o = outcome(&p, job);
         assert!(
-            o.early,
+            o.origin.is_early(),
             "second identical job must be answered by EARLY_RESULT"
         );
         assert_eq!(o.result, reference_compile(&d, &src));
@@ -123,8 +124,8 @@ fn miss_compiles_and_returns_the_result() {
         let job = p.submit(d.clone(), src.clone()).unwrap();
         p.run_until_job_ends(job, 100_000).unwrap();
         let o = outcome(&p, job);
-        assert!(!o.early);
-        assert!(!o.cached, "a miss is not from the cache");
+        assert!(!o.origin.is_early());
+        assert!(!o.origin.is_cached(), "a miss is not from the cache");
         assert_eq!(o.strategy, strategy);
         assert_eq!(o.result, reference_compile(&d, &src));
         assert_eq!(o.source_bytes_sent, src.len() as u64);
@@ -147,9 +148,16 @@ fn every_strategy_knows_a_hit_from_a_miss() {
         let job = p.submit(d.clone(), src.clone()).unwrap();
         p.run_until_job_ends(job, 100_000).unwrap();
         let o = outcome(&p, job);
-        assert!(o.cached, "{strategy:?}: the second run is a hit");
+        assert!(
+            o.origin.is_cached(),
+            "{strategy:?}: the second run is a hit"
+        );
         // Only a job that sent HASH can be answered before its upload ends.
-        assert_eq!(o.early, strategy != Strategy::SendAll, "{strategy:?}");
+        assert_eq!(
+            o.origin.is_early(),
+            strategy != Strategy::SendAll,
+            "{strategy:?}"
+        );
         assert_eq!(o.result, reference_compile(&d, &src));
     }
 }
@@ -164,7 +172,7 @@ fn ask_first_waits_for_the_verdict_and_sends_nothing_on_a_hit() {
     let job = p.submit(d.clone(), src.clone()).unwrap();
     p.run_until_job_ends(job, 100_000).unwrap();
     let o = outcome(&p, job);
-    assert!(o.early);
+    assert!(o.origin.is_early());
     assert_eq!(o.source_bytes_sent, 0);
     // JOB, HASH and the closing ABORT only.
     assert!(p.c2s.bytes_sent - before < 200);
@@ -370,7 +378,7 @@ fn a_compile_error_comes_back_with_its_status_and_is_not_cached() {
         p.run_until_job_ends(job, 100_000).unwrap();
         let o = outcome(&p, job);
         assert_eq!(o.result.exit_code, 1);
-        assert!(!o.early);
+        assert!(!o.origin.is_early());
     }
     assert_eq!(p.app.compiles, 2);
 }
@@ -551,4 +559,235 @@ fn oversized_source_is_refused_before_upload() {
     assert!(p.run(100_000));
     assert!(p.c2s.bytes_sent < 1 << 20);
     assert_eq!(p.server.jobs_open(), 0);
+}
+
+/// A verdict is owed only to a job that sent HASH: after a HASH-less upload has ended the
+/// server refuses both MISS and an early result instead of sending the client a frame it
+/// must treat as a protocol error.
+#[test]
+fn verdicts_are_refused_for_a_job_without_hash() {
+    let mut p = pair(Strategy::SendAll, 1, 0, 9);
+    // Hold the compile so the job stays open after its upload has ended.
+    p.app.compile_time = Duration::from_secs(1);
+    let src = source(100, 3);
+    let job = p.client.start_job(p.now, desc(1), None).unwrap();
+    p.client.push_source(job, src, true).unwrap();
+    let mut ended = false;
+    for _ in 0..100 {
+        p.run(1);
+        ended |= p
+            .server_events
+            .iter()
+            .any(|(_, e)| matches!(e, ServerEvent::SourceDone { .. }));
+        if ended {
+            break;
+        }
+    }
+    assert!(ended, "the upload never ended");
+    assert!(
+        p.server.send_miss(job).is_err(),
+        "MISS for a job without HASH"
+    );
+    let r = reference_compile(&desc(1), b"x");
+    assert!(
+        p.server
+            .send_result(job, &r, dcache_proto::ResultOrigin::Early)
+            .is_err(),
+        "early result for a job without HASH"
+    );
+    p.advance(Duration::from_secs(2));
+    let o = outcome(&p, job);
+    assert_eq!(o.origin, dcache_proto::ResultOrigin::Compiled);
+}
+
+/// The server pauses decoding while too many STATS answers are owed; the run loop must
+/// resume the paused input once they are answered, or the requests behind the pause wait
+/// for input that never comes.
+#[test]
+fn paused_input_is_resumed_by_the_run_loop() {
+    let mut p = pair(Strategy::Speculative, 1, 0, 4);
+    for _ in 0..20 {
+        p.client.request_stats().unwrap();
+    }
+    assert!(p.run(1000));
+    let answered = p
+        .client_events
+        .iter()
+        .filter(|(_, e)| matches!(e, ClientEvent::Stats(_)))
+        .count();
+    assert_eq!(answered, 20, "requests behind the pause were never decoded");
+}
+
+/// A lookup costs one round trip and no source: a hit comes back early with its key, a
+/// miss ends the job with `NotCached` and the server compiles nothing.
+#[test]
+fn lookup_hits_early_and_ends_on_a_miss_without_source() {
+    let mut p = pair(Strategy::Speculative, 5, 0, 11);
+    let d = with_len(desc(1), 3000);
+    let src = source(3000, 7);
+    let job = p.lookup(d.clone(), &src).unwrap();
+    assert!(p.run(1000));
+    assert!(
+        p.client_events
+            .iter()
+            .any(|(_, e)| matches!(e, ClientEvent::NotCached { job: j } if *j == job)),
+        "{:?}",
+        p.client_events
+    );
+    assert!(p.client.cancel(job).is_err(), "the job has ended");
+    assert_eq!(p.app.compiles, 0);
+    assert_eq!(p.client.jobs_open(), 0);
+    assert_eq!(p.server.jobs_open(), 0);
+    assert!(
+        !p.client_events
+            .iter()
+            .any(|(_, e)| matches!(e, ClientEvent::Miss { .. })),
+        "a lookup's MISS is reported as NotCached only"
+    );
+
+    warm(&mut p, &d, &src);
+    let before = p.c2s.bytes_sent;
+    let start = p.now;
+    let job = p.lookup(d.clone(), &src).unwrap();
+    let o = match p.run_until_job_ends(job, 1000) {
+        Some(ClientEvent::Done { outcome, .. }) => outcome,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(o.origin, dcache_proto::ResultOrigin::Early);
+    assert_eq!(o.strategy, Strategy::Lookup);
+    assert_eq!(o.key, Some(CacheKey::compute(&d, &src)));
+    assert_eq!(o.result, reference_compile(&d, &src));
+    assert_eq!(o.source_bytes_sent, 0);
+    assert!(p.c2s.bytes_sent - before < 200, "no source went out");
+    let done_at = p
+        .client_events
+        .iter()
+        .find_map(|(t, e)| matches!(e, ClientEvent::Done { job: j, .. } if *j == job).then_some(*t))
+        .unwrap();
+    assert!(
+        done_at - start <= Duration::from_millis(11),
+        "one round trip"
+    );
+    assert!(p.client.push_source(job, src, true).is_err());
+}
+
+/// A job the server owes an answer fails with `TimedOut` once it has heard nothing for the
+/// progress timeout, so the owner can compile elsewhere; a compile that answers in time,
+/// and a job whose owner is still producing source, do not time out.
+#[test]
+fn a_job_without_progress_times_out_on_virtual_time() {
+    let config = ClientConfig {
+        progress_timeout: Duration::from_secs(60),
+        ..ClientConfig::default()
+    };
+    let server = ServerConfig {
+        stall_timeout: Duration::from_secs(600),
+        ..ServerConfig::default()
+    };
+    let mut p = Pair::new(
+        config.clone(),
+        server.clone(),
+        Duration::from_millis(1),
+        0,
+        3,
+        Instant::now(),
+    );
+    // The server takes two minutes to compile: the job gives up after one.
+    p.app.compile_time = Duration::from_secs(120);
+    let start = p.now;
+    let job = p.submit(desc(1), source(500, 1)).unwrap();
+    p.advance(Duration::from_secs(59));
+    assert!(p.job_end(job).is_none(), "timed out early");
+    p.advance(Duration::from_secs(2));
+    let at = p
+        .client_events
+        .iter()
+        .find_map(|(t, e)| {
+            matches!(e, ClientEvent::TimedOut { job: j, .. } if *j == job).then_some(*t)
+        })
+        .expect("the job timed out");
+    // Counted from the MISS, one round trip after the start.
+    assert!(at - start >= Duration::from_secs(60) && at - start <= Duration::from_millis(60_010));
+    p.advance(Duration::from_secs(120));
+    assert_eq!(
+        p.job_end(job)
+            .map(|e| matches!(e, ClientEvent::TimedOut { .. })),
+        Some(true)
+    );
+    assert_eq!(
+        p.client.jobs_open(),
+        0,
+        "the server's answer to ABORT let it go"
+    );
+    assert_eq!(p.server.jobs_open(), 0);
+
+    // A compile of 50 s answers in time.
+    let mut p = Pair::new(
+        config.clone(),
+        server.clone(),
+        Duration::from_millis(1),
+        0,
+        3,
+        Instant::now(),
+    );
+    p.app.compile_time = Duration::from_secs(50);
+    let job = p.submit(desc(2), source(500, 2)).unwrap();
+    p.advance(Duration::from_secs(120));
+    assert!(matches!(p.job_end(job), Some(ClientEvent::Done { .. })));
+
+    // The owner streams its source slowly: that wait is not the server's.
+    let mut p = Pair::new(
+        config,
+        server,
+        Duration::from_millis(1),
+        0,
+        3,
+        Instant::now(),
+    );
+    let job = p.client.start_job(p.now, desc(3), None).unwrap();
+    p.client.push_source(job, source(100, 3), false).unwrap();
+    p.advance(Duration::from_secs(120));
+    assert!(p.job_end(job).is_none());
+    p.client.push_source(job, Bytes::new(), true).unwrap();
+    p.advance(Duration::from_secs(1));
+    assert!(matches!(p.job_end(job), Some(ClientEvent::Done { .. })));
+}
+
+/// Timeouts set to "forever" are cut to MAX_TIMEOUT instead of overflowing the clock
+/// (adding `Duration::MAX` to an `Instant` panics).
+#[test]
+fn huge_timeouts_do_not_overflow_the_clock() {
+    let forever = Duration::MAX;
+    let mut p = Pair::new(
+        ClientConfig {
+            handshake_timeout: forever,
+            progress_timeout: forever,
+            ..ClientConfig::default()
+        },
+        ServerConfig {
+            handshake_timeout: forever,
+            idle_timeout: forever,
+            stall_timeout: forever,
+            ..ServerConfig::default()
+        },
+        Duration::from_millis(1),
+        0,
+        2,
+        Instant::now(),
+    );
+    let job = p.submit(desc(1), source(100, 1)).unwrap();
+    assert!(matches!(
+        p.run_until_job_ends(job, 1000),
+        Some(ClientEvent::Done { .. })
+    ));
+    assert!(
+        p.client
+            .poll_timeout()
+            .is_none_or(|t| t <= p.now + dcache_proto::MAX_TIMEOUT)
+    );
+    assert!(
+        p.server
+            .poll_timeout()
+            .is_none_or(|t| t <= p.now + dcache_proto::MAX_TIMEOUT)
+    );
 }

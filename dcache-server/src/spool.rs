@@ -191,7 +191,7 @@ mod tests {
 
     #[tokio::test]
     async fn spills_past_the_budget_and_replays_in_order() {
-        let budget = Budget::new(100);
+        let budget = Budget::new(100, 1 << 20);
         let mut a = Spool::new(budget.clone());
         let mut b = Spool::new(budget.clone());
         a.push(Bytes::from(vec![1u8; 60])).unwrap();

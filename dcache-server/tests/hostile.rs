@@ -613,7 +613,10 @@ async fn a_client_killed_mid_upload_leaves_nothing_behind() {
         .submit(desc.clone(), Some(key), full.clone())
         .await
         .unwrap();
-    assert!(!o.early, "nothing was stored for the cut-off uploads");
+    assert!(
+        !o.origin.is_early(),
+        "nothing was stored for the cut-off uploads"
+    );
     assert_eq!(o.result, reference_compile(&desc, &full));
     honest.finish().await;
 }

@@ -113,7 +113,10 @@ async fn a_lying_hash_stores_nothing_and_an_honest_client_gets_the_right_object(
         .submit(d.clone(), Some(honest_key), honest_src.clone())
         .await
         .unwrap();
-    assert!(!o.early, "nothing was stored under the honest key");
+    assert!(
+        !o.origin.is_early(),
+        "nothing was stored under the honest key"
+    );
     assert_eq!(o.result, reference_compile(&d, &honest_src));
     assert_eq!(stat(&service.stats(), "hash_mismatches"), 1);
 }
@@ -193,7 +196,7 @@ async fn real_gcc_scenarios(addr_spec: &str) {
     let key = CacheKey::compute(&d, &pre);
 
     let miss = c.submit(d.clone(), Some(key), pre.clone()).await.unwrap();
-    assert!(!miss.early);
+    assert!(!miss.origin.is_early());
     assert_eq!(
         miss.result.exit_code,
         0,
@@ -213,7 +216,10 @@ async fn real_gcc_scenarios(addr_spec: &str) {
     // client had already pushed its last byte depends on the link: on loopback and in
     // memory a megabyte goes out in less time than a disk lookup, so the saving itself is
     // pinned down by the simulated-link tests, not here.
-    assert!(hit.early, "second identical job answered by EARLY_RESULT");
+    assert!(
+        hit.origin.is_early(),
+        "second identical job answered by EARLY_RESULT"
+    );
     assert_eq!(
         hit.source_bytes_sent + hit.source_bytes_skipped,
         pre.len() as u64
@@ -270,7 +276,7 @@ async fn real_gcc_scenarios(addr_spec: &str) {
         }
     }
     let again = c.submit(d.clone(), Some(key), pre.clone()).await.unwrap();
-    assert!(!again.early, "a corrupt entry is never served");
+    assert!(!again.origin.is_early(), "a corrupt entry is never served");
     assert!(again.result.outputs[0].data == *remote_obj);
     assert_eq!(stat(&service.stats(), "compiles"), compiles + 1);
     assert!(stat(&service.stats(), "corrupt_entries_dropped") >= 1);
@@ -284,7 +290,7 @@ async fn real_gcc_scenarios(addr_spec: &str) {
     let (addr, _stop, _task) = start(&service, addr_spec).await;
     let c = client(&addr, Strategy::AskFirst).await;
     let after = c.submit(d.clone(), Some(key), pre.clone()).await.unwrap();
-    assert!(after.early);
+    assert!(after.origin.is_early());
     assert_eq!(after.source_bytes_sent, 0);
     assert_eq!(stat(&service.stats(), "compiles"), 0);
 }
@@ -430,7 +436,10 @@ async fn a_store_that_cannot_write_still_returns_every_result() {
                 reference_compile(&d, &src),
                 "{name}, round {round}"
             );
-            assert!(!o.early, "{name}: nothing could have been stored");
+            assert!(
+                !o.origin.is_early(),
+                "{name}: nothing could have been stored"
+            );
         }
         // Give the background store attempts time to report.
         let mut waited = 0;
@@ -497,11 +506,11 @@ async fn a_lookup_that_misses_starts_no_compiler_and_a_hit_needs_no_source() {
         .submit_with(d.clone(), key, Strategy::AskFirst, src.clone())
         .await
         .unwrap();
-    assert!(!o.cached);
+    assert!(!o.origin.is_cached());
     assert_eq!(started.load(std::sync::atomic::Ordering::Relaxed), 1);
     // Now the key is found without sending any source.
     let found = c.lookup(d.clone(), key).await.unwrap().expect("a hit");
-    assert!(found.cached && found.early);
+    assert!(found.origin.is_cached() && found.origin.is_early());
     assert_eq!(found.source_bytes_sent, 0);
     assert_eq!(found.result, reference_compile(&d, &src));
     assert_eq!(stat(&service.stats(), "compiles"), 1);

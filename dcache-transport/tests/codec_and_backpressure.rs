@@ -4,21 +4,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use dcache_proto::{Frame, Hello, JobId, Limits, ServerConfig, ServerEvent, Stat};
+use dcache_proto::testing::hello;
+use dcache_proto::{Frame, JobId, ServerConfig, ServerEvent, Stat};
 use dcache_transport::{FrameCodec, ServerCommand, spawn_server_connection};
 use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio_util::codec::Framed;
-
-fn hello() -> Frame {
-    Frame::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        limits: Limits::default(),
-        features: 0,
-        extensions: Bytes::new(),
-    })
-}
 
 #[tokio::test]
 async fn frames_cross_a_stream_through_the_codec() {
@@ -51,7 +42,9 @@ async fn frames_cross_a_stream_through_the_codec() {
     assert!(rx.next().await.unwrap().is_err());
 }
 
-#[tokio::test]
+// Paused time: the 500 ms without progress below pass only once every task is idle, so
+// "the writer is blocked" is a fact about the pipe, not a guess on a wall clock.
+#[tokio::test(start_paused = true)]
 async fn a_client_that_never_reads_cannot_grow_the_servers_memory() {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let mut conn = spawn_server_connection(server, ServerConfig::default());
@@ -102,5 +95,44 @@ async fn a_client_that_never_reads_cannot_grow_the_servers_memory() {
     assert!(
         answers < 100,
         "{answers} large answers queued for a client that never reads"
+    );
+}
+
+/// A server that reads the job and never answers: the job fails with `TimedOut` after
+/// the client's progress timeout (virtual time), so the caller can compile locally.
+#[tokio::test(start_paused = true)]
+async fn a_job_the_server_never_answers_times_out() {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    // The silent peer: answers HELLO, then reads everything and says nothing.
+    tokio::spawn(async move {
+        let mut framed = Framed::new(server, FrameCodec::new(1 << 20));
+        framed.send(hello()).await.unwrap();
+        while let Some(Ok(_)) = framed.next().await {}
+    });
+    let handle = dcache_transport::spawn_client(
+        client,
+        dcache_proto::ClientConfig {
+            progress_timeout: Duration::from_secs(5),
+            ..dcache_proto::ClientConfig::default()
+        },
+    );
+    let desc = dcache_proto::JobDesc {
+        compiler: "cc".into(),
+        language: "cpp-output".into(),
+        args: vec![],
+        source_len: None,
+    };
+    let started = tokio::time::Instant::now();
+    let r = handle
+        .submit(desc, None, Bytes::from_static(b"int x;\n"))
+        .await;
+    assert!(
+        matches!(r, Err(dcache_transport::JobError::TimedOut { after }) if after >= Duration::from_secs(5)),
+        "{r:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+        "{waited:?}"
     );
 }

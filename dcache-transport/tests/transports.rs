@@ -124,7 +124,7 @@ async fn scenarios(c: BoxedStream, s: BoxedStream) {
         .submit(d.clone(), Some(key), src.clone())
         .await
         .unwrap();
-    assert!(!miss.early);
+    assert!(!miss.origin.is_early());
     assert_eq!(miss.result, reference_compile(&d, &src));
 
     let hit = client
@@ -132,7 +132,7 @@ async fn scenarios(c: BoxedStream, s: BoxedStream) {
         .await
         .unwrap();
     assert!(
-        hit.early,
+        hit.origin.is_early(),
         "an identical job must be answered by EARLY_RESULT"
     );
     assert_eq!(hit.result, miss.result);

@@ -87,7 +87,7 @@ async fn build_one(
     write_atomically(&plan.output, &obj.data)?;
     Ok(Built {
         object: plan.output.clone(),
-        cached: outcome.job.cached,
+        cached: outcome.job.origin.is_cached(),
     })
 }
 

@@ -47,7 +47,7 @@ pub enum ConfigError {
     Hosts(#[from] AddressError),
     /// `DCACHE_STRATEGY` names no strategy.
     #[error("DCACHE_STRATEGY: {0}")]
-    Strategy(String),
+    Strategy(#[source] dcache_proto::UnknownStrategy),
     /// `DCACHE_CACHE_SIZE` is not a size.
     #[error("DCACHE_CACHE_SIZE: {0}")]
     CacheSize(#[from] SizeError),

@@ -187,9 +187,9 @@ fn log_outcome(plan: &CompilePlan, outcome: &crate::Outcome) {
     tracing::debug!(
         "{}: {} from {} in {:?} ({} bytes sent, {} skipped)",
         plan.input.display(),
-        match (outcome.job.cached, outcome.job.early) {
-            (true, true) => "early hit",
-            (true, false) => "hit",
+        match outcome.job.origin {
+            dcache_proto::ResultOrigin::Early => "early hit",
+            dcache_proto::ResultOrigin::Cache => "hit",
             _ => "compiled",
         },
         outcome.host,

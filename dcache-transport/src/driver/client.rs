@@ -38,21 +38,31 @@ pub enum JobError {
     /// The job could not be started (for example a field too long to encode).
     #[error("job refused locally: {0}")]
     Rejected(String),
+    /// The server sent nothing for the job for the connection's
+    /// [`ClientConfig::progress_timeout`]: compile elsewhere or locally.
+    #[error("no answer from the server for {after:?}")]
+    TimedOut {
+        /// How long the job went without a frame.
+        after: std::time::Duration,
+    },
     /// A [`ClientHandle::lookup`] found nothing: the server answered MISS.
     #[error("not in the server's cache")]
     NotCached,
 }
 
+/// A job handed to the driver.
+struct Submission {
+    token: u64,
+    desc: JobDesc,
+    key: Option<CacheKey>,
+    strategy: Option<Strategy>,
+    source: Bytes,
+    how: Submit,
+    reply: Reply,
+}
+
 enum Command {
-    Submit {
-        token: u64,
-        desc: JobDesc,
-        key: Option<CacheKey>,
-        strategy: Option<Strategy>,
-        source: Bytes,
-        how: Submit,
-        reply: oneshot::Sender<Result<JobOutcome, JobError>>,
-    },
+    Submit(Submission),
     /// More source for a job submitted without `fin`.
     Push {
         token: u64,
@@ -165,8 +175,9 @@ impl ClientHandle {
     }
 
     /// Asks whether the server has the result for `key` without having the source at
-    /// hand (a key remembered from an earlier compile): the job goes ask-first and is
-    /// cancelled on MISS, which costs one round trip and no source. `Ok(None)` is a miss.
+    /// hand (a key remembered from an earlier compile): a [`Strategy::Lookup`] job, which
+    /// the connection ends itself on MISS; one round trip and no source. `Ok(None)` is a
+    /// miss.
     pub async fn lookup(
         &self,
         desc: JobDesc,
@@ -175,9 +186,9 @@ impl ClientHandle {
         let submitted = self.send_submit(
             desc,
             Some(key),
-            Some(Strategy::AskFirst),
+            Some(Strategy::Lookup),
             Bytes::new(),
-            Submit::Lookup,
+            Submit::NoSource,
         )?;
         match self.outcome(submitted).await {
             Ok(outcome) => Ok(Some(outcome)),
@@ -197,16 +208,17 @@ impl ClientHandle {
     ) -> Result<(u64, OutcomeReceiver), JobError> {
         let token = self.tokens.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
+        let submission = Submission {
+            token,
+            desc,
+            key,
+            strategy,
+            source,
+            how,
+            reply,
+        };
         self.commands
-            .send(Command::Submit {
-                token,
-                desc,
-                key,
-                strategy,
-                source,
-                how,
-                reply,
-            })
+            .send(Command::Submit(submission))
             .map_err(|_| JobError::Closed)?;
         Ok((token, rx))
     }
@@ -264,9 +276,7 @@ where
     };
     let owner = ClientOwner {
         commands: rx,
-        jobs: HashMap::new(),
-        lookups: std::collections::HashSet::new(),
-        tokens: HashMap::new(),
+        pending: HashMap::new(),
         stats: VecDeque::new(),
         closed: false,
     };
@@ -286,27 +296,68 @@ enum Submit {
     Whole,
     /// In `Push` commands that follow.
     Streamed,
-    /// None: a lookup, cancelled on MISS and answered [`JobError::NotCached`].
-    Lookup,
+    /// None at all: a lookup.
+    NoSource,
 }
 type OutcomeReceiver = oneshot::Receiver<Result<JobOutcome, JobError>>;
 
 struct ClientOwner {
     commands: mpsc::UnboundedReceiver<Command>,
-    jobs: HashMap<JobId, (u64, Reply)>,
-    /// Jobs that are lookups: cancelled on MISS.
-    lookups: std::collections::HashSet<JobId>,
-    tokens: HashMap<u64, JobId>,
+    /// Open jobs by id: the one map, so nothing is kept in sync by hand. Events (the hot
+    /// path) find their job directly; the rarer commands that name a handle's token
+    /// (more source, cancel) scan it.
+    pending: HashMap<JobId, Pending>,
     stats: VecDeque<oneshot::Sender<Result<Vec<Stat>, JobError>>>,
     closed: bool,
 }
 
+/// A job a handle waits for.
+struct Pending {
+    /// The handle's name for the job, given before the job had an id.
+    token: u64,
+    reply: Reply,
+}
+
 impl ClientOwner {
+    fn job_of(&self, token: u64) -> Option<JobId> {
+        self.pending
+            .iter()
+            .find_map(|(&job, p)| (p.token == token).then_some(job))
+    }
+
     fn finish(&mut self, job: JobId, result: Result<JobOutcome, JobError>) {
-        self.lookups.remove(&job);
-        if let Some((token, reply)) = self.jobs.remove(&job) {
-            self.tokens.remove(&token);
-            let _ = reply.send(result);
+        if let Some(p) = self.pending.remove(&job) {
+            let _ = p.reply.send(result);
+        }
+    }
+}
+
+impl ClientOwner {
+    /// Starts a submitted job; a job the machine refuses is answered at once.
+    fn start(&mut self, machine: &mut ClientConnection, s: Submission, now: Instant) {
+        if self.closed {
+            let _ = s.reply.send(Err(JobError::Closed));
+            return;
+        }
+        let started = match s.strategy {
+            Some(strategy) => machine.start_job_with(now, s.desc, s.key, strategy),
+            None => machine.start_job(now, s.desc, s.key),
+        };
+        match started {
+            Ok(job) => {
+                // Cannot fail: the job was just started and has no source yet.
+                if s.how == Submit::Whole {
+                    let _ = machine.push_source(job, s.source, true);
+                }
+                let pending = Pending {
+                    token: s.token,
+                    reply: s.reply,
+                };
+                self.pending.insert(job, pending);
+            }
+            Err(e) => {
+                let _ = s.reply.send(Err(JobError::Rejected(e.to_string())));
+            }
         }
     }
 }
@@ -314,11 +365,11 @@ impl ClientOwner {
 impl Owner<ClientConnection> for ClientOwner {
     type Command = Command;
 
-    async fn on_event(&mut self, machine: &mut ClientConnection, event: ClientEvent) {
+    async fn on_event(&mut self, _machine: &mut ClientConnection, event: ClientEvent) {
         match event {
-            ClientEvent::Miss { job } if self.lookups.contains(&job) => {
-                let _ = machine.cancel(job);
-                self.finish(job, Err(JobError::NotCached));
+            ClientEvent::NotCached { job } => self.finish(job, Err(JobError::NotCached)),
+            ClientEvent::TimedOut { job, after } => {
+                self.finish(job, Err(JobError::TimedOut { after }));
             }
             ClientEvent::Done { job, outcome } => self.finish(job, Ok(outcome)),
             ClientEvent::Failed { job, code, message } => {
@@ -332,11 +383,9 @@ impl Owner<ClientConnection> for ClientOwner {
             ClientEvent::Closed { error } => {
                 self.closed = true;
                 let err = error.map_or(JobError::Closed, JobError::Connection);
-                for (_, (_, reply)) in self.jobs.drain() {
-                    let _ = reply.send(Err(err.clone()));
+                for (_, p) in self.pending.drain() {
+                    let _ = p.reply.send(Err(err.clone()));
                 }
-                self.tokens.clear();
-                self.lookups.clear();
                 for reply in self.stats.drain(..) {
                     let _ = reply.send(Err(err.clone()));
                 }
@@ -353,51 +402,17 @@ impl Owner<ClientConnection> for ClientOwner {
 
     fn apply(&mut self, machine: &mut ClientConnection, command: Command, now: Instant) {
         match command {
-            Command::Submit {
-                token,
-                desc,
-                key,
-                strategy,
-                source,
-                how,
-                reply,
-            } => {
-                if self.closed {
-                    let _ = reply.send(Err(JobError::Closed));
-                    return;
-                }
-                let started = match strategy {
-                    Some(s) => machine.start_job_with(now, desc, key, s),
-                    None => machine.start_job(now, desc, key),
-                };
-                match started {
-                    Ok(job) => {
-                        // Cannot fail: the job was just started and has no source yet.
-                        if how == Submit::Whole {
-                            let _ = machine.push_source(job, source, true);
-                        }
-                        self.jobs.insert(job, (token, reply));
-                        self.tokens.insert(token, job);
-                        if how == Submit::Lookup {
-                            self.lookups.insert(job);
-                        }
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(JobError::Rejected(e.to_string())));
-                    }
-                }
-            }
+            Command::Submit(s) => self.start(machine, s, now),
             Command::Push { token, data, fin } => {
-                if let Some(&job) = self.tokens.get(&token) {
+                if let Some(job) = self.job_of(token) {
                     // Refused only when the job already has its answer (a result needs no
                     // more source) or is gone: nothing to do either way.
                     let _ = machine.push_source(job, data, fin);
                 }
             }
             Command::Cancel { token } => {
-                if let Some(job) = self.tokens.remove(&token) {
-                    self.jobs.remove(&job);
-                    self.lookups.remove(&job);
+                if let Some(job) = self.job_of(token) {
+                    self.pending.remove(&job);
                     let _ = machine.cancel(job);
                 }
             }
@@ -413,10 +428,9 @@ impl Owner<ClientConnection> for ClientOwner {
     fn on_owner_gone(&mut self, machine: &mut ClientConnection) {
         // Every handle is gone, so nobody waits for the open jobs: cancel them, and close
         // cleanly once the server has acknowledged.
-        for (job, _) in self.jobs.drain() {
+        for (job, _) in self.pending.drain() {
             let _ = machine.cancel(job);
         }
-        self.tokens.clear();
         machine.shutdown();
     }
 }

@@ -1,17 +1,20 @@
-//! The async driver: one task per connection running a sans-IO state machine over any
-//! `AsyncRead + AsyncWrite`.
+//! The async driver: one task per connection running a sans-IO state machine (any
+//! [`dcache_proto::Connection`]) over any `AsyncRead + AsyncWrite`.
 //!
-//! The loop, after every input or command:
-//! 1. hand every event to the owner (the owner may wait: that is the read-side
+//! It follows the run loop of `dcache-proto`'s crate documentation. Each turn:
+//! 1. input: the last `select!` arm fed what it read (or the end of stream); input the
+//!    machine paused while its output was backed up is resumed first thing;
+//! 2. events: every event goes to the owner (the owner may wait: that is the read-side
 //!    backpressure, since no more input is read meanwhile);
-//! 2. take bytes from `poll_transmit` only when the previous write finished, so at most one
-//!    write buffer is held and nothing is committed to the socket before it has room (an
-//!    early result can still stop an upload that the socket has not taken);
-//! 3. wait for whichever comes first: a command, the socket accepting bytes, bytes to read,
-//!    or the state machine's timer.
+//! 3. transmit: bytes are taken from `poll_transmit` only when the previous write
+//!    finished, so at most one write buffer is held and nothing is committed to the
+//!    socket before it has room (an early result can still stop an upload that the socket
+//!    has not taken);
+//! 4. wait for whichever comes first: a command, the socket accepting bytes, bytes to read
+//!    (only while the machine `wants_input`), or the machine's timer.
 //!
 //! Every `await` in the select is cancel-safe (`read_buf`, `write`, channel receive,
-//! `sleep_until`), so no byte is lost when another branch wins.
+//! the pinned timer), so no byte is lost when another branch wins.
 
 mod client;
 mod server;
@@ -19,7 +22,7 @@ mod server;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use dcache_proto::{ClientConnection, ErrorCode, ServerConnection};
+use dcache_proto::{Connection, ErrorCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub use client::{ClientHandle, JobError, spawn_client};
@@ -41,93 +44,8 @@ fn fresh_nonce() -> Option<dcache_proto::Nonce> {
     Some(nonce)
 }
 
-/// What the driver needs from a state machine; implemented for both ends.
-pub(crate) trait Machine {
-    type Event;
-    fn handle_input(&mut self, now: Instant, data: &[u8]);
-    fn handle_eof(&mut self, now: Instant);
-    fn handle_timeout(&mut self, now: Instant);
-    fn poll_transmit(&mut self, now: Instant) -> Option<Bytes>;
-    fn poll_event(&mut self) -> Option<Self::Event>;
-    fn poll_timeout(&self) -> Option<Instant>;
-    fn is_closed(&self) -> bool;
-    fn wants_input(&self) -> bool;
-    /// Decodes input that waited while output was backed up, if it may now.
-    fn resume_input(&mut self, now: Instant);
-    /// The transport failed: end the connection now.
-    fn abort(&mut self);
-}
-
-impl Machine for ClientConnection {
-    type Event = dcache_proto::ClientEvent;
-    fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        ClientConnection::handle_input(self, now, data);
-    }
-    fn handle_eof(&mut self, now: Instant) {
-        ClientConnection::handle_eof(self, now);
-    }
-    fn handle_timeout(&mut self, now: Instant) {
-        ClientConnection::handle_timeout(self, now);
-    }
-    fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
-        ClientConnection::poll_transmit(self, now)
-    }
-    fn poll_event(&mut self) -> Option<Self::Event> {
-        ClientConnection::poll_event(self)
-    }
-    fn poll_timeout(&self) -> Option<Instant> {
-        ClientConnection::poll_timeout(self)
-    }
-    fn is_closed(&self) -> bool {
-        ClientConnection::is_closed(self)
-    }
-    fn wants_input(&self) -> bool {
-        true
-    }
-    fn resume_input(&mut self, _now: Instant) {}
-    fn abort(&mut self) {
-        self.close(ErrorCode::INTERNAL, "transport failed");
-    }
-}
-
-impl Machine for ServerConnection {
-    type Event = dcache_proto::ServerEvent;
-    fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        ServerConnection::handle_input(self, now, data);
-    }
-    fn handle_eof(&mut self, now: Instant) {
-        ServerConnection::handle_eof(self, now);
-    }
-    fn handle_timeout(&mut self, now: Instant) {
-        ServerConnection::handle_timeout(self, now);
-    }
-    fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
-        ServerConnection::poll_transmit(self, now)
-    }
-    fn poll_event(&mut self) -> Option<Self::Event> {
-        ServerConnection::poll_event(self)
-    }
-    fn poll_timeout(&self) -> Option<Instant> {
-        ServerConnection::poll_timeout(self)
-    }
-    fn is_closed(&self) -> bool {
-        ServerConnection::is_closed(self)
-    }
-    fn wants_input(&self) -> bool {
-        ServerConnection::wants_input(self)
-    }
-    fn resume_input(&mut self, now: Instant) {
-        if self.has_paused_input() {
-            self.handle_input(now, &[]);
-        }
-    }
-    fn abort(&mut self) {
-        self.close(ErrorCode::INTERNAL, "transport failed");
-    }
-}
-
 /// The owner side of a driven connection: takes events, supplies commands.
-pub(crate) trait Owner<M: Machine> {
+pub(crate) trait Owner<M: Connection> {
     type Command;
     /// Handles one event; may wait (backpressure).
     async fn on_event(&mut self, machine: &mut M, event: M::Event);
@@ -148,7 +66,7 @@ fn now() -> Instant {
 /// Runs `machine` over `stream` until the connection is closed and flushed.
 pub(crate) async fn drive<M, S, O>(mut machine: M, stream: S, mut owner: O)
 where
-    M: Machine,
+    M: Connection,
     S: AsyncRead + AsyncWrite + Send,
     O: Owner<M>,
 {
@@ -158,8 +76,16 @@ where
     let mut carry = None;
     let mut read_done = false;
     let mut owner_open = true;
+    // One timer for the connection's life, moved only when the machine's deadline moves:
+    // a client with jobs open always has one, and re-registering it on every turn would
+    // cost a timer-wheel insertion per frame.
+    let timer = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(timer);
+    let mut armed: Option<tokio::time::Instant> = None;
     loop {
-        machine.resume_input(now());
+        if machine.has_paused_input() {
+            machine.handle_input(now(), &[]);
+        }
         while let Some(event) = machine.poll_event() {
             owner.on_event(&mut machine, event).await;
         }
@@ -176,6 +102,12 @@ where
             return;
         }
         let deadline = machine.poll_timeout().map(tokio::time::Instant::from_std);
+        if deadline != armed {
+            if let Some(d) = deadline {
+                timer.as_mut().reset(d);
+            }
+            armed = deadline;
+        }
         let can_read = !read_done && machine.wants_input();
         tokio::select! {
             biased;
@@ -195,7 +127,7 @@ where
                     // worth reading. End the machine and discard what it still queues.
                     pending = Bytes::new();
                     read_done = true;
-                    machine.abort();
+                    machine.close(ErrorCode::INTERNAL, "transport failed");
                     drain_to_closed(&mut machine);
                 }
             },
@@ -212,13 +144,15 @@ where
                     }
                 }
             },
-            () = sleep_until(deadline), if deadline.is_some() => {
+            () = &mut timer, if armed.is_some() => {
+                // Fired: re-armed next turn even if the deadline is unchanged.
+                armed = None;
                 machine.handle_timeout(now());
             },
             else => {
                 // Nothing can happen any more: the peer stopped sending, the owner left,
                 // nothing is left to write and no timer is armed.
-                machine.abort();
+                machine.close(ErrorCode::INTERNAL, "transport failed");
                 drain_to_closed(&mut machine);
             }
         }
@@ -239,7 +173,7 @@ where
 /// share writes, and a frame's head does not go in a write of its own, apart from its
 /// payload: two writes per frame cost a third to half of the throughput at 256 hits in
 /// flight on one connection.
-fn next_write<M: Machine>(machine: &mut M, carry: &mut Option<Bytes>) -> Bytes {
+fn next_write<M: Connection>(machine: &mut M, carry: &mut Option<Bytes>) -> Bytes {
     let now = now();
     let Some(first) = carry.take().or_else(|| machine.poll_transmit(now)) else {
         return Bytes::new();
@@ -265,7 +199,7 @@ fn next_write<M: Machine>(machine: &mut M, carry: &mut Option<Bytes>) -> Bytes {
 }
 
 /// Writes are impossible: discard output until the machine reports closed.
-fn drain_to_closed<M: Machine>(machine: &mut M) {
+fn drain_to_closed<M: Connection>(machine: &mut M) {
     let now = now();
     // Closed machines produce only what was queued before closing, so this ends; the
     // bound is a guard against a machine bug turning into a hang.
@@ -273,13 +207,6 @@ fn drain_to_closed<M: Machine>(machine: &mut M) {
         if machine.poll_transmit(now).is_none() {
             break;
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -292,7 +219,7 @@ mod tests {
     /// Hands out scripted pieces; nothing else happens.
     struct Script(VecDeque<Bytes>);
 
-    impl Machine for Script {
+    impl Connection for Script {
         type Event = ();
         fn handle_input(&mut self, _: Instant, _: &[u8]) {}
         fn handle_eof(&mut self, _: Instant) {}
@@ -312,8 +239,10 @@ mod tests {
         fn wants_input(&self) -> bool {
             false
         }
-        fn resume_input(&mut self, _: Instant) {}
-        fn abort(&mut self) {}
+        fn has_paused_input(&self) -> bool {
+            false
+        }
+        fn close(&mut self, _: ErrorCode, _: &str) {}
     }
 
     /// The lengths of the writes the driver makes of `pieces`, checking that the bytes

@@ -152,7 +152,7 @@ async fn hit_cell(
                 let (d, s, k) = &warmed[(t * 7919 + i) % warmed.len()];
                 let start = Instant::now();
                 let o = h.submit(d.clone(), Some(*k), s.clone()).await;
-                if !matches!(&o, Ok(o) if o.early) {
+                if !matches!(&o, Ok(o) if o.origin.is_early()) {
                     return Err(format!("expected a hit, got {o:?}"));
                 }
                 lat.push(start.elapsed());
