@@ -30,17 +30,22 @@ struct Harness {
 }
 
 async fn start() -> Harness {
+    start_with(ServiceConfig {
+        protocol: ServerConfig {
+            handshake_timeout: TIMEOUT,
+            stall_timeout: TIMEOUT,
+            ..ServerConfig::default()
+        },
+        ..ServiceConfig::default()
+    })
+    .await
+}
+
+async fn start_with(config: ServiceConfig) -> Harness {
     let service = Service::new(
         Arc::new(MemoryStore::new(1 << 30)),
         Arc::new(FakeExecutor::new(Duration::from_millis(1))),
-        ServiceConfig {
-            protocol: ServerConfig {
-                handshake_timeout: TIMEOUT,
-                stall_timeout: TIMEOUT,
-                ..ServerConfig::default()
-            },
-            ..ServiceConfig::default()
-        },
+        config,
     );
     let listener = bind(
         &"tcp://127.0.0.1:0".parse().unwrap(),
@@ -552,8 +557,12 @@ async fn ten_thousand_connections_opened_and_dropped() {
     let churn = t.elapsed();
     honest.finish().await;
     settle(&h).await;
-    let accepted = h.service.counters().connections.load(Ordering::Relaxed);
-    assert!(accepted >= 10_000, "{accepted}");
+    // Served, or turned away at once past the per-address cap (100 at a time from one
+    // address is more than it allows): either way each one was handled and let go.
+    let counters = h.service.counters();
+    let accepted = counters.connections.load(Ordering::Relaxed);
+    let refused = counters.connections_refused.load(Ordering::Relaxed);
+    assert!(accepted + refused >= 10_000, "{accepted} + {refused}");
     // Every socket was let go: no descriptor leaked (a little slack for the runtime).
     let fds_after = open_fds();
     assert!(
@@ -619,4 +628,164 @@ async fn a_client_killed_mid_upload_leaves_nothing_behind() {
     );
     assert_eq!(o.result, reference_compile(&desc, &full));
     honest.finish().await;
+}
+
+/// A client connected from `local` (any 127.x address is loopback), holding `token`.
+async fn client_from(local: &str, port: u16, token: &[u8]) -> dcache_transport::ClientHandle {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let stream = socket
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    spawn_client(
+        stream,
+        ClientConfig {
+            auth: Some(dcache_proto::AuthKey::from_token(token)),
+            ..ClientConfig::default()
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_flooding_does_not_lock_out_an_authenticated_client() {
+    const TOKEN: &[u8] = b"a shared token of some length";
+    // Handshakes may take 30 s here: without the handshake pool and the per-address cap,
+    // 2,100 silent sockets would hold every connection place for that long.
+    let h = start_with(ServiceConfig {
+        protocol: ServerConfig {
+            handshake_timeout: Duration::from_secs(30),
+            auth: Some(dcache_proto::AuthKey::from_token(TOKEN)),
+            ..ServerConfig::default()
+        },
+        ..ServiceConfig::default()
+    })
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..21 {
+        let batch = (0..100).map(|_| TcpStream::connect(("127.0.0.1", h.port)));
+        for s in futures::future::join_all(batch).await {
+            silent.extend(s.ok());
+        }
+    }
+    assert!(silent.len() > 2000, "{} connected", silent.len());
+    // An authenticated client from another address compiles at once, the flood still
+    // connected. (Well inside the 30 s the flood could otherwise hold the server.)
+    let honest = client_from("127.0.0.2", h.port, TOKEN).await;
+    let desc = JobDesc {
+        compiler: "gcc".into(),
+        language: "cpp-output".into(),
+        args: vec!["-c".into()],
+        source_len: None,
+    };
+    let src = Bytes::from_static(b"int flood_survivor;\n");
+    let t = Instant::now();
+    let out = tokio::time::timeout(
+        Duration::from_secs(15),
+        honest.submit(
+            desc.clone(),
+            Some(CacheKey::compute(&desc, &src)),
+            src.clone(),
+        ),
+    )
+    .await
+    .expect("the honest client was locked out")
+    .unwrap();
+    assert_eq!(out.result, reference_compile(&desc, &src));
+    assert!(t.elapsed() < Duration::from_secs(15));
+    // One address got at most its cap of connections; the rest were turned away at once.
+    let cap = ServiceConfig::default().max_connections_per_address;
+    assert!(h.service.open_connections() <= cap + 1);
+    let refused = h
+        .service
+        .counters()
+        .connections_refused
+        .load(Ordering::Relaxed);
+    assert!(refused as usize >= silent.len() - cap, "{refused} refused");
+    drop(silent);
+    drop(honest);
+    settle(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_gives_its_compile_slot_back() {
+    // One slot. A client takes it (HASH, miss, first chunk: its compile streams) and then
+    // sends nothing more; another client's job must still be compiled.
+    let h = start_with(ServiceConfig {
+        compile_slots: 1,
+        min_upload_rate: 1024,
+        upload_check_interval: Duration::from_millis(500),
+        ..ServiceConfig::default()
+    })
+    .await;
+    let desc = JobDesc {
+        compiler: "gcc".into(),
+        language: "cpp-output".into(),
+        args: vec!["-c".into()],
+        source_len: Some(1 << 20),
+    };
+    let full = Bytes::from(vec![b'x'; 1 << 20]);
+    let mut staller = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    staller
+        .write_all(&encode(&[
+            hello(),
+            Frame::Job {
+                job: JobId(1),
+                desc: desc.clone(),
+            },
+            Frame::Hash {
+                job: JobId(1),
+                key: CacheKey::compute(&desc, &full),
+            },
+            Frame::Source {
+                job: JobId(1),
+                data: full.slice(..100),
+                fin: false,
+            },
+        ]))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut reader = FrameReader::default();
+    reader
+        .until(&mut staller, &mut got, |f| matches!(f, Frame::Miss { .. }))
+        .await;
+    // The honest job, on its own connection, waits for the only slot.
+    let honest = spawn_client(
+        connect(&h.addr, &TransportOptions::default())
+            .await
+            .unwrap(),
+        ClientConfig::default(),
+    );
+    let d2 = JobDesc {
+        source_len: None,
+        ..desc.clone()
+    };
+    let src = Bytes::from_static(b"int waits_for_the_slot;\n");
+    // Without the rule the stall would hold the slot for the 60 s stall timeout.
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        honest.submit(d2.clone(), Some(CacheKey::compute(&d2, &src)), src.clone()),
+    )
+    .await
+    .expect("the stalled upload kept the slot")
+    .unwrap();
+    assert_eq!(out.result, reference_compile(&d2, &src));
+    reader
+        .until(&mut staller, &mut got, |f| matches!(f, Frame::Abort { .. }))
+        .await;
+    let abort = got.iter().find_map(|f| match f {
+        Frame::Abort { code, message, .. } => Some((*code, message.clone())),
+        _ => None,
+    });
+    let (code, message) = abort.unwrap();
+    assert_eq!(code, ErrorCode::TIMEOUT);
+    assert!(message.contains("compile slot"), "{message}");
+    assert_eq!(
+        h.service
+            .counters()
+            .slow_uploads_ended
+            .load(Ordering::Relaxed),
+        1
+    );
 }

@@ -361,3 +361,33 @@ async fn a_lazy_store_still_drops_damaged_entries() {
     assert!(!path.exists(), "the torn entry was removed");
     assert_eq!(lazy.stats().corrupt, 1);
 }
+
+#[tokio::test]
+async fn an_entry_planted_in_the_cache_directory_is_never_served() {
+    use dcache_server::store::{SealKey, entry};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+    // Someone who can write the directory but not read the secret writes a well-formed
+    // entry for a key an honest client will ask for, with a guessed secret.
+    let forged = entry::encode(&SealKey::from_bytes([0; 32]), &key(5), &result(66, 100)).unwrap();
+    let path = entry_path(&s, &key(5));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, &forged).unwrap();
+    assert_eq!(s.get(&key(5)).await, None, "a planted entry was served");
+    assert_eq!(s.stats().corrupt, 1);
+    // What the server itself wrote still verifies, also for another store on the same
+    // directory (a restart, or the next wrapper process).
+    s.put(&key(6), &result(6, 100)).await.unwrap();
+    let again = DiskStore::open_lazy(dir.path(), 1 << 20).unwrap();
+    assert_eq!(again.get(&key(6)).await, Some(result(6, 100)));
+    // The secret is the server user's alone; one others could read is refused at open.
+    let secret = s.root().join("secret");
+    assert_eq!(
+        std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = DiskStore::open(dir.path(), 1 << 20).unwrap_err();
+    assert!(err.to_string().contains("chmod 600"), "{err}");
+}

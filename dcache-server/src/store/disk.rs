@@ -26,6 +26,7 @@ use bytes::Bytes;
 use dcache_proto::JobResult;
 
 use super::lru::Lru;
+use super::seal::SealKey;
 use super::{Store, StoreError, StoreKey, StoreStats, entry};
 
 /// Temporary files older than this at start-up were left by a crashed writer.
@@ -39,6 +40,8 @@ pub struct DiskStore {
 
 #[derive(Debug)]
 struct Inner {
+    /// The secret every entry of this directory is sealed with.
+    seal: SealKey,
     root: PathBuf,
     limit: u64,
     /// Opened with [`DiskStore::open_lazy`]: no index of the whole directory; the size
@@ -84,7 +87,7 @@ impl Inner {
             }
         };
         let size = data.len() as u64;
-        match entry::decode(key, Bytes::from(data)) {
+        match entry::decode(&self.seal, key, Bytes::from(data)) {
             Ok(result) => {
                 // Refresh the time so the LRU order survives a restart; best effort.
                 if let Ok(f) = std::fs::File::options().append(true).open(&path) {
@@ -109,7 +112,7 @@ impl Inner {
     }
 
     fn put(&self, key: &StoreKey, value: &JobResult) -> Result<(), StoreError> {
-        let data = entry::encode(key, value)?;
+        let data = entry::encode(&self.seal, key, value)?;
         let size = data.len() as u64;
         if size > self.limit {
             return Err(StoreError::TooLarge(size));
@@ -203,6 +206,7 @@ impl DiskStore {
         let root = dir.join("v1");
         std::fs::create_dir_all(root.join("tmp"))?;
         let inner = Inner {
+            seal: SealKey::load_or_create(&root)?,
             root,
             limit,
             lazy: false,
@@ -228,6 +232,7 @@ impl DiskStore {
         std::fs::create_dir_all(root.join("tmp"))?;
         Ok(Self {
             inner: Arc::new(Inner {
+                seal: SealKey::load_or_create(&root)?,
                 root,
                 limit,
                 lazy: true,

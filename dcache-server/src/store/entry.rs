@@ -1,22 +1,25 @@
 //! The stored form of a result: a verified, versioned binary encoding.
 //!
 //! ```text
-//! magic "DCE1" | version u16 | key [32] | body length u64 | blake3(body) [32] | body
+//! magic "DCE1" | version u16 | key [32] | body length u64 | mac [32] | body
+//! mac:  keyed blake3 under the cache's [`SealKey`] of key | body
 //! body: exit i32 | stdout len u64, bytes | stderr len u64, bytes
 //!       | output count u16 | per output: name len u16, name, data len u64, data
 //! ```
 //!
-//! Every read checks the magic, version, key, length and digest before parsing, and the
-//! parser checks every length against the bytes present: a torn, truncated or tampered
-//! entry is refused, never served.
+//! Every read checks the magic, version, key, length and MAC before parsing, and the
+//! parser checks every length against the bytes present: a torn, truncated, tampered or
+//! planted entry (one not written by a holder of the cache's secret) is refused, never
+//! served. Version 1 entries (an unkeyed digest) are refused as of another version.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use dcache_proto::{JobResult, OutputFile};
 
 use super::StoreKey;
+use super::seal::SealKey;
 
 const MAGIC: &[u8; 4] = b"DCE1";
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 const HEADER: usize = 4 + 2 + 32 + 8 + 32;
 
 /// Why bytes are not a valid entry.
@@ -27,13 +30,13 @@ pub enum EntryError {
     #[error("entry truncated")]
     Truncated,
     /// Not an entry, or from an incompatible version.
-    #[error("not a version-1 dcache entry")]
+    #[error("not a version-2 dcache entry")]
     BadMagic,
     /// Stored under another key (a misplaced or swapped file).
     #[error("entry belongs to another key")]
     WrongKey,
-    /// The body's digest does not match: corrupted on disk.
-    #[error("entry digest mismatch")]
+    /// The MAC does not match: corrupted on disk, or not written by this cache.
+    #[error("entry MAC mismatch")]
     Corrupt,
     /// The body's fields do not add up.
     #[error("malformed entry body")]
@@ -44,8 +47,15 @@ pub enum EntryError {
     Unrepresentable(&'static str),
 }
 
-/// Encodes a result for storage under `key`.
-pub fn encode(key: &StoreKey, r: &JobResult) -> Result<Bytes, EntryError> {
+fn mac(seal: &SealKey, key: &StoreKey, body: &[u8]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(&seal.0);
+    h.update(&key.0);
+    h.update(body);
+    h.finalize()
+}
+
+/// Encodes a result for storage under `key`, sealed with `seal`.
+pub fn encode(seal: &SealKey, key: &StoreKey, r: &JobResult) -> Result<Bytes, EntryError> {
     let count = u16::try_from(r.outputs.len())
         .map_err(|_| EntryError::Unrepresentable("more than 65,535 output files"))?;
     if r.outputs
@@ -74,13 +84,13 @@ pub fn encode(key: &StoreKey, r: &JobResult) -> Result<Bytes, EntryError> {
     out.put_u16(VERSION);
     out.put_slice(&key.0);
     out.put_u64(body.len() as u64);
-    out.put_slice(blake3::hash(&body).as_bytes());
+    out.put_slice(mac(seal, key, &body).as_bytes());
     out.put_slice(&body);
     Ok(out.freeze())
 }
 
-/// Decodes and verifies an entry read for `key`.
-pub fn decode(key: &StoreKey, mut data: Bytes) -> Result<JobResult, EntryError> {
+/// Decodes and verifies an entry read for `key`, sealed with `seal`.
+pub fn decode(seal: &SealKey, key: &StoreKey, mut data: Bytes) -> Result<JobResult, EntryError> {
     if data.len() < HEADER {
         return Err(EntryError::Truncated);
     }
@@ -97,7 +107,8 @@ pub fn decode(key: &StoreKey, mut data: Bytes) -> Result<JobResult, EntryError> 
     if data.len() as u64 != len {
         return Err(EntryError::Truncated);
     }
-    if blake3::hash(&data).as_bytes() != &digest {
+    // Constant-time comparison (blake3::Hash's equality).
+    if mac(seal, key, &data) != blake3::Hash::from_bytes(digest) {
         return Err(EntryError::Corrupt);
     }
     parse_body(data).ok_or(EntryError::Malformed)
@@ -146,6 +157,8 @@ fn parse_body(mut b: Bytes) -> Option<JobResult> {
 mod tests {
     use super::*;
 
+    const SEAL: SealKey = SealKey([7; 32]);
+
     fn sample() -> JobResult {
         JobResult {
             exit_code: 0,
@@ -161,25 +174,32 @@ mod tests {
     #[test]
     fn round_trips_and_refuses_every_damage() {
         let key = StoreKey([3; 32]);
-        let bytes = encode(&key, &sample()).unwrap();
-        assert_eq!(decode(&key, bytes.clone()), Ok(sample()));
+        let bytes = encode(&SEAL, &key, &sample()).unwrap();
+        assert_eq!(decode(&SEAL, &key, bytes.clone()), Ok(sample()));
         assert_eq!(
-            decode(&StoreKey([4; 32]), bytes.clone()),
+            decode(&SEAL, &StoreKey([4; 32]), bytes.clone()),
             Err(EntryError::WrongKey)
         );
         assert_eq!(
-            decode(&key, bytes.slice(..bytes.len() - 1)),
+            decode(&SEAL, &key, bytes.slice(..bytes.len() - 1)),
             Err(EntryError::Truncated)
         );
         for i in [0, 5, 50, HEADER + 3, bytes.len() - 1] {
             let mut damaged = bytes.to_vec();
             damaged[i] ^= 0x40;
             assert!(
-                decode(&key, Bytes::from(damaged)).is_err(),
+                decode(&SEAL, &key, Bytes::from(damaged)).is_err(),
                 "flip at {i} accepted"
             );
         }
-        assert!(decode(&key, Bytes::new()).is_err());
+        assert!(decode(&SEAL, &key, Bytes::new()).is_err());
+    }
+
+    #[test]
+    fn an_entry_sealed_with_another_secret_is_refused() {
+        let key = StoreKey([3; 32]);
+        let forged = encode(&SealKey([8; 32]), &key, &sample()).unwrap();
+        assert_eq!(decode(&SEAL, &key, forged), Err(EntryError::Corrupt));
     }
 
     #[test]
@@ -187,7 +207,7 @@ mod tests {
         let mut r = sample();
         r.outputs[0].name = "x".repeat(70_000);
         assert!(matches!(
-            encode(&StoreKey([1; 32]), &r),
+            encode(&SEAL, &StoreKey([1; 32]), &r),
             Err(EntryError::Unrepresentable(_))
         ));
     }

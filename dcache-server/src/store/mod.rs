@@ -8,12 +8,14 @@ mod disk;
 pub mod entry;
 mod lru;
 mod memory;
+mod seal;
 mod tiered;
 
 use dcache_proto::JobResult;
 
 pub use disk::DiskStore;
 pub use memory::MemoryStore;
+pub use seal::SealKey;
 pub use tiered::TieredStore;
 
 /// The key a result is stored under: the protocol's cache key bound to the server's
