@@ -29,6 +29,9 @@ pub struct ClientOptions {
     /// it holds the token and insists the server proves it too (see [`AuthKey`]). With a
     /// key set, a server that does not authenticate is treated as failing.
     pub auth: Option<AuthKey>,
+    /// How long a job may hear nothing from its server before it is given up (and, in
+    /// the wrapper, compiled locally): a stuck server never hangs a build.
+    pub progress_timeout: Duration,
 }
 
 impl ClientOptions {
@@ -42,6 +45,7 @@ impl ClientOptions {
             connect_timeout: Duration::from_secs(2),
             backoff: DEFAULT_BACKOFF,
             auth: None,
+            progress_timeout: ClientConfig::default().progress_timeout,
         }
     }
 }
@@ -320,6 +324,7 @@ impl Client {
             ClientConfig {
                 strategy: self.options.strategy,
                 auth: self.options.auth.clone(),
+                progress_timeout: self.options.progress_timeout,
                 ..ClientConfig::default()
             },
         );

@@ -217,4 +217,35 @@ mod tests {
         drop(b);
         assert_eq!(budget.used(), 0, "a dropped spool gives its memory back");
     }
+
+    #[tokio::test]
+    async fn the_disk_budget_refuses_past_its_limit_and_is_given_back() {
+        // No memory to speak of, 100 bytes of disk.
+        let budget = Budget::new(0, 100);
+        let mut a = Spool::new(budget.clone());
+        let mut b = Spool::new(budget.clone());
+        a.push(Bytes::from(vec![1u8; 70])).unwrap();
+        let err = b.push(Bytes::from(vec![2u8; 40])).unwrap_err();
+        assert!(err.to_string().contains("100 bytes of disk"), "{err}");
+        b.push(Bytes::from(vec![2u8; 30])).unwrap();
+        assert_eq!(budget.disk_used(), 100);
+        // A replayed spool gives its disk back once the replay is done.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        a.drain_into(&tx);
+        drop(tx);
+        let mut got = 0;
+        while let Some(c) = rx.recv().await {
+            got += c.len();
+        }
+        assert_eq!(got, 70);
+        for _ in 0..1000 {
+            if budget.disk_used() == 30 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(budget.disk_used(), 30);
+        drop(b);
+        assert_eq!(budget.disk_used(), 0, "a dropped spool gives its disk back");
+    }
 }

@@ -517,3 +517,34 @@ async fn the_fake_fails_as_configured() {
     assert!(e.to_string().contains("-B/x"));
     assert!(fake.check(&desc("/usr/bin/gcc", &[])).is_err());
 }
+
+#[tokio::test]
+async fn an_output_that_is_a_symlink_is_never_read() {
+    // A compiler (or a process it left behind) that puts a link to a server file where
+    // an output would be: the link is not an output, and the file never comes back.
+    let secret = tempfile::tempdir().unwrap();
+    let secret_file = secret.path().join("key");
+    std::fs::write(&secret_file, "SERVER-ONLY-SECRET").unwrap();
+    let script = Script::new(&format!(
+        "cat >/dev/null; for a; do last=$a; done; d=$(dirname \"$last\"); \
+         echo object > \"$last\"; ln -s {} \"$d/out.dwo\"",
+        secret_file.display()
+    ));
+    let ex = script.executor(HANG);
+    let r = compile_in_chunks(
+        &ex,
+        desc("cc", &["-c"]),
+        &Bytes::from_static(b"int x;\n"),
+        64,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+    let names: Vec<&str> = r.outputs.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, [".o"]);
+    assert!(
+        r.outputs
+            .iter()
+            .all(|o| !o.data.starts_with(b"SERVER-ONLY"))
+    );
+}

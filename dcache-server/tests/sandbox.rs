@@ -146,6 +146,57 @@ async fn a_sandboxed_compile_is_the_same_object_as_an_unconfined_one() {
 }
 
 #[tokio::test]
+async fn clang_runs_confined_too() {
+    // clang runs itself as its compiler proper and assembles in-process: a different
+    // toolchain shape than gcc's, resolved the same way. (.ci/run installs clang.)
+    let source = b"int square(int x) { return x * x; }\n";
+    let args = ["-O2", "-c"];
+    let free = compile(
+        &executor(false, ExecLimits::default()),
+        desc("clang", &args),
+        source,
+    )
+    .await
+    .unwrap();
+    let boxed = compile(
+        &executor(true, ExecLimits::default()),
+        desc("clang", &args),
+        source,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        boxed.exit_code,
+        0,
+        "{}",
+        String::from_utf8_lossy(&boxed.stderr)
+    );
+    assert!(free.outputs == boxed.outputs, "the objects differ");
+    // And .incbin through clang's integrated assembler is contained as well.
+    let secret = Secret::new();
+    let attack = format!(
+        "__asm__(\".section .rodata\\n.incbin \\\"{}\\\"\\n.text\");\nint x;\n",
+        secret.path.display()
+    );
+    let r = compile(
+        &executor(true, ExecLimits::default()),
+        desc("clang", &["-c"]),
+        attack.as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert!(!leaked(&r), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = compile(
+        &executor(false, ExecLimits::default()),
+        desc("clang", &["-c"]),
+        attack.as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert!(leaked(&r), "the attack works with clang unconfined");
+}
+
+#[tokio::test]
 async fn incbin_of_a_server_file_never_comes_back() {
     let secret = Secret::new();
     let source = format!(

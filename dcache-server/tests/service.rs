@@ -265,9 +265,11 @@ async fn real_gcc_scenarios(addr_spec: &str) {
     // Corrupting the stored entry makes the next request a miss that recompiles.
     let compiles = stat(&service.stats(), "compiles");
     for f in walk(store.root()) {
+        // Entries live in two-letter fan-out directories (not tmp/, not the secret).
         if f.parent()
             .and_then(|p| p.file_name())
-            .is_some_and(|n| n != "tmp")
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()))
         {
             let mut b = std::fs::read(&f).unwrap();
             let n = b.len();

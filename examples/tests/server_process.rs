@@ -390,3 +390,33 @@ fn two_servers_share_one_disk_cache() {
         "{json}"
     );
 }
+
+#[test]
+fn a_stuck_server_costs_a_bounded_wait_then_a_local_compile() {
+    // The server accepts the job and never answers it (its compiler sleeps for an hour).
+    let cache = tempfile::tempdir().unwrap();
+    let bin = slow_compiler();
+    std::fs::write(bin.path().join("delay"), "3600").unwrap();
+    let s = server_with(cache.path(), bin.path());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("g.c"), "int g(int x) { return x - 7; }\n").unwrap();
+    let expected = reference_object(dir.path(), "g.c");
+    let started = Instant::now();
+    let out = compile(dir.path(), "cc", "g.c", &s.addr, &[("DCACHE_TIMEOUT", "2")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(dir.path().join("g.o")).unwrap(), expected);
+    let warning = stderr(&out);
+    assert_eq!(warning.lines().count(), 1, "{warning}");
+    assert!(warning.contains("compiling locally"), "{warning}");
+    // Well under the hour the compile would take (and under the server's 300 s limit).
+    assert!(started.elapsed() < Duration::from_secs(120));
+    // With fallback off, the timeout is an error, not a hang.
+    let out = compile(
+        dir.path(),
+        "cc",
+        "g.c",
+        &s.addr,
+        &[("DCACHE_TIMEOUT", "2"), ("DCACHE_FALLBACK", "0")],
+    );
+    assert!(!out.status.success());
+}

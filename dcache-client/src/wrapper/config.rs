@@ -36,6 +36,9 @@ pub struct Config {
     /// `DCACHE_DIRECT` (default on): find a compile's key from a manifest of the files it
     /// read last time, without running the preprocessor.
     pub direct: bool,
+    /// `DCACHE_TIMEOUT`: seconds a remote job may go without an answer before it is
+    /// compiled locally (`None`: the client's default).
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// Why the environment does not make a [`Config`]; the message names the variable.
@@ -58,6 +61,9 @@ pub enum ConfigError {
     /// too short a token.
     #[error("DCACHE_TOKEN_FILE: {0}")]
     TokenFile(#[source] TokenError),
+    /// `DCACHE_TIMEOUT` is not a number of seconds.
+    #[error("DCACHE_TIMEOUT: {0:?} is not a number of seconds")]
+    Timeout(String),
     /// `DCACHE_BASEDIR` is relative: it is compared with the absolute paths in line
     /// markers, so a relative one would match nothing or the wrong place.
     #[error("DCACHE_BASEDIR: {0} is not an absolute path")]
@@ -93,6 +99,7 @@ impl Config {
             token: None,
             base_dir: None,
             direct: true,
+            timeout: None,
         }
     }
 
@@ -141,6 +148,13 @@ impl Config {
             b => b.map(PathBuf::from),
         };
         let direct = !is_off(var("DCACHE_DIRECT").as_deref());
+        let timeout = match var("DCACHE_TIMEOUT") {
+            Some(t) => match t.parse::<u64>() {
+                Ok(secs) if secs > 0 => Some(std::time::Duration::from_secs(secs)),
+                _ => return Err(ConfigError::Timeout(t)),
+            },
+            None => None,
+        };
         Ok(Self {
             hosts,
             strategy,
@@ -150,15 +164,18 @@ impl Config {
             token,
             base_dir,
             direct,
+            timeout,
         })
     }
 
     /// Client options for the configured servers.
     pub fn client_options(&self) -> ClientOptions {
+        let defaults = ClientOptions::new(self.hosts.clone());
         ClientOptions {
             strategy: self.strategy,
             auth: self.token.clone(),
-            ..ClientOptions::new(self.hosts.clone())
+            progress_timeout: self.timeout.unwrap_or(defaults.progress_timeout),
+            ..defaults
         }
     }
 }
@@ -190,6 +207,8 @@ environment:
                      so dcache works as a local compiler cache out of the box.
   DCACHE_STRATEGY    speculative (default), ask-first or send-all
   DCACHE_FALLBACK    0 turns the local fallback into an error
+  DCACHE_TIMEOUT     seconds a remote job may go without any answer before it is
+                     compiled locally (default 330: past the server's compile limit)
   DCACHE_DIR         local directory: the embedded cache, direct-mode manifests and
                      statistics (default: ~/.cache/dcache)
   DCACHE_CACHE_SIZE  the embedded cache's size limit (default: 5G)

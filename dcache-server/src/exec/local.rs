@@ -348,6 +348,49 @@ async fn run(
     })
 }
 
+/// The contents of the regular file `path` (not a link, not a device), or `None` if it
+/// is something else; an error if it is larger than `max_size`.
+async fn read_output(path: PathBuf, max_size: u64) -> Result<Option<Vec<u8>>, ExecError> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&path);
+        let file = match file {
+            Ok(f) => f,
+            // ELOOP: a symlink; not an output.
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(ExecError::Io(e)),
+        };
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Ok(None);
+        }
+        if meta.len() > max_size {
+            return Err(ExecError::OutputTooLarge {
+                size: meta.len(),
+                limit: max_size,
+            });
+        }
+        let mut data = Vec::with_capacity(meta.len() as usize);
+        // Read at most one byte past the limit: a file still growing cannot pin memory.
+        file.take(max_size + 1).read_to_end(&mut data)?;
+        if data.len() as u64 > max_size {
+            return Err(ExecError::OutputTooLarge {
+                size: data.len() as u64,
+                limit: max_size,
+            });
+        }
+        Ok(Some(data))
+    })
+    .await
+    .map_err(|e| ExecError::Io(std::io::Error::other(e)))?
+}
+
 /// Every `out.*` file the compile left in its directory, named by extension (`.o` or `.s`,
 /// and side outputs such as `.dwo` from `-gsplit-dwarf`), sorted so results are
 /// deterministic. Names are labels, never paths: the client decides where they land.
@@ -359,17 +402,15 @@ async fn collect_outputs(dir: &Path, max_size: u64) -> Result<Vec<OutputFile>, E
         let Some(ext) = name.to_str().and_then(|n| n.strip_prefix("out.")) else {
             continue;
         };
-        if ext.is_empty() || !e.file_type().await?.is_file() {
+        if ext.is_empty() {
             continue;
         }
-        let size = e.metadata().await?.len();
-        if size > max_size {
-            return Err(ExecError::OutputTooLarge {
-                size,
-                limit: max_size,
-            });
-        }
-        let data = tokio::fs::read(e.path()).await?;
+        // Opened without following a symlink and checked through the open file, so a
+        // process that outlived the compile cannot swap in a link to a server file
+        // between the check and the read.
+        let Some(data) = read_output(e.path(), max_size).await? else {
+            continue;
+        };
         outputs.push(OutputFile {
             name: format!(".{ext}"),
             data: Bytes::from(data),

@@ -93,6 +93,20 @@ struct Args {
     /// Bytes of stderr (and of stdout) kept per compile; the rest is cut with a note.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     limit_stderr: u64,
+    /// Disk that uploads waiting for a compile slot may fill, all clients together;
+    /// beyond it a job is refused with OVERLOADED (the client compiles locally).
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    limit_spool: u64,
+    /// Slowest upload (bytes per second, over 10 s) a job may keep while it holds a
+    /// compile slot; slower, it ends and the slot goes to the next job.
+    #[arg(long, default_value = "16K", value_parser = parse_size)]
+    min_upload_rate: u64,
+    /// Connections in their handshake at once; more are refused at once.
+    #[arg(long, default_value_t = 256)]
+    max_handshaking: usize,
+    /// Connections one IP address may hold open; more are refused at once.
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_address: usize,
     /// Log each job (repeat for more detail).
     #[arg(long, short, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -218,6 +232,10 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
     if !args.allow.is_empty() {
         config.allow = args.allow.clone();
     }
+    config.spool_disk_budget = usize::try_from(args.limit_spool).unwrap_or(usize::MAX);
+    config.min_upload_rate = args.min_upload_rate;
+    config.max_handshaking = args.max_handshaking.max(1);
+    config.max_connections_per_address = args.max_connections_per_address.max(1);
     if let Some(path) = &args.token_file {
         match dcache_transport::token::read_token_file(path) {
             Ok(key) => config.protocol.auth = Some(key),
