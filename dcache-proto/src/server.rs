@@ -896,12 +896,11 @@ impl Connection for ServerConnection {
             return;
         }
         self.read_closed = true;
-        let uploading = self
-            .core
-            .jobs
-            .values()
-            .any(|j| !matches!(j.upload, Upload::Closed));
-        if self.is_handshaking() || uploading || self.core.has_buffered_input() {
+        // A client keeps its sending side open until its last answer has arrived, so an
+        // end of stream with any job open means the client is gone: its jobs end now (the
+        // owner stops their compiles) rather than run for nobody while holding slots.
+        let open_jobs = !self.core.jobs.is_empty();
+        if self.is_handshaking() || open_jobs || self.core.has_buffered_input() {
             self.fail_with(ConnectionError::UnexpectedEof, false);
             return;
         }

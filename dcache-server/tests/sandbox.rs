@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -557,4 +558,85 @@ async fn no_compiler_process_outlives_an_aborted_job() {
 async fn no_compiler_process_outlives_a_timed_out_job() {
     no_process_outlives(false, "303.25", "timeout").await;
     no_process_outlives(true, "304.25", "timeout").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_compiler_process_outlives_a_client_that_disconnects() {
+    use dcache_proto::{CacheKey, Frame, JobId};
+    use dcache_server::store::MemoryStore;
+    use dcache_server::{Service, ServiceConfig};
+    use dcache_transport::{TransportOptions, bind};
+    let marker = "305.25";
+    let (_dir, path) = forking_compiler(marker);
+    let extra = ["/usr/bin/sleep", "/bin/sh", "/usr/bin/dash"]
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+        .collect();
+    let ex = LocalExecutor::new(LocalExecutorConfig {
+        allowed: vec!["cc".into()],
+        sandbox: Some(sandbox()),
+        sandbox_paths: extra,
+        path,
+        time_limit: HANG,
+        ..LocalExecutorConfig::default()
+    });
+    let service = Service::new(
+        Arc::new(MemoryStore::new(1 << 20)),
+        Arc::new(ex),
+        ServiceConfig::default(),
+    );
+    let listener = bind(
+        &"tcp://127.0.0.1:0".parse().unwrap(),
+        &TransportOptions::default(),
+    )
+    .await
+    .unwrap();
+    let addr = listener.local_addr();
+    let s = service.clone();
+    tokio::spawn(async move { s.serve(listener, std::future::pending()).await });
+    // A client that sends a whole job and then disappears: its socket closes.
+    let port: u16 = addr
+        .to_string()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let d = desc("cc", &["-c"]);
+    let src = Bytes::from_static(b"int x;\n");
+    let mut bytes = Vec::new();
+    for f in [
+        dcache_proto::testing::hello(),
+        Frame::Job {
+            job: JobId(1),
+            desc: d.clone(),
+        },
+        Frame::Hash {
+            job: JobId(1),
+            key: CacheKey::compute(&d, &src),
+        },
+        Frame::Source {
+            job: JobId(1),
+            data: src,
+            fin: true,
+        },
+    ] {
+        bytes.extend_from_slice(&f.to_bytes(1 << 20).unwrap());
+    }
+    tokio::io::AsyncWriteExt::write_all(&mut socket, &bytes)
+        .await
+        .unwrap();
+    for _ in 0..400 {
+        if processes_with(marker).len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(processes_with(marker).len() >= 3, "the tree started");
+    drop(socket);
+    assert_eq!(all_gone(marker).await, Vec::<u32>::new(), "left behind");
 }

@@ -28,7 +28,10 @@ pub async fn serve_fake(addr: &str, compile_ms: u64, output_divisor: usize) -> R
                 .with_output_divisor(output_divisor),
         ),
         ServiceConfig {
+            // Every benchmark client connects from 127.0.0.1, up to 1,000 at once.
             max_connections: 4096,
+            max_connections_per_address: 4096,
+            max_handshaking: 4096,
             ..ServiceConfig::default()
         },
     );
@@ -103,7 +106,7 @@ fn job(n: usize, len: usize) -> (JobDesc, Bytes, CacheKey) {
     let desc = JobDesc {
         compiler: "gcc".into(),
         language: "cpp-output".into(),
-        args: vec!["-O2".into(), format!("-DJOB={n}")],
+        args: vec!["-O2".into(), "-c".into(), format!("-DJOB={n}")],
         source_len: Some(len as u64),
     };
     let src = Bytes::from(vec![(n % 251) as u8; len]);

@@ -50,6 +50,7 @@ pub fn run_cell(
         config.protocol.handshake_timeout *= DILATION;
         config.protocol.stall_timeout *= DILATION;
         config.protocol.idle_timeout *= DILATION;
+        config.upload_check_interval *= DILATION;
         let service = Service::new(
             Arc::new(MemoryStore::new(1 << 30)),
             Arc::new(FakeExecutor::new(COMPILE_TIME * DILATION)),
@@ -73,7 +74,7 @@ pub fn run_cell(
         let desc = JobDesc {
             compiler: "gcc".into(),
             language: "cpp-output".into(),
-            args: vec!["-O2".into()],
+            args: vec!["-O2".into(), "-c".into()],
             source_len: Some(source_len as u64),
         };
         let src = Bytes::from(
