@@ -36,7 +36,8 @@ pub enum FakeFailure {
 /// result is exactly [`reference_compile`]'s, which the protocol tests also use.
 ///
 /// A source starting with `#error` fails at once, before the rest arrives, as in
-/// [`reference_compile`].
+/// [`reference_compile`] (so tests can reach the server's early-failure path; a real gcc
+/// or clang reports even a first-line error only after the end of its stdin).
 #[derive(Clone, Debug)]
 pub struct FakeExecutor {
     /// How long each compile takes after its source is complete.
