@@ -122,7 +122,8 @@ impl Executor for FakeExecutor {
                 if me.failure == (FakeFailure::CompileError { early: true }) {
                     return Ok(compile_error(&desc));
                 }
-                // Like a real compiler hitting an error early: exit before the end.
+                // Exit before the end, as a compiler that fails before parsing does
+                // (gcc and clang report even a first-line syntax error only at EOF).
                 if all.starts_with(b"#error") {
                     return Ok(reference_compile(&desc, &all));
                 }
