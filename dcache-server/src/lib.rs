@@ -3,8 +3,9 @@
 //! - [`store`]: the [`Store`](store::Store) trait with a bounded memory LRU, a verified
 //!   disk store and the two stacked.
 //! - [`exec`]: the [`Executor`](exec::Executor) trait, the real allow-listed executor
-//!   that feeds source to the compiler as it arrives, the option allow-list and a test
-//!   double.
+//!   that feeds source to the compiler as it arrives (so the compiler's start-up overlaps
+//!   the upload; gcc and clang parse only after the end of stdin), the option allow-list
+//!   and a test double.
 //! - [`sandbox`]: the kernel sandbox (Landlock, namespaces, limits) every server-side
 //!   compile runs in, its launcher and its probe.
 //! - [`Service`]: serves connections: answers HASH lookups at once (EARLY_RESULT or MISS),

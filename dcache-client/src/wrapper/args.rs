@@ -1,12 +1,12 @@
 //! Reading a compiler command line: can it be distributed, and if so, how to split it into
 //! a local preprocessor run and a remote compile.
 //!
-//! The rules follow what distcc and ccache users expect (DESIGN §6): only a `-c` or `-S`
-//! compile of one C or C++ source is distributed; `-E`, `-M`/`-MM` alone, linking, several
-//! inputs, stdin, `-march=native`, profiling and coverage, `-save-temps` and the like run
-//! locally, unchanged. Dependency options (`-MD`, `-MMD`, `-MF`, `-MT`, `-MQ`, `-MP`) go to
-//! the local preprocessor, which writes the dependency file exactly where the compiler
-//! would.
+//! The rules are those of distcc, which distcc and ccache users expect: only a `-c` or
+//! `-S` compile of one C or C++ source is distributed; `-E`, `-M`/`-MM` alone, linking,
+//! several inputs, stdin, `-march=native`, profiling and coverage, `-save-temps` and the
+//! like run locally, unchanged. Dependency options (`-MD`, `-MMD`, `-MF`, `-MT`, `-MQ`,
+//! `-MP`) go to the local preprocessor, which writes the dependency file exactly where the
+//! compiler would.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

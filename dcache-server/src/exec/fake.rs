@@ -36,7 +36,8 @@ pub enum FakeFailure {
 /// result is exactly [`reference_compile`]'s, which the protocol tests also use.
 ///
 /// A source starting with `#error` fails at once, before the rest arrives, as in
-/// [`reference_compile`].
+/// [`reference_compile`] (so tests can reach the server's early-failure path; a real gcc
+/// or clang reports even a first-line error only after the end of its stdin).
 #[derive(Clone, Debug)]
 pub struct FakeExecutor {
     /// How long each compile takes after its source is complete.
@@ -121,7 +122,8 @@ impl Executor for FakeExecutor {
                 if me.failure == (FakeFailure::CompileError { early: true }) {
                     return Ok(compile_error(&desc));
                 }
-                // Like a real compiler hitting an error early: exit before the end.
+                // Exit before the end, as a compiler that fails before parsing does
+                // (gcc and clang report even a first-line syntax error only at EOF).
                 if all.starts_with(b"#error") {
                     return Ok(reference_compile(&desc, &all));
                 }

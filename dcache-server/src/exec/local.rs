@@ -307,7 +307,8 @@ async fn run(
         let feed = async {
             while let Some(chunk) = source.recv().await {
                 if stdin.write_all(&chunk).await.is_err() {
-                    // The compiler stopped reading: it exited (an early error).
+                    // The compiler stopped reading: it exited before the end (it failed
+                    // before parsing, or died; gcc and clang parse only after EOF).
                     return;
                 }
             }

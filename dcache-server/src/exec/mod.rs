@@ -104,7 +104,11 @@ pub trait Executor: Send + Sync + 'static {
     fn check(&self, desc: &JobDesc) -> Result<CompilerId, ExecError>;
 
     /// Compiles `desc`, reading source chunks from `source` as they arrive; the channel's
-    /// end is the end of the source. If the compiler exits before the source ends (a
-    /// syntax error early in the file), the future resolves at once with that result.
+    /// end is the end of the source. If the compiler exits before the source ends, the
+    /// future resolves at once with that result. A real gcc or clang does that only when
+    /// it fails before reading (a refused option, a crash, a limit): both read the whole
+    /// of stdin before they parse, so a syntax error, even on the first line, is reported
+    /// only after the end of the source. Streaming hides the compiler's start-up behind
+    /// the upload, not its compile time.
     fn compile(&self, desc: JobDesc, source: mpsc::UnboundedReceiver<Bytes>) -> CompileFuture;
 }

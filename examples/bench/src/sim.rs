@@ -130,7 +130,9 @@ pub fn run_cell(
     }
 }
 
-/// Every cell of the matrix in DESIGN §5.
+/// Every cell of the matrix: hit or miss × source size (10 KiB, 2 MiB) × bandwidth
+/// (100 Mbit/s, 1 Gbit/s) × round trip (0.2, 4, 40 ms) × strategy, as tabled in
+/// docs/BENCHMARKS.md ("Strategies against the physical limit").
 pub fn run_matrix(origin: Instant) -> Vec<Cell> {
     let mut cells = Vec::new();
     for hit in [true, false] {

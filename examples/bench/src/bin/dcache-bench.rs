@@ -1,8 +1,9 @@
 //! `dcache-bench`: reproducible measurements of dcache.
 //!
-//! `dcache-bench sim [--json FILE]` runs every client strategy over simulated links of
-//! every shape in DESIGN §5 under a virtual clock, and prints the time to result beside the
-//! physical limit.
+//! `dcache-bench sim [--json FILE]` runs every client strategy over simulated links under
+//! a virtual clock — hit and miss, 10 KiB and 2 MiB sources, 100 Mbit/s and 1 Gbit/s, round
+//! trips of 0.2, 4 and 40 ms (docs/BENCHMARKS.md, "Strategies against the physical limit")
+//! — and prints the time to result beside the physical limit.
 
 use std::process::ExitCode;
 use std::time::Instant;
