@@ -67,6 +67,38 @@ async fn compile(ex: &dyn Executor, d: JobDesc, source: &[u8]) -> Result<JobResu
     tokio::time::timeout(HANG, c.wait()).await.unwrap()
 }
 
+/// `d` compiled unconfined and confined, both with the default limits.
+async fn both(d: JobDesc, source: &[u8]) -> (JobResult, JobResult) {
+    let (unconfined, confined) = (
+        executor(false, ExecLimits::default()),
+        executor(true, ExecLimits::default()),
+    );
+    let (free, boxed) = tokio::join!(
+        compile(&unconfined, d.clone(), source),
+        compile(&confined, d, source)
+    );
+    (free.unwrap(), boxed.unwrap())
+}
+
+/// The confined compile succeeded with exactly the unconfined one's object.
+fn same_object(free: &JobResult, boxed: &JobResult) {
+    assert_eq!(
+        boxed.exit_code,
+        0,
+        "{}",
+        String::from_utf8_lossy(&boxed.stderr)
+    );
+    assert!(free.outputs == boxed.outputs, "the objects differ");
+}
+
+/// Source whose inline asm pulls `path` into the object.
+fn incbin(path: &Path) -> String {
+    format!(
+        "__asm__(\".section .rodata\\n.incbin \\\"{}\\\"\\n.text\");\nint x;\n",
+        path.display()
+    )
+}
+
 /// A file only the server can read, with a recognisable line in it.
 struct Secret {
     _dir: tempfile::TempDir,
@@ -108,40 +140,15 @@ fn the_probe_finds_every_protection_this_kernel_has() {
 async fn a_sandboxed_compile_is_the_same_object_as_an_unconfined_one() {
     let source = b"int square(int x) { return x * x; }\nint main(void) { return square(3); }\n";
     // No -g: the object would name each compile's own temporary directory.
-    let args = ["-O2", "-c"];
-    let free = compile(
-        &executor(false, ExecLimits::default()),
-        desc("gcc", &args),
-        source,
-    )
-    .await
-    .unwrap();
-    let boxed = compile(
-        &executor(true, ExecLimits::default()),
-        desc("gcc", &args),
-        source,
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        boxed.exit_code,
-        0,
-        "{}",
-        String::from_utf8_lossy(&boxed.stderr)
-    );
-    assert!(free.outputs == boxed.outputs, "the objects differ");
+    let (free, boxed) = both(desc("gcc", &["-O2", "-c"]), source).await;
+    same_object(&free, &boxed);
     // g++ and -S as well: cc1plus and the assembly path.
     let cxx = b"template <class T> T twice(T x) { return x + x; }\nint f() { return twice(21); }\n";
-    let r = compile(
-        &executor(true, ExecLimits::default()),
-        JobDesc {
-            language: "c++-cpp-output".into(),
-            ..desc("g++", &["-O1", "-S"])
-        },
-        cxx,
-    )
-    .await
-    .unwrap();
+    let d = JobDesc {
+        language: "c++-cpp-output".into(),
+        ..desc("g++", &["-O1", "-S"])
+    };
+    let (_, r) = both(d, cxx).await;
     assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
     assert!(contains(&r.outputs[0].data, "_Z1fv"));
 }
@@ -151,74 +158,24 @@ async fn clang_runs_confined_too() {
     // clang runs itself as its compiler proper and assembles in-process: a different
     // toolchain shape than gcc's, resolved the same way. (.ci/run installs clang.)
     let source = b"int square(int x) { return x * x; }\n";
-    let args = ["-O2", "-c"];
-    let free = compile(
-        &executor(false, ExecLimits::default()),
-        desc("clang", &args),
-        source,
-    )
-    .await
-    .unwrap();
-    let boxed = compile(
-        &executor(true, ExecLimits::default()),
-        desc("clang", &args),
-        source,
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        boxed.exit_code,
-        0,
+    let (free, boxed) = both(desc("clang", &["-O2", "-c"]), source).await;
+    same_object(&free, &boxed);
+    // And .incbin through clang's integrated assembler is contained as well.
+    let secret = Secret::new();
+    let (free, boxed) = both(desc("clang", &["-c"]), incbin(&secret.path).as_bytes()).await;
+    assert!(
+        !leaked(&boxed),
         "{}",
         String::from_utf8_lossy(&boxed.stderr)
     );
-    assert!(free.outputs == boxed.outputs, "the objects differ");
-    // And .incbin through clang's integrated assembler is contained as well.
-    let secret = Secret::new();
-    let attack = format!(
-        "__asm__(\".section .rodata\\n.incbin \\\"{}\\\"\\n.text\");\nint x;\n",
-        secret.path.display()
-    );
-    let r = compile(
-        &executor(true, ExecLimits::default()),
-        desc("clang", &["-c"]),
-        attack.as_bytes(),
-    )
-    .await
-    .unwrap();
-    assert!(!leaked(&r), "{}", String::from_utf8_lossy(&r.stderr));
-    let r = compile(
-        &executor(false, ExecLimits::default()),
-        desc("clang", &["-c"]),
-        attack.as_bytes(),
-    )
-    .await
-    .unwrap();
-    assert!(leaked(&r), "the attack works with clang unconfined");
+    assert!(leaked(&free), "the attack works with clang unconfined");
 }
 
 #[tokio::test]
 async fn incbin_of_a_server_file_never_comes_back() {
     let secret = Secret::new();
-    let source = format!(
-        "__asm__(\".section .rodata\\n.incbin \\\"{}\\\"\\n.text\");\nint x;\n",
-        secret.path.display()
-    );
-    let free = compile(
-        &executor(false, ExecLimits::default()),
-        desc("gcc", &["-c"]),
-        source.as_bytes(),
-    )
-    .await
-    .unwrap();
+    let (free, boxed) = both(desc("gcc", &["-c"]), incbin(&secret.path).as_bytes()).await;
     assert!(leaked(&free), "the attack works without the sandbox");
-    let boxed = compile(
-        &executor(true, ExecLimits::default()),
-        desc("gcc", &["-c"]),
-        source.as_bytes(),
-    )
-    .await
-    .unwrap();
     assert_ne!(boxed.exit_code, 0);
     assert!(
         !leaked(&boxed),
@@ -239,28 +196,16 @@ async fn diagnostics_cannot_quote_a_server_file_or_proc() {
         format!("/proc/{}/cmdline", std::process::id()),
     ] {
         let source = format!("# 2 \"{named}\"\nint x = ;\n");
-        let boxed = compile(
-            &executor(true, ExecLimits::default()),
-            desc("gcc", &["-c"]),
-            source.as_bytes(),
-        )
-        .await
-        .unwrap();
+        let (free, boxed) = both(desc("gcc", &["-c"]), source.as_bytes()).await;
         assert_ne!(boxed.exit_code, 0);
         let stderr = String::from_utf8_lossy(&boxed.stderr);
         assert!(!stderr.contains(SECRET), "{named}: {stderr}");
         // Only the error line itself, no quoted source line with a caret under it.
         assert!(!stderr.contains(" | "), "{named}: {stderr}");
+        if named == secret.path.display().to_string() {
+            assert!(leaked(&free), "the attack works without the sandbox");
+        }
     }
-    let source = format!("# 2 \"{}\"\nint x = ;\n", secret.path.display());
-    let free = compile(
-        &executor(false, ExecLimits::default()),
-        desc("gcc", &["-c"]),
-        source.as_bytes(),
-    )
-    .await
-    .unwrap();
-    assert!(leaked(&free), "the attack works without the sandbox");
 }
 
 #[tokio::test]
