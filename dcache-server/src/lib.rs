@@ -38,3 +38,9 @@ pub(crate) fn exit_code(status: std::process::ExitStatus) -> i32 {
     }
     1
 }
+
+/// Locks `m`, recovering from poisoning: every critical section here is a single map
+/// operation, which a panic elsewhere cannot leave half done.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
