@@ -15,6 +15,7 @@
 pub mod access;
 mod counters;
 pub mod exec;
+mod flight;
 pub mod sandbox;
 mod service;
 mod slots;

@@ -14,7 +14,7 @@ use tokio::task::AbortHandle;
 use super::Service;
 use crate::counters::Counters;
 use crate::exec::{CompilerId, ExecError, store_key};
-use crate::lock;
+use crate::flight::{Flight, Lead, Published};
 use crate::slots::{ConnId, SlotPermit};
 use crate::spool::Spool;
 use crate::store::StoreKey;
@@ -118,8 +118,8 @@ struct Job {
     feed: Feed,
     /// Waiting for the verdict of a lookup: do not start compiling yet.
     lookup_pending: bool,
-    /// This job leads a single-flight group under `claimed`.
-    leader: Option<watch::Sender<Option<Option<JobResult>>>>,
+    /// This job leads the single-flight group of `claimed`.
+    leader: Option<Lead>,
     task: Option<AbortHandle>,
     done: bool,
     /// Source bytes received so far, and at the last upload-rate check.
@@ -193,7 +193,7 @@ impl Connection {
                         if let Some(Err(e)) = kept {
                             // No room on disk either: this job cannot wait; the others can.
                             if let Some(j) = self.jobs.remove(&job) {
-                                finish_job(&self.service, j, None);
+                                j.finish(None);
                             }
                             self.send(ServerCommand::Abort {
                                 job,
@@ -234,7 +234,7 @@ impl Connection {
                     Counters::bump(&counters.hash_mismatches);
                 }
                 if let Some(j) = self.jobs.remove(&job) {
-                    finish_job(&self.service, j, None);
+                    j.finish(None);
                 }
             }
             ServerEvent::StatsRequested => self.send(ServerCommand::Stats(self.service.stats())),
@@ -253,31 +253,24 @@ impl Connection {
         let internal = self.internal.clone();
         // Join an identical compile in flight, or lead one: decided now, synchronously, so
         // two jobs racing on one key cannot both lead.
-        let flight = {
-            let mut map = lock(&service.in_flight);
-            match map.get(&sk) {
-                Some(rx) => Some(rx.clone()),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    map.insert(sk, rx);
-                    j.leader = Some(tx);
-                    None
-                }
+        let joined = match service.flights.lead_or_join(sk) {
+            Flight::Lead(lead) => {
+                j.leader = Some(lead);
+                None
             }
+            Flight::Join(join) => Some(join),
         };
-        let leading = j.leader.is_some();
+        let leading = joined.is_none();
         let handle = tokio::spawn(async move {
             let cached = service.store.get(&sk).await;
-            let result = match (cached, flight) {
+            let result = match (cached, joined) {
                 (Some(r), _) => Some(r),
-                (None, Some(mut rx)) => {
+                (None, Some(join)) => {
                     Counters::bump(&service.counters.single_flight_waits);
-                    let published = rx
-                        .wait_for(Option::is_some)
-                        .await
-                        .ok()
-                        .and_then(|v| v.clone());
-                    published.flatten()
+                    match join.wait().await {
+                        Published::Result(r) => Some(r),
+                        Published::Failed => None,
+                    }
                 }
                 (None, None) => None,
             };
@@ -320,7 +313,7 @@ impl Connection {
                             Counters::bump(&counters.early_results);
                         }
                         if let Some(j) = self.jobs.remove(&job) {
-                            finish_job(&self.service, j, Some(&result));
+                            j.finish(Some(&result));
                         }
                         let origin = if early {
                             ResultOrigin::Early
@@ -382,27 +375,22 @@ impl Connection {
                             // The single-flight entry keeps answering lookups with this
                             // result until the store has it, so a job arriving meanwhile
                             // is still a hit.
-                            let flight = if publish {
-                                j.leader.take().zip(j.claimed)
-                            } else {
-                                None
-                            };
-                            if let Some((tx, _)) = &flight {
-                                let _ = tx.send(Some(Some(result.clone())));
+                            let lead = if publish { j.leader.take() } else { None };
+                            if let Some(lead) = &lead {
+                                lead.publish(result.clone());
                             }
                             service.storing.send_modify(|n| *n += 1);
                             tokio::spawn(async move {
                                 if service.store.put(&vk, &stored).await.is_err() {
                                     Counters::bump(&service.counters.store_errors);
                                 }
-                                if let Some((_tx, key)) = flight {
-                                    lock(&service.in_flight).remove(&key);
-                                }
+                                // Joiners now find the result in the store.
+                                drop(lead);
                                 service.storing.send_modify(|n| *n -= 1);
                             });
                         }
                         j.done = true;
-                        finish_job(&self.service, j, publish.then_some(&result));
+                        j.finish(publish.then_some(&result));
                         self.send(ServerCommand::Result {
                             job,
                             result,
@@ -411,7 +399,7 @@ impl Connection {
                     }
                     Err(e) => {
                         j.done = true;
-                        finish_job(&self.service, j, None);
+                        j.finish(None);
                         let code = if e.is_refusal() {
                             ErrorCode::REFUSED
                         } else {
@@ -530,7 +518,7 @@ impl Connection {
         Counters::bump(&self.service.counters.slow_uploads_ended);
         let rate = config.min_upload_rate;
         if let Some(j) = self.jobs.remove(&job) {
-            finish_job(&self.service, j, None);
+            j.finish(None);
         }
         self.send(ServerCommand::Abort {
             job,
@@ -545,25 +533,28 @@ impl Connection {
 
     fn abort_all(&mut self) {
         for (_, j) in self.jobs.drain() {
-            finish_job(&self.service, j, None);
+            j.finish(None);
         }
     }
 }
 
-/// Ends a job's local state: stops its task and, if it led a single-flight group,
-/// publishes its result (or failure) and removes the group.
-fn finish_job(service: &Service, j: Job, published: Option<&JobResult>) {
-    if let Some(w) = &j.watchdog {
-        w.abort();
-    }
-    if let Some(task) = &j.task {
-        if !j.done {
-            task.abort();
+impl Job {
+    /// Ends the job's local state: stops its task and, if it led a single-flight group,
+    /// publishes `published` and ends the group (which tells the joiners it failed if
+    /// nothing was published).
+    fn finish(self, published: Option<&JobResult>) {
+        if let Some(w) = &self.watchdog {
+            w.abort();
         }
-    }
-    if let (Some(tx), Some(key)) = (j.leader, j.claimed) {
-        lock(&service.in_flight).remove(&key);
-        let _ = tx.send(Some(published.cloned()));
+        if let Some(task) = &self.task {
+            if !self.done {
+                task.abort();
+            }
+        }
+        if let (Some(lead), Some(result)) = (&self.leader, published) {
+            lead.publish(result.clone());
+        }
+        // Dropping `self` drops its lead, if any: that ends the group.
     }
 }
 

@@ -7,7 +7,7 @@ mod connection;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use dcache_proto::{ErrorCode, JobResult, ServerConfig, Stat};
+use dcache_proto::{ErrorCode, ServerConfig, Stat};
 use dcache_transport::{BoxedStream, Listener};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Duration;
@@ -15,10 +15,11 @@ use tokio::time::Duration;
 use crate::access::Cidr;
 use crate::counters::Counters;
 use crate::exec::Executor;
+use crate::flight::Flights;
 use crate::lock;
 use crate::slots::FairSlots;
 use crate::spool::Budget;
-use crate::store::{Store, StoreKey};
+use crate::store::Store;
 
 /// Settings of a [`Service`].
 #[derive(Clone, Debug)]
@@ -70,10 +71,6 @@ impl Default for ServiceConfig {
     }
 }
 
-/// What an identical compile in flight will publish: its result, or `None` if it failed
-/// (the waiters then compile for themselves).
-type Flight = watch::Receiver<Option<Option<JobResult>>>;
-
 /// A compile server: stores, an executor, limits and counters, shared by all connections.
 pub struct Service {
     store: Arc<dyn Store>,
@@ -85,7 +82,8 @@ pub struct Service {
     per_address: Mutex<HashMap<std::net::IpAddr, usize>>,
     next_conn: std::sync::atomic::AtomicU64,
     counters: Counters,
-    in_flight: Mutex<HashMap<StoreKey, Flight>>,
+    /// Identical compiles in flight, run once.
+    flights: Arc<Flights>,
     budget: Arc<Budget>,
     /// Connections inside `handle_connection` right now.
     open: std::sync::atomic::AtomicUsize,
@@ -117,7 +115,7 @@ impl Service {
             store,
             executor,
             counters: Counters::default(),
-            in_flight: Mutex::new(HashMap::new()),
+            flights: Arc::default(),
             budget: Budget::new(config.memory_budget, config.spool_disk_budget),
             open: std::sync::atomic::AtomicUsize::new(0),
             storing: watch::Sender::new(0),
