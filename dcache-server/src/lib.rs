@@ -21,6 +21,7 @@ mod service;
 mod slots;
 mod spool;
 pub mod store;
+mod store_writer;
 
 pub use counters::Counters;
 pub use service::{Service, ServiceConfig};

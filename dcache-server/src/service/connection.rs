@@ -370,24 +370,14 @@ impl Connection {
                         // Store only under the verified key, only successes, and only when
                         // the compile saw the whole source.
                         if let (Some(vk), 0) = (j.verified, result.exit_code) {
-                            let service = self.service.clone();
-                            let stored = result.clone();
-                            // The single-flight entry keeps answering lookups with this
+                            // The single-flight group keeps answering lookups with this
                             // result until the store has it, so a job arriving meanwhile
                             // is still a hit.
                             let lead = if publish { j.leader.take() } else { None };
                             if let Some(lead) = &lead {
                                 lead.publish(result.clone());
                             }
-                            service.storing.send_modify(|n| *n += 1);
-                            tokio::spawn(async move {
-                                if service.store.put(&vk, &stored).await.is_err() {
-                                    Counters::bump(&service.counters.store_errors);
-                                }
-                                // Joiners now find the result in the store.
-                                drop(lead);
-                                service.storing.send_modify(|n| *n -= 1);
-                            });
+                            self.service.store_writer.write(vk, result.clone(), lead);
                         }
                         j.done = true;
                         j.finish(publish.then_some(&result));

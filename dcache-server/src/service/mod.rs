@@ -20,6 +20,7 @@ use crate::lock;
 use crate::slots::FairSlots;
 use crate::spool::Budget;
 use crate::store::Store;
+use crate::store_writer::StoreWriter;
 
 /// Settings of a [`Service`].
 #[derive(Clone, Debug)]
@@ -81,14 +82,14 @@ pub struct Service {
     handshaking: Arc<Semaphore>,
     per_address: Mutex<HashMap<std::net::IpAddr, usize>>,
     next_conn: std::sync::atomic::AtomicU64,
-    counters: Counters,
+    counters: Arc<Counters>,
     /// Identical compiles in flight, run once.
     flights: Arc<Flights>,
     budget: Arc<Budget>,
     /// Connections inside `handle_connection` right now.
     open: std::sync::atomic::AtomicUsize,
     /// Results being written to the store in the background.
-    storing: watch::Sender<usize>,
+    store_writer: Arc<StoreWriter>,
 }
 
 impl std::fmt::Debug for Service {
@@ -106,7 +107,10 @@ impl Service {
         executor: Arc<dyn Executor>,
         config: ServiceConfig,
     ) -> Arc<Self> {
+        let counters = Arc::new(Counters::default());
         Arc::new(Self {
+            store_writer: StoreWriter::new(store.clone(), counters.clone()),
+            counters,
             slots: FairSlots::new(config.compile_slots.max(1)),
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
             handshaking: Arc::new(Semaphore::new(config.max_handshaking.max(1))),
@@ -114,11 +118,9 @@ impl Service {
             next_conn: std::sync::atomic::AtomicU64::new(0),
             store,
             executor,
-            counters: Counters::default(),
             flights: Arc::default(),
             budget: Budget::new(config.memory_budget, config.spool_disk_budget),
             open: std::sync::atomic::AtomicUsize::new(0),
-            storing: watch::Sender::new(0),
             config,
         })
     }
@@ -253,8 +255,7 @@ impl Service {
     /// Waits until every result being stored in the background has been stored (or
     /// failed to be).
     pub async fn flush(&self) {
-        let mut storing = self.storing.subscribe();
-        let _ = storing.wait_for(|n| *n == 0).await;
+        self.store_writer.flush().await;
     }
 
     /// Serves one connection until it closes. `stop` turning true asks for a graceful end.
