@@ -7,7 +7,7 @@ mod connection;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use dcache_proto::{ErrorCode, ServerConfig, Stat};
+use dcache_proto::{ErrorCode, ServerConfig, ServerConnection, Stat};
 use dcache_transport::{BoxedStream, Listener};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Duration;
@@ -270,16 +270,14 @@ impl Service {
 
 /// Tells a refused peer why, in an ERROR frame, and closes. Best effort, bounded in time:
 /// a refused peer gets no more of the server than this.
-async fn refuse(mut stream: dcache_transport::BoxedStream, code: ErrorCode, message: String) {
+async fn refuse(mut stream: BoxedStream, code: ErrorCode, message: String) {
     use tokio::io::AsyncWriteExt;
-    let frame = dcache_proto::Frame::Error { code, message };
-    if let Ok(bytes) = frame.to_bytes(dcache_proto::Limits::BASELINE.max_frame_payload) {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-            let _ = stream.write_all(&bytes).await;
-            let _ = stream.shutdown().await;
-        })
-        .await;
-    }
+    let bytes = ServerConnection::refusal(code, &message);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = stream.write_all(&bytes).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// One connection's place in its address's count, given back when dropped.
