@@ -71,7 +71,8 @@ pub(super) async fn run(
             }
         }
     }
-    let stats = *conn.stats.borrow();
+    // Sent by the driver just before Closed; none if it ended without one.
+    let stats = conn.stats.try_recv().unwrap_or_default();
     service
         .counters
         .source_bytes_saved
