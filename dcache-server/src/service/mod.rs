@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use dcache_proto::{ErrorCode, ServerConfig, ServerConnection, Stat};
-use dcache_transport::{BoxedStream, Listener};
-use tokio::sync::{Semaphore, watch};
+use dcache_transport::{BoxedStream, Listener, Peer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Duration;
 
 use crate::access::Cidr;
@@ -183,60 +183,22 @@ impl Service {
                 a = listener.accept() => a,
             };
             match accepted {
-                Ok((stream, peer)) => {
-                    if let Some(ip) = peer.ip() {
-                        if !self.config.allow.iter().any(|c| c.contains(ip)) {
-                            Counters::bump(&self.counters.connections_refused);
-                            tracing::info!("refused {peer}: not in the allowed address ranges");
-                            tasks.spawn(refuse(
-                                stream,
-                                ErrorCode::UNAUTHORIZED,
-                                format!(
-                                    "{ip} is not allowed to use this server (see \
-                                     dcache-server --allow)"
-                                ),
-                            ));
+                Ok((stream, peer)) => match self.admit(&peer) {
+                    Ok(admitted) => {
+                        let me = self.clone();
+                        let stop = stop_rx.clone();
+                        tasks.spawn(async move {
+                            connection::run(me, stream, stop, Some(admitted.handshake)).await;
+                            drop(admitted.address);
                             drop(permit);
-                            continue;
-                        }
+                        });
                     }
-                    let address = match peer.ip() {
-                        Some(ip) => match AddressShare::take(self, ip) {
-                            Some(share) => Some(share),
-                            None => {
-                                Counters::bump(&self.counters.connections_refused);
-                                tasks.spawn(refuse(
-                                    stream,
-                                    ErrorCode::OVERLOADED,
-                                    format!(
-                                        "{ip} already has {} connections open",
-                                        self.config.max_connections_per_address
-                                    ),
-                                ));
-                                drop(permit);
-                                continue;
-                            }
-                        },
-                        None => None,
-                    };
-                    let Ok(handshake) = self.handshaking.clone().try_acquire_owned() else {
+                    Err((code, message)) => {
                         Counters::bump(&self.counters.connections_refused);
-                        tasks.spawn(refuse(
-                            stream,
-                            ErrorCode::OVERLOADED,
-                            "too many connections are in their handshake; try again".into(),
-                        ));
+                        tasks.spawn(refuse(stream, code, message));
                         drop(permit);
-                        continue;
-                    };
-                    let me = self.clone();
-                    let stop = stop_rx.clone();
-                    tasks.spawn(async move {
-                        connection::run(me, stream, stop, Some(handshake)).await;
-                        drop(address);
-                        drop(permit);
-                    });
-                }
+                    }
+                },
                 Err(e) => {
                     // Out of descriptors and the like: back off briefly rather than spin.
                     tracing::warn!("accept failed: {e}");
@@ -250,6 +212,41 @@ impl Service {
         // Results are stored after they are answered; a stop must not lose them (the
         // embedded server stops when its process is about to exit).
         self.flush().await;
+    }
+
+    /// Whether a connection just accepted from `peer` is served: its address must be
+    /// allowed and under its cap, and the handshake pool must have room. Otherwise the
+    /// code and message of its refusal.
+    fn admit(self: &Arc<Self>, peer: &Peer) -> Result<Admitted, (ErrorCode, String)> {
+        let address = match peer.ip() {
+            Some(ip) if !self.config.allow.iter().any(|c| c.contains(ip)) => {
+                tracing::info!("refused {peer}: not in the allowed address ranges");
+                return Err((
+                    ErrorCode::UNAUTHORIZED,
+                    format!("{ip} is not allowed to use this server (see dcache-server --allow)"),
+                ));
+            }
+            Some(ip) => match AddressShare::take(self, ip) {
+                Some(share) => Some(share),
+                None => {
+                    return Err((
+                        ErrorCode::OVERLOADED,
+                        format!(
+                            "{ip} already has {} connections open",
+                            self.config.max_connections_per_address
+                        ),
+                    ));
+                }
+            },
+            None => None,
+        };
+        let Ok(handshake) = self.handshaking.clone().try_acquire_owned() else {
+            return Err((
+                ErrorCode::OVERLOADED,
+                "too many connections are in their handshake; try again".into(),
+            ));
+        };
+        Ok(Admitted { address, handshake })
     }
 
     /// Waits until every result being stored in the background has been stored (or
@@ -278,6 +275,14 @@ async fn refuse(mut stream: BoxedStream, code: ErrorCode, message: String) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+/// What an admitted connection holds while it is served.
+struct Admitted {
+    /// Its place in its address's count (TCP peers only).
+    address: Option<AddressShare>,
+    /// Its place in the handshake pool, given back once its handshake is done.
+    handshake: OwnedSemaphorePermit,
 }
 
 /// One connection's place in its address's count, given back when dropped.
