@@ -80,6 +80,8 @@ pub(super) async fn run(
     actor.abort_all();
 }
 
+/// What the actor's own tasks (lookups, slot waits, compiles, upload checks) report
+/// back to it.
 enum Internal {
     /// A lookup finished: `Some` is a result to send early, `None` a miss.
     Looked {
@@ -97,6 +99,7 @@ enum Internal {
     },
 }
 
+/// Where a job's arriving source goes.
 #[derive(Default)]
 enum Feed {
     /// No compile yet; source is kept until one starts.
@@ -108,6 +111,7 @@ enum Feed {
     Closed,
 }
 
+/// One job of the connection, from JOB until its answer or cancellation.
 struct Job {
     desc: JobDesc,
     compiler: CompilerId,
@@ -130,6 +134,7 @@ struct Job {
     watchdog: Option<AbortHandle>,
 }
 
+/// The actor's state: the connection's jobs and the ways to reach the driver and itself.
 struct Connection {
     id: ConnId,
     service: Arc<Service>,
