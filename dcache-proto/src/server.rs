@@ -240,6 +240,23 @@ impl ServerConnection {
         Self::build(config, now, Some(nonce))
     }
 
+    /// The bytes that tell a connection it is refused before it is served at all (an
+    /// address not allowed, a limit on connections reached): one ERROR frame carrying
+    /// `code` and `message`, encoded under the baseline limits every peer accepts before
+    /// a handshake. Write them, then close; no state machine is needed. The client
+    /// reports the refusal as the server's error. Like every ERROR message this crate
+    /// sends, `message` is cut to 1024 bytes.
+    pub fn refusal(code: ErrorCode, message: &str) -> Bytes {
+        let frame = Frame::Error {
+            code,
+            message: crate::outbox::truncate_message(message),
+        };
+        // Cannot fail: a message of at most 1024 bytes fits the baseline payload limit.
+        frame
+            .to_bytes(Limits::BASELINE.max_frame_payload)
+            .unwrap_or_default()
+    }
+
     fn build(mut config: ServerConfig, now: Instant, nonce: Option<Nonce>) -> Self {
         config.limits = clamp_own_limits(config.limits);
         config.chunk_size = config.chunk_size.max(1024);
@@ -1034,5 +1051,34 @@ impl CoreJob for Job {
 
     fn in_ready(&mut self) -> &mut bool {
         &mut self.in_ready
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_one_error_frame_under_the_baseline_limits() {
+        let bytes = ServerConnection::refusal(ErrorCode::OVERLOADED, "busy");
+        let frame = Frame::Error {
+            code: ErrorCode::OVERLOADED,
+            message: "busy".into(),
+        };
+        assert_eq!(
+            bytes,
+            frame.to_bytes(Limits::BASELINE.max_frame_payload).unwrap()
+        );
+        let long = ServerConnection::refusal(ErrorCode::UNAUTHORIZED, &"x".repeat(100_000));
+        let mut decoder = crate::FrameDecoder::new(Limits::BASELINE.max_frame_payload);
+        let mut buf = BytesMut::from(&long[..]);
+        match decoder.decode(&mut buf) {
+            Ok(Some(Frame::Error { code, message })) => {
+                assert_eq!(code, ErrorCode::UNAUTHORIZED);
+                assert_eq!(message.len(), 1024);
+            }
+            other => panic!("not one ERROR frame: {other:?}"),
+        }
+        assert!(buf.is_empty(), "nothing after the frame");
     }
 }

@@ -16,11 +16,13 @@
 pub mod access;
 mod counters;
 pub mod exec;
+mod flight;
 pub mod sandbox;
 mod service;
 mod slots;
 mod spool;
 pub mod store;
+mod store_writer;
 
 pub use counters::Counters;
 pub use service::{Service, ServiceConfig};
@@ -38,4 +40,10 @@ pub(crate) fn exit_code(status: std::process::ExitStatus) -> i32 {
         }
     }
     1
+}
+
+/// Locks `m`, recovering from poisoning: every critical section here is a single map
+/// operation, which a panic elsewhere cannot leave half done.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -571,3 +571,31 @@ async fn stopping_the_server_waits_for_results_being_stored() {
         "the result was stored before serve returned"
     );
 }
+
+#[tokio::test]
+async fn source_a_hit_spared_is_counted_once_the_connection_closes() {
+    let service = fake_service(0);
+    let (addr, _stop, _task) = start(&service, "mem://svc-saved").await;
+    let src = Bytes::from(vec![b'x'; 10_000]);
+    let d = desc("gcc", &["-O2", "-c"], Some(src.len()));
+    let key = CacheKey::compute(&d, &src);
+    let c = client(&addr, Strategy::AskFirst).await;
+    let miss = c.submit(d.clone(), Some(key), src.clone()).await.unwrap();
+    assert!(!miss.origin.is_cached());
+    let hit = c.submit(d.clone(), Some(key), src.clone()).await.unwrap();
+    assert!(hit.origin.is_early());
+    assert_eq!(hit.source_bytes_sent, 0);
+    drop(c);
+    // Read only once the connection has settled: the count comes with its close.
+    tokio::time::timeout(HANG, async {
+        while service.open_connections() != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        stat(&service.stats(), "source_bytes_saved"),
+        src.len() as u64
+    );
+}

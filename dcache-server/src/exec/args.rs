@@ -1,6 +1,6 @@
 //! Which compiler arguments a client may send: every argument must match an exact entry
-//! of the tables in [`options`](super::options), with a value of the shape that entry
-//! takes; anything else is refused with an error naming it.
+//! of the option tables (the crate-private `exec::options` module), with a value of the
+//! shape that entry takes; anything else is refused with an error naming it.
 //!
 //! This is an allow-list by construction: a new gcc or clang option, or one that was
 //! never thought about, is refused until someone adds it to a table. Nothing that names a

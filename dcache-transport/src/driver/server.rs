@@ -7,7 +7,7 @@ use dcache_proto::{
     ServerEvent, Stat,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Owner, drive};
 
@@ -54,8 +54,10 @@ pub struct ServerConnHandle {
     /// Commands to the connection. Sending never blocks (results for open jobs are
     /// bounded by the jobs limit), so an owner can never deadlock against the driver.
     pub commands: mpsc::UnboundedSender<ServerCommand>,
-    /// The connection's counters, updated after every event.
-    pub stats: watch::Receiver<ConnStats>,
+    /// The connection's counters as they stand when it closes, sent once, just before
+    /// [`ServerEvent::Closed`] (so they are ready when that event is seen). The sender is
+    /// dropped without a value only if the driver ends without a Closed event.
+    pub stats: oneshot::Receiver<ConnStats>,
 }
 
 /// Starts a task driving a server connection over `stream`.
@@ -66,7 +68,7 @@ where
 {
     let (event_tx, events) = mpsc::channel(EVENT_QUEUE);
     let (commands, command_rx) = mpsc::unbounded_channel();
-    let (stats_tx, stats) = watch::channel(ConnStats::default());
+    let (stats_tx, stats) = oneshot::channel();
     let now = super::now();
     let nonce = config.auth.as_ref().and_then(|_| super::fresh_nonce());
     let machine = match nonce {
@@ -76,7 +78,7 @@ where
     let owner = ServerOwner {
         events: event_tx,
         commands: command_rx,
-        stats: stats_tx,
+        stats: Some(stats_tx),
     };
     tokio::spawn(drive(machine, stream, owner));
     ServerConnHandle {
@@ -89,14 +91,19 @@ where
 struct ServerOwner {
     events: mpsc::Sender<ServerEvent>,
     commands: mpsc::UnboundedReceiver<ServerCommand>,
-    stats: watch::Sender<ConnStats>,
+    /// Taken when the final counters are sent.
+    stats: Option<oneshot::Sender<ConnStats>>,
 }
 
 impl Owner<ServerConnection> for ServerOwner {
     type Command = ServerCommand;
 
     async fn on_event(&mut self, machine: &mut ServerConnection, event: ServerEvent) {
-        self.stats.send_replace(machine.stats());
+        if matches!(event, ServerEvent::Closed { .. }) {
+            if let Some(stats) = self.stats.take() {
+                let _ = stats.send(machine.stats());
+            }
+        }
         // An owner that dropped its receiver no longer cares; the connection goes on
         // until the client is done or a timer ends it.
         let _ = self.events.send(event).await;
@@ -123,7 +130,6 @@ impl Owner<ServerConnection> for ServerOwner {
                 Ok(())
             }
         };
-        self.stats.send_replace(machine.stats());
     }
 
     fn on_owner_gone(&mut self, machine: &mut ServerConnection) {

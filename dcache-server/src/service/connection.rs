@@ -1,0 +1,577 @@
+//! The per-connection actor: one task per connection, reacting to protocol events and to
+//! the completion of its lookups and compiles.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use dcache_proto::{CacheKey, ErrorCode, JobDesc, JobId, JobResult, ResultOrigin, ServerEvent};
+use dcache_transport::{BoxedStream, ServerCommand, spawn_server_connection};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
+use tokio::task::AbortHandle;
+
+use super::Service;
+use crate::counters::Counters;
+use crate::exec::{CompilerId, ExecError, store_key};
+use crate::flight::{Flight, Lead, Published};
+use crate::slots::{ConnId, SlotPermit};
+use crate::spool::Spool;
+use crate::store::StoreKey;
+
+/// Serves one connection over `stream` until it closes, holding `handshake` (a place in
+/// the handshake pool, if it took one) until the peer has completed its handshake.
+/// `stop` turning true asks for a graceful end (GOAWAY).
+pub(super) async fn run(
+    service: Arc<Service>,
+    stream: BoxedStream,
+    mut stop: watch::Receiver<bool>,
+    mut handshake: Option<OwnedSemaphorePermit>,
+) {
+    Counters::bump(&service.counters.connections);
+    let _open = OpenGuard::new(&service.open);
+    let mut conn = spawn_server_connection(stream, service.config.protocol.clone());
+    let (internal_tx, mut internal) = mpsc::unbounded_channel();
+    let mut actor = Connection {
+        id: service.next_conn.fetch_add(1, Ordering::Relaxed),
+        service: service.clone(),
+        commands: conn.commands.clone(),
+        internal: internal_tx,
+        jobs: HashMap::new(),
+    };
+    let mut stopping = *stop.borrow();
+    if stopping {
+        let _ = conn.commands.send(ServerCommand::GoAway);
+    }
+    loop {
+        tokio::select! {
+            ev = conn.events.recv() => match ev {
+                Some(ServerEvent::Closed { error }) => {
+                    if error.is_some() {
+                        Counters::bump(&service.counters.connection_errors);
+                    }
+                    break;
+                }
+                Some(ev) => {
+                    if matches!(ev, ServerEvent::Connected { .. }) {
+                        // Authenticated and agreed: its place in the handshake pool
+                        // goes to the next newcomer.
+                        drop(handshake.take());
+                    }
+                    actor.on_event(ev);
+                }
+                None => break,
+            },
+            Some(msg) = internal.recv() => actor.on_internal(msg),
+            changed = stop.changed(), if !stopping => {
+                stopping = true;
+                if changed.is_ok() {
+                    let _ = conn.commands.send(ServerCommand::GoAway);
+                }
+            }
+        }
+    }
+    // Sent by the driver just before Closed; none if it ended without one.
+    let stats = conn.stats.try_recv().unwrap_or_default();
+    service
+        .counters
+        .source_bytes_saved
+        .fetch_add(stats.source_bytes_saved, Ordering::Relaxed);
+    actor.abort_all();
+}
+
+/// What the actor's own tasks (lookups, slot waits, compiles, upload checks) report
+/// back to it.
+enum Internal {
+    /// A lookup finished: `Some` is a result to send early, `None` a miss.
+    Looked {
+        job: JobId,
+        result: Option<JobResult>,
+    },
+    /// A job whose whole source waited got a compile slot.
+    Slot { job: JobId, permit: SlotPermit },
+    /// Time to check that a job holding a slot still receives its source fast enough.
+    CheckUpload { job: JobId },
+    /// A compile finished.
+    Compiled {
+        job: JobId,
+        result: Result<JobResult, ExecError>,
+    },
+}
+
+/// Where a job's arriving source goes.
+#[derive(Default)]
+enum Feed {
+    /// No compile yet; source is kept until one starts.
+    #[default]
+    Buffering,
+    /// A compile is reading the source as it arrives.
+    Streaming(mpsc::UnboundedSender<Bytes>),
+    /// The compile has all the source, or no compile will run.
+    Closed,
+}
+
+/// One job of the connection, from JOB until its answer or cancellation.
+struct Job {
+    desc: JobDesc,
+    compiler: CompilerId,
+    /// The client's HASH bound to our compiler; lookups only, never storage.
+    claimed: Option<StoreKey>,
+    /// Set by SourceDone: the key of what was actually received.
+    verified: Option<StoreKey>,
+    spool: Option<Spool>,
+    feed: Feed,
+    /// Waiting for the verdict of a lookup: do not start compiling yet.
+    lookup_pending: bool,
+    /// This job leads the single-flight group of `claimed`.
+    leader: Option<Lead>,
+    task: Option<AbortHandle>,
+    done: bool,
+    /// Source bytes received so far, and at the last upload-rate check.
+    received: u64,
+    received_at_check: u64,
+    /// The ticker of upload-rate checks while the job streams into a compile slot.
+    watchdog: Option<AbortHandle>,
+}
+
+/// The actor's state: the connection's jobs and the ways to reach the driver and itself.
+struct Connection {
+    id: ConnId,
+    service: Arc<Service>,
+    commands: mpsc::UnboundedSender<ServerCommand>,
+    internal: mpsc::UnboundedSender<Internal>,
+    jobs: HashMap<JobId, Job>,
+}
+
+impl Connection {
+    fn send(&self, cmd: ServerCommand) {
+        send(&self.commands, cmd);
+    }
+
+    fn on_event(&mut self, ev: ServerEvent) {
+        let counters = &self.service.counters;
+        match ev {
+            ServerEvent::JobStarted { job, desc } => match self.service.executor.check(&desc) {
+                Ok(compiler) => {
+                    self.jobs.insert(
+                        job,
+                        Job {
+                            desc,
+                            compiler,
+                            claimed: None,
+                            verified: None,
+                            spool: Some(Spool::new(self.service.budget.clone())),
+                            feed: Feed::Buffering,
+                            lookup_pending: false,
+                            leader: None,
+                            task: None,
+                            done: false,
+                            received: 0,
+                            received_at_check: 0,
+                            watchdog: None,
+                        },
+                    );
+                }
+                Err(e) => {
+                    Counters::bump(&counters.jobs_refused);
+                    self.send(ServerCommand::Abort {
+                        job,
+                        code: ErrorCode::REFUSED,
+                        message: e.to_string(),
+                    });
+                }
+            },
+            ServerEvent::Lookup { job, key } => self.lookup(job, key),
+            ServerEvent::Source { job, data } => {
+                counters
+                    .source_bytes_received
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                let Some(j) = self.jobs.get_mut(&job) else {
+                    return;
+                };
+                j.received += data.len() as u64;
+                match &j.feed {
+                    Feed::Streaming(tx) => {
+                        let _ = tx.send(data);
+                    }
+                    Feed::Buffering => {
+                        let kept = j.spool.as_mut().map(|s| s.push(data));
+                        if let Some(Err(e)) = kept {
+                            // No room on disk either: this job cannot wait; the others can.
+                            if let Some(j) = self.jobs.remove(&job) {
+                                j.finish(None);
+                            }
+                            self.send(ServerCommand::Abort {
+                                job,
+                                code: ErrorCode::OVERLOADED,
+                                message: format!(
+                                    "cannot keep the source until a compile slot frees: {e}"
+                                ),
+                            });
+                            return;
+                        }
+                        self.maybe_start(job, false);
+                    }
+                    Feed::Closed => {}
+                }
+            }
+            ServerEvent::SourceDone { job, key, .. } => {
+                let Some(j) = self.jobs.get_mut(&job) else {
+                    return;
+                };
+                let verified = store_key(&j.compiler, &key);
+                j.verified = Some(verified);
+                match std::mem::replace(&mut j.feed, Feed::Closed) {
+                    // Dropping the sender ends the compiler's stdin.
+                    Feed::Streaming(_) | Feed::Closed => {}
+                    Feed::Buffering => {
+                        j.feed = Feed::Buffering;
+                        if j.claimed.is_none() {
+                            // A HASH-less upload: the verified key may still be cached.
+                            self.lookup_verified(job, verified);
+                        } else {
+                            self.maybe_start(job, true);
+                        }
+                    }
+                }
+            }
+            ServerEvent::JobCancelled { job, code, .. } => {
+                if code == ErrorCode::HASH_MISMATCH {
+                    Counters::bump(&counters.hash_mismatches);
+                }
+                if let Some(j) = self.jobs.remove(&job) {
+                    j.finish(None);
+                }
+            }
+            ServerEvent::StatsRequested => self.send(ServerCommand::Stats(self.service.stats())),
+            _ => {}
+        }
+    }
+
+    fn lookup(&mut self, job: JobId, key: CacheKey) {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let sk = store_key(&j.compiler, &key);
+        j.claimed = Some(sk);
+        j.lookup_pending = true;
+        let service = self.service.clone();
+        let internal = self.internal.clone();
+        // Join an identical compile in flight, or lead one: decided now, synchronously, so
+        // two jobs racing on one key cannot both lead.
+        let joined = match service.flights.lead_or_join(sk) {
+            Flight::Lead(lead) => {
+                j.leader = Some(lead);
+                None
+            }
+            Flight::Join(join) => Some(join),
+        };
+        let leading = joined.is_none();
+        let handle = tokio::spawn(async move {
+            let cached = service.store.get(&sk).await;
+            let result = match (cached, joined) {
+                (Some(r), _) => Some(r),
+                (None, Some(join)) => {
+                    Counters::bump(&service.counters.single_flight_waits);
+                    match join.wait().await {
+                        Published::Result(r) => Some(r),
+                        Published::Failed => None,
+                    }
+                }
+                (None, None) => None,
+            };
+            let _ = internal.send(Internal::Looked { job, result });
+        });
+        if !leading {
+            j.task = Some(handle.abort_handle());
+        }
+    }
+
+    fn lookup_verified(&mut self, job: JobId, sk: StoreKey) {
+        let service = self.service.clone();
+        let internal = self.internal.clone();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        j.lookup_pending = true;
+        tokio::spawn(async move {
+            let result = service.store.get(&sk).await;
+            let _ = internal.send(Internal::Looked { job, result });
+        });
+    }
+
+    fn on_internal(&mut self, msg: Internal) {
+        let counters = &self.service.counters;
+        match msg {
+            Internal::Looked { job, result } => {
+                let Some(j) = self.jobs.get_mut(&job) else {
+                    return;
+                };
+                j.lookup_pending = false;
+                j.task = None;
+                match result {
+                    Some(result) => {
+                        Counters::bump(&counters.hits);
+                        // The answer to a HASH is EARLY_RESULT even when the upload
+                        // happened to finish first; a HASH-less upload gets RESULT.
+                        let early = j.claimed.is_some();
+                        if early {
+                            Counters::bump(&counters.early_results);
+                        }
+                        if let Some(j) = self.jobs.remove(&job) {
+                            j.finish(Some(&result));
+                        }
+                        let origin = if early {
+                            ResultOrigin::Early
+                        } else {
+                            ResultOrigin::Cache
+                        };
+                        self.send(ServerCommand::Result {
+                            job,
+                            result,
+                            origin,
+                        });
+                    }
+                    None => {
+                        Counters::bump(&counters.misses);
+                        let verdict = j.claimed.is_some() && j.verified.is_none();
+                        let complete = j.verified.is_some();
+                        if verdict {
+                            self.send(ServerCommand::Miss(job));
+                        }
+                        // With no source yet (an ask-first job, or a client only asking
+                        // whether a remembered key is cached), the compiler starts with
+                        // the first chunk: a client that stops at MISS costs no process.
+                        let started_sending = self
+                            .jobs
+                            .get(&job)
+                            .and_then(|j| j.spool.as_ref())
+                            .is_some_and(|s| !s.is_empty());
+                        if complete || started_sending {
+                            self.maybe_start(job, complete);
+                        }
+                    }
+                }
+            }
+            Internal::Slot { job, permit } => {
+                if let Some(j) = self.jobs.get_mut(&job) {
+                    j.task = None;
+                    self.start_compile(job, permit, true);
+                }
+            }
+            Internal::CheckUpload { job } => self.check_upload(job),
+            Internal::Compiled { job, result } => {
+                let Some(mut j) = self.jobs.remove(&job) else {
+                    return;
+                };
+                match result {
+                    Ok(result) => {
+                        Counters::bump(&counters.compiles);
+                        if result.exit_code != 0 {
+                            Counters::bump(&counters.compile_failures);
+                        }
+                        let publish = j.verified.is_some()
+                            && j.verified == j.claimed
+                            && result.exit_code == 0;
+                        // Store only under the verified key, only successes, and only when
+                        // the compile saw the whole source.
+                        if let (Some(vk), 0) = (j.verified, result.exit_code) {
+                            // The single-flight group keeps answering lookups with this
+                            // result until the store has it, so a job arriving meanwhile
+                            // is still a hit.
+                            let lead = if publish { j.leader.take() } else { None };
+                            if let Some(lead) = &lead {
+                                lead.publish(result.clone());
+                            }
+                            self.service.store_writer.write(vk, result.clone(), lead);
+                        }
+                        j.done = true;
+                        j.finish(publish.then_some(&result));
+                        self.send(ServerCommand::Result {
+                            job,
+                            result,
+                            origin: ResultOrigin::Compiled,
+                        });
+                    }
+                    Err(e) => {
+                        j.done = true;
+                        j.finish(None);
+                        let code = if e.is_refusal() {
+                            ErrorCode::REFUSED
+                        } else {
+                            ErrorCode::COMPILE_FAILED
+                        };
+                        self.send(ServerCommand::Abort {
+                            job,
+                            code,
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the compile of `job` when it may: not while a lookup is pending, and only
+    /// with a compile slot. With a slot free now, the compile streams the source as it
+    /// arrives; otherwise the source stays in the job's spool (counted against the memory
+    /// budget, or on disk) until the source is complete and a slot frees.
+    fn maybe_start(&mut self, job: JobId, complete: bool) {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        if j.lookup_pending || j.task.is_some() || !matches!(j.feed, Feed::Buffering) {
+            return;
+        }
+        let complete = complete || j.verified.is_some();
+        // A HASH-less job is looked up by its verified key before compiling; a spilled
+        // one is replayed only whole.
+        if !complete && (j.claimed.is_none() || j.spool.as_ref().is_some_and(Spool::spilled)) {
+            return;
+        }
+        match self.service.slots.try_acquire() {
+            Some(permit) => self.start_compile(job, permit, complete),
+            None if complete => {
+                // Queue for a slot, in this connection's turn; the source stays in the
+                // spool until one is granted.
+                let waiting = self.service.slots.acquire(self.id);
+                let internal = self.internal.clone();
+                let handle = tokio::spawn(async move {
+                    if let Ok(permit) = waiting.await {
+                        let _ = internal.send(Internal::Slot { job, permit });
+                    }
+                });
+                j.task = Some(handle.abort_handle());
+            }
+            // No slot yet and more source to come: keep spooling.
+            None => {}
+        }
+    }
+
+    /// Runs the compile of `job` in a slot, fed from its spool and then, unless the source
+    /// is `complete`, from the chunks still arriving.
+    fn start_compile(&mut self, job: JobId, permit: SlotPermit, complete: bool) {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Some(spool) = j.spool.take() {
+            spool.drain_into(&tx);
+        }
+        j.feed = if complete {
+            Feed::Closed
+        } else {
+            // The slot is held while the rest of the source arrives: watch that it does.
+            let interval = self.service.config.upload_check_interval;
+            let internal = self.internal.clone();
+            j.received_at_check = j.received;
+            let ticker = tokio::spawn(async move {
+                let mut tick =
+                    tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+                loop {
+                    tick.tick().await;
+                    if internal.send(Internal::CheckUpload { job }).is_err() {
+                        return;
+                    }
+                }
+            });
+            j.watchdog = Some(ticker.abort_handle());
+            Feed::Streaming(tx)
+        };
+        let service = self.service.clone();
+        let internal = self.internal.clone();
+        let desc = j.desc.clone();
+        let handle = tokio::spawn(async move {
+            let _permit = permit;
+            let result = service.executor.compile(desc, rx).await;
+            let _ = internal.send(Internal::Compiled { job, result });
+        });
+        j.task = Some(handle.abort_handle());
+    }
+
+    /// Ends a job whose upload, while it holds a compile slot, fell below the minimum
+    /// rate: the slot goes to someone else, the client compiles locally.
+    fn check_upload(&mut self, job: JobId) {
+        let config = &self.service.config;
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        if !matches!(j.feed, Feed::Streaming(_)) {
+            if let Some(w) = j.watchdog.take() {
+                w.abort();
+            }
+            return;
+        }
+        let want = config
+            .min_upload_rate
+            .saturating_mul(config.upload_check_interval.as_millis() as u64)
+            / 1000;
+        let got = j.received - j.received_at_check;
+        j.received_at_check = j.received;
+        if got >= want {
+            return;
+        }
+        Counters::bump(&self.service.counters.slow_uploads_ended);
+        let rate = config.min_upload_rate;
+        if let Some(j) = self.jobs.remove(&job) {
+            j.finish(None);
+        }
+        self.send(ServerCommand::Abort {
+            job,
+            code: ErrorCode::TIMEOUT,
+            message: format!(
+                "the upload slowed below {rate} bytes/s while holding a compile slot \
+                 ({got} bytes in {:?}); the slot was given to another job",
+                config.upload_check_interval
+            ),
+        });
+    }
+
+    fn abort_all(&mut self) {
+        for (_, j) in self.jobs.drain() {
+            j.finish(None);
+        }
+    }
+}
+
+impl Job {
+    /// Ends the job's local state: stops its task and, if it led a single-flight group,
+    /// publishes `published` and ends the group (which tells the joiners it failed if
+    /// nothing was published).
+    fn finish(self, published: Option<&JobResult>) {
+        if let Some(w) = &self.watchdog {
+            w.abort();
+        }
+        if let Some(task) = &self.task {
+            if !self.done {
+                task.abort();
+            }
+        }
+        if let (Some(lead), Some(result)) = (&self.leader, published) {
+            lead.publish(result.clone());
+        }
+        // Dropping `self` drops its lead, if any: that ends the group.
+    }
+}
+
+/// Sends a command to the connection. A failed send means the connection is already
+/// gone, which the event loop sees as its Closed event.
+fn send(commands: &mpsc::UnboundedSender<ServerCommand>, cmd: ServerCommand) {
+    let _ = commands.send(cmd);
+}
+
+/// Counts a connection as open for as long as it lives, however its handler ends.
+struct OpenGuard<'a>(&'a AtomicUsize);
+
+impl<'a> OpenGuard<'a> {
+    fn new(gauge: &'a AtomicUsize) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
