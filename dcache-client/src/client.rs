@@ -17,7 +17,8 @@ pub struct ClientOptions {
     /// The servers, in any order: each job goes to the one rendezvous hashing picks for
     /// its key, so the same source always meets the same cache.
     pub hosts: Vec<Address>,
-    /// How jobs use HASH.
+    /// How jobs use HASH. Handed to each connection, which applies it to every job: the
+    /// one place it is decided (a [`Client`] always gives the connection the key).
     pub strategy: Strategy,
     /// Transport settings.
     pub transport: TransportOptions,
@@ -136,8 +137,10 @@ impl Client {
                 continue;
             };
             let start = Instant::now();
-            let key = (self.options.strategy != Strategy::SendAll).then_some(key);
-            match handle.submit(desc.clone(), key, source.clone()).await {
+            // The key always goes along: the connection, configured with
+            // `options.strategy`, is the one place that decides whether it becomes a HASH
+            // (send-all drops it).
+            match handle.submit(desc.clone(), Some(key), source.clone()).await {
                 Ok(job) => {
                     lock(&self.health).mark_up(i);
                     return Ok(Outcome {
