@@ -129,6 +129,21 @@ impl Client {
     /// Compiles one job whose whole source is at hand.
     pub async fn compile(&self, desc: JobDesc, source: Bytes) -> Result<Outcome, ClientError> {
         let key = CacheKey::compute(&desc, &source);
+        self.compile_keyed(desc, key, source).await
+    }
+
+    /// Like [`compile`](Self::compile), for the wrapper, which needs the job's key itself
+    /// (it records it for direct mode): the source is hashed once, not once there and
+    /// once here. `key` must be `CacheKey::compute(&desc, &source)`: it picks the server
+    /// and goes out as the job's HASH, and a server answers a HASH it has from its cache
+    /// before it has the source to check it against, so a wrong key could bring back
+    /// another source's result. That is why this is not public.
+    pub(crate) async fn compile_keyed(
+        &self,
+        desc: JobDesc,
+        key: CacheKey,
+        source: Bytes,
+    ) -> Result<Outcome, ClientError> {
         let mut failures = Vec::new();
         // Each host is tried at most once per job: the list is finite, so this loop ends.
         for i in self.candidates(&key)? {

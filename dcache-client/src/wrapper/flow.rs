@@ -132,7 +132,13 @@ async fn compile(
     };
     desc.source_len = Some(pre.source.len() as u64);
     let source = Bytes::from(pre.source);
-    let outcome = match backend.client().compile(desc.clone(), source.clone()).await {
+    // Hashed once: the client sends this key, and direct mode records it below.
+    let key = CacheKey::compute(&desc, &source);
+    let outcome = match backend
+        .client()
+        .compile_keyed(desc, key, source.clone())
+        .await
+    {
         Ok(o) => o,
         Err(e) => return fail_over(config, &e, compiler, args),
     };
@@ -149,7 +155,6 @@ async fn compile(
     let code = deliver(&pre.stderr, result, plan, compiler, args);
     if let (0, Some(dk), true) = (code, direct, pre.stderr.is_empty()) {
         // Next time, this compile's key can be found without preprocessing.
-        let key = CacheKey::compute(&desc, &source);
         let dep = plan.dep_file.as_ref().and_then(|d| std::fs::read(d).ok());
         if plan.dep_file.is_none() || dep.is_some() {
             if let Some(entry) = direct::Entry::record(key, dep, &source, started) {
