@@ -13,7 +13,8 @@
 //!   client's side whatever the back end.
 //!
 //! With the `embedded` feature, the product itself: `Backend` (configured servers or the
-//! in-process server over `mem://`) and `run`, the whole compile flow `dcache` runs.
+//! in-process server over `mem://`) and `run`, the whole compile flow `dcache` runs. The
+//! feature is for the embedded back end alone: direct mode needs nothing from the server.
 
 pub mod args;
 #[cfg(feature = "embedded")]
