@@ -123,7 +123,14 @@ impl ManifestStore {
     /// one that is unreadable, too large, truncated, corrupt, or written for another key.
     /// A hit marks the file as recently used, so sweeps remove it last.
     pub fn get(&self, key: &DirectKey) -> Option<Manifest> {
-        let file = std::fs::File::open(self.path(key)).ok()?;
+        let path = self.path(key);
+        // Only a regular file of a plausible size is opened: opening a FIFO put here
+        // would block, and an oversized file is not worth reading.
+        let meta = std::fs::metadata(&path).ok()?;
+        if !meta.is_file() || meta.len() > MAX_FILE_BYTES {
+            return None;
+        }
+        let file = std::fs::File::open(&path).ok()?;
         let mut bytes = Vec::new();
         // Read one byte past the limit, so an oversized file is noticed without reading it.
         (&file)
@@ -338,12 +345,24 @@ mod tests {
         std::fs::copy(&path, s.path(&other)).unwrap_or_default();
         assert_eq!(s.get(&other), None, "another key's manifest");
         assert!(s.get(&key).is_some(), "the original still reads");
+        // A whole file with a good digest over contents that do not parse.
+        let mut forged = MAGIC.to_vec();
+        forged.extend_from_slice(&digest(&key, b"DCM1garbage"));
+        forged.extend_from_slice(b"DCM1garbage");
+        std::fs::write(&path, &forged).unwrap_or_default();
+        assert_eq!(s.get(&key), None, "checks, but does not parse");
         // A file over the size limit is not read at all.
         let file = std::fs::File::create(&path).unwrap_or_else(|e| panic!("{e}"));
         file.set_len(MAX_FILE_BYTES + 1).unwrap_or_default();
         assert_eq!(s.get(&key), None, "oversized");
-        // A directory where the file should be.
+        // A FIFO where the file should be: a miss, not a reader blocked forever.
         std::fs::remove_file(&path).unwrap_or_default();
+        let made = std::process::Command::new("mkfifo").arg(&path).status();
+        if made.is_ok_and(|s| s.success()) {
+            assert_eq!(s.get(&key), None, "a FIFO");
+            std::fs::remove_file(&path).unwrap_or_default();
+        }
+        // A directory where the file should be.
         std::fs::create_dir(&path).unwrap_or_default();
         assert_eq!(s.get(&key), None, "a directory");
     }
