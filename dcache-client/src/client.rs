@@ -17,7 +17,8 @@ pub struct ClientOptions {
     /// The servers, in any order: each job goes to the one rendezvous hashing picks for
     /// its key, so the same source always meets the same cache.
     pub hosts: Vec<Address>,
-    /// How jobs use HASH.
+    /// How jobs use HASH. Handed to each connection, which applies it to every job: the
+    /// one place it is decided (a [`Client`] always gives the connection the key).
     pub strategy: Strategy,
     /// Transport settings.
     pub transport: TransportOptions,
@@ -128,6 +129,21 @@ impl Client {
     /// Compiles one job whose whole source is at hand.
     pub async fn compile(&self, desc: JobDesc, source: Bytes) -> Result<Outcome, ClientError> {
         let key = CacheKey::compute(&desc, &source);
+        self.compile_keyed(desc, key, source).await
+    }
+
+    /// Like [`compile`](Self::compile), for the wrapper, which needs the job's key itself
+    /// (it records it for direct mode): the source is hashed once, not once there and
+    /// once here. `key` must be `CacheKey::compute(&desc, &source)`: it picks the server
+    /// and goes out as the job's HASH, and a server answers a HASH it has from its cache
+    /// before it has the source to check it against, so a wrong key could bring back
+    /// another source's result. That is why this is not public.
+    pub(crate) async fn compile_keyed(
+        &self,
+        desc: JobDesc,
+        key: CacheKey,
+        source: Bytes,
+    ) -> Result<Outcome, ClientError> {
         let mut failures = Vec::new();
         // Each host is tried at most once per job: the list is finite, so this loop ends.
         for i in self.candidates(&key)? {
@@ -136,8 +152,10 @@ impl Client {
                 continue;
             };
             let start = Instant::now();
-            let key = (self.options.strategy != Strategy::SendAll).then_some(key);
-            match handle.submit(desc.clone(), key, source.clone()).await {
+            // The key always goes along: the connection, configured with
+            // `options.strategy`, is the one place that decides whether it becomes a HASH
+            // (send-all drops it).
+            match handle.submit(desc.clone(), Some(key), source.clone()).await {
                 Ok(job) => {
                     lock(&self.health).mark_up(i);
                     return Ok(Outcome {

@@ -1,44 +1,16 @@
 //! Jobs whose source arrives as a stream of chunks, against a real service.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
 use dcache_client::{Client, ClientOptions};
 use dcache_proto::JobDesc;
 use dcache_proto::testing::reference_compile;
-use dcache_server::exec::FakeExecutor;
-use dcache_server::store::MemoryStore;
-use dcache_server::{Service, ServiceConfig};
-use dcache_transport::{Address, TransportOptions, bind};
 
-async fn serve(name: &str) -> (Arc<Service>, Address, tokio::sync::oneshot::Sender<()>) {
-    let service = Service::new(
-        Arc::new(MemoryStore::new(1 << 30)),
-        Arc::new(FakeExecutor::new(Duration::from_millis(1))),
-        ServiceConfig::default(),
-    );
-    let addr: Address = format!("mem://{name}").parse().unwrap();
-    let listener = bind(&addr, &TransportOptions::default()).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let s = service.clone();
-    tokio::spawn(async move {
-        s.serve(listener, async {
-            let _ = stopped.await;
-        })
-        .await;
-    });
-    (service, addr, stop)
-}
-
-fn stat(service: &Service, name: &str) -> u64 {
-    service
-        .stats()
-        .iter()
-        .find(|s| s.name == name)
-        .map_or(0, |s| s.value)
-}
+use common::{serve, stat};
 
 /// Sends `chunks` one at a time with a pause between, as a slow producer would.
 fn producer(chunks: Vec<Bytes>) -> tokio::sync::mpsc::Receiver<Bytes> {

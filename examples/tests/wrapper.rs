@@ -381,6 +381,20 @@ fn direct_mode_skips_the_preprocessor_only_while_every_file_is_unchanged() {
     std::fs::write(p.join("inc/v.h"), "#define V 1\n").unwrap();
     assert!(run("d.c", &[]));
     assert_eq!(ours(), plain("d.c"));
+    // The manifest is the client's own file under DCACHE_DIR, one per direct key; a
+    // damaged one is a miss (and is recorded again), never a wrong object.
+    let manifests: Vec<_> = std::fs::read_dir(cache.path().join("manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(manifests.len(), 1, "{manifests:?}");
+    let good = std::fs::read(&manifests[0]).unwrap();
+    std::fs::write(&manifests[0], &good[..good.len() / 2]).unwrap();
+    // (v.h was just rewritten: let it age past the one second a recording distrusts.)
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert!(!run("d.c", &[]), "a truncated manifest is a miss");
+    assert_eq!(ours(), plain("d.c"));
+    assert!(run("d.c", &[]), "recorded again");
     // A source using the clock never takes the direct path.
     assert!(!run("t.c", &[]));
     assert!(!run("t.c", &[]));

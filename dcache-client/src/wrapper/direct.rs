@@ -310,7 +310,8 @@ impl Manifest {
         self.entries.truncate(MAX_ENTRIES);
     }
 
-    /// The stored form. Integrity is the store's job (every entry is digest-checked).
+    /// The stored form. Integrity is the store's job: [`ManifestStore`](super::manifests::ManifestStore)
+    /// digest-checks every file before this is decoded.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = b"DCM1".to_vec();
         put_len(&mut out, self.entries.len());

@@ -3,8 +3,9 @@
 //!
 //! [`run`] is the whole of `dcache COMPILER ARGS...`: expand response files, plan, start
 //! the [`Backend`], try direct mode, preprocess, send, and deliver the result or fall back
-//! to the local compiler. It needs the `embedded` feature: the embedded default is the
-//! server library, and direct-mode manifests are kept in the server's disk store.
+//! to the local compiler. It needs the `embedded` feature because the embedded default is
+//! the server library; direct mode's manifests are the client's own
+//! ([`ManifestStore`]).
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
@@ -13,14 +14,14 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use dcache_proto::{CacheKey, JobDesc};
-use dcache_server::store::{DiskStore, Store, StoreKey};
 
 use super::args::{CompilePlan, Plan, plan};
 use super::backend::Backend;
 use super::base_dir::relativize_line_markers;
 use super::config::Config;
-use super::direct::{self, DirectKey, Invocation, Manifest};
+use super::direct::{self, DirectKey, Invocation};
 use super::local::{needs_local_rerun, preprocess, run_locally, write_atomically};
+use super::manifests::{ManifestLimits, ManifestStore};
 use super::response::expand_response_files;
 
 /// Runs the wrapper for `compiler args…` as `dcache` does, printing what the compiler
@@ -132,7 +133,13 @@ async fn compile(
     };
     desc.source_len = Some(pre.source.len() as u64);
     let source = Bytes::from(pre.source);
-    let outcome = match backend.client().compile(desc.clone(), source.clone()).await {
+    // Hashed once: the client sends this key, and direct mode records it below.
+    let key = CacheKey::compute(&desc, &source);
+    let outcome = match backend
+        .client()
+        .compile_keyed(desc, key, source.clone())
+        .await
+    {
         Ok(o) => o,
         Err(e) => return fail_over(config, &e, compiler, args),
     };
@@ -149,11 +156,10 @@ async fn compile(
     let code = deliver(&pre.stderr, result, plan, compiler, args);
     if let (0, Some(dk), true) = (code, direct, pre.stderr.is_empty()) {
         // Next time, this compile's key can be found without preprocessing.
-        let key = CacheKey::compute(&desc, &source);
         let dep = plan.dep_file.as_ref().and_then(|d| std::fs::read(d).ok());
         if plan.dep_file.is_none() || dep.is_some() {
             if let Some(entry) = direct::Entry::record(key, dep, &source, started) {
-                record_manifest(config, dk, entry).await;
+                record_manifest(config, dk, entry);
             }
         }
     }
@@ -219,10 +225,12 @@ fn direct_key(
     })
 }
 
-/// The store manifests live in: the local cache directory, beside the embedded cache's
-/// results, under keys of their own derivation context.
-fn manifest_store(config: &Config) -> Option<DiskStore> {
-    DiskStore::open_lazy(&config.dir.join("cache"), config.cache_size).ok()
+/// The store manifests live in: `DCACHE_DIR/manifests`, bounded beside the results cache.
+fn manifest_store(config: &Config) -> ManifestStore {
+    ManifestStore::new(
+        config.dir.join("manifests"),
+        ManifestLimits::for_cache_size(config.cache_size),
+    )
 }
 
 /// Direct mode: if a manifest says which key this compile's preprocessed source has, ask
@@ -237,9 +245,7 @@ async fn try_direct(
     desc: &JobDesc,
     dk: DirectKey,
 ) -> Option<i32> {
-    let store = manifest_store(config)?;
-    let stored = store.get(&StoreKey(dk.0)).await?;
-    let manifest = Manifest::decode(&stored.stdout)?;
+    let manifest = manifest_store(config).get(&dk)?;
     let entry = manifest.find_current()?;
     if plan.dep_file.is_some() != entry.dep_file.is_some() {
         return None;
@@ -272,23 +278,13 @@ async fn try_direct(
 
 /// Adds `entry` to the manifest under `dk` (best effort: a lost update costs one
 /// preprocessor run later, never a wrong result).
-async fn record_manifest(config: &Config, dk: DirectKey, entry: direct::Entry) {
-    let Some(store) = manifest_store(config) else {
-        return;
-    };
-    let key = StoreKey(dk.0);
-    let mut manifest = match store.get(&key).await {
-        Some(r) => Manifest::decode(&r.stdout).unwrap_or_default(),
-        None => Manifest::default(),
-    };
+fn record_manifest(config: &Config, dk: DirectKey, entry: direct::Entry) {
+    let store = manifest_store(config);
+    let mut manifest = store.get(&dk).unwrap_or_default();
     manifest.add(entry);
-    let value = dcache_proto::JobResult {
-        exit_code: 0,
-        stdout: Bytes::from(manifest.encode()),
-        stderr: Bytes::new(),
-        outputs: Vec::new(),
-    };
-    let _ = store.put(&key, &value).await;
+    if let Err(e) = store.put(&dk, &manifest) {
+        tracing::debug!("direct mode: {e}");
+    }
 }
 
 fn local(compiler: &OsString, args: &[OsString]) -> Result<i32, ()> {

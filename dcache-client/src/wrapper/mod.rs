@@ -8,10 +8,13 @@
 //! - [`local`]: the local preprocessor run, the local compile, atomic output writes, and
 //!   the rule for when a returned result must be redone locally;
 //! - [`base_dir`]: `DCACHE_BASEDIR`'s rewrite of line markers;
-//! - [`direct`]: direct mode's keys and manifests.
+//! - [`direct`]: direct mode's keys and manifests;
+//! - [`manifests`]: the directory under `DCACHE_DIR` the manifests are kept in, on the
+//!   client's side whatever the back end.
 //!
 //! With the `embedded` feature, the product itself: `Backend` (configured servers or the
-//! in-process server over `mem://`) and `run`, the whole compile flow `dcache` runs.
+//! in-process server over `mem://`) and `run`, the whole compile flow `dcache` runs. The
+//! feature is for the embedded back end alone: direct mode needs nothing from the server.
 
 pub mod args;
 #[cfg(feature = "embedded")]
@@ -22,6 +25,7 @@ pub mod direct;
 #[cfg(feature = "embedded")]
 pub mod flow;
 pub mod local;
+pub mod manifests;
 pub mod response;
 
 #[cfg(feature = "embedded")]
