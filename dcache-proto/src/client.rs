@@ -502,7 +502,10 @@ impl ClientConnection {
             self.remove_job(job.0);
             return Ok(());
         }
-        if j.upload != Upload::Closed {
+        if j.upload != Upload::Closed || matches!(j.download, Download::Waiting) {
+            // While uploading, and also after the final SOURCE while no answer has
+            // begun (the server is compiling): ABORT ends just this job, and the server
+            // answers it. A result already arriving is let finish.
             j.upload = Upload::Closed;
             j.source.clear();
             self.core
@@ -993,7 +996,7 @@ impl ClientConnection {
             }
             // Like a cancel: the job stays known until the server's answer to ABORT, so
             // its frames still in flight are drained.
-            if j.upload != Upload::Closed {
+            if j.upload != Upload::Closed || matches!(j.download, Download::Waiting) {
                 j.upload = Upload::Closed;
                 j.source.clear();
                 self.core

@@ -779,14 +779,29 @@ impl ServerConnection {
         code: ErrorCode,
         message: String,
     ) -> Result<(), ConnectionError> {
-        let j = Self::known_job(&mut self.core.jobs, job, "ABORT")?;
+        let Some(j) = self.core.jobs.get_mut(&job.0) else {
+            // An ABORT crossing the job's last answer (the client cancelled just as the
+            // RESULT or ABORT went out): the job has already ended here.
+            if job.0 != 0 && job.0 <= self.highest_job {
+                return Ok(());
+            }
+            return Err(unexpected(format!(
+                "ABORT for {job}, which was never opened"
+            )));
+        };
+        let was_uploading = !matches!(j.upload, Upload::Closed);
         let was_receiving = matches!(j.upload, Upload::Receiving { .. });
         j.upload = Upload::Closed;
-        if let Some(d) = j.declared {
-            self.stats.source_bytes_saved += d.saturating_sub(j.received);
+        if was_uploading {
+            if let Some(d) = j.declared {
+                self.stats.source_bytes_saved += d.saturating_sub(j.received);
+            }
         }
-        // A result already streaming is finished, not cut: the client's ABORT is then the
-        // answer to that result ("no more source"), and cutting it would lose the result.
+        // No answer has started: the job ends now, the owner stops its compile (also
+        // after the final SOURCE: cancelling one running compile keeps the connection),
+        // and ABORT CANCELLED answers the client so it can let the job go. A result
+        // already streaming is finished, not cut: the client's ABORT then answers that
+        // result ("no more source"), and cutting it would lose the result.
         if matches!(j.download, Download::Open { .. }) {
             j.download = Download::Closed;
             self.core

@@ -791,3 +791,82 @@ fn huge_timeouts_do_not_overflow_the_clock() {
             .is_none_or(|t| t <= p.now + dcache_proto::MAX_TIMEOUT)
     );
 }
+
+/// How many uploads the server has seen complete.
+fn source_done(p: &Pair) -> usize {
+    p.server_events
+        .iter()
+        .filter(|(_, e)| matches!(e, ServerEvent::SourceDone { .. }))
+        .count()
+}
+
+/// Moves the pair on (time included) until `done` holds.
+fn until(p: &mut Pair, done: impl Fn(&Pair) -> bool) {
+    for _ in 0..100_000 {
+        if done(p) {
+            return;
+        }
+        p.run(1);
+    }
+    panic!("the condition never held");
+}
+
+#[test]
+fn a_running_compile_can_be_cancelled_after_the_final_source() {
+    for seed in 1..=5 {
+        let mut p = pair(Strategy::Speculative, 2, 0, seed);
+        // Compiles take a virtual second: the cancel arrives while the first one runs.
+        p.app.compile_time = Duration::from_secs(1);
+        let (d1, s1) = (desc(1), source(5000, 1));
+        let (d2, s2) = (desc(2), source(5000, 2));
+        let first = p.submit(d1, s1).unwrap();
+        let second = p.submit(d2.clone(), s2.clone()).unwrap();
+        // Both uploads complete (the server saw both SourceDone).
+        until(&mut p, |p| source_done(p) == 2);
+        p.client.cancel(first).unwrap();
+        p.run_until_job_ends(second, 100_000).unwrap();
+        p.run(100_000);
+        // The server was told, stopped that compile, and the connection lives on.
+        assert!(
+            p.server_events
+                .iter()
+                .any(|(_, e)| matches!(e, ServerEvent::JobCancelled { job, .. } if *job == first))
+        );
+        assert_eq!(p.app.cancelled, 1);
+        assert_eq!(outcome(&p, second).result, reference_compile(&d2, &s2));
+        assert!(!p.client.is_closed() && !p.server.is_closed());
+        assert!(
+            !p.client_events
+                .iter()
+                .any(|(_, e)| matches!(e, ClientEvent::Done { job, .. } if *job == first)),
+            "a cancelled job reports nothing"
+        );
+        // Both ends let the job go: a third job on the same connection still runs.
+        let (d3, s3) = (desc(3), source(100, 3));
+        let third = p.submit(d3.clone(), s3.clone()).unwrap();
+        p.run_until_job_ends(third, 100_000).unwrap();
+        assert_eq!(outcome(&p, third).result, reference_compile(&d3, &s3));
+    }
+}
+
+#[test]
+fn a_cancel_crossing_the_result_is_harmless() {
+    for seed in 1..=5 {
+        // Instant compiles on a 10 ms link: the RESULT is on its way when the ABORT leaves.
+        let mut p = pair(Strategy::SendAll, 10, 0, seed);
+        let (d1, s1) = (desc(1), source(3000, 1));
+        let first = p.submit(d1, s1).unwrap();
+        // The server has answered (instantly); the answer is still on the wire.
+        until(&mut p, |p| source_done(p) == 1);
+        p.client.cancel(first).unwrap();
+        p.run(100_000);
+        assert!(
+            !p.client.is_closed() && !p.server.is_closed(),
+            "no protocol error"
+        );
+        let (d2, s2) = (desc(2), source(100, 2));
+        let second = p.submit(d2.clone(), s2.clone()).unwrap();
+        p.run_until_job_ends(second, 100_000).unwrap();
+        assert_eq!(outcome(&p, second).result, reference_compile(&d2, &s2));
+    }
+}

@@ -405,6 +405,42 @@ async fn a_stderr_flood_is_cut_with_a_note() {
     );
 }
 
+/// A sandboxed service on loopback whose `cc` is [`forking_compiler`] (never finishing)
+/// and whose `gcc` is the real one.
+async fn forking_service(marker: &str) -> (tempfile::TempDir, dcache_transport::Address) {
+    use dcache_server::store::MemoryStore;
+    use dcache_server::{Service, ServiceConfig};
+    use dcache_transport::{TransportOptions, bind};
+    let (dir, path) = forking_compiler(marker);
+    let extra = ["/usr/bin/sleep", "/bin/sh", "/usr/bin/dash"]
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+        .collect();
+    let ex = LocalExecutor::new(LocalExecutorConfig {
+        allowed: vec!["cc".into(), "gcc".into()],
+        sandbox: Some(sandbox()),
+        sandbox_paths: extra,
+        path,
+        time_limit: HANG,
+        ..LocalExecutorConfig::default()
+    });
+    let service = Service::new(
+        Arc::new(MemoryStore::new(1 << 20)),
+        Arc::new(ex),
+        ServiceConfig::default(),
+    );
+    let listener = bind(
+        &"tcp://127.0.0.1:0".parse().unwrap(),
+        &TransportOptions::default(),
+    )
+    .await
+    .unwrap();
+    let addr = listener.local_addr();
+    tokio::spawn(async move { service.serve(listener, std::future::pending()).await });
+    (dir, addr)
+}
+
 /// Processes whose command line contains `needle`.
 fn processes_with(needle: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
@@ -508,38 +544,8 @@ async fn no_compiler_process_outlives_a_timed_out_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_compiler_process_outlives_a_client_that_disconnects() {
     use dcache_proto::{CacheKey, Frame, JobId};
-    use dcache_server::store::MemoryStore;
-    use dcache_server::{Service, ServiceConfig};
-    use dcache_transport::{TransportOptions, bind};
     let marker = "305.25";
-    let (_dir, path) = forking_compiler(marker);
-    let extra = ["/usr/bin/sleep", "/bin/sh", "/usr/bin/dash"]
-        .iter()
-        .map(PathBuf::from)
-        .filter(|p| p.exists())
-        .collect();
-    let ex = LocalExecutor::new(LocalExecutorConfig {
-        allowed: vec!["cc".into()],
-        sandbox: Some(sandbox()),
-        sandbox_paths: extra,
-        path,
-        time_limit: HANG,
-        ..LocalExecutorConfig::default()
-    });
-    let service = Service::new(
-        Arc::new(MemoryStore::new(1 << 20)),
-        Arc::new(ex),
-        ServiceConfig::default(),
-    );
-    let listener = bind(
-        &"tcp://127.0.0.1:0".parse().unwrap(),
-        &TransportOptions::default(),
-    )
-    .await
-    .unwrap();
-    let addr = listener.local_addr();
-    let s = service.clone();
-    tokio::spawn(async move { s.serve(listener, std::future::pending()).await });
+    let (_dir, addr) = forking_service(marker).await;
     // A client that sends a whole job and then disappears: its socket closes.
     let port: u16 = addr
         .to_string()
@@ -584,4 +590,45 @@ async fn no_compiler_process_outlives_a_client_that_disconnects() {
     assert!(processes_with(marker).len() >= 3, "the tree started");
     drop(socket);
     assert_eq!(all_gone(marker).await, Vec::<u32>::new(), "left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_running_compile_can_be_cancelled_and_the_connection_goes_on() {
+    use dcache_proto::{CacheKey, ClientConfig};
+    use dcache_transport::{TransportOptions, connect, spawn_client};
+    let marker = "306.25";
+    let (_dir, addr) = forking_service(marker).await;
+    let client = spawn_client(
+        connect(&addr, &TransportOptions::default()).await.unwrap(),
+        ClientConfig::default(),
+    );
+    // The whole source goes up; the compile (a forking stand-in) never ends by itself.
+    let d = desc("cc", &["-c"]);
+    let src = Bytes::from_static(b"int x;\n");
+    let key = CacheKey::compute(&d, &src);
+    let c = client.clone();
+    let running = tokio::spawn(async move { c.submit(d, Some(key), src).await });
+    for _ in 0..400 {
+        if processes_with(marker).len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(processes_with(marker).len() >= 3, "the compile is running");
+    // Cancelling that one job (dropping its future) kills its whole tree...
+    running.abort();
+    let _ = running.await;
+    assert_eq!(all_gone(marker).await, Vec::<u32>::new(), "left behind");
+    // ...while the connection and its other jobs go on.
+    let g = desc("gcc", &["-O2", "-c"]);
+    let src = Bytes::from_static(b"int twice(int x) { return 2 * x; }\n");
+    let out = tokio::time::timeout(
+        HANG,
+        client.submit(g.clone(), Some(CacheKey::compute(&g, &src)), src.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(out.result.exit_code, 0);
+    assert!(!client.is_closed());
 }
