@@ -239,7 +239,11 @@ struct SeenJob {
     desc: JobDesc,
     source: Vec<u8>,
     looked_up: bool,
+    /// SourceDone came: no more source or lookup.
     ended: bool,
+    /// JobCancelled came (possibly after SourceDone: a cancel after the final SOURCE):
+    /// nothing more at all.
+    cancelled: bool,
 }
 
 /// The server events seen so far, and the invariants between them.
@@ -257,7 +261,10 @@ impl ServerTrack {
             .jobs
             .get_mut(&job)
             .unwrap_or_else(|| panic!("{what} for {job}, never started"));
-        assert!(!j.ended, "{what} for {job}, which had ended");
+        assert!(
+            !j.ended && !j.cancelled,
+            "{what} for {job}, which had ended"
+        );
         j
     }
 
@@ -282,6 +289,7 @@ impl ServerTrack {
                         source: Vec::new(),
                         looked_up: false,
                         ended: false,
+                        cancelled: false,
                     },
                 );
             }
@@ -306,7 +314,23 @@ impl ServerTrack {
                 assert_eq!(*len, j.source.len() as u64, "SourceDone length");
                 j.ended = true;
             }
-            ServerEvent::JobCancelled { job, .. } => self.open(*job, "JobCancelled").ended = true,
+            ServerEvent::JobCancelled { job, .. } => {
+                let j = self
+                    .jobs
+                    .get_mut(job)
+                    .unwrap_or_else(|| panic!("JobCancelled for {job}, never started"));
+                assert!(!j.cancelled, "JobCancelled twice for {job}");
+                j.cancelled = true;
+                j.ended = true;
+            }
+            ServerEvent::SourceSkipped { job, bytes } => {
+                assert!(*bytes > 0, "SourceSkipped of nothing");
+                let j = self
+                    .jobs
+                    .get(job)
+                    .unwrap_or_else(|| panic!("SourceSkipped for {job}, never started"));
+                assert!(!j.cancelled, "SourceSkipped after JobCancelled for {job}");
+            }
             ServerEvent::Closed { .. } => self.closed = true,
             ServerEvent::StatsRequested => {}
         }

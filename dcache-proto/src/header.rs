@@ -21,28 +21,34 @@ pub struct FrameHeader {
 }
 
 impl FrameHeader {
-    /// Parses and validates a header: reserved bits, flags, job id rules, known type and the
-    /// length limit, so a bad frame is refused before its body is buffered.
+    /// Parses and validates a header, so a bad frame is refused before its body is
+    /// buffered. The checks run in PROTOCOL.md §3's order — type, length, flags, reserved
+    /// bytes, job id — so a header with several faults gets the error of the first.
     pub fn parse(bytes: &[u8; HEADER_LEN], max_payload: u32) -> Result<Self, FrameError> {
-        let ty = FrameType(bytes[0]);
-        let flags = bytes[1];
+        let header = Self {
+            ty: FrameType(bytes[0]),
+            flags: bytes[1],
+            job: u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
+            len: u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
+        };
+        header.check_type_len_flags(max_payload)?;
         if bytes[2] != 0 || bytes[3] != 0 {
             return Err(FrameError::ReservedBits);
         }
-        let job = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
-        let len = u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-        let header = Self {
-            ty,
-            flags,
-            job,
-            len,
-        };
-        header.validate(max_payload)?;
+        header.check_job()?;
         Ok(header)
     }
 
-    /// Checks everything the header alone can tell.
+    /// Checks everything the header alone can tell (the reserved bytes are not kept, so
+    /// [`parse`](Self::parse) checks those).
     pub fn validate(&self, max_payload: u32) -> Result<(), FrameError> {
+        self.check_type_len_flags(max_payload)?;
+        self.check_job()
+    }
+
+    /// §3 rules 1–3: a defined or ignorable type, a length within the limit, only the
+    /// type's flags.
+    fn check_type_len_flags(&self, max_payload: u32) -> Result<(), FrameError> {
         if !self.ty.is_known() && !self.ty.is_ignorable() {
             return Err(FrameError::UnknownType(self.ty.0));
         }
@@ -58,6 +64,11 @@ impl FrameHeader {
                 flags: self.flags,
             });
         }
+        Ok(())
+    }
+
+    /// §3 rule 5: job 0 exactly for connection-level types.
+    fn check_job(&self) -> Result<(), FrameError> {
         if self.ty.is_known() && self.ty.is_connection_level() != (self.job == 0) {
             return Err(FrameError::BadJobId {
                 ty: self.ty,

@@ -132,6 +132,15 @@ pub enum ServerEvent {
     },
     /// The client asked for counters; answer with [`ServerConnection::send_stats`].
     StatsRequested,
+    /// The client stopped the upload of `job` (after an early result, or cancelling)
+    /// with `bytes` of its declared source never sent: what the early answer saved,
+    /// reported as it happens (also summed in [`ConnStats`]).
+    SourceSkipped {
+        /// The job.
+        job: JobId,
+        /// Declared source bytes that were never sent.
+        bytes: u64,
+    },
     /// The connection is over; `error` is `None` for a clean close.
     Closed {
         /// Why, when it was not clean.
@@ -793,8 +802,13 @@ impl ServerConnection {
         let was_receiving = matches!(j.upload, Upload::Receiving { .. });
         j.upload = Upload::Closed;
         if was_uploading {
-            if let Some(d) = j.declared {
-                self.stats.source_bytes_saved += d.saturating_sub(j.received);
+            let skipped = j.declared.map_or(0, |d| d.saturating_sub(j.received));
+            if skipped > 0 {
+                self.stats.source_bytes_saved += skipped;
+                self.core.events.push_back(ServerEvent::SourceSkipped {
+                    job,
+                    bytes: skipped,
+                });
             }
         }
         // No answer has started: the job ends now, the owner stops its compile (also
@@ -931,9 +945,10 @@ impl Connection for ServerConnection {
         // A client keeps its sending side open until its last answer has arrived, so an
         // end of stream with any job open means the client is gone: its jobs end now (the
         // owner stops their compiles) rather than run for nobody while holding slots.
+        // ERROR says why to a client that only half-closed (it may still read).
         let open_jobs = !self.core.jobs.is_empty();
         if self.is_handshaking() || open_jobs || self.core.has_buffered_input() {
-            self.fail_with(ConnectionError::UnexpectedEof, false);
+            self.fail_with(ConnectionError::UnexpectedEof, true);
             return;
         }
         // Nobody will read a GOAWAY; finish what is open and close.

@@ -157,6 +157,12 @@ fn error(name: &str) -> DecodeError {
             job: 5,
         },
         "bad-trailing" => FrameError::TrailingBytes("MISS"),
+        "bad-order-unknown-type-and-reserved" => FrameError::UnknownType(0x42),
+        "bad-order-too-large-and-reserved" => FrameError::TooLarge {
+            len: 0x0001_0001,
+            max: 0x0001_0000,
+        },
+        "bad-order-reserved-and-job" => FrameError::ReservedBits,
         other => panic!("PROTOCOL.md names an unknown invalid vector {other:?}"),
     })
 }
@@ -202,7 +208,7 @@ fn vectors() -> Vec<Vector> {
 #[test]
 fn every_vector_in_the_spec_holds() {
     let vs = vectors();
-    assert_eq!(vs.len(), 24, "PROTOCOL.md should hold 24 vectors");
+    assert_eq!(vs.len(), 27, "PROTOCOL.md should hold 27 vectors");
     for v in &vs {
         if v.name.starts_with("bad-") {
             let mut dec = FrameDecoder::new(64 * 1024);

@@ -71,12 +71,6 @@ pub(super) async fn run(
             }
         }
     }
-    // Sent by the driver just before Closed; none if it ended without one.
-    let stats = conn.stats.try_recv().unwrap_or_default();
-    service
-        .counters
-        .source_bytes_saved
-        .fetch_add(stats.source_bytes_saved, Ordering::Relaxed);
     actor.abort_all();
 }
 
@@ -244,6 +238,12 @@ impl Connection {
                 }
             }
             ServerEvent::StatsRequested => self.send(ServerCommand::Stats(self.service.stats())),
+            // Counted as it happens, so STATS is current while the connection lives on.
+            ServerEvent::SourceSkipped { bytes, .. } => {
+                counters
+                    .source_bytes_saved
+                    .fetch_add(bytes, Ordering::Relaxed);
+            }
             _ => {}
         }
     }

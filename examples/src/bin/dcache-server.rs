@@ -101,6 +101,15 @@ struct Args {
     /// compile slot; slower, it ends and the slot goes to the next job.
     #[arg(long, default_value = "16K", value_parser = parse_size)]
     min_upload_rate: u64,
+    /// Seconds a new connection may take to complete its handshake (HELLO, token proof).
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout: u64,
+    /// Seconds an upload may go without a whole frame arriving.
+    #[arg(long, default_value_t = 60)]
+    stall_timeout: u64,
+    /// Seconds a connection with no open job may stay silent before GOAWAY.
+    #[arg(long, default_value_t = 300)]
+    idle_timeout: u64,
     /// Connections in their handshake at once; more are refused at once.
     #[arg(long, default_value_t = 256)]
     max_handshaking: usize,
@@ -233,6 +242,10 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
         config.allow = args.allow.clone();
     }
     config.spool_disk_budget = usize::try_from(args.limit_spool).unwrap_or(usize::MAX);
+    let secs = |n: u64| std::time::Duration::from_secs(n.max(1));
+    config.protocol.handshake_timeout = secs(args.handshake_timeout);
+    config.protocol.stall_timeout = secs(args.stall_timeout);
+    config.protocol.idle_timeout = secs(args.idle_timeout);
     config.min_upload_rate = args.min_upload_rate;
     config.max_handshaking = args.max_handshaking.max(1);
     config.max_connections_per_address = args.max_connections_per_address.max(1);
