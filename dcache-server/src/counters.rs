@@ -53,9 +53,10 @@ counters! {
     store_errors,
     /// Connections accepted.
     connections,
-    /// TCP connections refused by the address allow-list.
+    /// Connections refused at once: address not allowed, per-address cap reached, or the
+    /// handshake pool full.
     connections_refused,
-    /// Connections ended by a protocol error or timeout.
+    /// Connections ended by a protocol error, a timeout, or the peer going away mid-job.
     connection_errors,
 }
 

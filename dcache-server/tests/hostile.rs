@@ -789,3 +789,149 @@ async fn a_stalled_upload_gives_its_compile_slot_back() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_hash_for_a_cached_key_is_never_counted_as_a_hit() {
+    let h = start().await;
+    // The honest job's result is cached under its key.
+    let desc = JobDesc {
+        compiler: "gcc".into(),
+        language: "cpp-output".into(),
+        args: vec!["-c".into()],
+        source_len: None,
+    };
+    let honest_src = Bytes::from_static(b"int the_honest_one;\n");
+    let key = CacheKey::compute(&desc, &honest_src);
+    let c = spawn_client(
+        connect(&h.addr, &TransportOptions::default())
+            .await
+            .unwrap(),
+        ClientConfig::default(),
+    );
+    c.submit(desc.clone(), Some(key), honest_src).await.unwrap();
+    drop(c);
+    settle(&h).await;
+    let counters = h.service.counters();
+    let hits = counters.hits.load(Ordering::Relaxed);
+    let early = counters.early_results.load(Ordering::Relaxed);
+    // 40 liars: that key, another source, all in one write.
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+        s.write_all(&encode(&[
+            hello(),
+            Frame::Job {
+                job: JobId(1),
+                desc: desc.clone(),
+            },
+            Frame::Hash { job: JobId(1), key },
+            source(1, b"int a_lie;\n", true),
+        ]))
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        FrameReader::default()
+            .until(&mut s, &mut got, |f| {
+                matches!(f, Frame::Abort { .. } | Frame::Result { .. })
+            })
+            .await;
+        assert!(
+            got.iter().any(
+                |f| matches!(f, Frame::Abort { code, .. } if *code == ErrorCode::HASH_MISMATCH)
+            ),
+            "{got:?}"
+        );
+    }
+    settle(&h).await;
+    assert_eq!(
+        counters.hits.load(Ordering::Relaxed),
+        hits,
+        "a liar counted as a hit"
+    );
+    assert_eq!(counters.early_results.load(Ordering::Relaxed), early);
+    assert_eq!(counters.hash_mismatches.load(Ordering::Relaxed), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_half_closing_mid_upload_is_told_why() {
+    let h = start().await;
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    s.write_all(&encode(&[
+        hello(),
+        job(1, None),
+        source(1, b"int x", false),
+    ]))
+    .await
+    .unwrap();
+    // Half-close: no more bytes from the client, but it still reads.
+    s.shutdown().await.unwrap();
+    let frames = read_to_close(&mut s, Duration::from_secs(10)).await;
+    assert_eq!(error_code(&frames), Some(ErrorCode::PROTOCOL), "{frames:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_saved_by_an_early_answer_are_counted_while_the_connection_lives() {
+    let h = start().await;
+    let desc = JobDesc {
+        compiler: "gcc".into(),
+        language: "cpp-output".into(),
+        args: vec!["-c".into()],
+        source_len: Some(100_000),
+    };
+    let full = Bytes::from(vec![b'y'; 100_000]);
+    let key = CacheKey::compute(&desc, &full);
+    let c = spawn_client(
+        connect(&h.addr, &TransportOptions::default())
+            .await
+            .unwrap(),
+        ClientConfig::default(),
+    );
+    c.submit(desc.clone(), Some(key), full.clone())
+        .await
+        .unwrap();
+    // The same job again, by hand: HASH and the first 1,000 bytes, then wait for the
+    // early answer and stop, as a client does.
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    s.write_all(&encode(&[
+        hello(),
+        Frame::Job {
+            job: JobId(1),
+            desc: desc.clone(),
+        },
+        Frame::Hash { job: JobId(1), key },
+        Frame::Source {
+            job: JobId(1),
+            data: full.slice(..1000),
+            fin: false,
+        },
+    ]))
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut reader = FrameReader::default();
+    reader
+        .until(&mut s, &mut got, |f| matches!(f, Frame::Result { .. }))
+        .await;
+    s.write_all(&encode(&[Frame::Abort {
+        job: JobId(1),
+        code: ErrorCode::CANCELLED,
+        message: "result received".into(),
+    }]))
+    .await
+    .unwrap();
+    // Both connections still open: the saving shows in STATS already.
+    let t = Instant::now();
+    loop {
+        let stats = c.stats().await.unwrap();
+        let saved = stats
+            .iter()
+            .find(|st| st.name == "source_bytes_saved")
+            .map_or(0, |st| st.value);
+        if saved > 0 {
+            assert_eq!(saved, 99_000);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "never counted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(s);
+}

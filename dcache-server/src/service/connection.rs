@@ -45,6 +45,10 @@ pub(super) async fn run(
     }
     loop {
         tokio::select! {
+            // Protocol events first: a job the connection has already ended (a HASH that
+            // the whole source, arrived in the same read, proved a lie) is gone before a
+            // lookup's answer for it is handled, so nothing is counted or sent for it.
+            biased;
             ev = conn.events.recv() => match ev {
                 Some(ServerEvent::Closed { error }) => {
                     if error.is_some() {
