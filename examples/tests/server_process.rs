@@ -11,13 +11,15 @@ use std::time::{Duration, Instant};
 
 use common::{DCACHE, server_on, stat, stats_json};
 
-/// Runs `dcache cc -c SRC -o OUT` in `dir` against `addr`.
+/// Runs `dcache cc -c SRC -o OUT` in `dir` against `addr`, with `dir/.dcache` as its
+/// DCACHE_DIR (never the user's own cache).
 fn compile(dir: &Path, compiler: &str, src: &str, addr: &str, envs: &[(&str, &str)]) -> Output {
     let obj = Path::new(src).with_extension("o");
     let mut cmd = Command::new(DCACHE);
     cmd.args([compiler, "-c", src, "-o"])
         .arg(&obj)
         .env("DCACHE_HOSTS", addr)
+        .env("DCACHE_DIR", dir.join(".dcache"))
         .env_remove("DCACHE_TOKEN")
         .env_remove("DCACHE_TOKEN_FILE")
         .current_dir(dir);

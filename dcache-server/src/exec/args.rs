@@ -321,6 +321,7 @@ mod tests {
             "-fpreprocessed",
             "-fworking-directory",
             "-fcallgraph-info",
+            "-fsyntax-only",
             "-fopt-info",
             "-fsave-optimization-record",
             "-fbranch-probabilities",

@@ -82,8 +82,13 @@ pub fn server_on(cache: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server 
 
 /// `dcache --stats --json` with the given environment.
 pub fn stats_json(envs: &[(&str, &str)]) -> String {
+    // A DCACHE_DIR of its own: no zero point recorded by an earlier --zero-stats, and
+    // never the user's cache.
+    let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(DCACHE);
-    cmd.args(["--stats", "--json"]).env_remove("DCACHE_HOSTS");
+    cmd.args(["--stats", "--json"])
+        .env_remove("DCACHE_HOSTS")
+        .env("DCACHE_DIR", dir.path());
     for (k, v) in envs {
         cmd.env(k, v);
     }
