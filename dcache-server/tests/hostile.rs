@@ -163,6 +163,24 @@ fn encode(frames: &[Frame]) -> Vec<u8> {
     out
 }
 
+/// HELLO, then job 1 of `desc` with HASH `key` and its first SOURCE chunk (`data`, no FIN):
+/// how a client opens a hashed upload.
+fn hashed_upload(desc: &JobDesc, key: CacheKey, data: Bytes) -> Vec<u8> {
+    encode(&[
+        hello(),
+        Frame::Job {
+            job: JobId(1),
+            desc: desc.clone(),
+        },
+        Frame::Hash { job: JobId(1), key },
+        Frame::Source {
+            job: JobId(1),
+            data,
+            fin: false,
+        },
+    ])
+}
+
 fn hello() -> Frame {
     Frame::Hello(Hello {
         min_version: 1,
@@ -586,21 +604,9 @@ async fn a_client_killed_mid_upload_leaves_nothing_behind() {
     let key = CacheKey::compute(&desc, &full);
     for _ in 0..5 {
         let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
-        s.write_all(&encode(&[
-            hello(),
-            Frame::Job {
-                job: JobId(1),
-                desc: desc.clone(),
-            },
-            Frame::Hash { job: JobId(1), key },
-            Frame::Source {
-                job: JobId(1),
-                data: full.slice(..100_000),
-                fin: false,
-            },
-        ]))
-        .await
-        .unwrap();
+        s.write_all(&hashed_upload(&desc, key, full.slice(..100_000)))
+            .await
+            .unwrap();
         honest.progress(2).await;
         drop(s); // the process dies: the socket closes mid-upload
     }
@@ -727,22 +733,11 @@ async fn a_stalled_upload_gives_its_compile_slot_back() {
     let full = Bytes::from(vec![b'x'; 1 << 20]);
     let mut staller = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
     staller
-        .write_all(&encode(&[
-            hello(),
-            Frame::Job {
-                job: JobId(1),
-                desc: desc.clone(),
-            },
-            Frame::Hash {
-                job: JobId(1),
-                key: CacheKey::compute(&desc, &full),
-            },
-            Frame::Source {
-                job: JobId(1),
-                data: full.slice(..100),
-                fin: false,
-            },
-        ]))
+        .write_all(&hashed_upload(
+            &desc,
+            CacheKey::compute(&desc, &full),
+            full.slice(..100),
+        ))
         .await
         .unwrap();
     let mut got = Vec::new();
@@ -891,21 +886,9 @@ async fn bytes_saved_by_an_early_answer_are_counted_while_the_connection_lives()
     // The same job again, by hand: HASH and the first 1,000 bytes, then wait for the
     // early answer and stop, as a client does.
     let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
-    s.write_all(&encode(&[
-        hello(),
-        Frame::Job {
-            job: JobId(1),
-            desc: desc.clone(),
-        },
-        Frame::Hash { job: JobId(1), key },
-        Frame::Source {
-            job: JobId(1),
-            data: full.slice(..1000),
-            fin: false,
-        },
-    ]))
-    .await
-    .unwrap();
+    s.write_all(&hashed_upload(&desc, key, full.slice(..1000)))
+        .await
+        .unwrap();
     let mut got = Vec::new();
     let mut reader = FrameReader::default();
     reader

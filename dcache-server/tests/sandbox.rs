@@ -412,11 +412,7 @@ async fn forking_service(marker: &str) -> (tempfile::TempDir, dcache_transport::
     use dcache_server::{Service, ServiceConfig};
     use dcache_transport::{TransportOptions, bind};
     let (dir, path) = forking_compiler(marker);
-    let extra = ["/usr/bin/sleep", "/bin/sh", "/usr/bin/dash"]
-        .iter()
-        .map(PathBuf::from)
-        .filter(|p| p.exists())
-        .collect();
+    let extra = forking_compiler_needs();
     let ex = LocalExecutor::new(LocalExecutorConfig {
         allowed: vec!["cc".into(), "gcc".into()],
         sandbox: Some(sandbox()),
@@ -485,13 +481,29 @@ fn forking_compiler(marker: &str) -> (tempfile::TempDir, String) {
     (dir, path)
 }
 
-async fn no_process_outlives(sandboxed: bool, marker: &str, end: &str) {
-    let (_dir, path) = forking_compiler(marker);
-    let extra = ["/usr/bin/sleep", "/bin/sh", "/usr/bin/dash"]
+/// What the forking stand-in compiler runs besides itself: the sandbox must allow it.
+fn forking_compiler_needs() -> Vec<PathBuf> {
+    ["/usr/bin/sleep", "/bin/sh", "/usr/bin/dash"]
         .iter()
         .map(PathBuf::from)
         .filter(|p| p.exists())
-        .collect();
+        .collect()
+}
+
+/// Waits (bounded) until the forking compiler's three processes run.
+async fn tree_started(marker: &str) {
+    for _ in 0..400 {
+        if processes_with(marker).len() >= 3 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the compile's process tree never started");
+}
+
+async fn no_process_outlives(sandboxed: bool, marker: &str, end: &str) {
+    let (_dir, path) = forking_compiler(marker);
+    let extra = forking_compiler_needs();
     let ex = LocalExecutor::new(LocalExecutorConfig {
         allowed: vec!["cc".into()],
         sandbox: sandboxed.then(sandbox),
@@ -507,13 +519,7 @@ async fn no_process_outlives(sandboxed: bool, marker: &str, end: &str) {
     let mut c = Compile::start(&ex, desc("cc", &["-c"]));
     assert_eq!(c.feed(Bytes::from_static(b"int x;\n")), Fed::Accepted);
     // All three sleeps running.
-    for _ in 0..400 {
-        if processes_with(marker).len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(processes_with(marker).len() >= 3, "{end}: the tree started");
+    tree_started(marker).await;
     match end {
         "abort" => drop(c),
         "timeout" => {
@@ -581,13 +587,7 @@ async fn no_compiler_process_outlives_a_client_that_disconnects() {
     tokio::io::AsyncWriteExt::write_all(&mut socket, &bytes)
         .await
         .unwrap();
-    for _ in 0..400 {
-        if processes_with(marker).len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(processes_with(marker).len() >= 3, "the tree started");
+    tree_started(marker).await;
     drop(socket);
     assert_eq!(all_gone(marker).await, Vec::<u32>::new(), "left behind");
 }
@@ -608,13 +608,7 @@ async fn one_running_compile_can_be_cancelled_and_the_connection_goes_on() {
     let key = CacheKey::compute(&d, &src);
     let c = client.clone();
     let running = tokio::spawn(async move { c.submit(d, Some(key), src).await });
-    for _ in 0..400 {
-        if processes_with(marker).len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(processes_with(marker).len() >= 3, "the compile is running");
+    tree_started(marker).await;
     // Cancelling that one job (dropping its future) kills its whole tree...
     running.abort();
     let _ = running.await;
