@@ -231,6 +231,15 @@ fn plan_str(compiler: &OsString, args: &[String]) -> Result<CompilePlan, LocalRe
                 next().ok_or_else(|| local(a))?;
                 i += 1;
             }
+            // `-Wp,-D…`/`-Wp,-U…` (Fedora's _FORTIFY_SOURCE, _GLIBCXX_ASSERTIONS): macros for
+            // the local preprocessor only; the compile of preprocessed text needs nothing.
+            _ if is_preprocessor_macro_pass(a) => pre.push(a.into()),
+            // The few assembler flags every distribution passes, harmless by construction
+            // (the server allows exactly these): both runs see them, like any option.
+            _ if REMOTE_ASSEMBLER_FLAGS.contains(&a) => {
+                pre.push(a.into());
+                remote.push(a.to_owned());
+            }
             _ if is_local_only(a) => return Err(local(a)),
             _ if a.starts_with("-MF") || a.starts_with("-MT") || a.starts_with("-MQ") => {
                 has_mf |= a.starts_with("-MF");
@@ -322,6 +331,19 @@ fn plan_str(compiler: &OsString, args: &[String]) -> Result<CompilePlan, LocalRe
     })
 }
 
+/// Assembler flags sent to the server as they are (exactly these; any other `-Wa,` runs
+/// locally): `--noexecstack` marks the object's stack non-executable (Debian's and CMake's
+/// hardening, zstd's build).
+const REMOTE_ASSEMBLER_FLAGS: &[&str] = &["-Wa,--noexecstack"];
+
+/// `-Wp,` carrying only `-D`/`-U` macro definitions (comma-separated, as gcc splits them).
+fn is_preprocessor_macro_pass(a: &str) -> bool {
+    a.strip_prefix("-Wp,").is_some_and(|rest| {
+        rest.split(',')
+            .all(|p| (p.starts_with("-D") || p.starts_with("-U")) && p.len() > 2)
+    })
+}
+
 /// Options that must run locally: their result depends on this machine, they write files
 /// beside the output, or they change which programs the compiler runs.
 fn is_local_only(a: &str) -> bool {
@@ -362,15 +384,14 @@ fn is_local_only(a: &str) -> bool {
         "-B",
         "-Wa,",
         "-Wp,",
-        "--param=",
         "-fdump-",
         "-fopt-info",
+        // LTO objects compiled remotely carry the server's working directory in their IR
+        // (seen with -frandom-seed fixed: they differ from the same text compiled here),
+        // so they stay local until that is taken care of.
         "-flto",
         "@",
         "--sysroot",
-        "-fdebug-prefix-map",
-        "-ffile-prefix-map",
-        "-fmacro-prefix-map",
         "-fcoverage-",
         "-fsanitize-coverage",
         "-fdiagnostics-format",
@@ -497,7 +518,9 @@ mod tests {
             "-c foo.c -specs=x",
             "-c foo.c -B/tmp",
             "-c foo.c -Wa,-adhln",
-            "-c foo.c -flto",
+            "-c foo.c -Wa,--noexecstack,-adhln",
+            "-c foo.c -Wp,-MD,foo.d",
+            "-c foo.c -flto=auto",
             "-c foo.c -gsplit-dwarf",
         ] {
             assert!(matches!(p(cmd), Plan::Local(_)), "{cmd:?} was distributed");
@@ -514,5 +537,45 @@ mod tests {
     fn explicit_language_wins_over_the_extension() {
         assert_eq!(remote("-x c++ -c foo.c").language, Language::Cxx);
         assert_eq!(remote("-xc -c foo.inc").language, Language::C);
+    }
+
+    #[test]
+    fn distribution_and_build_system_flags_are_distributed() {
+        // Debian 12's `dpkg-buildflags` CFLAGS and CPPFLAGS (hardening on), as a package
+        // build passes them.
+        let debian = "-g -O2 -ffile-prefix-map=/build/pkg-1.0=. -fstack-protector-strong \
+                      -fstack-clash-protection -Wformat -Werror=format-security \
+                      -fcf-protection -Wdate-time -D_FORTIFY_SOURCE=2";
+        let c = remote(&format!("-c foo.c -o foo.o {debian}"));
+        assert!(
+            c.compile_args
+                .contains(&"-ffile-prefix-map=/build/pkg-1.0=.".to_owned())
+        );
+        // Fedora's optimisation flags (less the -specs= files and -flto=auto, which run
+        // locally).
+        let fedora = "-O2 -fexceptions -g -grecord-gcc-switches \
+                      -pipe -Wall -Werror=format-security \
+                      -Wp,-U_FORTIFY_SOURCE,-D_FORTIFY_SOURCE=3 -Wp,-D_GLIBCXX_ASSERTIONS \
+                      -fstack-protector-strong -m64 -march=x86-64 -mtune=generic \
+                      -fasynchronous-unwind-tables -fstack-clash-protection -fcf-protection \
+                      -mtls-dialect=gnu2 -fno-omit-frame-pointer -mno-omit-leaf-frame-pointer";
+        let c = remote(&format!("-c foo.c {fedora}"));
+        // Macro passes go to the local preprocessor only.
+        assert!(!c.compile_args.iter().any(|a| a.starts_with("-Wp,")));
+        assert!(
+            c.preprocess_args
+                .iter()
+                .any(|a| a == "-Wp,-U_FORTIFY_SOURCE,-D_FORTIFY_SOURCE=3")
+        );
+        // zstd's CMake build, and other shapes real builds use.
+        for extra in [
+            "-Wa,--noexecstack",
+            "--param=ssp-buffer-size=4",
+            "-fdebug-prefix-map=/src=.",
+            "-fmacro-prefix-map=/src=.",
+        ] {
+            let c = remote(&format!("-c foo.c -O3 -DNDEBUG -fPIC {extra}"));
+            assert!(c.compile_args.contains(&extra.to_owned()), "{extra}");
+        }
     }
 }

@@ -255,6 +255,12 @@ mod tests {
             "-Wc++11-compat",
             "-ftrivial-auto-var-init=zero",
             "-fzero-call-used-regs=used-gpr",
+            // Fedora's and CMake's IPO flags, Debian's hardening assembler flag.
+            "-flto",
+            "-flto=auto",
+            "-ffat-lto-objects",
+            "-fno-fat-lto-objects",
+            "-Wa,--noexecstack",
         ] {
             one(a).unwrap_or_else(|e| panic!("{a}: {e}"));
         }
@@ -350,8 +356,8 @@ mod tests {
             "-Wframe-larger-than=/x",
             "--param=max-inline=/etc",
             "-fmax-errors=1x",
-            "-flto",
-            "-flto=auto",
+            "-Wa,--noexecstack,-a=/tmp/x",
+            "-Wa,-a=/tmp/x,--noexecstack",
         ] {
             let err = one(bad).unwrap_err();
             assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");

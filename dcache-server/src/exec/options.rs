@@ -5,7 +5,7 @@
 //! code generation, optimisation, diagnostics, language dialect and debug info. Nothing
 //! that names a file, loads code, carries another command line or passes options through
 //! to an inner tool (`-fplugin`, `-fcompare-debug=`, `-fdump-…`, `-fprofile-…`,
-//! `-specs=`, `-B`, `-wrapper`, `-Wa,`, `-Xassembler`, `-mllvm`, `-Xclang`,
+//! `-specs=`, `-B`, `-wrapper`, `-Wa,` (but exactly `-Wa,--noexecstack`), `-Xassembler`, `-mllvm`, `-Xclang`,
 //! `-foptimization-record-file=` …) is allowed, for gcc or clang.
 
 /// The value an option takes after `=`.
@@ -136,6 +136,11 @@ pub(crate) const F_OPTIONS: &[(&str, Value)] = &[
     ("limit-debug-info", Value::None),
     ("debug-macro", Value::None),
     ("debug-prefix-map", Value::Mapping),
+    // Link-time optimisation: at -c these only add IR sections to the object (the link,
+    // where LTO runs code generation, never happens on a server).
+    ("lto", Value::None),
+    ("lto", Value::Word),
+    ("fat-lto-objects", Value::None),
     ("file-prefix-map", Value::Mapping),
     ("macro-prefix-map", Value::Mapping),
     // Dialect.
@@ -664,8 +669,10 @@ pub(crate) const G_OPTIONS: &[&str] = &[
 /// `-O` levels, exactly (after `-O`).
 pub(crate) const O_LEVELS: &[&str] = &["", "0", "1", "2", "3", "s", "z", "g", "fast"];
 
-/// Options taken exactly as they are.
+/// Options taken exactly as they are. The one assembler pass-through allowed is
+/// `--noexecstack`, which only marks the stack non-executable.
 pub(crate) const EXACT: &[&str] = &[
+    "-Wa,--noexecstack",
     "-c",
     "-S",
     "-w",
