@@ -191,15 +191,20 @@ fn hello() -> Frame {
     })
 }
 
+/// A `gcc -c` job of preprocessed C, declaring `len` source bytes if given.
+fn gcc_c(source_len: Option<u64>) -> JobDesc {
+    JobDesc {
+        compiler: "gcc".into(),
+        language: "cpp-output".into(),
+        args: vec!["-c".into()],
+        source_len,
+    }
+}
+
 fn job(id: u32, len: Option<u64>) -> Frame {
     Frame::Job {
         job: JobId(id),
-        desc: JobDesc {
-            compiler: "gcc".into(),
-            language: "cpp-output".into(),
-            args: vec!["-c".into()],
-            source_len: len,
-        },
+        desc: gcc_c(len),
     }
 }
 
@@ -594,12 +599,7 @@ async fn ten_thousand_connections_opened_and_dropped() {
 async fn a_client_killed_mid_upload_leaves_nothing_behind() {
     let h = start().await;
     let honest = Honest::start(&h.addr).await;
-    let desc = JobDesc {
-        compiler: "gcc".into(),
-        language: "cpp-output".into(),
-        args: vec!["-c".into()],
-        source_len: Some(200_000),
-    };
+    let desc = gcc_c(Some(200_000));
     let full = Bytes::from(vec![b'x'; 200_000]);
     let key = CacheKey::compute(&desc, &full);
     for _ in 0..5 {
@@ -678,12 +678,7 @@ async fn handshake_flooding_does_not_lock_out_an_authenticated_client() {
     // An authenticated client from another address compiles at once, the flood still
     // connected. (Well inside the 30 s the flood could otherwise hold the server.)
     let honest = client_from("127.0.0.2", h.port, TOKEN).await;
-    let desc = JobDesc {
-        compiler: "gcc".into(),
-        language: "cpp-output".into(),
-        args: vec!["-c".into()],
-        source_len: None,
-    };
+    let desc = gcc_c(None);
     let src = Bytes::from_static(b"int flood_survivor;\n");
     let t = Instant::now();
     let out = tokio::time::timeout(
@@ -724,12 +719,7 @@ async fn a_stalled_upload_gives_its_compile_slot_back() {
         ..ServiceConfig::default()
     })
     .await;
-    let desc = JobDesc {
-        compiler: "gcc".into(),
-        language: "cpp-output".into(),
-        args: vec!["-c".into()],
-        source_len: Some(1 << 20),
-    };
+    let desc = gcc_c(Some(1 << 20));
     let full = Bytes::from(vec![b'x'; 1 << 20]);
     let mut staller = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
     staller
@@ -752,10 +742,7 @@ async fn a_stalled_upload_gives_its_compile_slot_back() {
             .unwrap(),
         ClientConfig::default(),
     );
-    let d2 = JobDesc {
-        source_len: None,
-        ..desc.clone()
-    };
+    let d2 = gcc_c(None);
     let src = Bytes::from_static(b"int waits_for_the_slot;\n");
     // Without the rule the stall would hold the slot for the 60 s stall timeout.
     let out = tokio::time::timeout(
@@ -789,12 +776,7 @@ async fn a_stalled_upload_gives_its_compile_slot_back() {
 async fn a_lying_hash_for_a_cached_key_is_never_counted_as_a_hit() {
     let h = start().await;
     // The honest job's result is cached under its key.
-    let desc = JobDesc {
-        compiler: "gcc".into(),
-        language: "cpp-output".into(),
-        args: vec!["-c".into()],
-        source_len: None,
-    };
+    let desc = gcc_c(None);
     let honest_src = Bytes::from_static(b"int the_honest_one;\n");
     let key = CacheKey::compute(&desc, &honest_src);
     let c = spawn_client(
@@ -866,12 +848,7 @@ async fn a_client_half_closing_mid_upload_is_told_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_saved_by_an_early_answer_are_counted_while_the_connection_lives() {
     let h = start().await;
-    let desc = JobDesc {
-        compiler: "gcc".into(),
-        language: "cpp-output".into(),
-        args: vec!["-c".into()],
-        source_len: Some(100_000),
-    };
+    let desc = gcc_c(Some(100_000));
     let full = Bytes::from(vec![b'y'; 100_000]);
     let key = CacheKey::compute(&desc, &full);
     let c = spawn_client(

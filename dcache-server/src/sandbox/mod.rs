@@ -142,7 +142,7 @@ impl Sandbox {
             program,
             args,
             policy,
-            self.protections.namespaces(),
+            self.protections.namespaces,
         ));
         c
     }

@@ -29,11 +29,6 @@ pub struct Protections {
 }
 
 impl Protections {
-    /// Whether compiles run in namespaces.
-    pub fn namespaces(&self) -> bool {
-        self.namespaces
-    }
-
     /// The protections a server requires to serve beyond loopback that are missing.
     pub fn missing_required(&self) -> Vec<&'static str> {
         let mut missing = Vec::new();
