@@ -17,6 +17,10 @@ fn result(n: u8, size: usize) -> JobResult {
     }
 }
 
+/// What an entry of [`result`]`(n, 10_000)` takes on disk: the size limit counts
+/// blocks, as du does (three of 4 KiB on ext4).
+const ON_DISK_10K: u64 = 12_288;
+
 fn key(n: u8) -> StoreKey {
     StoreKey([n; 32])
 }
@@ -86,7 +90,7 @@ async fn corrupt_or_truncated_entries_are_removed_never_served() {
 #[tokio::test]
 async fn disk_store_evicts_by_size_in_lru_order_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let s = DiskStore::open(dir.path(), 3 * 10_300).unwrap();
+    let s = DiskStore::open(dir.path(), 3 * ON_DISK_10K).unwrap();
     for n in 1..=3 {
         s.put(&key(n), &result(n, 10_000)).await.unwrap();
         // mtime resolution: keep the order unambiguous for the restart below.
@@ -94,14 +98,14 @@ async fn disk_store_evicts_by_size_in_lru_order_across_restarts() {
     }
     assert!(s.get(&key(1)).await.is_some());
     drop(s);
-    let s = DiskStore::open(dir.path(), 3 * 10_300).unwrap();
+    let s = DiskStore::open(dir.path(), 3 * ON_DISK_10K).unwrap();
     s.put(&key(4), &result(4, 10_000)).await.unwrap();
     assert!(s.get(&key(2)).await.is_none(), "2 was least recently used");
     assert!(
         s.get(&key(1)).await.is_some(),
         "the hit on 1 survived the restart"
     );
-    assert!(s.stats().bytes <= 3 * 10_300);
+    assert!(s.stats().bytes <= 3 * ON_DISK_10K);
 }
 
 #[tokio::test]
@@ -247,7 +251,7 @@ async fn start_up_cleans_old_temp_files_shrinks_to_the_limit_and_ignores_strange
     std::fs::write(&upper, b"x").unwrap();
 
     // A smaller limit this time: the two oldest go.
-    let s = DiskStore::open(dir.path(), 2 * 10_300).unwrap();
+    let s = DiskStore::open(dir.path(), 2 * ON_DISK_10K).unwrap();
     assert!(
         !stale.exists(),
         "a crashed writer's old temp file is removed"
@@ -310,8 +314,9 @@ async fn a_lazy_store_reads_what_others_wrote_and_keeps_each_shard_within_its_sh
     let dir = tempfile::tempdir().unwrap();
     let full = DiskStore::open(dir.path(), 1 << 30).unwrap();
     full.put(&key(7), &result(7, 1000)).await.unwrap();
-    // 256 shards of a 2.56 MB limit: 10,000 bytes each.
-    let limit = 256 * 10_000;
+    // 256 shards of a 4 MiB limit: 16 KiB each on disk, the directory's own block
+    // included (4 KiB on ext4), so three entries of one 4 KiB block each.
+    let limit = 256 * 16_384;
     let lazy = DiskStore::open_lazy(dir.path(), limit).unwrap();
     assert_eq!(lazy.stats().entries, 0, "nothing scanned at open");
     assert_eq!(lazy.get(&key(7)).await, Some(result(7, 1000)));
@@ -331,7 +336,7 @@ async fn a_lazy_store_reads_what_others_wrote_and_keeps_each_shard_within_its_sh
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .collect();
-    assert!(sizes.iter().sum::<u64>() <= 10_000, "{sizes:?}");
+    assert!(sizes.iter().sum::<u64>() <= 12_288, "{sizes:?}");
     assert_eq!(sizes.len(), 3, "{sizes:?}");
     assert_eq!(lazy.stats().evictions, 3);
     // The oldest went first; the newest are whole and verified.
@@ -390,4 +395,65 @@ async fn an_entry_planted_in_the_cache_directory_is_never_served() {
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
     let err = DiskStore::open(dir.path(), 1 << 20).unwrap_err();
     assert!(err.to_string().contains("chmod 600"), "{err}");
+}
+
+/// What `du` counts under a directory: every file's and directory's blocks.
+fn du(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir).unwrap();
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        for e in std::fs::read_dir(dir).unwrap() {
+            total += du(&e.unwrap().path());
+        }
+    }
+    total
+}
+
+#[tokio::test]
+async fn a_lazy_store_with_a_small_limit_stays_within_it_on_disk() {
+    // 300 KiB over 256 fan-out directories is about one block each: each directory's
+    // share cannot hold an entry, so the store must keep the limit as a whole, counting
+    // blocks and directories as du does (the 300K limit that left 1.1 MB on disk).
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 300 * 1024;
+    let s = DiskStore::open_lazy(dir.path(), limit).unwrap();
+    let mut last = key(0);
+    for i in 0..200u32 {
+        let k = StoreKey(*blake3::hash(&i.to_le_bytes()).as_bytes());
+        s.put(&k, &result((i % 250) as u8, 3000)).await.unwrap();
+        last = k;
+    }
+    let used = du(s.root());
+    assert!(used <= limit, "{used} bytes on disk for a {limit}-byte limit");
+    // Kept full, not emptied: at least two thirds of the limit holds entries.
+    assert!(used >= limit / 3 * 2, "only {used} bytes kept of {limit}");
+    assert!(s.get(&last).await.is_some(), "the newest entry was evicted");
+    let usage = DiskStore::usage(dir.path()).unwrap();
+    assert_eq!(usage.bytes, used, "usage() counts what du counts");
+    assert!(s.stats().evictions >= 100);
+}
+
+#[tokio::test]
+async fn usage_counts_entries_and_clear_removes_them_but_keeps_the_store_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(DiskStore::usage(dir.path()).unwrap().entries, 0, "absent is empty");
+    let s = DiskStore::open_lazy(dir.path(), 1 << 30).unwrap();
+    for n in 1..=5 {
+        s.put(&key(n), &result(n, 2000)).await.unwrap();
+    }
+    // Not ours: left alone by clear.
+    let stranger = s.root().join("README");
+    std::fs::write(&stranger, b"keep me").unwrap();
+    let usage = DiskStore::usage(dir.path()).unwrap();
+    assert_eq!(usage.entries, 5);
+    assert_eq!(usage.bytes, du(s.root()));
+    assert_eq!(DiskStore::clear(dir.path()).unwrap(), 5);
+    assert_eq!(DiskStore::usage(dir.path()).unwrap().entries, 0);
+    assert!(stranger.exists());
+    assert_eq!(s.get(&key(1)).await, None);
+    // The same store, and a new one (same secret), write and read again.
+    s.put(&key(9), &result(9, 100)).await.unwrap();
+    let again = DiskStore::open_lazy(dir.path(), 1 << 30).unwrap();
+    assert_eq!(again.get(&key(9)).await, Some(result(9, 100)));
 }

@@ -18,6 +18,7 @@
 //! cache whose every entry can be rebuilt.
 
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -86,12 +87,14 @@ impl Inner {
                 return None;
             }
         };
-        let size = data.len() as u64;
+        let len = data.len() as u64;
         match entry::decode(&self.seal, key, Bytes::from(data)) {
             Ok(result) => {
                 // Refresh the time so the LRU order survives a restart; best effort.
+                let mut size = len;
                 if let Ok(f) = std::fs::File::options().append(true).open(&path) {
                     let _ = f.set_modified(SystemTime::now());
+                    size = f.metadata().map_or(len, |m| disk_usage(&m));
                 }
                 let mut st = self.lock();
                 if st.lru.contains(key) {
@@ -113,27 +116,42 @@ impl Inner {
 
     fn put(&self, key: &StoreKey, value: &JobResult) -> Result<(), StoreError> {
         let data = entry::encode(&self.seal, key, value)?;
-        let size = data.len() as u64;
-        if size > self.limit {
-            return Err(StoreError::TooLarge(size));
+        let len = data.len() as u64;
+        if len > self.limit {
+            return Err(StoreError::TooLarge(len));
         }
         let path = self.path(key);
-        let write = || -> std::io::Result<()> {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
+        let write = || -> std::io::Result<u64> {
+            let parent = path.parent().unwrap_or(&self.root);
+            std::fs::create_dir_all(parent)?;
             let mut tmp = tempfile::NamedTempFile::new_in(self.tmp_dir())?;
             tmp.write_all(&data)?;
-            tmp.persist(&path).map_err(|e| e.error)?;
-            Ok(())
+            let size = tmp.as_file().metadata().map_or(len, |m| disk_usage(&m));
+            if let Err(e) = tmp.persist(&path) {
+                // Another process's eviction may have removed the emptied fan-out
+                // directory between our mkdir and the rename: make it again, once.
+                if e.error.kind() != std::io::ErrorKind::NotFound {
+                    return Err(e.error);
+                }
+                std::fs::create_dir_all(parent)?;
+                e.file.persist(&path).map_err(|e| e.error)?;
+            }
+            Ok(size)
         };
-        if let Err(e) = write() {
-            self.lock().write_errors += 1;
-            return Err(e.into());
-        }
+        let size = match write() {
+            Ok(size) => size,
+            Err(e) => {
+                self.lock().write_errors += 1;
+                return Err(e.into());
+            }
+        };
         if self.lazy {
             self.lock().lru.insert(*key, size);
-            self.evict_shard(key);
+            if !self.evict_shard(key) {
+                // The entry alone is larger than its directory's share (a small limit,
+                // or a huge object): only a look at the whole store keeps the limit.
+                self.evict_global(key);
+            }
             // A lazy store never scans at start, so one write in 256 sweeps up after
             // crashed writers instead.
             if key.0[0] == 0 {
@@ -164,14 +182,20 @@ impl Inner {
     /// Keeps the fan-out directory `key` went into within its share of the limit, oldest
     /// (least recently used) entries first; never the entry just written. Keys are uniform
     /// hashes, so the directories fill evenly and the total stays near the limit, while a
-    /// write costs a listing of 1/256 of the store instead of all of it.
-    fn evict_shard(&self, key: &StoreKey) {
+    /// write costs a listing of 1/256 of the store instead of all of it. The share counts
+    /// what the directory takes on disk: its files' blocks and its own. Returns whether
+    /// the directory is within its share afterwards (false when the new entry alone
+    /// exceeds it).
+    fn evict_shard(&self, key: &StoreKey) -> bool {
         let hex = key.to_hex();
-        let Some(prefix) = hex.get(..2) else { return };
-        let mut found = scan(&[(prefix.to_owned(), self.root.join(prefix))]);
+        let Some(prefix) = hex.get(..2) else {
+            return true;
+        };
+        let dir = self.root.join(prefix);
+        let mut found = scan(&[(prefix.to_owned(), dir.clone())]);
         found.sort_unstable_by_key(|(t, k, _)| (*t, *k));
         let budget = (self.limit / SHARDS).max(1);
-        let mut total: u64 = found.iter().map(|(_, _, size)| size).sum();
+        let mut total: u64 = found.iter().map(|(_, _, size)| size).sum::<u64>() + dir_usage(&dir);
         for (_, old, size) in found {
             if total <= budget {
                 break;
@@ -179,12 +203,50 @@ impl Inner {
             if old == *key {
                 continue;
             }
-            if std::fs::remove_file(self.path(&old)).is_ok() {
-                let mut st = self.lock();
-                st.lru.remove(&old);
-                st.evictions += 1;
-            }
+            self.evict(&old);
             total -= size;
+        }
+        total <= budget
+    }
+
+    /// Keeps the whole store within the limit, counting everything under its root as it
+    /// sits on disk (entries, the fan-out directories, the temporary directory, the
+    /// secret): the least recently used entries go first, never `keep`, and fan-out
+    /// directories left empty are removed (each costs a block of its own). Costs a
+    /// listing of every directory, so it runs only when one directory's share cannot
+    /// hold the entry just written: with a small limit, where the store is small too.
+    fn evict_global(&self, keep: &StoreKey) {
+        let (dirs, overhead) = fanout_dirs(&self.root);
+        let mut found = scan(&dirs);
+        found.sort_unstable_by_key(|(t, k, _)| (*t, *k));
+        let dir_size: u64 = dirs.iter().map(|(_, d)| dir_usage(d)).sum();
+        let mut total = found.iter().map(|(_, _, size)| size).sum::<u64>() + dir_size + overhead;
+        let mut emptied = Vec::new();
+        for (_, old, size) in found {
+            if total <= self.limit {
+                break;
+            }
+            if old == *keep {
+                continue;
+            }
+            self.evict(&old);
+            total -= size;
+            emptied.push(old.to_hex());
+        }
+        emptied.sort_unstable_by(|a, b| a[..2].cmp(&b[..2]));
+        emptied.dedup_by(|a, b| a[..2] == b[..2]);
+        for hex in emptied {
+            // Fails, harmlessly, while the directory still holds an entry.
+            let _ = std::fs::remove_dir(self.root.join(&hex[..2]));
+        }
+    }
+
+    /// Removes one entry to make room, counting it.
+    fn evict(&self, old: &StoreKey) {
+        if std::fs::remove_file(self.path(old)).is_ok() {
+            let mut st = self.lock();
+            st.lru.remove(old);
+            st.evictions += 1;
         }
     }
 
@@ -245,6 +307,56 @@ impl DiskStore {
     pub fn root(&self) -> &Path {
         &self.inner.root
     }
+
+    /// What the store in `dir` (the directory given to [`open`](Self::open)) holds, as
+    /// `du` would count it, without opening it (no secret is created, nothing is
+    /// indexed): for a cache's owner asking how full it is. An absent store is empty.
+    pub fn usage(dir: &Path) -> std::io::Result<DiskUsage> {
+        let root = dir.join("v1");
+        if !root.try_exists()? {
+            return Ok(DiskUsage::default());
+        }
+        let (dirs, overhead) = fanout_dirs(&root);
+        let found = scan(&dirs);
+        let dir_size: u64 = dirs.iter().map(|(_, d)| dir_usage(d)).sum();
+        Ok(DiskUsage {
+            entries: found.len() as u64,
+            bytes: found.iter().map(|(_, _, size)| size).sum::<u64>() + dir_size + overhead,
+        })
+    }
+
+    /// Removes every entry of the store in `dir` and the fan-out directories that held
+    /// them; keeps the secret, so stores open on the directory meanwhile go on working
+    /// (what they had indexed is then simply missing). Returns how many entries went.
+    /// Only names the store itself writes are removed: anything else found there stays.
+    pub fn clear(dir: &Path) -> std::io::Result<u64> {
+        let root = dir.join("v1");
+        if !root.try_exists()? {
+            return Ok(0);
+        }
+        let (dirs, _) = fanout_dirs(&root);
+        let mut removed = 0;
+        for hex in scan(&dirs).into_iter().map(|(_, k, _)| k.to_hex()) {
+            match std::fs::remove_file(root.join(&hex[..2]).join(&hex)) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for (_, d) in dirs {
+            let _ = std::fs::remove_dir(d);
+        }
+        Ok(removed)
+    }
+}
+
+/// What a store directory takes on disk (see [`DiskStore::usage`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// Entries held.
+    pub entries: u64,
+    /// Bytes on disk: the entries' blocks, the directories', the secret's.
+    pub bytes: u64,
 }
 
 impl Inner {
@@ -266,14 +378,7 @@ impl Inner {
 
     fn rebuild(&self) -> std::io::Result<()> {
         self.sweep_stale_tmp()?;
-        let mut fanout = Vec::new();
-        for sub in std::fs::read_dir(&self.root)?.flatten() {
-            let name = sub.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if name.len() == 2 && sub.file_type().is_ok_and(|t| t.is_dir()) {
-                fanout.push((name.to_owned(), sub.path()));
-            }
-        }
+        let (fanout, _) = fanout_dirs(&self.root);
         // One stat per entry dominates; spread the fan-out directories over the cores.
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
         let per = fanout.len().div_ceil(threads).max(1);
@@ -336,10 +441,51 @@ fn scan(dirs: &[(String, PathBuf)]) -> Vec<(Duration, StoreKey, u64)> {
                 .ok()
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
                 .unwrap_or_default();
-            found.push((mtime, key, meta.len()));
+            found.push((mtime, key, disk_usage(&meta)));
         }
     }
     found
+}
+
+/// What a file or directory takes on disk: its allocated blocks (what `du` counts),
+/// at least its length (a file system that reports no blocks still pays for the bytes).
+fn disk_usage(meta: &std::fs::Metadata) -> u64 {
+    (meta.blocks() * 512).max(meta.len())
+}
+
+fn dir_usage(dir: &Path) -> u64 {
+    std::fs::symlink_metadata(dir).map_or(0, |m| disk_usage(&m))
+}
+
+/// The fan-out directories under `root` (name, path), and what everything else under
+/// it takes on disk (the root itself, the temporary directory and its files, the
+/// secret), not following links.
+fn fanout_dirs(root: &Path) -> (Vec<(String, PathBuf)>, u64) {
+    let mut fanout = Vec::new();
+    let mut overhead = dir_usage(root);
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return (fanout, overhead);
+    };
+    for sub in entries.flatten() {
+        let name = sub.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Ok(meta) = sub.metadata() else { continue };
+        if name.len() == 2 && meta.is_dir() {
+            fanout.push((name.to_owned(), sub.path()));
+            continue;
+        }
+        overhead += disk_usage(&meta);
+        if meta.is_dir() {
+            if let Ok(files) = std::fs::read_dir(sub.path()) {
+                overhead += files
+                    .flatten()
+                    .filter_map(|f| f.metadata().ok())
+                    .map(|m| disk_usage(&m))
+                    .sum::<u64>();
+            }
+        }
+    }
+    (fanout, overhead)
 }
 
 fn parse_hex_key(name: &str) -> Option<StoreKey> {

@@ -13,7 +13,7 @@ mod tiered;
 
 use dcache_proto::JobResult;
 
-pub use disk::DiskStore;
+pub use disk::{DiskStore, DiskUsage};
 pub use memory::MemoryStore;
 pub use seal::SealKey;
 pub use tiered::TieredStore;
