@@ -5,10 +5,12 @@
 //! Features:
 //! - `embedded` (off by default): the wrapper's whole compile flow
 //!   ([`wrapper::run`](crate::wrapper)) and its embedded back end, which runs the server
-//!   library in this process. It pulls in `dcache-server`, so a program that only talks
+//!   library in this process, and the local cache's upkeep (`cache_admin`). It pulls in `dcache-server`, so a program that only talks
 //!   to servers leaves it off.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "embedded")]
+pub mod cache_admin;
 mod client;
 pub mod hosts;
 pub mod stats;

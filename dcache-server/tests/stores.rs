@@ -425,7 +425,10 @@ async fn a_lazy_store_with_a_small_limit_stays_within_it_on_disk() {
         last = k;
     }
     let used = du(s.root());
-    assert!(used <= limit, "{used} bytes on disk for a {limit}-byte limit");
+    assert!(
+        used <= limit,
+        "{used} bytes on disk for a {limit}-byte limit"
+    );
     // Kept full, not emptied: at least two thirds of the limit holds entries.
     assert!(used >= limit / 3 * 2, "only {used} bytes kept of {limit}");
     assert!(s.get(&last).await.is_some(), "the newest entry was evicted");
@@ -437,7 +440,11 @@ async fn a_lazy_store_with_a_small_limit_stays_within_it_on_disk() {
 #[tokio::test]
 async fn usage_counts_entries_and_clear_removes_them_but_keeps_the_store_usable() {
     let dir = tempfile::tempdir().unwrap();
-    assert_eq!(DiskStore::usage(dir.path()).unwrap().entries, 0, "absent is empty");
+    assert_eq!(
+        DiskStore::usage(dir.path()).unwrap().entries,
+        0,
+        "absent is empty"
+    );
     let s = DiskStore::open_lazy(dir.path(), 1 << 30).unwrap();
     for n in 1..=5 {
         s.put(&key(n), &result(n, 2000)).await.unwrap();

@@ -2,9 +2,10 @@
 //!
 //! Every `dcache` process appends one line of counts to `DIR/stats.log` with a single
 //! append write, which the kernel keeps whole even when many processes (make -j) write at
-//! once; `dcache --stats` sums the lines and `--zero-stats` removes the file.
+//! once; `dcache --stats` sums the lines and `--zero-stats` removes the file. The file
+//! stays short: past a few KiB its lines are folded into their sums
+//! ([`bounded_log`](super::bounded_log)).
 
-use std::io::Write;
 use std::path::Path;
 
 /// What one process adds.
@@ -59,13 +60,8 @@ pub fn record(dir: &Path, d: &Delta) {
         .join(" ")
         + "\n";
     let _ = std::fs::create_dir_all(dir);
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("stats.log"))
-    {
-        let _ = f.write_all(line.as_bytes());
-    }
+    // Folded into one line past a few KiB, so the log stays bounded.
+    super::bounded_log::append(&dir.join("stats.log"), line.as_bytes());
 }
 
 /// The sums of every recorded line, as (name, value) pairs.
@@ -96,6 +92,7 @@ pub fn reset(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn lines_add_up_a_torn_line_is_skipped_and_reset_forgets() {

@@ -13,6 +13,7 @@ use crate::Client;
 use crate::wrapper::Config;
 
 pub mod baseline;
+pub mod bounded_log;
 pub mod local;
 
 /// One named set of counters: a server's, or the local cache's.

@@ -68,12 +68,14 @@ impl Backend {
             });
         }
         // Lazy: one compile per process, so no scan of the whole cache on every start.
-        let store = DiskStore::open_lazy(&config.dir.join("cache"), config.cache_size).map_err(
-            |source| BackendError::Cache {
+        // The results' share of the limit, which covers all of DCACHE_DIR.
+        let limit = crate::cache_admin::Budget::for_limit(config.cache_size).results;
+        let store = DiskStore::open_lazy(&config.dir.join("cache"), limit).map_err(|source| {
+            BackendError::Cache {
                 dir: config.dir.clone(),
                 source,
-            },
-        )?;
+            }
+        })?;
         // Compiling for the user on the user's machine: in the user's directory and
         // locale, so warnings quote source lines and use the quotes a local compile would.
         // Only the compiler this process runs, and its identity remembered across

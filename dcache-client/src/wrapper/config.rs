@@ -54,6 +54,10 @@ pub enum ConfigError {
     /// `DCACHE_CACHE_SIZE` is not a size.
     #[error("DCACHE_CACHE_SIZE: {0}")]
     CacheSize(#[from] SizeError),
+    /// `DCACHE_DIR/dcache.toml` cannot be read or holds a mistake (the message names
+    /// the file, the line and the key).
+    #[error("{0}")]
+    File(#[from] super::config_file::FileError),
     /// `DCACHE_TOKEN` is too weak to use (see [`dcache_transport::token`]).
     #[error("DCACHE_TOKEN: {0}")]
     Token(#[source] TokenError),
@@ -132,7 +136,10 @@ impl Config {
             .unwrap_or_else(|| user_cache_dir().join("dcache"));
         let cache_size = match var("DCACHE_CACHE_SIZE") {
             Some(s) => parse_size(&s)?,
-            None => DEFAULT_CACHE_SIZE,
+            // The limit `dcache --max-size` persisted, if any (the variable overrides it).
+            None => super::config_file::load(&dir)?
+                .max_size
+                .unwrap_or(DEFAULT_CACHE_SIZE),
         };
         let token = match (var("DCACHE_TOKEN"), var("DCACHE_TOKEN_FILE")) {
             (Some(t), _) => Some(token_key(t.as_bytes()).map_err(ConfigError::Token)?),
@@ -193,6 +200,12 @@ usage: dcache COMPILER [ARGS...]   compile as COMPILER would (e.g. make CC=\"dca
        dcache --stats [--json]    show each server's counters (or the local cache's)
        dcache --zero-stats        reset the counters --stats shows (for servers: from now on,
                                   for this user; the servers' own counters are shared)
+       dcache --show-stats [--json]  (-s) the counters, and the local cache's size,
+                                  entries and limit
+       dcache --clear             (-C) empty the local cache (results and manifests)
+       dcache --max-size SIZE     (-M) set the local cache's limit (e.g. 10G, 500M), kept
+                                  in DCACHE_DIR/dcache.toml, and shrink the cache to it
+       dcache --show-config       (-p) every setting, and where its value comes from
        dcache --demo              build a bundled C program cold, then warm
        dcache --help
 
@@ -211,7 +224,8 @@ environment:
                      compiled locally (default 330: past the server's compile limit)
   DCACHE_DIR         local directory: the embedded cache, direct-mode manifests and
                      statistics (default: ~/.cache/dcache)
-  DCACHE_CACHE_SIZE  the embedded cache's size limit (default: 5G)
+  DCACHE_CACHE_SIZE  the embedded cache's size limit (default: what dcache --max-size
+                     set in DCACHE_DIR/dcache.toml, else 5G)
   DCACHE_BASEDIR     absolute directory (e.g. your home): paths inside it are made
                      relative in the preprocessed source, so checkouts in different
                      places share cache entries (file names in objects become relative)

@@ -21,7 +21,7 @@ use super::base_dir::relativize_line_markers;
 use super::config::Config;
 use super::direct::{self, DirectKey, Invocation};
 use super::local::{needs_local_rerun, preprocess, run_locally, write_atomically};
-use super::manifests::{ManifestLimits, ManifestStore};
+use super::manifests::ManifestStore;
 use super::response::expand_response_files;
 
 /// Runs the wrapper for `compiler args…` as `dcache` does, printing what the compiler
@@ -227,9 +227,11 @@ fn direct_key(
 
 /// The store manifests live in: `DCACHE_DIR/manifests`, bounded beside the results cache.
 fn manifest_store(config: &Config) -> ManifestStore {
+    // Their share of the limit, which covers all of DCACHE_DIR.
+    let budget = crate::cache_admin::Budget::for_limit(config.cache_size);
     ManifestStore::new(
         config.dir.join("manifests"),
-        ManifestLimits::for_cache_size(config.cache_size),
+        budget.manifest_limits(config.cache_size),
     )
 }
 

@@ -17,7 +17,8 @@
 //!   never another compile's key. What passes the check is still parsed by a bounded
 //!   reader ([`Manifest::decode`]), and its entries are used only when every file they
 //!   list hashes as recorded ([`Manifest::find_current`]).
-//! - **It stays bounded.** About one write in [`SWEEP_ONE_IN`] scans the directory and,
+//! - **It stays bounded.** About one write in [`SWEEP_ONE_IN`] (every write when the
+//!   limit is under [`ALWAYS_SWEEP_BELOW`]) scans the directory and,
 //!   when it holds more than [`ManifestLimits`] allows, removes the least recently used
 //!   files (by modification time, which a hit refreshes) down to nine tenths of the
 //!   limits; it also removes temporary files a crashed writer left behind.
@@ -45,6 +46,10 @@ pub const MAX_FILE_BYTES: u64 = 16 << 20;
 /// About one write in this many sweeps the directory: often enough to keep it near its
 /// limits, rarely enough that a write does not pay for a directory scan.
 pub const SWEEP_ONE_IN: u8 = 32;
+
+/// A store whose byte limit is at most this is swept on every write (at most a few
+/// hundred files to list).
+pub const ALWAYS_SWEEP_BELOW: u64 = 1 << 20;
 
 /// Temporary files older than this are a crashed writer's leftovers, removed by a sweep.
 const STALE_TEMP: Duration = Duration::from_secs(3600);
@@ -166,7 +171,9 @@ impl ManifestStore {
         temp.persist(self.path(key))
             .map_err(|e| write_error(e.error))?;
         // The digest is as good as a random number for deciding when to sweep.
-        if bytes[MAGIC.len()] % SWEEP_ONE_IN == 0 {
+        // A small store (a small DCACHE_CACHE_SIZE) is swept on every write: listing it
+        // is cheap, and 32 writes between sweeps would overshoot its limit many times.
+        if bytes[MAGIC.len()] % SWEEP_ONE_IN == 0 || self.limits.max_bytes <= ALWAYS_SWEEP_BELOW {
             self.sweep();
         }
         Ok(())
@@ -202,7 +209,9 @@ impl ManifestStore {
                     let _ = std::fs::remove_file(entry.path());
                 }
             } else if is_manifest_name(name) {
-                files.push((modified, meta.len(), entry.path()));
+                // What the file takes on disk, as the results cache counts (and du).
+                let used = (std::os::unix::fs::MetadataExt::blocks(&meta) * 512).max(meta.len());
+                files.push((modified, used, entry.path()));
             }
         }
         let mut count = files.len();

@@ -3,6 +3,7 @@
 //!
 //! The building blocks work without a server in the build:
 //! - [`config`]: [`Config`] from `DCACHE_*` variables, and the [`HELP`] text;
+//! - [`config_file`]: the settings `dcache --max-size` persists in `DCACHE_DIR/dcache.toml`;
 //! - [`response`]: `@file` arguments, expanded before anything is decided;
 //! - [`args`]: whether a call can be distributed, and the [`CompilePlan`](args::CompilePlan);
 //! - [`local`]: the local preprocessor run, the local compile, atomic output writes, and
@@ -21,6 +22,7 @@ pub mod args;
 pub mod backend;
 pub mod base_dir;
 pub mod config;
+pub mod config_file;
 pub mod direct;
 #[cfg(feature = "embedded")]
 pub mod flow;

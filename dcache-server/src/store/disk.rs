@@ -150,7 +150,7 @@ impl Inner {
             if !self.evict_shard(key) {
                 // The entry alone is larger than its directory's share (a small limit,
                 // or a huge object): only a look at the whole store keeps the limit.
-                self.evict_global(key);
+                self.evict_global(Some(key));
             }
             // A lazy store never scans at start, so one write in 256 sweeps up after
             // crashed writers instead.
@@ -215,29 +215,39 @@ impl Inner {
     /// directories left empty are removed (each costs a block of its own). Costs a
     /// listing of every directory, so it runs only when one directory's share cannot
     /// hold the entry just written: with a small limit, where the store is small too.
-    fn evict_global(&self, keep: &StoreKey) {
+    fn evict_global(&self, keep: Option<&StoreKey>) {
         let (dirs, overhead) = fanout_dirs(&self.root);
         let mut found = scan(&dirs);
         found.sort_unstable_by_key(|(t, k, _)| (*t, *k));
-        let dir_size: u64 = dirs.iter().map(|(_, d)| dir_usage(d)).sum();
+        // Entries left in each fan-out directory: the last one out takes the
+        // directory's own block with it.
+        let mut left: std::collections::HashMap<u8, (usize, u64)> = dirs
+            .iter()
+            .filter_map(|(name, d)| Some((u8::from_str_radix(name, 16).ok()?, (0, dir_usage(d)))))
+            .collect();
+        for (_, k, _) in &found {
+            if let Some((n, _)) = left.get_mut(&k.0[0]) {
+                *n += 1;
+            }
+        }
+        let dir_size: u64 = left.values().map(|(_, size)| size).sum();
         let mut total = found.iter().map(|(_, _, size)| size).sum::<u64>() + dir_size + overhead;
-        let mut emptied = Vec::new();
         for (_, old, size) in found {
             if total <= self.limit {
                 break;
             }
-            if old == *keep {
+            if Some(&old) == keep {
                 continue;
             }
             self.evict(&old);
             total -= size;
-            emptied.push(old.to_hex());
-        }
-        emptied.sort_unstable_by(|a, b| a[..2].cmp(&b[..2]));
-        emptied.dedup_by(|a, b| a[..2] == b[..2]);
-        for hex in emptied {
-            // Fails, harmlessly, while the directory still holds an entry.
-            let _ = std::fs::remove_dir(self.root.join(&hex[..2]));
+            if let Some((n, dir)) = left.get_mut(&old.0[0]) {
+                *n -= 1;
+                // Fails, harmlessly, if another process has just written into it.
+                if *n == 0 && std::fs::remove_dir(self.root.join(&old.to_hex()[..2])).is_ok() {
+                    total = total.saturating_sub(*dir);
+                }
+            }
         }
     }
 
@@ -323,6 +333,15 @@ impl DiskStore {
             entries: found.len() as u64,
             bytes: found.iter().map(|(_, _, size)| size).sum::<u64>() + dir_size + overhead,
         })
+    }
+
+    /// Shrinks the store in `dir` to `limit` bytes on disk now, least recently used
+    /// entries first, as a write would (for a limit just lowered: `dcache --max-size`).
+    /// Returns how many entries went.
+    pub fn trim(dir: &Path, limit: u64) -> Result<u64, StoreError> {
+        let store = Self::open_lazy(dir, limit)?;
+        store.inner.evict_global(None);
+        Ok(store.inner.lock().evictions)
     }
 
     /// Removes every entry of the store in `dir` and the fan-out directories that held

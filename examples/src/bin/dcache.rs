@@ -1,12 +1,13 @@
 //! `dcache COMPILER ARGS...`: the compiler wrapper. See `dcache --help`.
 //!
 //! A thin main: the wrapper is `dcache_client::wrapper` (with the `embedded` feature),
-//! the statistics `dcache_client::stats`.
+//! the statistics `dcache_client::stats`, the local cache's upkeep
+//! `dcache_client::cache_admin`.
 
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use dcache_client::{stats, wrapper};
+use dcache_client::{cache_admin, stats, wrapper};
 use dcache_examples::util;
 
 fn main() -> ExitCode {
@@ -48,6 +49,59 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Some("--show-stats" | "-s") => {
+            // The counters, then how full the local cache is.
+            let json = args.get(1).is_some_and(|a| a == "--json");
+            let report = runtime.block_on(stats::gather(&config));
+            for (host, e) in &report.unreachable {
+                eprintln!("dcache: {host}: {e}");
+            }
+            match cache_admin::report(&config) {
+                Ok(cache) if json => println!(
+                    "{{\"counters\": {}, \"cache\": {}}}",
+                    report.to_json(),
+                    cache.to_json()
+                ),
+                Ok(cache) => print!("{}{}", report.to_text(), cache.to_text()),
+                Err(e) => return fail(&e),
+            }
+            ExitCode::SUCCESS
+        }
+        Some("--clear" | "-C") => match cache_admin::clear(&config) {
+            Ok(c) => {
+                println!(
+                    "dcache: removed {} results and {} manifests",
+                    c.entries, c.manifests
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Some(opt @ ("--max-size" | "-M")) => match args.get(1).and_then(|a| a.to_str()) {
+            Some(value) => match cache_admin::set_max_size(&config.dir, value) {
+                Ok(limit) => {
+                    println!(
+                        "dcache: max size {} set in {}",
+                        cache_admin::format_size(limit),
+                        wrapper::config_file::path(&config.dir).display()
+                    );
+                    if std::env::var_os("DCACHE_CACHE_SIZE").is_some_and(|v| !v.is_empty()) {
+                        eprintln!("dcache: note: DCACHE_CACHE_SIZE is set and overrides it");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            },
+            None => {
+                eprintln!("dcache: {opt} needs a size (e.g. 10G, 512M)");
+                ExitCode::from(2)
+            }
+        },
+        Some("--show-config" | "-p") => {
+            let settings = cache_admin::show_config(&config, |n| std::env::var(n).ok());
+            print!("{}", cache_admin::settings_text(&settings));
+            ExitCode::SUCCESS
+        }
         Some("--demo") => ExitCode::from(u8::try_from(dcache_examples::demo::run()).unwrap_or(1)),
         Some("--zero-stats") => match runtime.block_on(stats::zero(&config)) {
             Ok(()) => ExitCode::SUCCESS,
@@ -67,4 +121,9 @@ fn main() -> ExitCode {
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
     }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("dcache: {e}");
+    ExitCode::FAILURE
 }
