@@ -46,6 +46,7 @@ pub fn preprocess(plan: &CompilePlan) -> Result<Preprocessed, PreprocessError> {
         Language::Cxx => "c++",
     };
     let out = Command::new(&plan.compiler)
+        .envs(super::masquerade::depth_env())
         .arg("-E")
         .args(&plan.preprocess_args)
         .arg("-x")
@@ -69,7 +70,10 @@ pub fn preprocess(plan: &CompilePlan) -> Result<Preprocessed, PreprocessError> {
 /// Runs the compiler with the original arguments and this process's stdio, as if the
 /// wrapper were not there. Returns the exit code to exit with.
 pub fn run_locally(compiler: &OsString, args: &[OsString]) -> std::io::Result<i32> {
-    let status = Command::new(compiler).args(args).status()?;
+    let status = Command::new(compiler)
+        .envs(super::masquerade::depth_env())
+        .args(args)
+        .status()?;
     Ok(exit_code(status))
 }
 

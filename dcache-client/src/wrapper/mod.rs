@@ -10,6 +10,8 @@
 //!   the rule for when a returned result must be redone locally;
 //! - [`base_dir`]: `DCACHE_BASEDIR`'s rewrite of line markers;
 //! - [`direct`]: direct mode's keys and manifests;
+//! - [`masquerade`]: dcache invoked through a link named after a compiler, and the real
+//!   compiler further on `PATH`;
 //! - [`manifests`]: the directory under `DCACHE_DIR` the manifests are kept in, on the
 //!   client's side whatever the back end.
 //!
@@ -28,6 +30,7 @@ pub mod direct;
 pub mod flow;
 pub mod local;
 pub mod manifests;
+pub mod masquerade;
 pub mod response;
 
 #[cfg(feature = "embedded")]

@@ -31,6 +31,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if let Some(name) = wrapper::masquerade::invoked_as(&argv0) {
+        // Invoked through a link named after a compiler: every argument is the
+        // compiler's, and the compiler is the next one on PATH that is not dcache.
+        let compiler = match wrapper::masquerade::resolve(&name) {
+            Ok(c) => c.into_os_string(),
+            Err(e) => return fail(&e),
+        };
+        let code = runtime.block_on(wrapper::run(&config, compiler, args));
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     match first.as_deref() {
         None | Some("--help" | "-h") => {
             print!("{}", wrapper::HELP);
@@ -57,12 +68,12 @@ fn main() -> ExitCode {
                 eprintln!("dcache: {host}: {e}");
             }
             match cache_admin::report(&config) {
-                Ok(cache) if json => println!(
-                    "{{\"counters\": {}, \"cache\": {}}}",
+                Ok(cache) if json => out(&format!(
+                    "{{\"counters\": {}, \"cache\": {}}}\n",
                     report.to_json(),
                     cache.to_json()
-                ),
-                Ok(cache) => print!("{}{}", report.to_text(), cache.to_text()),
+                )),
+                Ok(cache) => out(&format!("{}{}", report.to_text(), cache.to_text())),
                 Err(e) => return fail(&e),
             }
             ExitCode::SUCCESS
@@ -99,7 +110,7 @@ fn main() -> ExitCode {
         },
         Some("--show-config" | "-p") => {
             let settings = cache_admin::show_config(&config, |n| std::env::var(n).ok());
-            print!("{}", cache_admin::settings_text(&settings));
+            out(&cache_admin::settings_text(&settings));
             ExitCode::SUCCESS
         }
         Some("--demo") => ExitCode::from(u8::try_from(dcache_examples::demo::run()).unwrap_or(1)),
@@ -116,7 +127,8 @@ fn main() -> ExitCode {
             }
         },
         Some(_) => {
-            let compiler = args.remove(0);
+            // `dcache gcc` where that gcc is a masquerading link: the one after it.
+            let compiler = wrapper::masquerade::skip_self(args.remove(0));
             let code = runtime.block_on(wrapper::run(&config, compiler, args));
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
@@ -126,4 +138,10 @@ fn main() -> ExitCode {
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("dcache: {e}");
     ExitCode::FAILURE
+}
+
+/// Prints to stdout; a closed pipe (`dcache -s | head`) is not an error worth a panic.
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
