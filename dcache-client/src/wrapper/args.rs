@@ -154,6 +154,15 @@ const DEP_WITH_ARG: &[&str] = &["-MF", "-MT", "-MQ"];
 /// Options with a separate argument that the compiler ignores when not linking.
 const LINK_WITH_ARG: &[&str] = &["-L", "-l", "-Xlinker", "-T", "-u", "-z"];
 
+/// Whether `a` is an option whose value is the next argument, so that argument is not
+/// an input (for splitting a command with several sources: [`super::multi`]).
+pub(crate) fn takes_separate_value(a: &str) -> bool {
+    matches!(a, "-o" | "-x")
+        || PREPROCESSOR_WITH_ARG.contains(&a)
+        || DEP_WITH_ARG.contains(&a)
+        || LINK_WITH_ARG.contains(&a)
+}
+
 /// Reads a compiler command line (`args` excludes the compiler itself).
 pub fn plan(compiler: &OsString, args: &[OsString]) -> Plan {
     let mut strs = Vec::with_capacity(args.len());

@@ -12,6 +12,7 @@
 //! - [`direct`]: direct mode's keys and manifests;
 //! - [`masquerade`]: dcache invoked through a link named after a compiler, and the real
 //!   compiler further on `PATH`;
+//! - [`multi`]: a command with several sources split into one compile per source;
 //! - [`manifests`]: the directory under `DCACHE_DIR` the manifests are kept in, on the
 //!   client's side whatever the back end.
 //!
@@ -31,6 +32,7 @@ pub mod flow;
 pub mod local;
 pub mod manifests;
 pub mod masquerade;
+pub mod multi;
 pub mod response;
 
 #[cfg(feature = "embedded")]

@@ -39,8 +39,7 @@ fn main() -> ExitCode {
             Ok(c) => c.into_os_string(),
             Err(e) => return fail(&e),
         };
-        let code = runtime.block_on(wrapper::run(&config, compiler, args));
-        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+        return compile(&runtime, &config, compiler, args);
     }
     match first.as_deref() {
         None | Some("--help" | "-h") => {
@@ -129,8 +128,7 @@ fn main() -> ExitCode {
         Some(_) => {
             // `dcache gcc` where that gcc is a masquerading link: the one after it.
             let compiler = wrapper::masquerade::skip_self(args.remove(0));
-            let code = runtime.block_on(wrapper::run(&config, compiler, args));
-            ExitCode::from(u8::try_from(code).unwrap_or(1))
+            compile(&runtime, &config, compiler, args)
         }
     }
 }
@@ -144,4 +142,25 @@ fn fail(e: &dyn std::fmt::Display) -> ExitCode {
 fn out(text: &str) {
     use std::io::Write;
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+/// One compiler command: split into one compile per source when it has several (each
+/// run by this very program, in parallel), else the wrapper's flow.
+fn compile(
+    runtime: &tokio::runtime::Runtime,
+    config: &wrapper::Config,
+    compiler: OsString,
+    args: Vec<OsString>,
+) -> ExitCode {
+    if let (Some(jobs), Ok(exe)) = (
+        wrapper::multi::split(&compiler, &args),
+        std::env::current_exe(),
+    ) {
+        let parallel = wrapper::multi::default_parallelism();
+        if let Some(code) = wrapper::multi::run_split(&exe, &compiler, &jobs, parallel) {
+            return ExitCode::from(u8::try_from(code).unwrap_or(1));
+        }
+    }
+    let code = runtime.block_on(wrapper::run(config, compiler, args));
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
