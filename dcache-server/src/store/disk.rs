@@ -7,6 +7,10 @@
 //! server processes may share one directory: renames are atomic, and a file another process
 //! evicted is simply a miss.
 //!
+//! Sizes are what the files take on disk (their blocks, as `du` counts), not their
+//! lengths: with 4 KiB blocks a 1.7 KiB object costs 4 KiB, and a limit counted in lengths
+//! would let a cache of small objects take twice its limit or more.
+//!
 //! The LRU index lives in memory and is rebuilt on start from the files' sizes and
 //! modification times (a hit refreshes the time, so the order survives restarts). The
 //! rebuild reads directory listings and one `stat` per entry, never the entries themselves
@@ -297,7 +301,10 @@ impl DiskStore {
     /// short-lived process that serves a compile or two (the wrapper's embedded server),
     /// where a scan of the whole directory on every start would cost more than the
     /// compile. Reads find entries by name as always; each write scans only the fan-out
-    /// directory it went into and keeps that within 1/256 of `limit`. Its counters cover
+    /// directory it went into and keeps that within 1/256 of `limit` (the directory's
+    /// own block included); when the entry alone is larger than that share (a small
+    /// limit), the write evicts over the whole store instead, which then is small, and
+    /// removes fan-out directories it empties. Its counters cover
     /// only what this process saw. Shares a directory safely with [`open`](Self::open).
     pub fn open_lazy(dir: &Path, limit: u64) -> Result<Self, StoreError> {
         let root = dir.join("v1");
