@@ -1,0 +1,467 @@
+//! What did not go through the cache, and why: the wrapper's `uncacheable` counters (like
+//! ccache's "called for linking", "multiple source files", "unsupported compiler option"),
+//! and the one warning per build when most of a build ran without the cache.
+//!
+//! One small file, `DIR/calls`, holds both: the counts by reason, and the current build's
+//! tally. Every `dcache` process updates it under a lock file (`DIR/calls.lock`, created
+//! exclusively: the first to create it holds it), reading the whole file and renaming a
+//! new one into place, so `make -j8`'s processes never lose each other's counts or see
+//! half a file. The lock is held for one read and one write; a process that cannot take
+//! it within [`LOCK_WAIT`] gives up the update (statistics never slow or fail a compile),
+//! and a lock older than [`STALE_LOCK`] (its holder was killed) is broken.
+//!
+//! A *build* is a run of calls with no pause longer than [`BUILD_GAP`] between two of
+//! them: what one `make` (or one edit-and-rebuild session) does. The first call of a
+//! build finds the previous tally stale and starts a new one; the warning is printed by
+//! the one process that finds most of the build's compiles uncached and no warning given
+//! yet, so each build says it once, whatever the number of processes.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use crate::wrapper::args::LocalReason;
+
+const FILE: &str = "calls";
+const LOCK: &str = "calls.lock";
+const MAGIC: &str = "dcache-calls v1";
+/// How long a process waits for the lock before giving its update up: far longer than
+/// any holder keeps it (one small read and write), so only a lock held by a process
+/// stopped mid-update costs this.
+pub const LOCK_WAIT: Duration = Duration::from_secs(1);
+/// A lock this old was left by a process that died holding it.
+pub const STALE_LOCK: Duration = Duration::from_secs(10);
+/// A pause this long between two calls ends a build.
+pub const BUILD_GAP: Duration = Duration::from_secs(60);
+/// The fewest uncached compiles a build needs before it is warned about: one odd
+/// compile is not a misconfiguration.
+pub const WARN_AFTER: u64 = 5;
+/// Distinct reasons kept; more are counted under [`OTHER`], so the file stays small
+/// whatever options a build uses.
+const MAX_REASONS: usize = 64;
+/// Where reasons beyond [`MAX_REASONS`] are counted.
+const OTHER: &str = "other reasons";
+/// The most of an option kept in a reason.
+const MAX_OPTION: usize = 48;
+/// The most of a reason kept.
+const MAX_LABEL: usize = 80;
+
+/// Why a call ran without the cache, as a short stable label (the name `--stats` shows).
+pub fn reason_label(reason: &LocalReason) -> String {
+    match reason {
+        LocalReason::NotACompile => "no -c or -S (linking)".into(),
+        LocalReason::PreprocessOnly => "preprocessor output requested".into(),
+        LocalReason::InputCount(0) => "no input file".into(),
+        LocalReason::InputCount(_) => "multiple source files".into(),
+        LocalReason::StdinInput => "source on standard input".into(),
+        LocalReason::StdoutOutput => "output to standard output".into(),
+        LocalReason::Language(_) => "unsupported language".into(),
+        LocalReason::LocalOption(o) => format!("unsupported option {}", clean(o, MAX_OPTION)),
+        LocalReason::NotUtf8 => "argument not UTF-8".into(),
+        LocalReason::ResponseFile(_) => "unreadable response file".into(),
+    }
+}
+
+/// A label for a local compile that was planned for the cache but failed before it
+/// reached it: the preprocessor reported an error (the compile then reports it itself).
+pub const PREPROCESSOR_ERROR: &str = "preprocessor error";
+
+/// `s` made safe for one line of the file and a JSON key: printable ASCII without quotes
+/// or backslashes (spaces allowed inside), at most `max` characters.
+fn clean(s: &str, max: usize) -> String {
+    s.trim()
+        .chars()
+        .take(max)
+        .map(|c| {
+            if (c.is_ascii_graphic() || c == ' ') && c != '"' && c != '\\' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+/// The state in `DIR/calls`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct State {
+    /// Unix seconds of the current build's last call.
+    build_last: u64,
+    /// Compiles of the current build that went through the cache.
+    build_cached: u64,
+    /// Compiles of the current build that did not (links excluded: they are not compiles).
+    build_uncached: u64,
+    /// Whether the current build has been warned about.
+    build_warned: bool,
+    /// Calls that went through the cache, since the last reset.
+    cacheable: u64,
+    /// Calls that did not, by reason, since the last reset.
+    uncacheable: Vec<(String, u64)>,
+}
+
+impl State {
+    fn parse(text: &str) -> Self {
+        let mut lines = text.lines();
+        let mut s = Self::default();
+        if lines.next() != Some(MAGIC) {
+            return s;
+        }
+        let nums = |l: Option<&str>| -> Vec<u64> {
+            l.unwrap_or("")
+                .split(' ')
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        };
+        if let [last, cached, uncached, warned] = nums(lines.next())[..] {
+            (s.build_last, s.build_cached, s.build_uncached) = (last, cached, uncached);
+            s.build_warned = warned != 0;
+        }
+        if let [n] = nums(lines.next())[..] {
+            s.cacheable = n;
+        }
+        for l in lines {
+            if let Some((n, label)) = l.split_once(' ') {
+                if let Ok(n) = n.parse() {
+                    if s.uncacheable.len() < MAX_REASONS + 1 {
+                        s.uncacheable.push((clean(label, MAX_LABEL), n));
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    fn render(&self) -> String {
+        let mut out = format!(
+            "{MAGIC}\n{} {} {} {}\n{}\n",
+            self.build_last,
+            self.build_cached,
+            self.build_uncached,
+            u8::from(self.build_warned),
+            self.cacheable
+        );
+        for (label, n) in &self.uncacheable {
+            out.push_str(&format!("{n} {label}\n"));
+        }
+        out
+    }
+
+    /// Counts one call at `now` (unix seconds): `None` went through the cache, `Some`
+    /// did not, for that reason (`compile`: whether it was a compile, not a link).
+    fn count(&mut self, now: u64, uncached: Option<(&str, bool)>) {
+        if now.saturating_sub(self.build_last) > BUILD_GAP.as_secs() {
+            (self.build_cached, self.build_uncached, self.build_warned) = (0, 0, false);
+        }
+        self.build_last = now;
+        let Some((label, compile)) = uncached else {
+            self.cacheable = self.cacheable.saturating_add(1);
+            self.build_cached = self.build_cached.saturating_add(1);
+            return;
+        };
+        if compile {
+            self.build_uncached = self.build_uncached.saturating_add(1);
+        }
+        let label = if self.uncacheable.len() >= MAX_REASONS
+            && !self.uncacheable.iter().any(|(l, _)| l == label)
+        {
+            OTHER
+        } else {
+            label
+        };
+        match self.uncacheable.iter_mut().find(|(l, _)| l == label) {
+            Some((_, n)) => *n = n.saturating_add(1),
+            None => self.uncacheable.push((label.to_owned(), 1)),
+        }
+    }
+
+    /// The warning this build owes, if this call makes it due: most of its compiles ran
+    /// without the cache, enough of them to matter, and no process has said so yet.
+    fn warning_due(&mut self) -> Option<String> {
+        let due = !self.build_warned
+            && self.build_uncached >= WARN_AFTER
+            && self.build_uncached > self.build_cached;
+        if !due {
+            return None;
+        }
+        self.build_warned = true;
+        let top = self
+            .uncacheable
+            .iter()
+            .filter(|(l, _)| !l.starts_with("no -c"))
+            .max_by_key(|(_, n)| *n)
+            .map(|(l, _)| format!(" (the most common reason: {l})"))
+            .unwrap_or_default();
+        Some(format!(
+            "{} of {} compiles so far in this build ran without the cache{top}; \
+             `dcache --stats` lists every reason",
+            self.build_uncached,
+            self.build_uncached + self.build_cached
+        ))
+    }
+}
+
+/// Holds `DIR/calls.lock` while alive.
+struct Lock<'a>(&'a Path);
+
+impl<'a> Lock<'a> {
+    fn take(path: &'a Path, wait: Duration) -> Option<Self> {
+        let start = std::time::Instant::now();
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+            {
+                Ok(_) => return Some(Self(path)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let stale = std::fs::metadata(path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > STALE_LOCK);
+                    if stale {
+                        let _ = std::fs::remove_file(path);
+                        continue;
+                    }
+                }
+                Err(_) => return None,
+            }
+            if start.elapsed() > wait {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+impl Drop for Lock<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
+}
+
+/// Reads, changes and writes `DIR/calls` under the lock; `None` when it could not.
+fn update<T>(dir: &Path, change: impl FnOnce(&mut State) -> T) -> Option<T> {
+    update_waiting(dir, LOCK_WAIT, change)
+}
+
+/// [`update`], waiting up to `wait` for the lock.
+fn update_waiting<T>(
+    dir: &Path,
+    wait: Duration,
+    change: impl FnOnce(&mut State) -> T,
+) -> Option<T> {
+    std::fs::create_dir_all(dir).ok()?;
+    let lock_path = dir.join(LOCK);
+    let _lock = Lock::take(&lock_path, wait)?;
+    let mut state = State::parse(&std::fs::read_to_string(dir.join(FILE)).unwrap_or_default());
+    let out = change(&mut state);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".calls-")
+        .tempfile_in(dir)
+        .ok()?;
+    tmp.write_all(state.render().as_bytes()).ok()?;
+    tmp.persist(dir.join(FILE)).ok()?;
+    Some(out)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Counts a call that went through the cache.
+pub fn record_cacheable(dir: &Path) {
+    update(dir, |s| s.count(unix_now(), None));
+}
+
+/// Counts a call that ran without the cache, under `label` (see [`reason_label`]);
+/// `compile`: it was meant to compile (not a link), so it counts against the build.
+/// Returns the warning to print when this call makes most of the build uncached (once per
+/// build, across processes).
+pub fn record_uncacheable(dir: &Path, label: &str, compile: bool) -> Option<String> {
+    let label = clean(label, MAX_LABEL);
+    update(dir, |s| {
+        s.count(unix_now(), Some((&label, compile)));
+        s.warning_due()
+    })
+    .flatten()
+}
+
+/// The counters `--stats` shows: calls through the cache, calls without it, and those by
+/// reason, most frequent first.
+pub fn totals(dir: &Path) -> Vec<(String, u64)> {
+    let s = State::parse(&std::fs::read_to_string(dir.join(FILE)).unwrap_or_default());
+    let mut reasons = s.uncacheable.clone();
+    reasons.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let total = reasons
+        .iter()
+        .map(|(_, n)| n)
+        .fold(0u64, |a, n| a.saturating_add(*n));
+    let mut out = vec![
+        ("cacheable_calls".to_owned(), s.cacheable),
+        ("uncacheable_calls".to_owned(), total),
+    ];
+    out.extend(
+        reasons
+            .into_iter()
+            .map(|(l, n)| (format!("uncacheable: {l}"), n)),
+    );
+    out
+}
+
+/// Forgets the counts (`--zero-stats`); the current build's tally stays, so a reset in
+/// the middle of a build does not make it warn twice.
+pub fn reset(dir: &Path) -> std::io::Result<()> {
+    if !dir.join(FILE).exists() {
+        return Ok(());
+    }
+    update(dir, |s| {
+        s.cacheable = 0;
+        s.uncacheable.clear();
+    })
+    .ok_or_else(|| std::io::Error::other("the statistics file is locked"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_short_stable_and_safe() {
+        assert_eq!(
+            reason_label(&LocalReason::LocalOption("-march=native".into())),
+            "unsupported option -march=native"
+        );
+        assert_eq!(
+            reason_label(&LocalReason::InputCount(3)),
+            "multiple source files"
+        );
+        assert_eq!(reason_label(&LocalReason::InputCount(0)), "no input file");
+        let odd = reason_label(&LocalReason::LocalOption(format!(
+            "-x\"\\\n{}",
+            "y".repeat(99)
+        )));
+        assert!(
+            odd.len() <= "unsupported option ".len() + MAX_OPTION,
+            "{odd}"
+        );
+        assert!(!odd.contains(['"', '\\', '\n']), "{odd}");
+    }
+
+    #[test]
+    fn counts_add_up_across_writers_and_survive_a_reset_of_the_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_owned();
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let d = d.clone();
+                std::thread::spawn(move || {
+                    // A wait no load can exhaust: this test is about never losing or
+                    // tearing an update, not about the give-up time.
+                    let wait = Duration::from_secs(120);
+                    for _ in 0..20 {
+                        let done = update_waiting(&d, wait, |s| {
+                            if i % 2 == 0 {
+                                s.count(unix_now(), None);
+                            } else {
+                                s.count(unix_now(), Some(("multiple source files", true)));
+                            }
+                        });
+                        assert!(done.is_some());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let t = totals(&d);
+        assert_eq!(t[0], ("cacheable_calls".into(), 80), "{t:?}");
+        assert_eq!(t[1], ("uncacheable_calls".into(), 80), "{t:?}");
+        assert_eq!(t[2], ("uncacheable: multiple source files".into(), 80));
+        assert!(!d.join(LOCK).exists(), "the lock is released");
+        reset(&d).unwrap();
+        assert_eq!(
+            totals(&d)[..2],
+            [
+                ("cacheable_calls".into(), 0),
+                ("uncacheable_calls".into(), 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_build_mostly_uncached_is_warned_about_once() {
+        let mut s = State::default();
+        let t0 = 1_000_000;
+        for _ in 0..3 {
+            s.count(t0, None);
+        }
+        let mut warnings = Vec::new();
+        for i in 0..20 {
+            s.count(t0 + i, Some(("unsupported option -flto=auto", true)));
+            // Links are not compiles: they never tip a build.
+            s.count(t0 + i, Some(("no -c or -S (linking)", false)));
+            warnings.extend(s.warning_due());
+        }
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("5 of 8 compiles"),
+            "{}",
+            warnings[0]
+        );
+        assert!(warnings[0].contains("-flto=auto"), "{}", warnings[0]);
+        // The state survives the file, and a pause starts a new build that may warn again.
+        let mut s = State::parse(&s.render());
+        assert!(s.build_warned);
+        s.count(t0 + 19 + BUILD_GAP.as_secs() + 1, Some(("x", true)));
+        assert!(!s.build_warned);
+        assert_eq!((s.build_cached, s.build_uncached), (0, 1));
+    }
+
+    #[test]
+    fn mostly_cached_builds_and_links_say_nothing() {
+        let mut s = State::default();
+        for i in 0..100 {
+            s.count(i, None);
+            s.count(i, Some(("no -c or -S (linking)", false)));
+            if i % 3 == 0 {
+                s.count(i, Some(("unsupported option -fprofile-generate", true)));
+            }
+            assert_eq!(s.warning_due(), None);
+        }
+    }
+
+    #[test]
+    fn reasons_are_bounded_and_junk_is_no_state() {
+        let mut s = State::default();
+        for i in 0..200 {
+            s.count(1, Some((&format!("unsupported option -f{i}"), true)));
+        }
+        assert_eq!(s.uncacheable.len(), MAX_REASONS + 1);
+        assert_eq!(s.uncacheable.last().unwrap(), &(OTHER.to_owned(), 200 - 64));
+        assert_eq!(State::parse("junk\n1 2 3 4\n"), State::default());
+    }
+
+    #[test]
+    fn a_stale_lock_is_broken_a_held_one_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join(LOCK);
+        std::fs::write(&lock, b"").unwrap();
+        // Held (fresh): the update is given up after LOCK_WAIT, nothing counted.
+        record_cacheable(dir.path());
+        assert_eq!(totals(dir.path())[0].1, 0);
+        // Left by a dead process: broken, and the update happens.
+        let old = SystemTime::now() - STALE_LOCK - Duration::from_secs(1);
+        std::fs::File::options()
+            .write(true)
+            .open(&lock)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        record_cacheable(dir.path());
+        assert_eq!(totals(dir.path())[0].1, 1);
+    }
+}
