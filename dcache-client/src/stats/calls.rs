@@ -2,13 +2,18 @@
 //! ccache's "called for linking", "multiple source files", "unsupported compiler option"),
 //! and the one warning per build when most of a build ran without the cache.
 //!
-//! One small file, `DIR/calls`, holds both: the counts by reason, and the current build's
-//! tally. Every `dcache` process updates it under a lock file (`DIR/calls.lock`, created
-//! exclusively: the first to create it holds it), reading the whole file and renaming a
-//! new one into place, so `make -j8`'s processes never lose each other's counts or see
-//! half a file. The lock is held for one read and one write; a process that cannot take
-//! it within [`LOCK_WAIT`] gives up the update (statistics never slow or fail a compile),
-//! and a lock older than [`STALE_LOCK`] (its holder was killed) is broken.
+//! Two files. A call through the cache, the common case, costs one append of its time to
+//! `DIR/calls.cached` (a single small `O_APPEND` write, which the kernel keeps whole among
+//! concurrent writers: about a microsecond, no lock). A call without the cache runs the
+//! compiler locally anyway, so it can afford more: under a lock file (`DIR/calls.lock`,
+//! created exclusively: the first to create it holds it) it reads `DIR/calls` (the counts
+//! by reason and the current build's tally), takes in the times appended since the last
+//! such update, and renames a new `DIR/calls` into place, so `make -j8`'s processes never
+//! lose each other's counts or see half a file. A process that cannot take the lock within
+//! [`LOCK_WAIT`] gives its update up (statistics never fail a compile), and a lock older
+//! than [`STALE_LOCK`] (its holder was killed) is broken. `calls.cached` is started afresh
+//! past [`ROTATE_AT`]; an append racing that rename by microseconds can be lost (one
+//! count in about a hundred thousand, at most).
 //!
 //! A *build* is a run of calls with no pause longer than [`BUILD_GAP`] between two of
 //! them: what one `make` (or one edit-and-rebuild session) does. The first call of a
@@ -23,7 +28,10 @@ use std::time::{Duration, SystemTime};
 use crate::wrapper::args::LocalReason;
 
 const FILE: &str = "calls";
+const CACHED: &str = "calls.cached";
 const LOCK: &str = "calls.lock";
+/// `calls.cached` is taken in and started afresh past this size (about 90,000 calls).
+pub const ROTATE_AT: u64 = 1 << 20;
 const MAGIC: &str = "dcache-calls v1";
 /// How long a process waits for the lock before giving its update up: far longer than
 /// any holder keeps it (one small read and write), so only a lock held by a process
@@ -93,8 +101,11 @@ struct State {
     build_uncached: u64,
     /// Whether the current build has been warned about.
     build_warned: bool,
-    /// Calls that went through the cache, since the last reset.
+    /// Calls that went through the cache, since the last reset (those taken in from
+    /// `calls.cached`).
     cacheable: u64,
+    /// How much of `calls.cached` has been taken in.
+    cached_offset: u64,
     /// Calls that did not, by reason, since the last reset.
     uncacheable: Vec<(String, u64)>,
 }
@@ -116,8 +127,8 @@ impl State {
             (s.build_last, s.build_cached, s.build_uncached) = (last, cached, uncached);
             s.build_warned = warned != 0;
         }
-        if let [n] = nums(lines.next())[..] {
-            s.cacheable = n;
+        if let [n, offset] = nums(lines.next())[..] {
+            (s.cacheable, s.cached_offset) = (n, offset);
         }
         for l in lines {
             if let Some((n, label)) = l.split_once(' ') {
@@ -133,12 +144,13 @@ impl State {
 
     fn render(&self) -> String {
         let mut out = format!(
-            "{MAGIC}\n{} {} {} {}\n{}\n",
+            "{MAGIC}\n{} {} {} {}\n{} {}\n",
             self.build_last,
             self.build_cached,
             self.build_uncached,
             u8::from(self.build_warned),
-            self.cacheable
+            self.cacheable,
+            self.cached_offset
         );
         for (label, n) in &self.uncacheable {
             out.push_str(&format!("{n} {label}\n"));
@@ -152,7 +164,7 @@ impl State {
         if now.saturating_sub(self.build_last) > BUILD_GAP.as_secs() {
             (self.build_cached, self.build_uncached, self.build_warned) = (0, 0, false);
         }
-        self.build_last = now;
+        self.build_last = self.build_last.max(now);
         let Some((label, compile)) = uncached else {
             self.cacheable = self.cacheable.saturating_add(1);
             self.build_cached = self.build_cached.saturating_add(1);
@@ -172,6 +184,25 @@ impl State {
             Some((_, n)) => *n = n.saturating_add(1),
             None => self.uncacheable.push((label.to_owned(), 1)),
         }
+    }
+
+    /// Takes in the times of cached calls appended to `calls.cached` (`pending`: what
+    /// follows the part already taken in), in order; returns the bytes taken (whole lines).
+    fn absorb(&mut self, pending: &[u8]) -> u64 {
+        let mut taken = 0;
+        for line in pending.split_inclusive(|&b| b == b'\n') {
+            if line.last() != Some(&b'\n') {
+                break; // being written: next time
+            }
+            taken += line.len() as u64;
+            let t = std::str::from_utf8(line)
+                .ok()
+                .and_then(|l| l.trim().parse().ok());
+            if let Some(t) = t {
+                self.count(t, None);
+            }
+        }
+        taken
     }
 
     /// The warning this build owes, if this call makes it due: most of its compiles ran
@@ -255,6 +286,7 @@ fn update_waiting<T>(
     let lock_path = dir.join(LOCK);
     let _lock = Lock::take(&lock_path, wait)?;
     let mut state = State::parse(&std::fs::read_to_string(dir.join(FILE)).unwrap_or_default());
+    take_in_cached(dir, &mut state);
     let out = change(&mut state);
     let mut tmp = tempfile::Builder::new()
         .prefix(".calls-")
@@ -265,15 +297,76 @@ fn update_waiting<T>(
     Some(out)
 }
 
+/// Takes the cached calls appended since the last update into `state` (under the lock),
+/// starting `calls.cached` afresh once it passes [`ROTATE_AT`].
+fn take_in_cached(dir: &Path, state: &mut State) {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = dir.join(CACHED);
+    let read_from = |file: &Path, offset: u64| -> Vec<u8> {
+        let mut pending = Vec::new();
+        if let Ok(mut f) = std::fs::File::open(file) {
+            let len = f.metadata().map_or(0, |m| m.len());
+            // Shorter than what was taken in: replaced behind our back; start over.
+            let offset = if len < offset { 0 } else { offset };
+            if f.seek(SeekFrom::Start(offset)).is_ok() {
+                let _ = f.take(ROTATE_AT * 2).read_to_end(&mut pending);
+            }
+        }
+        pending
+    };
+    let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+    if len < state.cached_offset {
+        state.cached_offset = 0;
+    }
+    if len > ROTATE_AT {
+        let old = dir.join(".calls.cached.old");
+        if std::fs::rename(&path, &old).is_ok() {
+            let pending = read_from(&old, state.cached_offset);
+            state.absorb(&pending);
+            let _ = std::fs::remove_file(&old);
+            state.cached_offset = 0;
+        }
+        return;
+    }
+    let pending = read_from(&path, state.cached_offset);
+    let taken = state.absorb(&pending);
+    state.cached_offset += taken;
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-/// Counts a call that went through the cache.
+/// Counts a call that went through the cache: one append, no lock (see the module
+/// documentation).
 pub fn record_cacheable(dir: &Path) {
-    update(dir, |s| s.count(unix_now(), None));
+    let line = format!("{}\n", unix_now());
+    let append = || -> std::io::Result<u64> {
+        let mut f = match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(CACHED))
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir)?;
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join(CACHED))?
+            }
+            f => f?,
+        };
+        // One write: the kernel appends it whole.
+        f.write_all(line.as_bytes())?;
+        Ok(f.metadata()?.len())
+    };
+    // A build whose every call is cached (CMake runs its launcher for compiles only)
+    // would otherwise grow the file without end: past the limit, take it in now.
+    if append().is_ok_and(|len| len > ROTATE_AT) {
+        update(dir, |_| ());
+    }
 }
 
 /// Counts a call that ran without the cache, under `label` (see [`reason_label`]);
@@ -293,6 +386,12 @@ pub fn record_uncacheable(dir: &Path, label: &str, compile: bool) -> Option<Stri
 /// reason, most frequent first.
 pub fn totals(dir: &Path) -> Vec<(String, u64)> {
     let s = State::parse(&std::fs::read_to_string(dir.join(FILE)).unwrap_or_default());
+    // Cached calls not yet taken in: the lines past the offset.
+    let pending = std::fs::read(dir.join(CACHED)).map_or(0, |b| {
+        let from = usize::try_from(s.cached_offset).unwrap_or(usize::MAX);
+        b.get(from..)
+            .map_or(0, |rest| rest.iter().filter(|&&c| c == b'\n').count())
+    }) as u64;
     let mut reasons = s.uncacheable.clone();
     reasons.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     let total = reasons
@@ -300,7 +399,10 @@ pub fn totals(dir: &Path) -> Vec<(String, u64)> {
         .map(|(_, n)| n)
         .fold(0u64, |a, n| a.saturating_add(*n));
     let mut out = vec![
-        ("cacheable_calls".to_owned(), s.cacheable),
+        (
+            "cacheable_calls".to_owned(),
+            s.cacheable.saturating_add(pending),
+        ),
         ("uncacheable_calls".to_owned(), total),
     ];
     out.extend(
@@ -314,7 +416,7 @@ pub fn totals(dir: &Path) -> Vec<(String, u64)> {
 /// Forgets the counts (`--zero-stats`); the current build's tally stays, so a reset in
 /// the middle of a build does not make it warn twice.
 pub fn reset(dir: &Path) -> std::io::Result<()> {
-    if !dir.join(FILE).exists() {
+    if !dir.join(FILE).exists() && !dir.join(CACHED).exists() {
         return Ok(());
     }
     update(dir, |s| {
@@ -362,14 +464,14 @@ mod tests {
                     // tearing an update, not about the give-up time.
                     let wait = Duration::from_secs(120);
                     for _ in 0..20 {
-                        let done = update_waiting(&d, wait, |s| {
-                            if i % 2 == 0 {
-                                s.count(unix_now(), None);
-                            } else {
+                        if i % 2 == 0 {
+                            record_cacheable(&d);
+                        } else {
+                            let done = update_waiting(&d, wait, |s| {
                                 s.count(unix_now(), Some(("multiple source files", true)));
-                            }
-                        });
-                        assert!(done.is_some());
+                            });
+                            assert!(done.is_some());
+                        }
                     }
                 })
             })
@@ -446,13 +548,69 @@ mod tests {
     }
 
     #[test]
+    fn cached_calls_are_taken_in_once_and_the_file_starts_afresh_when_large() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for _ in 0..3 {
+            record_cacheable(d);
+        }
+        assert_eq!(
+            totals(d)[0],
+            ("cacheable_calls".into(), 3),
+            "shown before taken in"
+        );
+        record_uncacheable(d, "x", true);
+        record_uncacheable(d, "x", true);
+        assert_eq!(totals(d)[0].1, 3, "taken in once, not twice");
+        // The build's tally has them: 3 cached against 2 uncached so far.
+        let s = State::parse(&std::fs::read_to_string(d.join(FILE)).unwrap());
+        assert_eq!((s.build_cached, s.build_uncached), (3, 2));
+        // Past ROTATE_AT the file is taken in whole and removed.
+        let now = unix_now();
+        let line = format!("{now}\n");
+        let n = ROTATE_AT / line.len() as u64 + 1;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(d.join(CACHED))
+            .unwrap();
+        f.write_all(line.repeat(usize::try_from(n).unwrap()).as_bytes())
+            .unwrap();
+        drop(f);
+        record_uncacheable(d, "x", true);
+        assert!(!d.join(CACHED).exists());
+        assert_eq!(totals(d)[0].1, 3 + n);
+        record_cacheable(d);
+        assert_eq!(
+            totals(d)[0].1,
+            4 + n,
+            "a fresh file, counted from its start"
+        );
+        // Cached calls alone keep it bounded too.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(d.join(CACHED))
+            .unwrap();
+        f.write_all(line.repeat(usize::try_from(n).unwrap()).as_bytes())
+            .unwrap();
+        drop(f);
+        record_cacheable(d);
+        assert!(
+            !d.join(CACHED).exists(),
+            "taken in by the call that passed the limit"
+        );
+        assert_eq!(totals(d)[0].1, 5 + 2 * n);
+        reset(d).unwrap();
+        assert_eq!(totals(d)[0].1, 0);
+    }
+
+    #[test]
     fn a_stale_lock_is_broken_a_held_one_is_waited_for() {
         let dir = tempfile::tempdir().unwrap();
         let lock = dir.path().join(LOCK);
         std::fs::write(&lock, b"").unwrap();
         // Held (fresh): the update is given up after LOCK_WAIT, nothing counted.
-        record_cacheable(dir.path());
-        assert_eq!(totals(dir.path())[0].1, 0);
+        record_uncacheable(dir.path(), "x", true);
+        assert_eq!(totals(dir.path())[1].1, 0);
         // Left by a dead process: broken, and the update happens.
         let old = SystemTime::now() - STALE_LOCK - Duration::from_secs(1);
         std::fs::File::options()
@@ -461,7 +619,7 @@ mod tests {
             .unwrap()
             .set_modified(old)
             .unwrap();
-        record_cacheable(dir.path());
-        assert_eq!(totals(dir.path())[0].1, 1);
+        record_uncacheable(dir.path(), "x", true);
+        assert_eq!(totals(dir.path())[1].1, 1);
     }
 }

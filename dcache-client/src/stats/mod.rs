@@ -67,8 +67,16 @@ impl Report {
         for set in &self.sets {
             out.push_str(&set.name);
             out.push('\n');
+            // Values in one column, however long the names (reasons can be).
+            let width = set
+                .counters
+                .iter()
+                .map(|(k, _)| k.len())
+                .max()
+                .unwrap_or(0)
+                .max(26);
             for (k, v) in &set.counters {
-                out.push_str(&format!("  {k:<26} {v}\n"));
+                out.push_str(&format!("  {k:<width$} {v}\n"));
             }
         }
         out
