@@ -108,6 +108,8 @@ struct State {
     cached_offset: u64,
     /// Calls that did not, by reason, since the last reset.
     uncacheable: Vec<(String, u64)>,
+    /// The current build's uncached compiles by reason (links left out), for its warning.
+    build_reasons: Vec<(String, u64)>,
 }
 
 impl State {
@@ -131,10 +133,15 @@ impl State {
             (s.cacheable, s.cached_offset) = (n, offset);
         }
         for l in lines {
+            // "N LABEL": a total; "b N LABEL": the current build's.
+            let (list, l) = match l.strip_prefix("b ") {
+                Some(rest) => (&mut s.build_reasons, rest),
+                None => (&mut s.uncacheable, l),
+            };
             if let Some((n, label)) = l.split_once(' ') {
                 if let Ok(n) = n.parse() {
-                    if s.uncacheable.len() < MAX_REASONS + 1 {
-                        s.uncacheable.push((clean(label, MAX_LABEL), n));
+                    if list.len() < MAX_REASONS + 1 {
+                        list.push((clean(label, MAX_LABEL), n));
                     }
                 }
             }
@@ -155,6 +162,9 @@ impl State {
         for (label, n) in &self.uncacheable {
             out.push_str(&format!("{n} {label}\n"));
         }
+        for (label, n) in &self.build_reasons {
+            out.push_str(&format!("b {n} {label}\n"));
+        }
         out
     }
 
@@ -163,6 +173,7 @@ impl State {
     fn count(&mut self, now: u64, uncached: Option<(&str, bool)>) {
         if now.saturating_sub(self.build_last) > BUILD_GAP.as_secs() {
             (self.build_cached, self.build_uncached, self.build_warned) = (0, 0, false);
+            self.build_reasons.clear();
         }
         self.build_last = self.build_last.max(now);
         let Some((label, compile)) = uncached else {
@@ -172,18 +183,9 @@ impl State {
         };
         if compile {
             self.build_uncached = self.build_uncached.saturating_add(1);
+            bump(&mut self.build_reasons, label);
         }
-        let label = if self.uncacheable.len() >= MAX_REASONS
-            && !self.uncacheable.iter().any(|(l, _)| l == label)
-        {
-            OTHER
-        } else {
-            label
-        };
-        match self.uncacheable.iter_mut().find(|(l, _)| l == label) {
-            Some((_, n)) => *n = n.saturating_add(1),
-            None => self.uncacheable.push((label.to_owned(), 1)),
-        }
+        bump(&mut self.uncacheable, label);
     }
 
     /// Takes in the times of cached calls appended to `calls.cached` (`pending`: what
@@ -216,11 +218,10 @@ impl State {
         }
         self.build_warned = true;
         let top = self
-            .uncacheable
+            .build_reasons
             .iter()
-            .filter(|(l, _)| !l.starts_with("no -c"))
             .max_by_key(|(_, n)| *n)
-            .map(|(l, _)| format!(" (the most common reason: {l})"))
+            .map(|(l, n)| format!(" ({n} of them: {l})"))
             .unwrap_or_default();
         Some(format!(
             "{} of {} compiles so far in this build ran without the cache{top}; \
@@ -228,6 +229,20 @@ impl State {
             self.build_uncached,
             self.build_uncached + self.build_cached
         ))
+    }
+}
+
+/// Adds one to `label`'s count in `list`, which holds at most [`MAX_REASONS`] labels and
+/// [`OTHER`].
+fn bump(list: &mut Vec<(String, u64)>, label: &str) {
+    let label = if list.len() >= MAX_REASONS && !list.iter().any(|(l, _)| l == label) {
+        OTHER
+    } else {
+        label
+    };
+    match list.iter_mut().find(|(l, _)| l == label) {
+        Some((_, n)) => *n = n.saturating_add(1),
+        None => list.push((label.to_owned(), 1)),
     }
 }
 
@@ -510,17 +525,25 @@ mod tests {
         }
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
-            warnings[0].starts_with("5 of 8 compiles"),
+            warnings[0].starts_with(
+                "5 of 8 compiles so far in this build ran without the cache \
+                 (5 of them: unsupported option -flto=auto)"
+            ),
             "{}",
             warnings[0]
         );
-        assert!(warnings[0].contains("-flto=auto"), "{}", warnings[0]);
         // The state survives the file, and a pause starts a new build that may warn again.
         let mut s = State::parse(&s.render());
         assert!(s.build_warned);
         s.count(t0 + 19 + BUILD_GAP.as_secs() + 1, Some(("x", true)));
         assert!(!s.build_warned);
         assert_eq!((s.build_cached, s.build_uncached), (0, 1));
+        assert_eq!(
+            s.build_reasons,
+            vec![("x".to_owned(), 1)],
+            "the old build's are gone"
+        );
+        assert_eq!(s.uncacheable.len(), 3, "the totals stay");
     }
 
     #[test]

@@ -40,6 +40,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some("--stats") => {
+            for e in &config.host_errors {
+                eprintln!("dcache: DCACHE_HOSTS: {e}; skipping it");
+            }
             let json = args.get(1).is_some_and(|a| a == "--json");
             let report = runtime.block_on(stats::gather(&config));
             for (host, e) in &report.unreachable {
