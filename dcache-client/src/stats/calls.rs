@@ -265,8 +265,9 @@ impl<'a> Lock<'a> {
                         .ok()
                         .and_then(|t| t.elapsed().ok())
                         .is_some_and(|age| age > STALE_LOCK);
-                    if stale {
-                        let _ = std::fs::remove_file(path);
+                    // Broken at once and retried; the time bound below still holds if
+                    // it cannot be removed, so this loop always ends.
+                    if stale && std::fs::remove_file(path).is_ok() && start.elapsed() <= wait {
                         continue;
                     }
                 }
