@@ -1,14 +1,18 @@
 //! The client library: compile jobs on a set of servers.
 
+use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use dcache_proto::{
     AuthKey, CacheKey, ClientConfig, ErrorCode, JobDesc, JobOutcome, Stat, Strategy,
 };
-use dcache_transport::{Address, ClientHandle, JobError, TransportOptions, connect, spawn_client};
+use dcache_transport::{
+    Address, ClientHandle, JobError, TransportError, TransportOptions, connect, spawn_client,
+};
 
+use crate::hosts::shared::BackoffDir;
 use crate::hosts::{DEFAULT_BACKOFF, HostHealth};
 
 /// Settings of a [`Client`].
@@ -22,10 +26,15 @@ pub struct ClientOptions {
     pub strategy: Strategy,
     /// Transport settings.
     pub transport: TransportOptions,
-    /// How long a connection attempt may take before the host counts as down.
+    /// How long connecting may take, the handshake included, before the host counts as
+    /// down. Well below the protocol's own 10 s handshake limit: a server that accepts and
+    /// then hangs must not cost every compile that long.
     pub connect_timeout: Duration,
     /// How long a failed host is skipped.
     pub backoff: Duration,
+    /// A directory where failing hosts are recorded for every process that names the same
+    /// one (see [`crate::hosts::shared`]); `None` keeps host health in this client only.
+    pub health_dir: Option<PathBuf>,
     /// The shared token's key, for servers started with `--token-file`: the client proves
     /// it holds the token and insists the server proves it too (see [`AuthKey`]). With a
     /// key set, a server that does not authenticate is treated as failing.
@@ -45,6 +54,7 @@ impl ClientOptions {
             transport: TransportOptions::default(),
             connect_timeout: Duration::from_secs(2),
             backoff: DEFAULT_BACKOFF,
+            health_dir: None,
             auth: None,
             progress_timeout: ClientConfig::default().progress_timeout,
         }
@@ -112,6 +122,7 @@ pub struct Client {
     names: Vec<String>,
     connections: Mutex<Vec<Option<ClientHandle>>>,
     health: Mutex<HostHealth>,
+    shared: Option<BackoffDir>,
 }
 
 impl Client {
@@ -122,6 +133,7 @@ impl Client {
             names: options.hosts.iter().map(ToString::to_string).collect(),
             connections: Mutex::new(vec![None; n]),
             health: Mutex::new(HostHealth::new(n, options.backoff)),
+            shared: options.health_dir.clone().map(BackoffDir::new),
             options,
         }
     }
@@ -146,7 +158,7 @@ impl Client {
     ) -> Result<Outcome, ClientError> {
         let mut failures = Vec::new();
         // Each host is tried at most once per job: the list is finite, so this loop ends.
-        for i in self.candidates(&key)? {
+        for i in self.candidates(&key, &mut failures)? {
             let host = self.options.hosts[i].clone();
             let Some(handle) = self.connect_to(i, &mut failures).await else {
                 continue;
@@ -157,7 +169,7 @@ impl Client {
             // (send-all drops it).
             match handle.submit(desc.clone(), Some(key), source.clone()).await {
                 Ok(job) => {
-                    lock(&self.health).mark_up(i);
+                    self.mark_up(i);
                     return Ok(Outcome {
                         job,
                         host,
@@ -196,7 +208,7 @@ impl Client {
     ) -> Result<Option<Outcome>, ClientError> {
         let mut failures = Vec::new();
         // Each host is tried at most once per job: the list is finite, so this loop ends.
-        for i in self.candidates(&key)? {
+        for i in self.candidates(&key, &mut failures)? {
             let host = self.options.hosts[i].clone();
             let Some(handle) = self.connect_to(i, &mut failures).await else {
                 continue;
@@ -204,7 +216,7 @@ impl Client {
             let start = Instant::now();
             match handle.lookup(desc.clone(), key).await {
                 Ok(found) => {
-                    lock(&self.health).mark_up(i);
+                    self.mark_up(i);
                     return Ok(found.map(|job| Outcome {
                         job,
                         host,
@@ -242,7 +254,7 @@ impl Client {
         let key = CacheKey::compute(&desc, b"");
         let mut failures = Vec::new();
         // Each host is tried at most once per job: the list is finite, so this loop ends.
-        for i in self.candidates(&key)? {
+        for i in self.candidates(&key, &mut failures)? {
             let host = self.options.hosts[i].clone();
             let Some(handle) = self.connect_to(i, &mut failures).await else {
                 continue;
@@ -250,7 +262,7 @@ impl Client {
             let start = Instant::now();
             return match handle.submit_stream(desc, source).await {
                 Ok(job) => {
-                    lock(&self.health).mark_up(i);
+                    self.mark_up(i);
                     Ok(Outcome {
                         job,
                         host,
@@ -289,12 +301,61 @@ impl Client {
         out
     }
 
-    /// The hosts to try for `key`, in rendezvous order, less those backing off.
-    fn candidates(&self, key: &CacheKey) -> Result<Vec<usize>, ClientError> {
+    /// The hosts to try for `key`, in rendezvous order, less those backing off (here or,
+    /// recorded on disk, in another process); each host skipped joins `failures` with the
+    /// failure that started its back-off, so the message names the real cause.
+    fn candidates(
+        &self,
+        key: &CacheKey,
+        failures: &mut Vec<(Address, String)>,
+    ) -> Result<Vec<usize>, ClientError> {
         if self.options.hosts.is_empty() {
             return Err(ClientError::NoHosts);
         }
-        Ok(lock(&self.health).candidates(key, &self.names, Instant::now()))
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let health = lock(&self.health);
+        let mut up = Vec::new();
+        for i in crate::hosts::rank(key, &self.names) {
+            let recorded = self
+                .shared
+                .as_ref()
+                .and_then(|d| d.get(&self.names[i], wall));
+            match (health.skipped(i, now), recorded) {
+                (Some(why), _) => failures.push((self.options.hosts[i].clone(), why.to_owned())),
+                (None, Some(b)) => {
+                    let left = b.until.duration_since(wall).unwrap_or_default().as_secs() + 1;
+                    failures.push((
+                        self.options.hosts[i].clone(),
+                        format!("{} (skipped for {left} s more)", b.reason),
+                    ));
+                }
+                (None, None) => up.push(i),
+            }
+        }
+        Ok(up)
+    }
+
+    /// Host `i` failed because of `why`: this client and every process sharing the
+    /// health directory skip it for the back-off period.
+    fn mark_down(&self, i: usize, why: &str) {
+        lock(&self.health).mark_down(i, Instant::now(), why);
+        if let Some(d) = &self.shared {
+            d.mark_down(
+                &self.names[i],
+                SystemTime::now() + self.options.backoff,
+                why,
+            );
+        }
+    }
+
+    /// Host `i` answered: no longer skipped, here or elsewhere.
+    fn mark_up(&self, i: usize) {
+        let mut health = lock(&self.health);
+        health.mark_up(i);
+        drop(health);
+        if let Some(d) = &self.shared {
+            d.mark_up(&self.names[i]);
+        }
     }
 
     /// The connection to host `i`; if it cannot be had, the host backs off and the
@@ -307,7 +368,7 @@ impl Client {
         match self.connection(i).await {
             Ok(h) => Some(h),
             Err(e) => {
-                lock(&self.health).mark_down(i, Instant::now());
+                self.mark_down(i, &e);
                 failures.push((self.options.hosts[i].clone(), e));
                 None
             }
@@ -317,9 +378,10 @@ impl Client {
     /// Host `i`'s connection failed under a job: the host backs off, the connection is
     /// dropped (the next job opens a new one), and the reason joins `failures`.
     fn connection_failed(&self, i: usize, e: &JobError, failures: &mut Vec<(Address, String)>) {
-        lock(&self.health).mark_down(i, Instant::now());
+        let why = e.to_string();
+        self.mark_down(i, &why);
         lock(&self.connections)[i] = None;
-        failures.push((self.options.hosts[i].clone(), e.to_string()));
+        failures.push((self.options.hosts[i].clone(), why));
     }
 
     async fn connection(&self, i: usize) -> Result<ClientHandle, String> {
@@ -336,11 +398,12 @@ impl Client {
         )
         .await
         .map_err(|_| format!("connect timed out after {:?}", self.options.connect_timeout))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| connect_failure(&e))?;
         let handle = spawn_client(
             stream,
             ClientConfig {
                 strategy: self.options.strategy,
+                handshake_timeout: self.options.connect_timeout,
                 auth: self.options.auth.clone(),
                 progress_timeout: self.options.progress_timeout,
                 ..ClientConfig::default()
@@ -348,6 +411,17 @@ impl Client {
         );
         lock(&self.connections)[i] = Some(handle.clone());
         Ok(handle)
+    }
+}
+
+/// Why connecting failed, without the address: the messages this client gives list the
+/// address once, beside the reason (the transport's own messages start with it).
+fn connect_failure(e: &TransportError) -> String {
+    match e {
+        TransportError::Refused { .. } => "connection refused".into(),
+        TransportError::Unresolved { .. } => "host name did not resolve".into(),
+        TransportError::Io { source, .. } => source.to_string(),
+        other => other.to_string(),
     }
 }
 

@@ -6,8 +6,13 @@
 //! found; adding or removing a host moves only the keys that host wins or held, not
 //! everyone's. The order of the remaining scores is the fall-through order when a host is
 //! down.
+//!
+//! [`HostHealth`] is one process's view; [`shared`] keeps the same back-off on disk so
+//! that every process of the user skips a host one of them saw fail.
 
 use std::time::{Duration, Instant};
+
+pub mod shared;
 
 use dcache_proto::CacheKey;
 
@@ -40,11 +45,11 @@ pub fn rank<S: AsRef<str>>(key: &CacheKey, hosts: &[S]) -> Vec<usize> {
     order.into_iter().map(|(_, i)| i).collect()
 }
 
-/// Remembers which hosts failed recently.
+/// Remembers which hosts failed recently, and why.
 #[derive(Clone, Debug)]
 pub struct HostHealth {
     backoff: Duration,
-    down_until: Vec<Option<Instant>>,
+    down_until: Vec<Option<(Instant, String)>>,
 }
 
 impl HostHealth {
@@ -58,17 +63,22 @@ impl HostHealth {
 
     /// Whether host `i` may be tried at `now`.
     pub fn is_up(&self, i: usize, now: Instant) -> bool {
-        self.down_until
-            .get(i)
-            .copied()
-            .flatten()
-            .is_none_or(|until| now >= until)
+        self.skipped(i, now).is_none()
     }
 
-    /// Host `i` failed at `now`: skip it for the back-off period.
-    pub fn mark_down(&mut self, i: usize, now: Instant) {
+    /// Why host `i` is being skipped at `now` (the failure that started its back-off), or
+    /// `None` when it may be tried.
+    pub fn skipped(&self, i: usize, now: Instant) -> Option<&str> {
+        match self.down_until.get(i) {
+            Some(Some((until, why))) if now < *until => Some(why),
+            _ => None,
+        }
+    }
+
+    /// Host `i` failed at `now` because of `reason`: skip it for the back-off period.
+    pub fn mark_down(&mut self, i: usize, now: Instant, reason: &str) {
         if let Some(slot) = self.down_until.get_mut(i) {
-            *slot = Some(now + self.backoff);
+            *slot = Some((now + self.backoff, reason.to_owned()));
         }
     }
 
@@ -137,14 +147,15 @@ mod tests {
         let mut health = HostHealth::new(2, DEFAULT_BACKOFF);
         let k = key(7);
         let first = rank(&k, &hosts)[0];
-        health.mark_down(first, t0);
+        health.mark_down(first, t0, "connection refused");
         assert_eq!(health.candidates(&k, &hosts, t0), vec![1 - first]);
+        assert_eq!(health.skipped(first, t0), Some("connection refused"));
         assert_eq!(
             health.candidates(&k, &hosts, t0 + DEFAULT_BACKOFF)[0],
             first,
             "back after the back-off"
         );
-        health.mark_down(1 - first, t0);
+        health.mark_down(1 - first, t0, "timed out");
         assert!(health.candidates(&k, &hosts, t0).is_empty());
     }
 }

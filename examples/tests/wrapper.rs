@@ -26,10 +26,13 @@ fn make(dir: &Path, envs: &[(&str, &str)], cc: &str) {
         .status()
         .unwrap();
     assert!(clean.success());
+    // A DCACHE_DIR of its own unless the test gives one: never the user's cache, nor
+    // host health recorded by another test.
+    let own = tempfile::tempdir().unwrap();
     let mut cmd = Command::new("make");
     cmd.args(["-s", "-j4", &format!("CC={cc}")])
         .current_dir(dir);
-    cmd.env_remove("DCACHE_HOSTS");
+    cmd.env_remove("DCACHE_HOSTS").env("DCACHE_DIR", own.path());
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -133,8 +136,10 @@ fn compile_errors_reproduce_gccs_output_and_status() {
         (out.status.code(), out.stdout, out.stderr)
     };
     let plain = run(Command::new("gcc").args(["-c", "bad.c", "-o", "bad.o"]));
+    let own = tempfile::tempdir().unwrap();
     let ours = run(Command::new(DCACHE)
         .args(["gcc", "-c", "bad.c", "-o", "bad.o"])
+        .env("DCACHE_DIR", own.path())
         .env("DCACHE_HOSTS", &s.addr));
     assert_ne!(plain.0, Some(0));
     assert_eq!(ours.0, plain.0);
@@ -263,6 +268,7 @@ fn zero_stats_with_servers_counts_from_now_for_this_user_only() {
         let out = Command::new(DCACHE)
             .args(["gcc", "-c", "z.c", "-o", "z.o"])
             .env("DCACHE_HOSTS", &s.addr)
+            .env("DCACHE_DIR", dir.path().join(".dcache"))
             .current_dir(dir.path())
             .output()
             .unwrap();
@@ -590,6 +596,7 @@ fn a_dead_server_falls_back_to_a_local_compile_unless_told_not_to() {
     let out = Command::new(DCACHE)
         .args(["gcc", "-c", "ok.c", "-o", "ok.o"])
         .env("DCACHE_HOSTS", &dead)
+        .env("DCACHE_DIR", dir.path().join(".dcache"))
         .current_dir(dir.path())
         .output()
         .unwrap();
@@ -603,6 +610,7 @@ fn a_dead_server_falls_back_to_a_local_compile_unless_told_not_to() {
     let out = Command::new(DCACHE)
         .args(["gcc", "-c", "ok.c", "-o", "ok.o"])
         .env("DCACHE_HOSTS", &dead)
+        .env("DCACHE_DIR", dir.path().join(".dcache"))
         .env("DCACHE_FALLBACK", "0")
         .current_dir(dir.path())
         .output()
@@ -631,6 +639,7 @@ fn two_hosts_split_keys_and_a_stopped_hosts_keys_move() {
             let st = Command::new(DCACHE)
                 .args(["gcc", "-c", f])
                 .env("DCACHE_HOSTS", hosts)
+                .env("DCACHE_DIR", dir.path().join(".dcache"))
                 .env("DCACHE_FALLBACK", "0")
                 .current_dir(dir.path())
                 .status()

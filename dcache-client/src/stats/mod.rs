@@ -2,6 +2,8 @@
 //!
 //! - [`local`]: the embedded cache's counters, kept across processes in the cache
 //!   directory (each `dcache` process is short-lived; the counts must outlive it).
+//! - [`calls`]: the calls that ran without the cache, by reason, and the warning a build
+//!   gets once when most of it did.
 //! - [`baseline`]: a per-user zero for shared servers' counters, so `--zero-stats` never
 //!   wipes what other users see.
 //! - [`gather`] and [`zero`]: both, chosen by the configuration (the local cache when no
@@ -14,6 +16,7 @@ use crate::wrapper::Config;
 
 pub mod baseline;
 pub mod bounded_log;
+pub mod calls;
 pub mod local;
 
 /// One named set of counters: a server's, or the local cache's.
@@ -65,8 +68,16 @@ impl Report {
         for set in &self.sets {
             out.push_str(&set.name);
             out.push('\n');
+            // Values in one column, however long the names (reasons can be).
+            let width = set
+                .counters
+                .iter()
+                .map(|(k, _)| k.len())
+                .max()
+                .unwrap_or(0)
+                .max(26);
             for (k, v) in &set.counters {
-                out.push_str(&format!("  {k:<26} {v}\n"));
+                out.push_str(&format!("  {k:<width$} {v}\n"));
             }
         }
         out
@@ -87,13 +98,19 @@ pub enum ZeroError {
 }
 
 /// The counters `dcache --stats` shows: with no servers configured, the local cache's
-/// totals; else every server's, each since this user's last [`zero`].
+/// totals; else every server's, each since this user's last [`zero`]. Either way, the
+/// calls this machine made through the cache and without it ([`calls`]) come last.
 pub async fn gather(config: &Config) -> Report {
+    let calls = CounterSet {
+        name: format!("calls on this machine ({})", config.dir.display()),
+        counters: calls::totals(&config.dir),
+    };
     if config.hosts.is_empty() {
-        let counters = local::totals(&config.dir)
+        let mut counters: Vec<(String, u64)> = local::totals(&config.dir)
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
+        counters.extend(calls.counters);
         return Report {
             sets: vec![CounterSet {
                 name: format!("local cache {}", config.dir.display()),
@@ -107,6 +124,7 @@ pub async fn gather(config: &Config) -> Report {
         let counters = std::mem::take(&mut set.counters);
         set.counters = baseline::since_zero(&config.dir, &set.name, counters);
     }
+    report.sets.push(calls);
     report
 }
 
@@ -115,6 +133,7 @@ pub async fn gather(config: &Config) -> Report {
 /// client and stay as they are).
 pub async fn zero(config: &Config) -> Result<(), ZeroError> {
     if config.hosts.is_empty() {
+        calls::reset(&config.dir)?;
         return Ok(local::reset(&config.dir)?);
     }
     let report = remote(config).await;
@@ -126,7 +145,8 @@ pub async fn zero(config: &Config) -> Result<(), ZeroError> {
         .into_iter()
         .map(|s| (s.name, s.counters))
         .collect();
-    Ok(baseline::save(&config.dir, &sets)?)
+    baseline::save(&config.dir, &sets)?;
+    Ok(calls::reset(&config.dir)?)
 }
 
 /// Each configured server's counters as it reports them.

@@ -3,6 +3,7 @@
 //! else), and its help text.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use dcache_proto::{AuthKey, Strategy};
 use dcache_transport::token::{TokenError, read_token_file, token_key};
@@ -39,15 +40,38 @@ pub struct Config {
     /// `DCACHE_TIMEOUT`: seconds a remote job may go without an answer before it is
     /// compiled locally (`None`: the client's default).
     pub timeout: Option<std::time::Duration>,
+    /// `DCACHE_CONNECT_TIMEOUT`: how long connecting to a server, handshake included, may
+    /// take before the server counts as down (`None`: the client's default, 2 s).
+    pub connect_timeout: Option<Duration>,
+    /// Entries of `DCACHE_HOSTS` that are not addresses. Not an error: a typo in a host
+    /// list must not fail a build, so the wrapper warns about each and uses the rest, or
+    /// compiles locally when none is left ([`Config::hosts_unusable`]).
+    pub host_errors: Vec<AddressError>,
+    /// `DCACHE_LOG`: the log filter (default `warn`), checked when read so that a typo is
+    /// an error rather than silence.
+    pub log: String,
 }
 
 /// Why the environment does not make a [`Config`]; the message names the variable.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// `DCACHE_HOSTS` holds something that is not an address.
-    #[error("DCACHE_HOSTS: {0}")]
-    Hosts(#[from] AddressError),
+    /// A switch (`DCACHE_FALLBACK`, `DCACHE_DIRECT`) is neither on nor off.
+    #[error("{var}: {value:?} is not a switch (use 1 or 0, on or off, yes or no, true or false)")]
+    Switch {
+        /// The variable.
+        var: &'static str,
+        /// What it holds.
+        value: String,
+    },
+    /// `DCACHE_CONNECT_TIMEOUT` is not a number of seconds between 0 and 60.
+    #[error(
+        "DCACHE_CONNECT_TIMEOUT: {0:?} is not a number of seconds above 0 and at most 60 (e.g. 0.5)"
+    )]
+    ConnectTimeout(String),
+    /// `DCACHE_LOG` is not a log filter.
+    #[error("DCACHE_LOG: {0}")]
+    Log(#[from] LogFilterError),
     /// `DCACHE_STRATEGY` names no strategy.
     #[error("DCACHE_STRATEGY: {0}")]
     Strategy(#[source] dcache_proto::UnknownStrategy),
@@ -72,6 +96,15 @@ pub enum ConfigError {
     /// markers, so a relative one would match nothing or the wrong place.
     #[error("DCACHE_BASEDIR: {0} is not an absolute path")]
     BaseDirNotAbsolute(String),
+}
+
+/// Why a `DCACHE_LOG` value is not a log filter (see [`check_log_filter`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogFilterError {
+    /// A directive names no level where one is needed.
+    #[error("{0:?} is not a log level (off, error, warn, info, debug, trace) nor TARGET=LEVEL")]
+    NotALevel(String),
 }
 
 /// Why a string is not a size (see [`parse_size`]).
@@ -104,7 +137,16 @@ impl Config {
             base_dir: None,
             direct: true,
             timeout: None,
+            connect_timeout: None,
+            host_errors: Vec::new(),
+            log: DEFAULT_LOG.to_owned(),
         }
+    }
+
+    /// Whether `DCACHE_HOSTS` was set but named no usable server: the wrapper then
+    /// compiles locally (the user asked for servers, so not the embedded cache).
+    pub fn hosts_unusable(&self) -> bool {
+        self.hosts.is_empty() && !self.host_errors.is_empty()
     }
 
     /// Reads the process environment; errors name the variable and what was wrong.
@@ -118,19 +160,23 @@ impl Config {
     /// is unset or blank means its default.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let var = |n: &str| get(n).filter(|v| !v.trim().is_empty());
-        let hosts = match var("DCACHE_HOSTS") {
-            Some(h) => h
-                .split([' ', ',', '\t', '\n'])
-                .filter(|s| !s.is_empty())
-                .map(str::parse::<Address>)
-                .collect::<Result<Vec<_>, _>>()?,
-            None => Vec::new(),
-        };
+        let mut hosts = Vec::new();
+        let mut host_errors = Vec::new();
+        for h in var("DCACHE_HOSTS")
+            .unwrap_or_default()
+            .split([' ', ',', '\t', '\n'])
+            .filter(|s| !s.is_empty())
+        {
+            match h.parse::<Address>() {
+                Ok(a) => hosts.push(a),
+                Err(e) => host_errors.push(e),
+            }
+        }
         let strategy = match var("DCACHE_STRATEGY") {
             Some(s) => s.parse().map_err(ConfigError::Strategy)?,
             None => Strategy::Speculative,
         };
-        let fallback = !is_off(var("DCACHE_FALLBACK").as_deref());
+        let fallback = switch("DCACHE_FALLBACK", var("DCACHE_FALLBACK"))?;
         let dir = var("DCACHE_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| user_cache_dir().join("dcache"));
@@ -154,13 +200,27 @@ impl Config {
             }
             b => b.map(PathBuf::from),
         };
-        let direct = !is_off(var("DCACHE_DIRECT").as_deref());
+        let direct = switch("DCACHE_DIRECT", var("DCACHE_DIRECT"))?;
         let timeout = match var("DCACHE_TIMEOUT") {
             Some(t) => match t.parse::<u64>() {
                 Ok(secs) if secs > 0 => Some(std::time::Duration::from_secs(secs)),
                 _ => return Err(ConfigError::Timeout(t)),
             },
             None => None,
+        };
+        let connect_timeout = match var("DCACHE_CONNECT_TIMEOUT") {
+            Some(t) => match t.trim().parse::<f64>() {
+                Ok(secs) if secs > 0.0 && secs <= 60.0 => Some(Duration::from_secs_f64(secs)),
+                _ => return Err(ConfigError::ConnectTimeout(t)),
+            },
+            None => None,
+        };
+        let log = match var("DCACHE_LOG") {
+            Some(l) => {
+                check_log_filter(&l)?;
+                l.trim().to_owned()
+            }
+            None => DEFAULT_LOG.to_owned(),
         };
         Ok(Self {
             hosts,
@@ -172,6 +232,9 @@ impl Config {
             base_dir,
             direct,
             timeout,
+            connect_timeout,
+            host_errors,
+            log,
         })
     }
 
@@ -182,14 +245,46 @@ impl Config {
             strategy: self.strategy,
             auth: self.token.clone(),
             progress_timeout: self.timeout.unwrap_or(defaults.progress_timeout),
+            connect_timeout: self.connect_timeout.unwrap_or(defaults.connect_timeout),
+            // Shared by every dcache process of this user: a host one of them found dead
+            // is skipped by all, not rediscovered by each compile of a `make -j`.
+            health_dir: Some(self.dir.join("hosts")),
             ..defaults
         }
     }
 }
 
-/// Whether a switch variable's value turns it off (`0`, `false`, `no`, `off`).
-fn is_off(v: Option<&str>) -> bool {
-    matches!(v, Some("0" | "false" | "no" | "off"))
+/// The log filter when `DCACHE_LOG` is unset: warnings and errors only.
+pub const DEFAULT_LOG: &str = "warn";
+
+/// A switch variable's value (default on): `1`/`on`/`yes`/`true` or `0`/`off`/`no`/`false`,
+/// in any case; anything else is an error naming the variable, not a silent default.
+fn switch(var: &'static str, v: Option<String>) -> Result<bool, ConfigError> {
+    let Some(value) = v else { return Ok(true) };
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "on" | "yes" | "true" => Ok(true),
+        "0" | "off" | "no" | "false" => Ok(false),
+        _ => Err(ConfigError::Switch { var, value }),
+    }
+}
+
+/// Checks a `DCACHE_LOG` value: comma-separated directives, each a level (`debug`) or
+/// `TARGET=LEVEL` (`dcache_client=debug`). A bare word that is not a level would be taken
+/// by `tracing`'s filter for a target name and silently show nothing, so it is refused.
+pub fn check_log_filter(filter: &str) -> Result<(), LogFilterError> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for d in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = match d.rsplit_once('=') {
+            Some((_, level)) => level,
+            // A span filter (`target[span]`) names no level of its own.
+            None if d.contains('[') => continue,
+            None => d,
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(LogFilterError::NotALevel(d.to_owned()));
+        }
+    }
+    Ok(())
 }
 
 /// The help text of `dcache`: usage and every variable [`Config::from_env`] reads.
@@ -207,6 +302,7 @@ usage: dcache COMPILER [ARGS...]   compile as COMPILER would (e.g. make CC=\"dca
                                   in DCACHE_DIR/dcache.toml, and shrink the cache to it
        dcache --show-config       (-p) every setting, and where its value comes from
        dcache --demo              build a bundled C program cold, then warm
+       dcache --version
        dcache --help
 
 A call with -c or -S and one C or C++ source is preprocessed here, hashed, and sent;
@@ -218,8 +314,12 @@ environment:
   DCACHE_HOSTS       servers, separated by spaces or commas: tcp://HOST:PORT,
                      unix:///path. Unset: an embedded server with a local disk cache,
                      so dcache works as a local compiler cache out of the box.
+                     An entry that is not an address is skipped with a warning.
   DCACHE_STRATEGY    speculative (default), ask-first or send-all
   DCACHE_FALLBACK    0 turns the local fallback into an error
+  DCACHE_CONNECT_TIMEOUT  seconds connecting to a server (handshake included) may
+                     take, e.g. 0.5 (default 2); a server that fails is skipped by
+                     every dcache process for 60 s (state in DCACHE_DIR/hosts)
   DCACHE_TIMEOUT     seconds a remote job may go without any answer before it is
                      compiled locally (default 330: past the server's compile limit)
   DCACHE_DIR         local directory: the embedded cache, direct-mode manifests and
@@ -233,7 +333,8 @@ environment:
                      headers are unchanged since last time skips the preprocessor)
   DCACHE_TOKEN       shared token for servers started with --token-file; proved by
                      challenge-response, never sent (DCACHE_TOKEN_FILE: read it from a file)
-  DCACHE_LOG         log filter, e.g. debug (default: warn)
+  DCACHE_LOG         log level: off, error, warn (default), info, debug (each
+                     job's route), trace; or TARGET=LEVEL, comma-separated
 ";
 
 /// Parses a size like `10G`, `512M`, `64k` or `1048576` (binary units), the form
@@ -331,8 +432,42 @@ mod tests {
             (false, false, 1 << 20)
         );
         assert_eq!(c.client_options().hosts.len(), 2);
+        assert!(c.host_errors.is_empty() && !c.hosts_unusable());
+        // Good values of the checked variables.
+        let c = Config::from_vars(vars(&[
+            ("DCACHE_DIRECT", "Yes"),
+            ("DCACHE_LOG", "info,dcache_client=debug"),
+            ("DCACHE_CONNECT_TIMEOUT", "0.25"),
+        ]))
+        .unwrap();
+        assert!(c.direct);
+        assert_eq!(c.log, "info,dcache_client=debug");
+        assert_eq!(
+            c.client_options().connect_timeout,
+            Duration::from_millis(250)
+        );
+        // A typo in the host list is not an error: the good entries are kept, the bad
+        // ones reported, and with none good the wrapper compiles locally.
+        let c = Config::from_vars(vars(&[("DCACHE_HOSTS", "tcp://a:1 tcpp://b:1")])).unwrap();
+        assert_eq!((c.hosts.len(), c.host_errors.len()), (1, 1));
+        assert!(!c.hosts_unusable());
+        assert!(c.host_errors[0].to_string().contains("tcpp://b:1"));
+        let c = Config::from_vars(vars(&[("DCACHE_HOSTS", "nope")])).unwrap();
+        assert!(c.hosts_unusable());
         let err = |pairs: &[(&str, &str)]| Config::from_vars(vars(pairs)).unwrap_err().to_string();
-        assert!(err(&[("DCACHE_HOSTS", "nope")]).starts_with("DCACHE_HOSTS: "));
+        assert!(
+            err(&[("DCACHE_DIRECT", "banana")])
+                .starts_with("DCACHE_DIRECT: \"banana\" is not a switch")
+        );
+        assert!(err(&[("DCACHE_FALLBACK", "2")]).starts_with("DCACHE_FALLBACK: "));
+        assert!(
+            err(&[("DCACHE_LOG", "nonsense")])
+                .starts_with("DCACHE_LOG: \"nonsense\" is not a log level")
+        );
+        assert!(err(&[("DCACHE_LOG", "dcache_client=loud")]).starts_with("DCACHE_LOG: "));
+        assert!(err(&[("DCACHE_CONNECT_TIMEOUT", "0")]).starts_with("DCACHE_CONNECT_TIMEOUT: "));
+        assert!(err(&[("DCACHE_CONNECT_TIMEOUT", "soon")]).starts_with("DCACHE_CONNECT_TIMEOUT: "));
+        assert!(err(&[("DCACHE_TIMEOUT", "-1")]).starts_with("DCACHE_TIMEOUT: "));
         assert!(err(&[("DCACHE_STRATEGY", "x")]).starts_with("DCACHE_STRATEGY: "));
         assert!(err(&[("DCACHE_CACHE_SIZE", "9Q")]).starts_with("DCACHE_CACHE_SIZE: "));
         assert_eq!(

@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use dcache_proto::{CacheKey, JobDesc};
 
-use super::args::{CompilePlan, Plan, plan};
+use super::args::{CompilePlan, LocalReason, Plan, plan};
 use super::backend::Backend;
 use super::base_dir::relativize_line_markers;
 use super::config::Config;
@@ -23,6 +23,7 @@ use super::direct::{self, DirectKey, Invocation};
 use super::local::{needs_local_rerun, preprocess, run_locally, write_atomically};
 use super::manifests::ManifestStore;
 use super::response::expand_response_files;
+use crate::stats::calls;
 
 /// Runs the wrapper for `compiler args…` as `dcache` does, printing what the compiler
 /// would print; returns the exit code to exit with. Never fails on its own account: any
@@ -34,6 +35,8 @@ pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i3
         Err(e) => {
             // The compiler reads (or reports) its response files itself.
             tracing::debug!("{e}; compiling locally");
+            let reason = LocalReason::ResponseFile(e.to_string());
+            count_uncacheable(config, &calls::reason_label(&reason), true);
             return local(&compiler, &args).unwrap_or(1);
         }
     };
@@ -41,9 +44,34 @@ pub async fn run(config: &Config, compiler: OsString, args: Vec<OsString>) -> i3
         Plan::Remote(p) => p,
         Plan::Local(reason) => {
             tracing::debug!("running locally: {reason}");
+            let compile = !matches!(
+                reason,
+                LocalReason::NotACompile | LocalReason::PreprocessOnly
+            );
+            count_uncacheable(config, &calls::reason_label(&reason), compile);
             return local(&compiler, &args).unwrap_or(1);
         }
     };
+    // A typo in a host list must not fail the build: each bad entry is named, the rest
+    // are used, and with none left the compile runs locally (not in the embedded cache:
+    // the user asked for servers).
+    for e in &config.host_errors {
+        let then = if config.hosts_unusable() {
+            ""
+        } else {
+            "; skipping it"
+        };
+        eprintln!("dcache: DCACHE_HOSTS: {e}{then}");
+    }
+    if config.hosts_unusable() {
+        count_uncacheable(config, "no usable server in DCACHE_HOSTS", true);
+        return fail_over(
+            config,
+            &"DCACHE_HOSTS names no usable server",
+            &compiler,
+            &args,
+        );
+    }
     let backend = match Backend::start(config, &compiler).await {
         Ok(b) => b,
         Err(e) => return fail_over(config, &e, &compiler, &args),
@@ -107,6 +135,7 @@ async fn compile(
     };
     if let Some(dk) = direct {
         if let Some(code) = try_direct(config, backend, compiler, args, plan, &desc, dk).await {
+            calls::record_cacheable(&config.dir);
             return code;
         }
     }
@@ -115,9 +144,11 @@ async fn compile(
         Err(e) => {
             // The compiler reproduces the preprocessor's exact errors itself.
             tracing::debug!("{e}; compiling locally");
+            count_uncacheable(config, calls::PREPROCESSOR_ERROR, true);
             return local(compiler, args).unwrap_or(1);
         }
     };
+    calls::record_cacheable(&config.dir);
     // With a base directory, absolute paths under it become relative, so another checkout
     // of the same project has the same key. The compiler then sees other file names than
     // a local compile would, which only shows in what it prints (handled below).
@@ -286,6 +317,17 @@ fn record_manifest(config: &Config, dk: DirectKey, entry: direct::Entry) {
     manifest.add(entry);
     if let Err(e) = store.put(&dk, &manifest) {
         tracing::debug!("direct mode: {e}");
+    }
+}
+
+/// Counts a call that runs without the cache (see [`calls`]), and prints the warning
+/// when this call makes most of the build uncached: once per build, across processes, at
+/// the default log level (`DCACHE_LOG=error` silences it).
+fn count_uncacheable(config: &Config, label: &str, compile: bool) {
+    if let Some(warning) = calls::record_uncacheable(&config.dir, label, compile) {
+        if tracing::enabled!(tracing::Level::WARN) {
+            eprintln!("dcache: {warning}");
+        }
     }
 }
 

@@ -94,6 +94,10 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 
 /// Writes `data` to `path` atomically: a temporary file in the same directory, synced,
 /// then renamed over the target, so a reader (or a crash) never sees half an object.
+///
+/// The file gets the mode the compiler would give it: created with 0666, which the
+/// kernel narrows by the process's umask (0644 under the usual 022), not the 0600 of a
+/// private temporary file, so build trees shared by a group work as they do with gcc.
 pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
     if std::fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_file()) {
         // A device (`-o /dev/null`, as configure scripts do), a FIFO or a symlink: the
@@ -105,9 +109,17 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".dcache-out-")
-        .tempfile_in(dir)?;
+    #[cfg(unix)]
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::Permissions::from_mode(0o666)
+    };
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".dcache-out-");
+    // Passed to open(2) as its mode, so the umask applies as it does to gcc's output.
+    #[cfg(unix)]
+    builder.permissions(mode);
+    let mut tmp = builder.tempfile_in(dir)?;
     tmp.write_all(data)?;
     tmp.as_file().sync_data()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -175,6 +187,22 @@ mod tests {
                 .is_symlink()
         );
         assert_eq!(std::fs::read(&target).unwrap(), b"new");
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn outputs_get_the_mode_a_file_the_compiler_creates_gets() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // What this process's umask makes of 0666, as gcc's own fopen gets.
+        let reference = dir.path().join("reference");
+        std::fs::File::create(&reference).unwrap();
+        let want = std::fs::metadata(&reference).unwrap().permissions().mode() & 0o777;
+        let p = dir.path().join("x.o");
+        write_atomically(&p, b"obj").unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(format!("{mode:o}"), format!("{want:o}"));
+        assert_ne!(mode, 0o600, "not a private temporary file's mode");
     }
 
     #[test]

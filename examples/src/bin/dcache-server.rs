@@ -20,7 +20,9 @@ use dcache_transport::{Address, TransportOptions, bind};
 /// dcache-server: the dcache compile server. Answers cache hits at once, compiles misses
 /// with the allowed compilers, keeps results in memory over a disk cache.
 #[derive(Parser, Debug)]
-#[command(version, long_about = None)]
+// The name given, not the package's: this binary ships in the `dcache-examples` package,
+// whose name and description clap would otherwise print for --help and --version.
+#[command(name = "dcache-server", version, long_about = None)]
 struct Args {
     /// Address to listen on: tcp://HOST:PORT or unix:///path. Repeat for several.
     /// Loopback only unless told otherwise.
@@ -37,10 +39,12 @@ struct Args {
     /// Compiles run at once (default: the number of cores); more wait in a queue.
     #[arg(long)]
     jobs: Option<usize>,
-    /// Compiler names clients may use, comma-separated. Names only: resolved on this
-    /// server's PATH; a client can never choose a path.
+    /// Compiler names clients may use, comma-separated (e.g. gcc,gcc-12,clang). Names
+    /// only, never paths: each is looked up in the --compiler-path directories (not this
+    /// server's PATH), so a client can never choose what runs.
     #[arg(
         long,
+        value_name = "NAMES",
         value_delimiter = ',',
         default_value = "gcc,g++,cc,c++,clang,clang++"
     )]

@@ -12,7 +12,11 @@ use dcache_examples::util;
 
 fn main() -> ExitCode {
     let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    util::init_logging(&std::env::var("DCACHE_LOG").unwrap_or_else(|_| "warn".into()));
+    let first = args.first().and_then(|a| a.to_str()).map(str::to_owned);
+    if first.as_deref() == Some("--version") {
+        println!("dcache {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
     let config = match wrapper::Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -20,7 +24,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let first = args.first().and_then(|a| a.to_str()).map(str::to_owned);
+    util::init_logging(&config.log);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -47,6 +51,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some("--stats") => {
+            for e in &config.host_errors {
+                eprintln!("dcache: DCACHE_HOSTS: {e}; skipping it");
+            }
             let json = args.get(1).is_some_and(|a| a == "--json");
             let report = runtime.block_on(stats::gather(&config));
             for (host, e) in &report.unreachable {
@@ -125,6 +132,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        // An option here is a mistyped or unknown dcache option, never a compiler name.
+        Some(option) if option.starts_with('-') => {
+            eprintln!("dcache: unknown option {option} (dcache --help lists them)");
+            ExitCode::from(2)
+        }
         Some(_) => {
             // `dcache gcc` where that gcc is a masquerading link: the one after it.
             let compiler = wrapper::masquerade::skip_self(args.remove(0));
