@@ -286,7 +286,8 @@ log_census() {
 # The sources of a warm build that were not direct hits, with the route each took.
 not_direct() {
   sed 's/\x1b\[[0-9;]*m//g' "$1" | sed -nE 's/.* ([^ ]+): (early hit|hit|compiled) from .*/\1 (\2)/p' | sort | uniq -c |
-    awk '{ $1 = ($1 > 1 ? $1 "x " : ""); sub(/^ /, ""); print }' | tr '\n' ',' | sed 's/,$//; s/,/, /g'
+    awk '{ $1 = ($1 > 1 ? $1 "x " : ""); sub(/^ /, ""); print }' |
+    awk 'NR <= 6 { printf "%s%s", (NR > 1 ? ", " : ""), $0 } END { if (NR > 6) printf " and %d more", NR - 6; if (NR) print "" }'
 }
 local_reasons() {
   sed 's/\x1b\[[0-9;]*m//g' "$1" | sed -n 's/.*running locally: //p' | sort | uniq -c | sort -rn
