@@ -14,16 +14,9 @@ jobs="${2:-$(nproc)}"
 runs="${3:-3}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 
-need=()
-command -v ccache >/dev/null || need+=(ccache)
-command -v distcc >/dev/null || need+=(distcc)
-command -v make >/dev/null || need+=(make)
-if [ "${#need[@]}" -gt 0 ]; then
-  echo "installing ${need[*]}" >&2
-  apt-get update -qq >/dev/null && apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-cargo build -q --release -p dcache-examples --manifest-path "$repo/Cargo.toml"
-bin="$repo/target/release"
+. "$repo/bench/lib.sh"
+need_commands ccache:ccache distcc:distcc make:make
+build_dcache "$repo"
 
 work="$(mktemp -d)"
 pids=()
@@ -32,18 +25,14 @@ trap cleanup EXIT
 cp -r "$src_dir" "$work/src"
 proj="$work/src"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
 # One timed build after `make clean`; prints seconds.
 build() {
   make -s -C "$proj" clean >/dev/null 2>&1 || true
-  local t0 t1
-  t0=$(date +%s.%N)
+  local t0
+  t0=$(now)
   env "$@" make -s -C "$proj" -j"$jobs" >/dev/null 2>>"$work/build.log"
-  t1=$(date +%s.%N)
-  echo "$t1 - $t0" | bc -l
+  elapsed "$t0" "$(now)"
 }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 results=()
 record() { results+=("$1|$2"); printf '%-22s %8.3f s\n' "$1" "$2" >&2; }
@@ -73,10 +62,8 @@ record "distcc" "$(printf '%s\n' "${times[@]}" | median)"
 # dcache to a local server
 dport2=$(free_port)
 start_server() {
-  "$bin/dcache-server" --listen "tcp://127.0.0.1:$dport2" --cache-dir "$work/dcache-server" --jobs "$jobs" 2>"$work/server.log" &
-  pids+=($!)
-  for _ in $(seq 50); do grep -q "listening on" "$work/server.log" 2>/dev/null && return; sleep 0.1; done
-  echo "dcache-server did not start" >&2; exit 1
+  start_dcache_server "$dport2" "$work/dcache-server" "$jobs" "$work/server.log"
+  pids+=("$server_pid")
 }
 times=()
 for _ in $(seq "$runs"); do
@@ -102,5 +89,5 @@ echo "project: $src_dir  (make -j$jobs, median of $runs runs, $(nproc) cores)"
 printf '%-38s %10s %9s\n' "build" "seconds" "vs gcc"
 for r in "${results[@]}"; do
   name="${r%%|*}"; t="${r##*|}"
-  printf '%-38s %10.3f %8.2fx\n' "$name" "$t" "$(echo "$t / $plain" | bc -l)"
+  printf '%-38s %10.3f %8.2fx\n' "$name" "$t" "$(ratio "$t" "$plain")"
 done
