@@ -53,7 +53,10 @@ pub fn job_from_argv(argv: &[String], names: &CompilerNames) -> Result<JobDesc, 
             _ if a.starts_with("-iquote") => {}
             "-" => return Err("input from stdin".into()),
             // A second output file distcc cannot carry back: compile it locally.
-            "-gsplit-dwarf" => return Err("option \"-gsplit-dwarf\" refused: its .dwo file cannot travel back over distcc".into()),
+            "-gsplit-dwarf" => return Err(
+                "option \"-gsplit-dwarf\" refused: its .dwo file cannot travel back over distcc"
+                    .into(),
+            ),
             _ if a.starts_with("-x") => {
                 return Err(format!(
                     "option {a:?} refused: the language comes from the input's extension"
@@ -121,12 +124,18 @@ mod tests {
         assert_eq!(d.language, "cpp-output");
         assert_eq!(d.args, ["-O2", "-g", "-c"]);
         let d = map(&["/usr/bin/g++", "-c", "-std=c++17", "x.cpp", "-ox.o"]).unwrap();
-        assert_eq!((d.compiler.as_str(), d.language.as_str()), ("g++", "c++-cpp-output"));
+        assert_eq!(
+            (d.compiler.as_str(), d.language.as_str()),
+            ("g++", "c++-cpp-output")
+        );
         assert_eq!(d.args, ["-std=c++17", "-c"]);
         let d = map(&["gcc", "-S", "x.i", "-iquote", "inc"]).unwrap();
         assert_eq!(d.args, ["-S"]);
         for ext in ["cc", "cxx", "C", "ii", "c++"] {
-            assert_eq!(map(&["g++", "-c", &format!("a.{ext}")]).unwrap().language, "c++-cpp-output");
+            assert_eq!(
+                map(&["g++", "-c", &format!("a.{ext}")]).unwrap().language,
+                "c++-cpp-output"
+            );
         }
     }
 

@@ -141,9 +141,12 @@ async fn serve(
     let more = source.len().saturating_sub(reserved);
     let _more = match more {
         0 => None,
-        n => Some(service.budget().share(n).ok_or_else(|| {
-            End::Refused("the server's memory for uploads is in use".into())
-        })?),
+        n => Some(
+            service
+                .budget()
+                .share(n)
+                .ok_or_else(|| End::Refused("the server's memory for uploads is in use".into()))?,
+        ),
     };
     drop(buf);
 

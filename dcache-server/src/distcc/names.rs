@@ -59,7 +59,9 @@ impl CompilerNames {
         }
         let stem = strip_version(name);
         let Some(binary) = find_on_path(name, &self.path) else {
-            return Err(format!("compiler {requested:?} is not installed on this server"));
+            return Err(format!(
+                "compiler {requested:?} is not installed on this server"
+            ));
         };
         self.allowed
             .iter()
@@ -72,7 +74,9 @@ impl CompilerNames {
             })
             .map(|(a, _)| a.clone())
             .ok_or_else(|| {
-                format!("compiler {requested:?} is not one this server allows (or not the same binary)")
+                format!(
+                    "compiler {requested:?} is not one this server allows (or not the same binary)"
+                )
             })
     }
 }
@@ -174,7 +178,10 @@ mod tests {
     fn versions_are_stripped_only_when_they_are_versions() {
         assert_eq!(strip_version("gcc-12"), "gcc");
         assert_eq!(strip_version("clang++-14.0"), "clang++");
-        assert_eq!(strip_version("x86_64-linux-gnu-gcc"), "x86_64-linux-gnu-gcc");
+        assert_eq!(
+            strip_version("x86_64-linux-gnu-gcc"),
+            "x86_64-linux-gnu-gcc"
+        );
         assert_eq!(strip_version("gcc-"), "gcc-");
     }
 }

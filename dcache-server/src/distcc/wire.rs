@@ -486,10 +486,7 @@ mod tests {
             &encode_reply(Protocol::Plain, &ok)[..],
             b"DONE00000001STAT00000000SERR00000005warn\nSOUT00000000DOTO00000004\x7fELF"
         );
-        let failed = JobResult {
-            exit_code: 1,
-            ..ok
-        };
+        let failed = JobResult { exit_code: 1, ..ok };
         let reply = encode_reply(Protocol::Plain, &failed);
         assert!(reply.starts_with(b"DONE00000001STAT00000100"));
         assert!(reply.ends_with(b"DOTO00000000"));
