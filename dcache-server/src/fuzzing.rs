@@ -64,10 +64,72 @@ pub fn lzo_block(data: &[u8]) {
     assert_eq!(round.as_deref(), Ok(data));
 }
 
+/// The seed corpora committed under `fuzz/corpus/`: real requests as the stock client
+/// sends them (plain, LZO, pump mode's first bytes, truncated) for `distcc_request`, and
+/// real blocks of this crate's compressor behind a limit for `lzo_block`.
+pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
+    use crate::distcc::wire::{Protocol, encode_request};
+    let source = b"# 0 \"a.c\"\nint add(int a, int b) { return a + b; }\n".repeat(20);
+    let argv = ["x86_64-linux-gnu-gcc", "-O2", "-c", "a.c", "-o", "a.o"];
+    let mut seeds = Vec::new();
+    let mut request = |name: &str, split: u8, bytes: &[u8]| {
+        let mut data = vec![split];
+        data.extend_from_slice(bytes);
+        seeds.push(("distcc_request", name.to_owned(), data));
+    };
+    let plain = encode_request(Protocol::Plain, &argv, &source);
+    request("plain", 31, &plain);
+    request("plain-split", 4, &plain);
+    request("lzo", 11, &encode_request(Protocol::Lzo, &argv, &source));
+    request("empty-source", 0, &encode_request(Protocol::Plain, &["gcc", "-c", "e.c"], b""));
+    request("pump", 7, b"DIST00000003CDIR00000004/tmpARGC00000001ARGV00000003gcc");
+    request("truncated", 2, &plain[..plain.len() / 2]);
+    for (name, data) in [
+        ("text", &source[..]),
+        ("run", &[0u8; 3000][..]),
+        ("short", b"int x;"),
+    ] {
+        let block = crate::distcc::lzo::compress(data);
+        let mut seed = (data.len() as u16).to_le_bytes().to_vec();
+        seed.extend_from_slice(&block);
+        seeds.push(("lzo_block", name.to_owned(), seed));
+    }
+    seeds
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::distcc::wire::{Protocol, encode_request};
+
+    fn corpus_dir() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus")
+    }
+
+    /// Writes the seed corpora: `cargo test -p dcache-server --lib -- --ignored
+    /// write_distcc_seed_corpus`.
+    #[test]
+    #[ignore]
+    fn write_distcc_seed_corpus() {
+        for (target, name, data) in seed_corpus() {
+            let dir = corpus_dir().join(target);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(name), data).unwrap();
+        }
+    }
+
+    #[test]
+    fn committed_distcc_seeds_match_the_generator_and_run_clean() {
+        for (target, name, data) in seed_corpus() {
+            let committed = std::fs::read(corpus_dir().join(target).join(&name))
+                .unwrap_or_else(|e| panic!("{target}/{name}: {e} (regenerate the seeds)"));
+            assert_eq!(committed, data, "{target}/{name} differs from the generator");
+            match target {
+                "distcc_request" => distcc_request(&data),
+                _ => lzo_block(&data),
+            }
+        }
+    }
 
     #[test]
     fn the_fuzz_entry_points_run_on_real_requests_and_blocks() {
