@@ -81,8 +81,16 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
     request("plain", 31, &plain);
     request("plain-split", 4, &plain);
     request("lzo", 11, &encode_request(Protocol::Lzo, &argv, &source));
-    request("empty-source", 0, &encode_request(Protocol::Plain, &["gcc", "-c", "e.c"], b""));
-    request("pump", 7, b"DIST00000003CDIR00000004/tmpARGC00000001ARGV00000003gcc");
+    request(
+        "empty-source",
+        0,
+        &encode_request(Protocol::Plain, &["gcc", "-c", "e.c"], b""),
+    );
+    request(
+        "pump",
+        7,
+        b"DIST00000003CDIR00000004/tmpARGC00000001ARGV00000003gcc",
+    );
     request("truncated", 2, &plain[..plain.len() / 2]);
     for (name, data) in [
         ("text", &source[..]),
@@ -123,7 +131,10 @@ mod tests {
         for (target, name, data) in seed_corpus() {
             let committed = std::fs::read(corpus_dir().join(target).join(&name))
                 .unwrap_or_else(|e| panic!("{target}/{name}: {e} (regenerate the seeds)"));
-            assert_eq!(committed, data, "{target}/{name} differs from the generator");
+            assert_eq!(
+                committed, data,
+                "{target}/{name} differs from the generator"
+            );
             match target {
                 "distcc_request" => distcc_request(&data),
                 _ => lzo_block(&data),

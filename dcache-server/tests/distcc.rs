@@ -188,6 +188,12 @@ async fn identical_distcc_requests_in_flight_compile_once() {
     assert_eq!(stat(&h, "compiles"), 1);
     assert_eq!(stat(&h, "distcc_jobs"), 4);
     assert_eq!(stat(&h, "distcc_compiles") + stat(&h, "distcc_hits"), 4);
+    // Each request's in-process connection to the service ends with it.
+    let started = Instant::now();
+    while h.service.open_connections() > 0 {
+        assert!(started.elapsed() < WIDE, "in-process connections leaked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 //! disabled: distcc 3.4 can then loop for ever. Counters are read after the client has
 //! exited, and the server counts each distcc job before it writes the reply (or closes the
 //! connection, for a refusal), so they are settled by then.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
 
