@@ -270,6 +270,12 @@ fn cxx_through_distcc_gxx_and_debug_info_names_the_client_directory() {
     w.local(&["g++", "-O2", "-std=c++17", "-c", "v.cpp", "-o", "local.o"]);
     assert_eq!(w.read("remote.o"), w.read("local.o"));
 
+    // clang too: the stock client appends `-target TRIPLE` to every clang command line.
+    w.write("k.c", &c_source(5));
+    let out = w.distcc(&s.distcc, &["clang", "-O2", "-c", "k.c", "-o", "k.o"], &[]);
+    assert_remote(&out, "k.c", &s.distcc);
+    assert!(w.read("k.o").starts_with(b"\x7fELF"));
+
     // -g: the object was compiled in the server's private directory, yet names the
     // client's, taken from the preprocessed text's line markers.
     w.write("g.c", &c_source(7));
@@ -292,7 +298,7 @@ fn cxx_through_distcc_gxx_and_debug_info_names_the_client_directory() {
         "the server's directory leaked: {dump}"
     );
     let json = s.stats();
-    assert_eq!(stat(&json, "distcc_compiles"), 2, "{json}");
+    assert_eq!(stat(&json, "distcc_compiles"), 3, "{json}");
 }
 
 #[test]

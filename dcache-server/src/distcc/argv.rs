@@ -51,6 +51,13 @@ pub fn job_from_argv(argv: &[String], names: &CompilerNames) -> Result<JobDesc, 
                 i += 1;
             }
             _ if a.starts_with("-iquote") => {}
+            // The stock client appends `-target TRIPLE` to every clang command line; it is
+            // clang's older spelling of `--target=TRIPLE`, which the allow-list checks.
+            "-target" => {
+                let triple = rest.get(i).ok_or("-target without a triple")?;
+                i += 1;
+                args.push(format!("--target={triple}"));
+            }
             "-" => return Err("input from stdin".into()),
             // A second output file distcc cannot carry back: compile it locally.
             "-gsplit-dwarf" => return Err(
@@ -129,6 +136,8 @@ mod tests {
             ("g++", "c++-cpp-output")
         );
         assert_eq!(d.args, ["-std=c++17", "-c"]);
+        let d = map(&["g++", "-c", "x.cc", "-target", "x86_64-linux-gnu"]).unwrap();
+        assert_eq!(d.args, ["--target=x86_64-linux-gnu", "-c"]);
         let d = map(&["gcc", "-S", "x.i", "-iquote", "inc"]).unwrap();
         assert_eq!(d.args, ["-S"]);
         for ext in ["cc", "cxx", "C", "ii", "c++"] {
@@ -154,6 +163,7 @@ mod tests {
             &["/opt/gcc", "-c", "a.c"],
             &["sh", "-c", "a.c"],
             &["gcc", "-c"],
+            &["gcc", "-c", "a.c", "-target"],
         ] {
             assert!(map(bad).is_err(), "{bad:?}");
         }
