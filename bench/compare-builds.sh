@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds a C project that has a Makefile honouring CC with: plain gcc, ccache (cold and
-# warm), distcc to a local distccd, and dcache to a local dcache-server (cold and warm),
-# all in one run on this machine, and prints wall times (median of RUNS) and ratios to
+# warm), distcc to a local distccd, dcache to a local dcache-server (cold and warm), and
+# the stock distcc client to that dcache-server's --listen-distcc (cold and warm), all in
+# one run on this machine, and prints wall times (median of RUNS) and ratios to
 # plain gcc.
 #
 # usage: bench/compare-builds.sh DIR [JOBS] [RUNS]
@@ -61,8 +62,10 @@ record "distcc" "$(printf '%s\n' "${times[@]}" | median)"
 
 # dcache to a local server
 dport2=$(free_port)
+dport3=$(free_port)
 start_server() {
-  start_dcache_server "$dport2" "$work/dcache-server" "$jobs" "$work/server.log"
+  start_dcache_server "$dport2" "$work/dcache-server" "$jobs" "$work/server.log" \
+    --listen-distcc "tcp://127.0.0.1:$dport3"
   pids+=("$server_pid")
 }
 times=()
@@ -74,6 +77,17 @@ done
 record "dcache server cold" "$(printf '%s\n' "${times[@]}" | median)"
 times=(); for _ in $(seq "$runs"); do times+=("$(build CC="$bin/dcache gcc" DCACHE_HOSTS="tcp://127.0.0.1:$dport2" DCACHE_DIR="$work/dcache-client" DCACHE_FALLBACK=0)"); done
 record "dcache server warm" "$(printf '%s\n' "${times[@]}" | median)"
+
+# the stock distcc client to dcache-server --listen-distcc: no change on the client side
+times=()
+for _ in $(seq "$runs"); do
+  for p in "${pids[@]:1}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$work/dcache-server" "$work/distcc-dcache"; mkdir -p "$work/distcc-dcache"; start_server
+  times+=("$(build CC='distcc gcc' DISTCC_HOSTS="127.0.0.1:$dport3/$jobs" DISTCC_DIR="$work/distcc-dcache" DISTCC_FALLBACK=0)")
+done
+record "distcc to dcache cold" "$(printf '%s\n' "${times[@]}" | median)"
+times=(); for _ in $(seq "$runs"); do times+=("$(build CC='distcc gcc' DISTCC_HOSTS="127.0.0.1:$dport3/$jobs" DISTCC_DIR="$work/distcc-dcache" DISTCC_FALLBACK=0)"); done
+record "distcc to dcache warm" "$(printf '%s\n' "${times[@]}" | median)"
 
 # dcache embedded (no server)
 times=(); for _ in $(seq "$runs"); do rm -rf "$work/dcache-local"; times+=("$(build CC="$bin/dcache gcc" DCACHE_DIR="$work/dcache-local" DCACHE_HOSTS=)"); done

@@ -37,13 +37,17 @@ median() { sort -g | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "-"; else printf "%.2f\n", a / b }'; }
 
 # Starts `dcache-server` on tcp://127.0.0.1:PORT with its own cache directory; waits until
-# it listens. Sets $server_pid. usage: start_dcache_server PORT CACHE_DIR JOBS LOG
+# it listens (on its distcc listener too when one is among the extra arguments). Sets
+# $server_pid. usage: start_dcache_server PORT CACHE_DIR JOBS LOG [EXTRA_ARGS...]
 start_dcache_server() {
   local port="$1" cache="$2" jobs="$3" log="$4"
-  "$bin/dcache-server" --listen "tcp://127.0.0.1:$port" --cache-dir "$cache" --jobs "$jobs" 2>"$log" &
+  shift 4
+  local ready="listening on"
+  case " $* " in *" --listen-distcc "*) ready="serving distcc clients" ;; esac
+  "$bin/dcache-server" --listen "tcp://127.0.0.1:$port" --cache-dir "$cache" --jobs "$jobs" "$@" 2>"$log" &
   server_pid=$!
   for _ in $(seq 100); do
-    grep -q "listening on" "$log" 2>/dev/null && return 0
+    grep -q "$ready" "$log" 2>/dev/null && return 0
     kill -0 "$server_pid" 2>/dev/null || break
     sleep 0.1
   done

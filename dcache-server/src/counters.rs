@@ -58,6 +58,20 @@ counters! {
     connections_refused,
     /// Connections ended by a protocol error, a timeout, or the peer going away mid-job.
     connection_errors,
+    /// Connections accepted from distcc clients. Each request they carry is served through
+    /// an in-process dcache connection, which `connections` counts as well.
+    distcc_connections,
+    /// distcc requests received whole and answered with a result.
+    distcc_jobs,
+    /// distcc requests answered from the cache (also in `hits`).
+    distcc_hits,
+    /// distcc requests answered by compiling (also in `compiles`).
+    distcc_compiles,
+    /// distcc requests closed unanswered so that the client compiles locally: address,
+    /// compiler, option or protocol version (pump mode) refused, or the server overloaded.
+    distcc_refused,
+    /// distcc connections ended by a malformed, oversized, truncated or stalled request.
+    distcc_errors,
 }
 
 impl Counters {

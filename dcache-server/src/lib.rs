@@ -11,12 +11,17 @@
 //! - [`Service`]: serves connections: answers HASH lookups at once (EARLY_RESULT or MISS),
 //!   compiles misses with bounded concurrency and single-flight, verifies every received
 //!   source against its HASH before storing anything, and counts what happens.
+//! - [`distcc`]: the distcc front end, so stock distcc clients reach the same service
+//!   ([`Service::serve_distcc`]).
 #![forbid(unsafe_code)]
 
 pub mod access;
 mod counters;
+pub mod distcc;
 pub mod exec;
 mod flight;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod sandbox;
 mod service;
 mod slots;

@@ -62,6 +62,29 @@ impl Budget {
     pub(crate) fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
     }
+
+    /// Takes `n` bytes of the memory allowance for as long as the returned share lives,
+    /// if that many are free: for a source held whole in memory outside a spool (a distcc
+    /// upload, which must be read to its end before anything is answered).
+    pub(crate) fn share(self: &Arc<Self>, n: usize) -> Option<MemoryShare> {
+        self.try_take(n).then(|| MemoryShare {
+            budget: self.clone(),
+            n,
+        })
+    }
+}
+
+/// Part of the memory allowance, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct MemoryShare {
+    budget: Arc<Budget>,
+    n: usize,
+}
+
+impl Drop for MemoryShare {
+    fn drop(&mut self) {
+        self.budget.give_back(self.n);
+    }
 }
 
 /// The source received so far for one job.

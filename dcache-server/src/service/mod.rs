@@ -14,6 +14,7 @@ use tokio::time::Duration;
 
 use crate::access::Cidr;
 use crate::counters::Counters;
+use crate::distcc::DistccConfig;
 use crate::exec::Executor;
 use crate::flight::Flights;
 use crate::lock;
@@ -167,6 +168,31 @@ impl Service {
         listener: Box<dyn Listener>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
+        self.serve_front(listener, shutdown, Front::Dcache).await;
+    }
+
+    /// Accepts stock distcc clients on `listener` until `shutdown` resolves, serving each
+    /// request with this service's store, compile slots, single-flight, limits, address
+    /// ranges and counters (see [`crate::distcc`]). A refused address is closed at once,
+    /// which a distcc client answers by compiling locally.
+    pub async fn serve_distcc(
+        self: &Arc<Self>,
+        listener: Box<dyn Listener>,
+        distcc: Arc<DistccConfig>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        self.serve_front(listener, shutdown, Front::Distcc(distcc))
+            .await;
+    }
+
+    /// The accept loop every front end shares: admission (address ranges, per-address
+    /// cap, handshake pool), the connection cap, and a graceful stop.
+    async fn serve_front(
+        self: &Arc<Self>,
+        listener: Box<dyn Listener>,
+        shutdown: impl std::future::Future<Output = ()>,
+        front: Front,
+    ) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
@@ -187,15 +213,37 @@ impl Service {
                     Ok(admitted) => {
                         let me = self.clone();
                         let stop = stop_rx.clone();
+                        let front = front.clone();
                         tasks.spawn(async move {
-                            connection::run(me, stream, stop, Some(admitted.handshake)).await;
+                            let handshake = admitted.handshake;
+                            match front {
+                                Front::Dcache => {
+                                    connection::run(me, stream, stop, Some(handshake)).await;
+                                }
+                                Front::Distcc(config) => {
+                                    crate::distcc::serve_connection(
+                                        me, stream, peer, config, stop, handshake,
+                                    )
+                                    .await;
+                                }
+                            }
                             drop(admitted.address);
                             drop(permit);
                         });
                     }
                     Err((code, message)) => {
                         Counters::bump(&self.counters.connections_refused);
-                        tasks.spawn(refuse(stream, code, message));
+                        match front {
+                            Front::Dcache => {
+                                tasks.spawn(refuse(stream, code, message));
+                            }
+                            // distcc has no refusal message: the closed connection is the
+                            // answer, and the client compiles locally.
+                            Front::Distcc(_) => {
+                                Counters::bump(&self.counters.distcc_refused);
+                                drop(stream);
+                            }
+                        }
                         drop(permit);
                     }
                 },
@@ -255,6 +303,25 @@ impl Service {
         self.store_writer.flush().await;
     }
 
+    /// Checks a job against the executor's allow-list before any source is read (the
+    /// distcc front end refuses early, so a refused client stops uploading).
+    pub(crate) fn check_job(
+        &self,
+        desc: &dcache_proto::JobDesc,
+    ) -> Result<crate::exec::CompilerId, crate::exec::ExecError> {
+        self.executor.check(desc)
+    }
+
+    /// The protocol settings every connection uses.
+    pub(crate) fn protocol(&self) -> &ServerConfig {
+        &self.config.protocol
+    }
+
+    /// The memory allowance for sources held outside a spool.
+    pub(crate) fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
     /// Serves one connection until it closes. `stop` turning true asks for a graceful end.
     pub async fn handle_connection(
         self: &Arc<Self>,
@@ -263,6 +330,13 @@ impl Service {
     ) {
         connection::run(self.clone(), stream, stop, None).await;
     }
+}
+
+/// Which protocol an accept loop serves.
+#[derive(Clone)]
+enum Front {
+    Dcache,
+    Distcc(Arc<DistccConfig>),
 }
 
 /// Tells a refused peer why, in an ERROR frame, and closes. Best effort, bounded in time:

@@ -2,14 +2,16 @@
 //!
 //! Listens on one or more addresses, answers cache hits at once, compiles misses with the
 //! allow-listed compilers found on this machine, and keeps results in memory over a disk
-//! cache. Stops gracefully on SIGINT or SIGTERM: no new connections, open jobs finish,
-//! clients are told GOAWAY.
+//! cache. `--listen-distcc` serves stock distcc clients from the same service. Stops
+//! gracefully on SIGINT or SIGTERM: no new connections, open jobs finish, clients are told
+//! GOAWAY.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
 use dcache_examples::util::{init_logging, parse_size, user_cache_dir};
+use dcache_server::distcc::DistccConfig;
 use dcache_server::exec::ExecLimits;
 use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
 use dcache_server::sandbox::{ResourceLimits, Sandbox};
@@ -28,6 +30,11 @@ struct Args {
     /// Loopback only unless told otherwise.
     #[arg(long = "listen", default_value = "tcp://127.0.0.1:3633")]
     listen: Vec<Address>,
+    /// Address to serve stock distcc clients on (DISTCC_HOSTS=HOST:PORT, or HOST:PORT,lzo):
+    /// tcp://HOST:PORT, distcc's port being 3632. Repeat for several. Same cache, slots,
+    /// limits and --allow as the dcache listeners.
+    #[arg(long = "listen-distcc", value_name = "ADDR")]
+    listen_distcc: Vec<Address>,
     /// Where cached results are kept on disk (default: the user's cache directory,
     /// dcache/server).
     #[arg(long)]
@@ -285,6 +292,26 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
         servers.push(tokio::spawn(async move {
             service
                 .serve(listener, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+        }));
+    }
+    let distcc = Arc::new(DistccConfig::new(&args.allow_compiler, &args.compiler_path));
+    for addr in &args.listen_distcc {
+        let listener = match bind(addr, &TransportOptions::default()).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("dcache-server: cannot listen for distcc on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!("serving distcc clients on {}", listener.local_addr());
+        let (service, distcc) = (service.clone(), distcc.clone());
+        let mut stop = stop_rx.clone();
+        servers.push(tokio::spawn(async move {
+            service
+                .serve_distcc(listener, distcc, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await;
