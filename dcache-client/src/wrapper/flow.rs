@@ -19,6 +19,7 @@ use super::args::{CompilePlan, Plan, plan};
 use super::backend::Backend;
 use super::base_dir::relativize_line_markers;
 use super::config::Config;
+use super::depend;
 use super::direct::{self, DirectKey, Invocation};
 use super::local::{needs_local_rerun, preprocess, run_locally, write_atomically};
 use super::manifests::{ManifestLimits, ManifestStore};
@@ -109,6 +110,10 @@ async fn compile(
         if let Some(code) = try_direct(config, backend, compiler, args, plan, &desc, dk).await {
             return code;
         }
+        if depend::applies(config, backend, args) {
+            return depend::compile(config, backend, compiler, args, plan, &desc, dk, started)
+                .await;
+        }
     }
     let mut pre = match preprocess(plan) {
         Ok(p) => p,
@@ -158,7 +163,9 @@ async fn compile(
         // Next time, this compile's key can be found without preprocessing.
         let dep = plan.dep_file.as_ref().and_then(|d| std::fs::read(d).ok());
         if plan.dep_file.is_none() || dep.is_some() {
-            if let Some(entry) = direct::Entry::record(key, dep, &source, started) {
+            if let Some(entry) =
+                depend::record_preprocessed(config, plan, key, dep, &source, started)
+            {
                 record_manifest(config, dk, entry);
             }
         }
@@ -246,7 +253,7 @@ async fn try_direct(
     dk: DirectKey,
 ) -> Option<i32> {
     let manifest = manifest_store(config).get(&dk)?;
-    let entry = manifest.find_current()?;
+    let entry = manifest.find_current(!backend.is_remote())?;
     if plan.dep_file.is_some() != entry.dep_file.is_some() {
         return None;
     }
@@ -278,7 +285,7 @@ async fn try_direct(
 
 /// Adds `entry` to the manifest under `dk` (best effort: a lost update costs one
 /// preprocessor run later, never a wrong result).
-fn record_manifest(config: &Config, dk: DirectKey, entry: direct::Entry) {
+pub(super) fn record_manifest(config: &Config, dk: DirectKey, entry: direct::Entry) {
     let store = manifest_store(config);
     let mut manifest = store.get(&dk).unwrap_or_default();
     manifest.add(entry);

@@ -9,6 +9,9 @@
 //!   the rule for when a returned result must be redone locally;
 //! - [`base_dir`]: `DCACHE_BASEDIR`'s rewrite of line markers;
 //! - [`direct`]: direct mode's keys and manifests;
+//! - [`include_dirs`]: the directories the preprocessor searches, as the compiler reports
+//!   them; [`lookups`]: the header lookups a manifest records, so a header appearing on
+//!   the search path invalidates it;
 //! - [`manifests`]: the directory under `DCACHE_DIR` the manifests are kept in, on the
 //!   client's side whatever the back end.
 //!
@@ -21,10 +24,14 @@ pub mod args;
 pub mod backend;
 pub mod base_dir;
 pub mod config;
+#[cfg(feature = "embedded")]
+pub mod depend;
 pub mod direct;
 #[cfg(feature = "embedded")]
 pub mod flow;
+pub mod include_dirs;
 pub mod local;
+pub mod lookups;
 pub mod manifests;
 pub mod response;
 
