@@ -158,6 +158,8 @@ fn warnings_are_gccs_own_bytes_in_the_users_locale_remote_and_embedded() {
         "int f(void) {\n    int unused = 3;\n    return 0;\n}\n",
     )
     .unwrap();
+    // Depend mode (the embedded cache) records only files at least a second old.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let run = |cmd: &mut Command| {
         let out = cmd
             .args(["-Wall", "-c", "warn.c", "-o", "warn.o"])

@@ -16,8 +16,9 @@
 //!   no dependency option: then the wrapper adds `-MD -MF TEMP`) the list is complete.
 //!   With `-MMD`, the user's file (written by gcc, untouched) leaves out system headers,
 //!   so the list is completed by following every literal header name from the listed
-//!   files through every searched directory, transitively: a superset of what was read
-//!   (a computed `#include MACRO` on the way cannot be followed, and is not recorded);
+//!   files to the file each lookup finds, transitively, in branches not taken too: a
+//!   superset of what was read (a computed `#include MACRO` on the way cannot be
+//!   followed, and is not recorded);
 //! - every header lookup's candidates ([`super::lookups`]), as in direct mode;
 //! - the result's key binds the direct key and all of the above
 //!   ([`Entry::depend_key`]), and the store binds the compiler's identity.
@@ -327,13 +328,20 @@ fn closure(
     let mut files = listed;
     let mut queue: Vec<PathBuf> = files.clone();
     let mut candidates: BTreeSet<PathBuf> = BTreeSet::new();
-    for f in forced {
-        candidates.extend(
-            std::iter::once(PathBuf::new())
-                .chain(dirs.quote.iter().cloned())
-                .chain(dirs.bracket.iter().cloned())
-                .map(|d| d.join(f)),
-        );
+    if !forced.is_empty() {
+        // Forced includes are looked up like `#include "..."` from the working directory.
+        let names = lookups::Names {
+            names: forced
+                .iter()
+                .map(|f| lookups::Name {
+                    quoted: true,
+                    next: false,
+                    name: f.clone(),
+                })
+                .collect(),
+            computed_include: false,
+        };
+        candidates.extend(lookups::file_candidates(Path::new("forced"), &names, dirs));
     }
     loop {
         for path in std::mem::take(&mut queue) {

@@ -253,7 +253,16 @@ async fn try_direct(
     dk: DirectKey,
 ) -> Option<i32> {
     let manifest = manifest_store(config).get(&dk)?;
+    let checking = std::time::Instant::now();
     let entry = manifest.find_current(!backend.is_remote())?;
+    // What a hit costs in file reads and lookups (docs/BENCHMARKS.md quotes it).
+    tracing::debug!(
+        "{}: manifest entry current: {} files hashed, {} lookups checked in {:?}",
+        plan.input.display(),
+        entry.files.len(),
+        entry.probes.len(),
+        checking.elapsed()
+    );
     if plan.dep_file.is_some() != entry.dep_file.is_some() {
         return None;
     }

@@ -29,8 +29,11 @@ pub struct SearchDirs {
     /// Searched for `#include "..."` only, after the includer's own directory (`-iquote`).
     pub quote: Vec<PathBuf>,
     /// Searched for both forms (`-I`, `-isystem`, the system directories, `-idirafter`),
-    /// plus every configured directory that did not exist when the compiler was asked.
+    /// in order.
     pub bracket: Vec<PathBuf>,
+    /// Configured directories that did not exist when the compiler was asked: it does not
+    /// say where on the path they would be, so every lookup checks them.
+    pub ignored: Vec<PathBuf>,
 }
 
 /// The options that do not change where headers are searched and must not reach an
@@ -170,16 +173,20 @@ pub fn parse(stderr: &[u8]) -> Option<SearchDirs> {
     if at != At::Done {
         return None;
     }
-    dirs.bracket.extend(ignored);
+    dirs.ignored = ignored;
     Some(dirs)
 }
 
-/// The stored form: a digest line, then `q DIR` and `b DIR` lines. The digest makes a
+/// The stored form: a digest line, then `q DIR`, `b DIR` and `i DIR` lines. The digest makes a
 /// truncated or damaged file a miss: a list missing a directory would miss a shadowing
 /// header.
 fn encode(dirs: &SearchDirs) -> Option<Vec<u8>> {
     let mut body = Vec::new();
-    for (tag, list) in [("q", &dirs.quote), ("b", &dirs.bracket)] {
+    for (tag, list) in [
+        ("q", &dirs.quote),
+        ("b", &dirs.bracket),
+        ("i", &dirs.ignored),
+    ] {
         for d in list {
             let s = d.to_str()?;
             if s.contains('\n') {
@@ -205,6 +212,7 @@ fn decode(bytes: &[u8]) -> Option<SearchDirs> {
         match line.split_once(' ')? {
             ("q", d) => dirs.quote.push(PathBuf::from(d)),
             ("b", d) => dirs.bracket.push(PathBuf::from(d)),
+            ("i", d) => dirs.ignored.push(PathBuf::from(d)),
             _ => return None,
         }
     }
@@ -263,10 +271,12 @@ End of search list.
                 "./inc/",
                 "/usr/lib/gcc/x86_64-linux-gnu/12/include",
                 "/usr/include",
-                "/usr/local/include/x86_64-linux-gnu",
-                "nonexist"
             ]
             .map(PathBuf::from)
+        );
+        assert_eq!(
+            d.ignored,
+            ["/usr/local/include/x86_64-linux-gnu", "nonexist"].map(PathBuf::from)
         );
         // Cut anywhere before the end mark: not a list.
         for cut in [0, GCC_V.len() / 2, GCC_V.len() - 3] {
@@ -309,7 +319,7 @@ End of search list.
         let d = d.unwrap_or_default();
         assert!(d.bracket.contains(&PathBuf::from("/usr/include")), "{d:?}");
         assert!(
-            d.bracket
+            d.ignored
                 .contains(&PathBuf::from("nonexistent-dir-for-test")),
             "{d:?}"
         );

@@ -8,11 +8,11 @@
 //! from (the source's own directory is searched first for `#include "..."`), so those
 //! mtimes change with every compile and direct mode would never hit. Instead, each
 //! lookup's candidates are recorded by path: for every header name a file read names,
-//! the path it would have in every directory that lookup searched, and whether a regular
-//! file, something else, or nothing is there. The preprocessor's choice depends only on
-//! which of these candidates are files (the first one is taken), and the chosen file's
-//! contents are hashed with the manifest, so if every candidate is as recorded, every
-//! lookup finds what it found before. A missing subdirectory (`DIR/sys` for
+//! the path it would have in every directory that lookup searched up to the one where it
+//! was found, and whether a regular file, something else, or nothing is there. The
+//! preprocessor's choice depends only on which of these candidates are files (the first
+//! one is taken), and the chosen file's contents are hashed with the manifest, so if
+//! every candidate is as recorded, every lookup finds what it found before. A missing subdirectory (`DIR/sys` for
 //! `<sys/types.h>`) needs nothing special: the candidate `DIR/sys/types.h` is absent
 //! either way, and creating it changes that.
 //!
@@ -227,16 +227,38 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     find(hay, needle).is_some()
 }
 
-/// The directories `#include "..."` searches from a file in `includer_dir`.
+/// The directories `#include "..."` searches from a file in `includer_dir`, in order.
 fn quote_chain<'a>(dirs: &'a SearchDirs, includer_dir: &Path) -> impl Iterator<Item = PathBuf> + 'a {
     std::iter::once(includer_dir.to_path_buf())
         .chain(dirs.quote.iter().cloned())
         .chain(dirs.bracket.iter().cloned())
 }
 
-/// The candidates of the lookups of `names`, found in the file at `path`: each name in
-/// every directory its form searches (`#include_next` in all of them, which is more than
-/// it searches).
+/// The candidates of looking `name` up along `chain` (in order): each one up to and
+/// including the first regular file, which the preprocessor takes (the ones after it
+/// cannot change the answer while those before it stay as recorded), or all of them
+/// for `#include_next` (`all`), whose starting point this does not track; then `name`
+/// in every directory that did not exist (their place on the path is not known).
+fn lookup(
+    chain: impl Iterator<Item = PathBuf>,
+    ignored: &[PathBuf],
+    name: &str,
+    all: bool,
+    out: &mut Vec<PathBuf>,
+) {
+    for dir in chain {
+        let c = dir.join(name);
+        let found = !all && Probe::at(&c) == Probe::File;
+        out.push(c);
+        if found {
+            break;
+        }
+    }
+    out.extend(ignored.iter().map(|d| d.join(name)));
+}
+
+/// The candidates of the lookups of `names`, found in the file at `path` (see
+/// [`lookup`]).
 pub fn file_candidates(path: &Path, names: &Names, dirs: &SearchDirs) -> Vec<PathBuf> {
     let own_dir = path.parent().unwrap_or(Path::new(""));
     let mut out = Vec::new();
@@ -244,9 +266,9 @@ pub fn file_candidates(path: &Path, names: &Names, dirs: &SearchDirs) -> Vec<Pat
         if Path::new(&n.name).is_absolute() {
             out.push(PathBuf::from(&n.name));
         } else if n.quoted || n.next {
-            out.extend(quote_chain(dirs, own_dir).map(|d| d.join(&n.name)));
+            lookup(quote_chain(dirs, own_dir), &dirs.ignored, &n.name, n.next, &mut out);
         } else {
-            out.extend(dirs.bracket.iter().map(|d| d.join(&n.name)));
+            lookup(dirs.bracket.iter().cloned(), &dirs.ignored, &n.name, false, &mut out);
         }
     }
     out
@@ -272,10 +294,17 @@ pub fn candidates(
     forced: &[String],
 ) -> Option<BTreeSet<PathBuf>> {
     let mut out = BTreeSet::new();
-    let mut all_dirs: BTreeSet<PathBuf> =
-        dirs.quote.iter().chain(&dirs.bracket).cloned().collect();
+    let mut all_dirs: BTreeSet<PathBuf> = dirs
+        .quote
+        .iter()
+        .chain(&dirs.bracket)
+        .chain(&dirs.ignored)
+        .cloned()
+        .collect();
     for f in forced {
-        out.extend(quote_chain(dirs, Path::new("")).map(|d| d.join(f)));
+        let mut c = Vec::new();
+        lookup(quote_chain(dirs, Path::new("")), &dirs.ignored, f, false, &mut c);
+        out.extend(c);
     }
     let mut computed = false;
     for r in read {
@@ -385,21 +414,36 @@ mod tests {
     }
 
     #[test]
-    fn candidates_cover_every_directory_each_lookup_searched() {
+    fn candidates_run_up_to_the_file_found_and_include_missing_directories() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let d = |n: &str| tmp.path().join(n);
+        for dir in ["i1", "i2/sys", "i3/sys", "src"] {
+            std::fs::create_dir_all(d(dir)).unwrap_or_default();
+        }
+        for f in ["i2/sys/t.h", "i3/sys/t.h", "i3/n.h"] {
+            std::fs::write(d(f), "").unwrap_or_default();
+        }
         let dirs = SearchDirs {
-            quote: vec![PathBuf::from("q")],
-            bracket: vec![PathBuf::from("/i1"), PathBuf::from("/i2")],
+            quote: vec![d("q")],
+            bracket: vec![d("i1"), d("i2"), d("i3")],
+            ignored: vec![d("gone")],
         };
-        let main = b"#include \"h.h\"\n#include <sys/t.h>\n".to_vec();
+        let main_path = d("src/m.c");
+        let main = b"#include \"h.h\"\n#include <sys/t.h>\n#include_next <n.h>\n".to_vec();
         let read = [Read {
-            path: Path::new("src/m.c"),
+            path: &main_path,
             text: &main,
         }];
-        let c = candidates(Path::new("src/m.c"), &read, &dirs, &[]).unwrap_or_default();
+        let c = candidates(&main_path, &read, &dirs, &[]).unwrap_or_default();
         let want: BTreeSet<PathBuf> = [
-            "src/h.h", "q/h.h", "/i1/h.h", "/i2/h.h", "/i1/sys/t.h", "/i2/sys/t.h",
+            // "h.h": found nowhere, so searched everywhere.
+            "src/h.h", "q/h.h", "i1/h.h", "i2/h.h", "i3/h.h", "gone/h.h",
+            // <sys/t.h>: found in i2, so i3 does not matter (i1/sys does not exist).
+            "i1/sys/t.h", "i2/sys/t.h", "gone/sys/t.h",
+            // #include_next: every directory.
+            "src/n.h", "q/n.h", "i1/n.h", "i2/n.h", "i3/n.h", "gone/n.h",
         ]
-        .map(PathBuf::from)
+        .map(d)
         .into();
         assert_eq!(c, want);
     }
@@ -409,6 +453,7 @@ mod tests {
         let dirs = SearchDirs {
             quote: vec![],
             bracket: vec![PathBuf::from("/i1"), PathBuf::from("/i2")],
+            ignored: vec![],
         };
         let main = b"#include HDR\n".to_vec();
         let read = [
