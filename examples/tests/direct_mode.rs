@@ -119,7 +119,8 @@ fn age() {
     std::thread::sleep(Duration::from_millis(1100));
 }
 
-const HAS: &str = "#if __has_include(<cfg.h>)\n#include <cfg.h>\n#else\n#define V 0\n#endif\nint v = V;\n";
+const HAS: &str =
+    "#if __has_include(<cfg.h>)\n#include <cfg.h>\n#else\n#define V 0\n#endif\nint v = V;\n";
 
 fn has_include_flips(via: Via<'_>, compiler: &str, src: &str) {
     let p = Project::new(&[(src, HAS)]);
@@ -127,16 +128,28 @@ fn has_include_flips(via: Via<'_>, compiler: &str, src: &str) {
     age();
     let args = ["-Iinc", "-O2", "-c", src, "-o", "h.o"];
     assert!(!p.compile_checked(via, compiler, &args), "cold");
-    assert!(p.compile_checked(via, compiler, &args), "warm: a direct hit");
+    assert!(
+        p.compile_checked(via, compiler, &args),
+        "warm: a direct hit"
+    );
     // The header __has_include asked about appears: the recorded answer is stale.
     p.write("inc/cfg.h", "#define V 7\n");
     assert!(!p.compile_checked(via, compiler, &args), "cfg.h appeared");
     age();
-    assert!(!p.compile_checked(via, compiler, &args), "not recorded while new");
-    assert!(p.compile_checked(via, compiler, &args), "recorded with cfg.h");
+    assert!(
+        !p.compile_checked(via, compiler, &args),
+        "not recorded while new"
+    );
+    assert!(
+        p.compile_checked(via, compiler, &args),
+        "recorded with cfg.h"
+    );
     // And gone again: the first entry (no cfg.h) is current once more.
     std::fs::remove_file(p.path().join("inc/cfg.h")).unwrap();
-    assert!(p.compile_checked(via, compiler, &args), "the no-cfg.h entry");
+    assert!(
+        p.compile_checked(via, compiler, &args),
+        "the no-cfg.h entry"
+    );
 }
 
 #[test]
@@ -151,7 +164,10 @@ fn has_include_flipping_from_false_to_true_is_seen_in_c_and_cxx() {
 fn shadowing_and_removal(via: Via<'_>) {
     // <sub/v.h> is found in second/sub; first/ exists, first/sub does not yet.
     let p = Project::new(&[
-        ("s.c", "#include <sub/v.h>\n#include \"q.h\"\nint v = V + Q;\n"),
+        (
+            "s.c",
+            "#include <sub/v.h>\n#include \"q.h\"\nint v = V + Q;\n",
+        ),
         ("second/sub/v.h", "#define V 2\n"),
         ("second/q.h", "#define Q 20\n"),
         ("first/README", "not a header\n"),
@@ -161,7 +177,10 @@ fn shadowing_and_removal(via: Via<'_>) {
     assert!(p.compile_checked(via, "gcc", &args));
     // A header earlier on the path, in a subdirectory that did not exist.
     p.write("first/sub/v.h", "#define V 1\n");
-    assert!(!p.compile_checked(via, "gcc", &args), "shadowed by first/sub/v.h");
+    assert!(
+        !p.compile_checked(via, "gcc", &args),
+        "shadowed by first/sub/v.h"
+    );
     // A quoted include shadowed from the source's own directory.
     age();
     assert!(!p.compile_checked(via, "gcc", &args));
@@ -173,13 +192,22 @@ fn shadowing_and_removal(via: Via<'_>) {
     assert!(p.compile_checked(via, "gcc", &args));
     // A header removed: the one further on is found again (a state not seen before).
     std::fs::remove_file(p.path().join("first/sub/v.h")).unwrap();
-    assert!(!p.compile_checked(via, "gcc", &args), "first/sub/v.h removed");
+    assert!(
+        !p.compile_checked(via, "gcc", &args),
+        "first/sub/v.h removed"
+    );
     assert!(p.compile_checked(via, "gcc", &args), "and recorded");
     // Renamed away: back to the very first state, whose entry answers.
     std::fs::rename(p.path().join("q.h"), p.path().join("q.h.old")).unwrap();
-    assert!(p.compile_checked(via, "gcc", &args), "q.h renamed: the first entry");
+    assert!(
+        p.compile_checked(via, "gcc", &args),
+        "q.h renamed: the first entry"
+    );
     std::fs::rename(p.path().join("q.h.old"), p.path().join("q.h")).unwrap();
-    assert!(p.compile_checked(via, "gcc", &args), "and back: the last entry");
+    assert!(
+        p.compile_checked(via, "gcc", &args),
+        "and back: the last entry"
+    );
 }
 
 #[test]
@@ -218,7 +246,11 @@ fn two_checkouts_under_dcache_basedir_differing_in_one_header_never_share_an_obj
             .env("DCACHE_BASEDIR", base.path())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let link = Command::new("gcc")
             .args(["m.o", "-o", "m"])
             .current_dir(&proj)
@@ -302,13 +334,22 @@ fn warm_rebuilds_of_real_c_and_cxx_headers_are_direct_hits_with_gccs_objects() {
 fn warm_rebuilds_of_real_headers_through_a_server_are_direct_hits() {
     let s = server();
     let p = Project::new(&[
-        ("u.c", "#include <unistd.h>\n#include <stdio.h>\nint u(void) { return getpid() + EOF; }\n"),
-        ("x.cpp", "#include <string>\n#include <vector>\n#include <iostream>\nint x() { std::vector<std::string> v{\"a\"}; std::cout << v[0]; return 0; }\n"),
+        (
+            "u.c",
+            "#include <unistd.h>\n#include <stdio.h>\nint u(void) { return getpid() + EOF; }\n",
+        ),
+        (
+            "x.cpp",
+            "#include <string>\n#include <vector>\n#include <iostream>\nint x() { std::vector<std::string> v{\"a\"}; std::cout << v[0]; return 0; }\n",
+        ),
     ]);
     for (compiler, src) in [("gcc", "u.c"), ("g++", "x.cpp")] {
         let args = ["-O2", "-c", src, "-o", "out.o"];
         assert!(!p.compile_checked(Via::Server(&s), compiler, &args));
-        assert!(p.compile_checked(Via::Server(&s), compiler, &args), "{compiler}");
+        assert!(
+            p.compile_checked(Via::Server(&s), compiler, &args),
+            "{compiler}"
+        );
     }
 }
 

@@ -187,7 +187,10 @@ pub async fn compile(
         None => None,
     };
     let Some(entry) = recorded else {
-        tracing::debug!("{}: depend mode compiled, not recorded", plan.input.display());
+        tracing::debug!(
+            "{}: depend mode compiled, not recorded",
+            plan.input.display()
+        );
         backend.count_local_compile();
         return 0;
     };
@@ -319,11 +322,7 @@ pub fn prerequisites(text: &[u8]) -> Option<Vec<PathBuf>> {
 /// The files `listed` (an `-MMD` list) may have read: the listed ones, and every regular
 /// file at a candidate of a lookup in any of them, transitively. `None` when a file on
 /// the way names a header through a macro, or has a lookup that cannot be known.
-fn closure(
-    listed: Vec<PathBuf>,
-    dirs: &SearchDirs,
-    forced: &[String],
-) -> Option<Vec<PathBuf>> {
+fn closure(listed: Vec<PathBuf>, dirs: &SearchDirs, forced: &[String]) -> Option<Vec<PathBuf>> {
     let mut seen: HashSet<PathBuf> = listed.iter().cloned().collect();
     let mut files = listed;
     let mut queue: Vec<PathBuf> = files.clone();
@@ -379,9 +378,15 @@ mod tests {
         assert_eq!(
             prerequisites(d),
             Some(
-                ["x.c", "/usr/include/stdio.h", "inc/a b.h", "inc/c#.h", "inc/$d.h"]
-                    .map(PathBuf::from)
-                    .to_vec()
+                [
+                    "x.c",
+                    "/usr/include/stdio.h",
+                    "inc/a b.h",
+                    "inc/c#.h",
+                    "inc/$d.h"
+                ]
+                .map(PathBuf::from)
+                .to_vec()
             )
         );
         assert_eq!(prerequisites(b"x.o: x.c w\\eird.h\n"), None);

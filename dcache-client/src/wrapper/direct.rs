@@ -115,7 +115,8 @@ impl DirectKey {
                 a == "-P"
                     || a == "-I-"
                     || unrecordable(b)
-                    || b.windows(UNRECORDABLE_ARG.len()).any(|w| w == UNRECORDABLE_ARG)
+                    || b.windows(UNRECORDABLE_ARG.len())
+                        .any(|w| w == UNRECORDABLE_ARG)
             })
         {
             return None;
@@ -599,10 +600,7 @@ mod tests {
     fn output_without_line_markers_is_not_recorded() {
         let later = SystemTime::now() + Duration::from_secs(5);
         let key = CacheKey::from_bytes([7; 32]);
-        assert_eq!(
-            record_pre(key, b"int f(void) { return 1; }\n", later),
-            None
-        );
+        assert_eq!(record_pre(key, b"int f(void) { return 1; }\n", later), None);
     }
 
     #[test]
@@ -667,7 +665,11 @@ mod tests {
         std::fs::write(&h, "int v3;").unwrap_or_default();
         assert_eq!(m.find_current(true), None);
         std::fs::remove_file(&h).unwrap_or_default();
-        assert_eq!(m.find_current(true), None, "a vanished file matches nothing");
+        assert_eq!(
+            m.find_current(true),
+            None,
+            "a vanished file matches nothing"
+        );
     }
 
     #[test]
@@ -707,9 +709,15 @@ mod tests {
             "a depend-mode entry only for the local cache"
         );
         std::fs::create_dir(dir.path().join("first")).unwrap_or_default();
-        assert!(m.find_current(true).is_some(), "a directory alone finds nothing");
+        assert!(
+            m.find_current(true).is_some(),
+            "a directory alone finds nothing"
+        );
         std::fs::write(&shadow, "int shadow;").unwrap_or_default();
-        assert!(m.find_current(true).is_none(), "a shadowing header appeared");
+        assert!(
+            m.find_current(true).is_none(),
+            "a shadowing header appeared"
+        );
     }
 
     #[test]
@@ -720,8 +728,14 @@ mod tests {
         let k = Entry::depend_key(&dk, &f, &p);
         assert_eq!(k, Entry::depend_key(&dk, &f, &p));
         assert_ne!(k, Entry::depend_key(&DirectKey([4; 32]), &f, &p));
-        assert_ne!(k, Entry::depend_key(&dk, &[(PathBuf::from("a.h"), [2; 32])], &p));
-        assert_ne!(k, Entry::depend_key(&dk, &f, &[(PathBuf::from("/i/a.h"), Probe::File)]));
+        assert_ne!(
+            k,
+            Entry::depend_key(&dk, &[(PathBuf::from("a.h"), [2; 32])], &p)
+        );
+        assert_ne!(
+            k,
+            Entry::depend_key(&dk, &f, &[(PathBuf::from("/i/a.h"), Probe::File)])
+        );
         assert_ne!(k, Entry::depend_key(&dk, &f, &[]));
     }
 }

@@ -233,9 +233,7 @@ fn write_cached(file: &Path, dirs: &SearchDirs) -> std::io::Result<()> {
     };
     let dir = file.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
     tmp.write_all(&bytes)?;
     tmp.persist(file).map_err(|e| e.error)?;
     Ok(())
@@ -299,7 +297,15 @@ End of search list.
     #[test]
     fn dependency_and_forced_include_options_are_not_passed_to_the_probe() {
         let args: Vec<OsString> = [
-            "-Iinc", "-MD", "-MF", "x.d", "-MQx.o", "-include", "f.h", "-O2", "-imacrosm.h",
+            "-Iinc",
+            "-MD",
+            "-MF",
+            "x.d",
+            "-MQx.o",
+            "-include",
+            "f.h",
+            "-O2",
+            "-imacrosm.h",
         ]
         .map(OsString::from)
         .to_vec();
@@ -331,7 +337,9 @@ End of search list.
         );
         let cxx = search_dirs(cache.path(), &gcc, Language::Cxx, &args, &cwd).unwrap_or_default();
         assert!(
-            cxx.bracket.iter().any(|p| p.to_string_lossy().contains("c++")),
+            cxx.bracket
+                .iter()
+                .any(|p| p.to_string_lossy().contains("c++")),
             "{cxx:?}"
         );
     }

@@ -117,10 +117,7 @@ pub fn scan(text: &[u8]) -> Option<Names> {
     let mut out = Names::default();
     for line in text.split(|&b| b == b'\n') {
         let rest = skip_blank(line);
-        let Some(rest) = rest
-            .strip_prefix(b"#")
-            .or_else(|| rest.strip_prefix(b"%:"))
-        else {
+        let Some(rest) = rest.strip_prefix(b"#").or_else(|| rest.strip_prefix(b"%:")) else {
             continue;
         };
         let rest = skip_blank(rest);
@@ -228,7 +225,10 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 /// The directories `#include "..."` searches from a file in `includer_dir`, in order.
-fn quote_chain<'a>(dirs: &'a SearchDirs, includer_dir: &Path) -> impl Iterator<Item = PathBuf> + 'a {
+fn quote_chain<'a>(
+    dirs: &'a SearchDirs,
+    includer_dir: &Path,
+) -> impl Iterator<Item = PathBuf> + 'a {
     std::iter::once(includer_dir.to_path_buf())
         .chain(dirs.quote.iter().cloned())
         .chain(dirs.bracket.iter().cloned())
@@ -266,9 +266,21 @@ pub fn file_candidates(path: &Path, names: &Names, dirs: &SearchDirs) -> Vec<Pat
         if Path::new(&n.name).is_absolute() {
             out.push(PathBuf::from(&n.name));
         } else if n.quoted || n.next {
-            lookup(quote_chain(dirs, own_dir), &dirs.ignored, &n.name, n.next, &mut out);
+            lookup(
+                quote_chain(dirs, own_dir),
+                &dirs.ignored,
+                &n.name,
+                n.next,
+                &mut out,
+            );
         } else {
-            lookup(dirs.bracket.iter().cloned(), &dirs.ignored, &n.name, false, &mut out);
+            lookup(
+                dirs.bracket.iter().cloned(),
+                &dirs.ignored,
+                &n.name,
+                false,
+                &mut out,
+            );
         }
     }
     out
@@ -303,7 +315,13 @@ pub fn candidates(
         .collect();
     for f in forced {
         let mut c = Vec::new();
-        lookup(quote_chain(dirs, Path::new("")), &dirs.ignored, f, false, &mut c);
+        lookup(
+            quote_chain(dirs, Path::new("")),
+            &dirs.ignored,
+            f,
+            false,
+            &mut c,
+        );
         out.extend(c);
     }
     let mut computed = false;
@@ -410,7 +428,10 @@ mod tests {
         assert_eq!(names("#if __has_embed(\"d\")\n#endif\n"), None);
         // Not the operator: a longer identifier, and the word in prose.
         assert_eq!(names("int my__has_include(int);\n"), Some(vec![]));
-        assert_eq!(names("/* __has_include argument (PR 80005) */\n"), Some(vec![]));
+        assert_eq!(
+            names("/* __has_include argument (PR 80005) */\n"),
+            Some(vec![])
+        );
     }
 
     #[test]
@@ -437,11 +458,23 @@ mod tests {
         let c = candidates(&main_path, &read, &dirs, &[]).unwrap_or_default();
         let want: BTreeSet<PathBuf> = [
             // "h.h": found nowhere, so searched everywhere.
-            "src/h.h", "q/h.h", "i1/h.h", "i2/h.h", "i3/h.h", "gone/h.h",
+            "src/h.h",
+            "q/h.h",
+            "i1/h.h",
+            "i2/h.h",
+            "i3/h.h",
+            "gone/h.h",
             // <sys/t.h>: found in i2, so i3 does not matter (i1/sys does not exist).
-            "i1/sys/t.h", "i2/sys/t.h", "gone/sys/t.h",
+            "i1/sys/t.h",
+            "i2/sys/t.h",
+            "gone/sys/t.h",
             // #include_next: every directory.
-            "src/n.h", "q/n.h", "i1/n.h", "i2/n.h", "i3/n.h", "gone/n.h",
+            "src/n.h",
+            "q/n.h",
+            "i1/n.h",
+            "i2/n.h",
+            "i3/n.h",
+            "gone/n.h",
         ]
         .map(d)
         .into();
