@@ -31,8 +31,9 @@ pub struct SearchDirs {
     /// Searched for both forms (`-I`, `-isystem`, the system directories, `-idirafter`),
     /// in order.
     pub bracket: Vec<PathBuf>,
-    /// Configured directories that did not exist when the compiler was asked: it does not
-    /// say where on the path they would be, so every lookup checks them.
+    /// Configured directories the compiler dropped from the path when asked (they did
+    /// not exist, or duplicated another): it does not say where on the path they would
+    /// be, so every lookup checks them.
     pub ignored: Vec<PathBuf>,
 }
 
@@ -148,7 +149,12 @@ pub fn parse(stderr: &[u8]) -> Option<SearchDirs> {
     let mut dirs = SearchDirs::default();
     let mut ignored = Vec::new();
     for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("ignoring nonexistent directory \"") {
+        // Dropped as nonexistent, or as a duplicate (gcc compares directories by inode,
+        // which a symlink changed later can change): checked by every lookup.
+        if let Some(rest) = line
+            .strip_prefix("ignoring nonexistent directory \"")
+            .or_else(|| line.strip_prefix("ignoring duplicate directory \""))
+        {
             ignored.push(PathBuf::from(rest.strip_suffix('"')?));
             continue;
         }
@@ -250,6 +256,7 @@ mod tests {
     const GCC_V: &str = "\
 ignoring nonexistent directory \"/usr/local/include/x86_64-linux-gnu\"
 ignoring nonexistent directory \"nonexist\"
+ignoring duplicate directory \"/usr/include\"
 #include \"...\" search starts here:
  q
 #include <...> search starts here:
@@ -274,7 +281,12 @@ End of search list.
         );
         assert_eq!(
             d.ignored,
-            ["/usr/local/include/x86_64-linux-gnu", "nonexist"].map(PathBuf::from)
+            [
+                "/usr/local/include/x86_64-linux-gnu",
+                "nonexist",
+                "/usr/include"
+            ]
+            .map(PathBuf::from)
         );
         // Cut anywhere before the end mark: not a list.
         for cut in [0, GCC_V.len() / 2, GCC_V.len() - 3] {
