@@ -257,8 +257,9 @@ fn lookup(
     out.extend(ignored.iter().map(|d| d.join(name)));
 }
 
-/// The candidates of the lookups of `names`, found in the file at `path` (see
-/// [`lookup`]).
+/// The candidates of the lookups of `names`, found in the file at `path`: for each, the
+/// path it has in each directory its form searches, in order, up to the first regular
+/// file (all of them for `#include_next`), and in every dropped directory.
 pub fn file_candidates(path: &Path, names: &Names, dirs: &SearchDirs) -> Vec<PathBuf> {
     let own_dir = path.parent().unwrap_or(Path::new(""));
     let mut out = Vec::new();
