@@ -7,9 +7,10 @@
 //! [`Backend::start`], then [`Backend::client`] for every job, then [`Backend::finish`].
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
+use dcache_proto::{CacheKey, JobDesc, JobResult};
+use dcache_server::exec::{Executor, LocalExecutor, LocalExecutorConfig, store_key};
 use dcache_server::store::{DiskStore, StoreError};
 use dcache_server::{Service, ServiceConfig};
 use dcache_transport::{Address, AddressError, TransportError, TransportOptions, bind};
@@ -28,6 +29,11 @@ pub struct Backend {
 #[derive(Debug)]
 struct Embedded {
     service: Arc<Service>,
+    /// The service's store and executor, for results compiled outside it (depend mode).
+    store: Arc<DiskStore>,
+    executor: Arc<LocalExecutor>,
+    /// Compiles run by the wrapper itself and stored through [`Backend::store_local`].
+    local_compiles: AtomicU64,
     stop: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -52,6 +58,16 @@ pub enum BackendError {
     /// The in-process listener could not be bound.
     #[error("{0}")]
     Listen(TransportError),
+    /// A result compiled here was not stored: configured servers keep only what they
+    /// compiled themselves.
+    #[error("results compiled here are kept only by the local cache")]
+    NotLocal,
+    /// The embedded server would not run this job, so it cannot serve its result either.
+    #[error("the local cache refuses this job: {0}")]
+    Refused(String),
+    /// The local cache could not store the result.
+    #[error("local cache: {0}")]
+    Store(StoreError),
 }
 
 impl Backend {
@@ -98,19 +114,16 @@ impl Backend {
             .ok()
             .and_then(|p| p.into_string().ok())
             .unwrap_or_else(|| LocalExecutorConfig::default().path);
-        let executor = LocalExecutor::new(LocalExecutorConfig {
+        let store = Arc::new(store);
+        let executor = Arc::new(LocalExecutor::new(LocalExecutorConfig {
             allowed: vec![name],
             path,
             identity_cache: Some(config.dir.join("compilers")),
             workdir: std::env::current_dir().ok(),
             locale: locale_env(),
             ..LocalExecutorConfig::default()
-        });
-        let service = Service::new(
-            Arc::new(store),
-            Arc::new(executor),
-            ServiceConfig::default(),
-        );
+        }));
+        let service = Service::new(store.clone(), executor.clone(), ServiceConfig::default());
         let addr: Address = format!("mem://dcache-embedded-{}", std::process::id())
             .parse()
             .map_err(BackendError::Address)?;
@@ -132,6 +145,9 @@ impl Backend {
             client: Client::new(ClientOptions::new(vec![addr])),
             embedded: Some(Embedded {
                 service,
+                store,
+                executor,
+                local_compiles: AtomicU64::new(0),
                 stop,
                 server,
             }),
@@ -148,6 +164,34 @@ impl Backend {
         self.embedded.is_none()
     }
 
+    /// Stores `result`, compiled by the wrapper itself from the original source (depend
+    /// mode), in the local cache under `key`, where a lookup of `desc` with that key
+    /// finds it: bound, like every entry, to the identity of the compiler `desc` names.
+    /// Counted as a miss and a compile.
+    pub async fn store_local(
+        &self,
+        desc: &JobDesc,
+        key: CacheKey,
+        result: &JobResult,
+    ) -> Result<(), BackendError> {
+        let e = self.embedded.as_ref().ok_or(BackendError::NotLocal)?;
+        e.local_compiles.fetch_add(1, Ordering::Relaxed);
+        let id = e
+            .executor
+            .check(desc)
+            .map_err(|err| BackendError::Refused(err.to_string()))?;
+        dcache_server::store::Store::put(&*e.store, &store_key(&id, &key), result)
+            .await
+            .map_err(BackendError::Store)
+    }
+
+    /// Counts a compile the wrapper ran itself whose result was not stored.
+    pub fn count_local_compile(&self) {
+        if let Some(e) = &self.embedded {
+            e.local_compiles.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Ends the embedded server: waits for its results to be stored, and adds what it
     /// did to the cache's statistics.
     pub async fn finish(self, config: &Config) {
@@ -158,13 +202,14 @@ impl Backend {
         let _ = e.stop.send(());
         let _ = e.server.await;
         let c = e.service.counters();
+        let local = e.local_compiles.load(Ordering::Relaxed);
         stats_file::record(
             &config.dir,
             &stats_file::Delta {
                 hits: c.hits.load(Ordering::Relaxed),
-                misses: c.misses.load(Ordering::Relaxed),
+                misses: c.misses.load(Ordering::Relaxed) + local,
                 early_results: c.early_results.load(Ordering::Relaxed),
-                compiles: c.compiles.load(Ordering::Relaxed),
+                compiles: c.compiles.load(Ordering::Relaxed) + local,
                 source_bytes_received: c.source_bytes_received.load(Ordering::Relaxed),
                 source_bytes_saved: c.source_bytes_saved.load(Ordering::Relaxed),
             },

@@ -12,9 +12,11 @@
 //!
 //! What keeps this safe:
 //! - a source, header or command line that uses `__DATE__`, `__TIME__` or `__TIMESTAMP__`
-//!   is never recorded (its output changes with the clock), nor one that uses
-//!   `__has_include` (its output changes when a file appears, which no hash of existing
-//!   files can notice);
+//!   is never recorded (its output changes with the clock);
+//! - every header lookup is recorded with the entry ([`super::lookups`]): the path each
+//!   name would have in every directory searched for it, and whether a file is there, so
+//!   a header created earlier on the search path (shadowing the recorded one), removed
+//!   or renamed, and any `__has_include` answer changing, invalidates the entry;
 //! - `-P` (no line markers, so no list of files) turns direct mode off;
 //! - a symlink on the way to an included file that changed within a second of the
 //!   compile's start blocks recording, like a changed file (a switched `inc -> inc_v2`
@@ -25,9 +27,8 @@
 //! - a stale entry only costs a lookup: the server is asked for a key, and a miss falls
 //!   back to preprocessing as usual.
 //!
-//! Known limits, shared with ccache: a new header placed earlier on the include path, that
-//! would now shadow a recorded one, goes unnoticed until a recorded file changes; and a
-//! directory renamed during the very compile that records an entry is not detected.
+//! Known limit: a directory renamed during the very compile that records an entry is not
+//! detected.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -37,14 +38,20 @@ use std::time::{Duration, SystemTime};
 
 use dcache_proto::CacheKey;
 
+use super::include_dirs::SearchDirs;
+use super::lookups::{self, Probe};
+
 /// Words that make a compile's output depend on something no file hash captures: the
-/// clock (`__DATE__`, `__TIME__`, `__TIMESTAMP__`) or whether a file exists
-/// (`__has_include`, `__has_include_next`).
-const UNRECORDABLE: [&[u8]; 4] = [b"__DATE__", b"__TIME__", b"__TIMESTAMP__", b"__has_include"];
+/// clock (`__DATE__`, `__TIME__`, `__TIMESTAMP__`).
+const UNRECORDABLE: [&[u8]; 3] = [b"__DATE__", b"__TIME__", b"__TIMESTAMP__"];
+
+/// In command-line arguments, `__has_include` too: a lookup in a `-D` value is not
+/// scanned for its header name (the files' texts are, see [`super::lookups`]).
+const UNRECORDABLE_ARG: &[u8] = b"__has_include";
 
 /// Environment variables that change what the preprocessor reads or writes, or what the
 /// compiler prints.
-const ENV: [&str; 15] = [
+pub(crate) const ENV: [&str; 15] = [
     // gcc names the working directory by $PWD when it is the same directory (-g).
     "PWD",
     "CPATH",
@@ -62,6 +69,10 @@ const ENV: [&str; 15] = [
     "LC_CTYPE",
     "LC_MESSAGES",
 ];
+
+/// The stored form's first bytes; version 2 added lookups and depend mode (a version-1
+/// manifest reads as none, and is recorded again).
+const MAGIC: &[u8; 4] = b"DCM2";
 
 /// Most entries one manifest keeps (one per distinct set of header contents seen).
 const MAX_ENTRIES: usize = 16;
@@ -94,14 +105,19 @@ pub struct Invocation<'a> {
 
 impl DirectKey {
     /// The key of `inv`, or `None` when direct mode must not be used: the compiler cannot
-    /// be found, the source or the command line uses a clock macro or `__has_include`,
-    /// or `-P` leaves the preprocessor's output without line markers.
+    /// be found, the source or the command line uses a clock macro (or the command line
+    /// `__has_include`), `-P` leaves the preprocessor's output without line markers, or
+    /// `-I-` changes how the includer's directory is searched.
     pub fn compute(inv: &Invocation<'_>) -> Option<Self> {
         if unrecordable(inv.source)
-            || inv
-                .args
-                .iter()
-                .any(|a| a == "-P" || unrecordable(a.as_encoded_bytes()))
+            || inv.args.iter().any(|a| {
+                let b = a.as_encoded_bytes();
+                a == "-P"
+                    || a == "-I-"
+                    || unrecordable(b)
+                    || b.windows(UNRECORDABLE_ARG.len())
+                        .any(|w| w == UNRECORDABLE_ARG)
+            })
         {
             return None;
         }
@@ -147,7 +163,7 @@ impl DirectKey {
 }
 
 /// The compiler's path: as given when it names one, else the first match on `PATH`.
-fn resolve(compiler: &OsString) -> Option<PathBuf> {
+pub(crate) fn resolve(compiler: &OsString) -> Option<PathBuf> {
     let given = Path::new(compiler);
     if given.components().count() > 1 {
         return given.canonicalize().ok();
@@ -166,7 +182,7 @@ fn unrecordable(text: &[u8]) -> bool {
 }
 
 /// When `path`, or any symlink on the way to it, last changed.
-fn changed_at(path: &Path) -> Option<SystemTime> {
+pub(crate) fn changed_at(path: &Path) -> Option<SystemTime> {
     let mut latest = stamp(&std::fs::metadata(path).ok()?)?;
     let mut prefix = PathBuf::new();
     for c in path.components() {
@@ -195,50 +211,114 @@ fn stamp(meta: &std::fs::Metadata) -> Option<SystemTime> {
     Some(modified.max(changed))
 }
 
-/// One way the included files were, and the key the preprocessed source then had.
+/// One way the included files were, and the key the result then had.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
-    /// The cache key of the preprocessed source.
+    /// The cache key of the result: of the preprocessed source, or for an entry recorded
+    /// by depend mode ([`depend`](Self::depend)), of the files below.
     pub key: CacheKey,
-    /// The dependency file the preprocessor wrote (`-MD`), to write again on a hit.
+    /// The dependency file the compile wrote (`-MD`), to write again on a hit.
     pub dep_file: Option<Vec<u8>>,
     /// Every file the preprocessor read, with the BLAKE3 hash of its contents.
     pub files: Vec<(PathBuf, [u8; 32])>,
+    /// Every candidate path of every header lookup, and what was there (see
+    /// [`super::lookups`]).
+    pub probes: Vec<(PathBuf, Probe)>,
+    /// Recorded by depend mode: the result was compiled here from the original source,
+    /// and only the local cache can have it.
+    pub depend: bool,
+}
+
+/// What an entry is recorded from, besides its key and dependency file.
+#[derive(Debug)]
+pub struct Sources<'a> {
+    /// The source file as the compiler was given it.
+    pub main: &'a Path,
+    /// Every file the compile read (the source among them), as the compiler named them.
+    pub files: Vec<PathBuf>,
+    /// Where the preprocessor searched for headers.
+    pub dirs: &'a SearchDirs,
+    /// `-include` and `-imacros` names.
+    pub forced: &'a [String],
+    /// When the compile started.
+    pub started: SystemTime,
 }
 
 impl Entry {
-    /// The entry for a compile that just ran: the files named in `preprocessed`'s line
-    /// markers, hashed now. `None` when it must not be recorded: no markers at all, a name
-    /// it cannot read back, a file (or a symlink on its path) that changed after `started`
-    /// less a second, or a clock macro or `__has_include` in a file.
+    /// The entry for a compile that just ran, from what it read (`src`), hashed now.
+    /// `None` when it must not be recorded: no files, a file (or a symlink on its path,
+    /// or an existing lookup candidate) that changed after `started` less a second, a
+    /// clock macro in a file, or a lookup that cannot be known (see
+    /// [`lookups::scan`]).
     pub fn record(
         key: CacheKey,
         dep_file: Option<Vec<u8>>,
-        preprocessed: &[u8],
-        started: SystemTime,
+        src: Sources<'_>,
+        depend: bool,
     ) -> Option<Self> {
-        let limit = started.checked_sub(TOO_NEW)?;
-        let included = included_files(preprocessed)?;
-        if included.is_empty() {
-            // No line markers: nothing says which files the text came from.
+        let limit = src.started.checked_sub(TOO_NEW)?;
+        if src.files.is_empty() {
             return None;
         }
-        let mut files = Vec::new();
-        for path in included {
-            if changed_at(&path)? >= limit {
+        let mut texts = Vec::with_capacity(src.files.len());
+        for path in &src.files {
+            if changed_at(path)? >= limit {
                 return None;
             }
-            let text = std::fs::read(&path).ok()?;
+            let text = std::fs::read(path).ok()?;
             if unrecordable(&text) {
                 return None;
             }
-            files.push((path, *blake3::hash(&text).as_bytes()));
+            texts.push(text);
         }
+        let read: Vec<lookups::Read<'_>> = src
+            .files
+            .iter()
+            .zip(&texts)
+            .map(|(path, text)| lookups::Read { path, text })
+            .collect();
+        let candidates = lookups::candidates(src.main, &read, src.dirs, src.forced)?;
+        let probes = lookups::record(candidates, limit)?;
+        let files = src
+            .files
+            .iter()
+            .zip(&texts)
+            .map(|(p, t)| (p.clone(), *blake3::hash(t).as_bytes()))
+            .collect();
         Some(Self {
             key,
             dep_file,
             files,
+            probes,
+            depend,
         })
+    }
+
+    /// The key a depend-mode result is stored under: everything the direct key covers,
+    /// and every file read with its hash and every lookup with its answer, so two
+    /// compiles that read different files never share a result.
+    pub fn depend_key(
+        dk: &DirectKey,
+        files: &[(PathBuf, [u8; 32])],
+        probes: &[(PathBuf, Probe)],
+    ) -> CacheKey {
+        let mut h = blake3::Hasher::new_derive_key("dcache 2026-12 depend-mode result key v1");
+        h.update(&dk.0);
+        let mut field = |b: &[u8]| {
+            h.update(&(b.len() as u64).to_be_bytes());
+            h.update(b);
+        };
+        field(&(files.len() as u64).to_be_bytes());
+        for (p, hash) in files {
+            field(p.as_os_str().as_encoded_bytes());
+            field(hash);
+        }
+        field(&(probes.len() as u64).to_be_bytes());
+        for (p, probe) in probes {
+            field(p.as_os_str().as_encoded_bytes());
+            field(&[probe.to_byte()]);
+        }
+        CacheKey::from_bytes(*h.finalize().as_bytes())
     }
 }
 
@@ -287,25 +367,33 @@ impl Manifest {
         &self.entries
     }
 
-    /// The newest entry whose files all still hash as recorded, reading each file once.
-    pub fn find_current(&self) -> Option<&Entry> {
+    /// The newest entry whose files all still hash as recorded and whose lookups would
+    /// all find what they found, reading each file and examining each path once;
+    /// `local` says whether depend-mode entries can be served (only by the local cache).
+    pub fn find_current(&self, local: bool) -> Option<&Entry> {
         let mut hashes: HashMap<&Path, Option<[u8; 32]>> = HashMap::new();
+        let mut probes: HashMap<&Path, Probe> = HashMap::new();
         self.entries.iter().find(|e| {
-            e.files.iter().all(|(path, want)| {
-                let now = hashes.entry(path).or_insert_with(|| {
-                    std::fs::read(path)
-                        .ok()
-                        .map(|text| *blake3::hash(&text).as_bytes())
-                });
-                *now == Some(*want)
-            })
+            (local || !e.depend)
+                && e.probes.iter().all(|(path, want)| {
+                    *probes.entry(path).or_insert_with(|| Probe::at(path)) == *want
+                })
+                && e.files.iter().all(|(path, want)| {
+                    let now = hashes.entry(path).or_insert_with(|| {
+                        std::fs::read(path)
+                            .ok()
+                            .map(|text| *blake3::hash(&text).as_bytes())
+                    });
+                    *now == Some(*want)
+                })
         })
     }
 
     /// Adds `entry` as the newest, replacing one with the same files, keeping at most
     /// sixteen.
     pub fn add(&mut self, entry: Entry) {
-        self.entries.retain(|e| e.files != entry.files);
+        self.entries
+            .retain(|e| e.files != entry.files || e.probes != entry.probes);
         self.entries.insert(0, entry);
         self.entries.truncate(MAX_ENTRIES);
     }
@@ -313,7 +401,7 @@ impl Manifest {
     /// The stored form. Integrity is the store's job: [`ManifestStore`](super::manifests::ManifestStore)
     /// digest-checks every file before this is decoded.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = b"DCM1".to_vec();
+        let mut out = MAGIC.to_vec();
         put_len(&mut out, self.entries.len());
         for e in &self.entries {
             out.extend_from_slice(e.key.as_bytes());
@@ -329,13 +417,19 @@ impl Manifest {
                 put_bytes(&mut out, path.as_os_str().as_encoded_bytes());
                 out.extend_from_slice(hash);
             }
+            put_len(&mut out, e.probes.len());
+            for (path, probe) in &e.probes {
+                put_bytes(&mut out, path.as_os_str().as_encoded_bytes());
+                out.push(probe.to_byte());
+            }
+            out.push(u8::from(e.depend));
         }
         out
     }
 
     /// Reads the stored form; `None` for anything malformed (treated as no manifest).
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        let mut r = Cursor(bytes.strip_prefix(b"DCM1")?);
+        let mut r = Cursor(bytes.strip_prefix(MAGIC)?);
         let count = r.len()?;
         let mut entries = Vec::with_capacity(count.min(MAX_ENTRIES));
         for _ in 0..count {
@@ -351,10 +445,23 @@ impl Manifest {
                 let name = std::str::from_utf8(r.bytes()?).ok()?;
                 files.push((PathBuf::from(name), r.array()?));
             }
+            let n = r.len()?;
+            let mut probes = Vec::with_capacity(n.min(1 << 16));
+            for _ in 0..n {
+                let name = std::str::from_utf8(r.bytes()?).ok()?;
+                probes.push((PathBuf::from(name), Probe::from_byte(r.take(1)?[0])?));
+            }
+            let depend = match r.take(1)?[0] {
+                0 => false,
+                1 => true,
+                _ => return None,
+            };
             entries.push(Entry {
                 key,
                 dep_file,
                 files,
+                probes,
+                depend,
             });
         }
         r.0.is_empty().then_some(Self { entries })
@@ -402,6 +509,24 @@ impl<'a> Cursor<'a> {
 mod tests {
     use super::*;
 
+    /// Records from preprocessed text as the wrapper does, with no search directories.
+    fn record_pre(key: CacheKey, pre: &[u8], started: SystemTime) -> Option<Entry> {
+        let files = included_files(pre)?;
+        let main = files.first()?.clone();
+        Entry::record(
+            key,
+            None,
+            Sources {
+                main: &main,
+                files,
+                dirs: &SearchDirs::default(),
+                forced: &[],
+                started,
+            },
+            false,
+        )
+    }
+
     #[test]
     fn line_markers_name_the_files_read() {
         let pre = b"# 0 \"x.c\"\n# 0 \"<built-in>\"\n# 0 \"<command-line>\"\n# 1 \"/w//\"\n# 1 \"x.c\"\n# 1 \"inc/h.h\" 1\nint h;\n# 2 \"x.c\" 2\n#pragma once\n";
@@ -413,10 +538,10 @@ mod tests {
     }
 
     #[test]
-    fn clock_macros_has_include_and_dash_p_disable_direct_mode() {
+    fn clock_macros_and_dash_p_disable_direct_mode() {
         assert!(unrecordable(b"const char *d = __DATE__;"));
         assert!(unrecordable(b"__TIMESTAMP__"));
-        assert!(unrecordable(b"#if __has_include_next(<x.h>)"));
+        assert!(!unrecordable(b"#if __has_include_next(<x.h>)"));
         assert!(!unrecordable(b"int date, time;"));
         let compiler = OsString::from("sh");
         let cwd = std::env::temp_dir();
@@ -434,6 +559,8 @@ mod tests {
         assert!(key(&["-c", "x.c"], None).is_some());
         assert_eq!(key(&["-DBUILD=__TIME__", "-c", "x.c"], None), None);
         assert_eq!(key(&["-P", "-c", "x.c"], None), None);
+        assert_eq!(key(&["-DH=__has_include(<x.h>)", "-c", "x.c"], None), None);
+        assert_eq!(key(&["-I-", "-c", "x.c"], None), None);
         assert_ne!(
             key(&["-c", "x.c"], None),
             key(&["-c", "x.c"], Some(Path::new("/home")))
@@ -464,19 +591,16 @@ mod tests {
         assert!(changed_at(&h).is_some_and(|t| t >= recent));
         let pre = format!("# 1 \"{}\" 1\nint h;\n", h.display());
         let key = CacheKey::from_bytes([7; 32]);
-        assert_eq!(Entry::record(key, None, pre.as_bytes(), linked), None);
+        assert_eq!(record_pre(key, pre.as_bytes(), linked), None);
         let later = linked + Duration::from_secs(5);
-        assert!(Entry::record(key, None, pre.as_bytes(), later).is_some());
+        assert!(record_pre(key, pre.as_bytes(), later).is_some());
     }
 
     #[test]
     fn output_without_line_markers_is_not_recorded() {
         let later = SystemTime::now() + Duration::from_secs(5);
         let key = CacheKey::from_bytes([7; 32]);
-        assert_eq!(
-            Entry::record(key, None, b"int f(void) { return 1; }\n", later),
-            None
-        );
+        assert_eq!(record_pre(key, b"int f(void) { return 1; }\n", later), None);
     }
 
     #[test]
@@ -487,6 +611,8 @@ mod tests {
                 key: CacheKey::from_bytes([i; 32]),
                 dep_file: (i % 2 == 0).then(|| b"x.o: x.c h.h\n".to_vec()),
                 files: vec![(PathBuf::from(format!("h{i}.h")), [i; 32])],
+                probes: vec![(PathBuf::from(format!("/i/h{i}.h")), Probe::Absent)],
+                depend: i % 3 == 0,
             });
         }
         assert_eq!(m.entries().len(), MAX_ENTRIES);
@@ -517,25 +643,33 @@ mod tests {
             key: CacheKey::from_bytes([1; 32]),
             dep_file: None,
             files: vec![(h.clone(), hash("int v1;"))],
+            probes: vec![],
+            depend: false,
         });
         m.add(Entry {
             key: CacheKey::from_bytes([2; 32]),
             dep_file: None,
             files: vec![(h.clone(), hash("int v2;"))],
+            probes: vec![],
+            depend: false,
         });
         assert_eq!(
-            m.find_current().map(|e| e.key),
+            m.find_current(true).map(|e| e.key),
             Some(CacheKey::from_bytes([1; 32]))
         );
         std::fs::write(&h, "int v2;").unwrap_or_default();
         assert_eq!(
-            m.find_current().map(|e| e.key),
+            m.find_current(true).map(|e| e.key),
             Some(CacheKey::from_bytes([2; 32]))
         );
         std::fs::write(&h, "int v3;").unwrap_or_default();
-        assert_eq!(m.find_current(), None);
+        assert_eq!(m.find_current(true), None);
         std::fs::remove_file(&h).unwrap_or_default();
-        assert_eq!(m.find_current(), None, "a vanished file matches nothing");
+        assert_eq!(
+            m.find_current(true),
+            None,
+            "a vanished file matches nothing"
+        );
     }
 
     #[test]
@@ -548,12 +682,60 @@ mod tests {
         let pre = format!("# 1 \"{}\" 1\nint h;\n", h.display());
         let key = CacheKey::from_bytes([7; 32]);
         // Written just before: too new.
-        assert_eq!(Entry::record(key, None, pre.as_bytes(), written), None);
+        assert_eq!(record_pre(key, pre.as_bytes(), written), None);
         // The same file for a compile that starts later is fine.
         let later = SystemTime::now() + Duration::from_secs(5);
-        let e = Entry::record(key, None, pre.as_bytes(), later);
+        let e = record_pre(key, pre.as_bytes(), later);
         assert_eq!(e.map(|e| e.files.len()), Some(1));
         std::fs::write(&h, "const char *t = __TIME__;").unwrap_or_default();
-        assert_eq!(Entry::record(key, None, pre.as_bytes(), later), None);
+        assert_eq!(record_pre(key, pre.as_bytes(), later), None);
+    }
+
+    #[test]
+    fn an_entry_whose_lookups_would_now_find_another_file_is_not_current() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let shadow = dir.path().join("first/h.h");
+        let mut m = Manifest::default();
+        m.add(Entry {
+            key: CacheKey::from_bytes([1; 32]),
+            dep_file: None,
+            files: vec![],
+            probes: vec![(shadow.clone(), Probe::Absent)],
+            depend: true,
+        });
+        assert!(m.find_current(true).is_some());
+        assert!(
+            m.find_current(false).is_none(),
+            "a depend-mode entry only for the local cache"
+        );
+        std::fs::create_dir(dir.path().join("first")).unwrap_or_default();
+        assert!(
+            m.find_current(true).is_some(),
+            "a directory alone finds nothing"
+        );
+        std::fs::write(&shadow, "int shadow;").unwrap_or_default();
+        assert!(
+            m.find_current(true).is_none(),
+            "a shadowing header appeared"
+        );
+    }
+
+    #[test]
+    fn depend_keys_bind_every_file_and_lookup() {
+        let dk = DirectKey([3; 32]);
+        let f = vec![(PathBuf::from("a.h"), [1; 32])];
+        let p = vec![(PathBuf::from("/i/a.h"), Probe::Absent)];
+        let k = Entry::depend_key(&dk, &f, &p);
+        assert_eq!(k, Entry::depend_key(&dk, &f, &p));
+        assert_ne!(k, Entry::depend_key(&DirectKey([4; 32]), &f, &p));
+        assert_ne!(
+            k,
+            Entry::depend_key(&dk, &[(PathBuf::from("a.h"), [2; 32])], &p)
+        );
+        assert_ne!(
+            k,
+            Entry::depend_key(&dk, &f, &[(PathBuf::from("/i/a.h"), Probe::File)])
+        );
+        assert_ne!(k, Entry::depend_key(&dk, &f, &[]));
     }
 }

@@ -19,6 +19,7 @@ use super::args::{CompilePlan, LocalReason, Plan, plan};
 use super::backend::Backend;
 use super::base_dir::relativize_line_markers;
 use super::config::Config;
+use super::depend;
 use super::direct::{self, DirectKey, Invocation};
 use super::local::{needs_local_rerun, preprocess, run_locally, write_atomically};
 use super::manifests::ManifestStore;
@@ -138,6 +139,10 @@ async fn compile(
             calls::record_cacheable(&config.dir);
             return code;
         }
+        if depend::applies(config, backend, args) {
+            return depend::compile(config, backend, compiler, args, plan, &desc, dk, started)
+                .await;
+        }
     }
     let mut pre = match preprocess(plan) {
         Ok(p) => p,
@@ -189,7 +194,9 @@ async fn compile(
         // Next time, this compile's key can be found without preprocessing.
         let dep = plan.dep_file.as_ref().and_then(|d| std::fs::read(d).ok());
         if plan.dep_file.is_none() || dep.is_some() {
-            if let Some(entry) = direct::Entry::record(key, dep, &source, started) {
+            if let Some(entry) =
+                depend::record_preprocessed(config, plan, key, dep, &source, started)
+            {
                 record_manifest(config, dk, entry);
             }
         }
@@ -279,7 +286,16 @@ async fn try_direct(
     dk: DirectKey,
 ) -> Option<i32> {
     let manifest = manifest_store(config).get(&dk)?;
-    let entry = manifest.find_current()?;
+    let checking = std::time::Instant::now();
+    let entry = manifest.find_current(!backend.is_remote())?;
+    // What a hit costs in file reads and lookups (docs/BENCHMARKS.md quotes it).
+    tracing::debug!(
+        "{}: manifest entry current: {} files hashed, {} lookups checked in {:?}",
+        plan.input.display(),
+        entry.files.len(),
+        entry.probes.len(),
+        checking.elapsed()
+    );
     if plan.dep_file.is_some() != entry.dep_file.is_some() {
         return None;
     }
@@ -311,7 +327,7 @@ async fn try_direct(
 
 /// Adds `entry` to the manifest under `dk` (best effort: a lost update costs one
 /// preprocessor run later, never a wrong result).
-fn record_manifest(config: &Config, dk: DirectKey, entry: direct::Entry) {
+pub(super) fn record_manifest(config: &Config, dk: DirectKey, entry: direct::Entry) {
     let store = manifest_store(config);
     let mut manifest = store.get(&dk).unwrap_or_default();
     manifest.add(entry);

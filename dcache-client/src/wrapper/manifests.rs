@@ -292,6 +292,8 @@ mod tests {
             files: (0..files)
                 .map(|i| (PathBuf::from(format!("/inc/h{seed}_{i}.h")), [seed; 32]))
                 .collect(),
+            probes: Vec::new(),
+            depend: false,
         });
         m
     }

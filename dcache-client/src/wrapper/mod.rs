@@ -13,6 +13,9 @@
 //! - [`masquerade`]: dcache invoked through a link named after a compiler, and the real
 //!   compiler further on `PATH`;
 //! - [`multi`]: a command with several sources split into one compile per source;
+//! - [`include_dirs`]: the directories the preprocessor searches, as the compiler reports
+//!   them; [`lookups`]: the header lookups a manifest records, so a header appearing on
+//!   the search path invalidates it;
 //! - [`manifests`]: the directory under `DCACHE_DIR` the manifests are kept in, on the
 //!   client's side whatever the back end.
 //!
@@ -26,10 +29,14 @@ pub mod backend;
 pub mod base_dir;
 pub mod config;
 pub mod config_file;
+#[cfg(feature = "embedded")]
+pub mod depend;
 pub mod direct;
 #[cfg(feature = "embedded")]
 pub mod flow;
+pub mod include_dirs;
 pub mod local;
+pub mod lookups;
 pub mod manifests;
 pub mod masquerade;
 pub mod multi;
