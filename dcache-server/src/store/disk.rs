@@ -27,7 +27,7 @@ use dcache_proto::JobResult;
 
 use super::lru::Lru;
 use super::seal::SealKey;
-use super::{Store, StoreError, StoreKey, StoreStats, entry};
+use super::{Store, StoreError, StoreKey, StoreStats, TierStats, entry};
 
 /// Temporary files older than this at start-up were left by a crashed writer.
 const STALE_TMP: Duration = Duration::from_secs(3600);
@@ -59,6 +59,10 @@ struct State {
     evictions: u64,
     corrupt: u64,
     write_errors: u64,
+    hits: u64,
+    misses: u64,
+    bytes_read: u64,
+    bytes_written: u64,
 }
 
 impl Inner {
@@ -82,7 +86,9 @@ impl Inner {
             Ok(d) => d,
             Err(_) => {
                 // Gone (evicted by another process, or never there).
-                self.lock().lru.remove(key);
+                let mut st = self.lock();
+                st.lru.remove(key);
+                st.misses += 1;
                 return None;
             }
         };
@@ -94,6 +100,8 @@ impl Inner {
                     let _ = f.set_modified(SystemTime::now());
                 }
                 let mut st = self.lock();
+                st.hits += 1;
+                st.bytes_read += size;
                 if st.lru.contains(key) {
                     st.lru.touch(key);
                 } else {
@@ -106,6 +114,7 @@ impl Inner {
                 let mut st = self.lock();
                 st.lru.remove(key);
                 st.corrupt += 1;
+                st.misses += 1;
                 None
             }
         }
@@ -131,6 +140,7 @@ impl Inner {
             self.lock().write_errors += 1;
             return Err(e.into());
         }
+        self.lock().bytes_written += size;
         if self.lazy {
             self.lock().lru.insert(*key, size);
             self.evict_shard(key);
@@ -391,5 +401,18 @@ impl Store for DiskStore {
             corrupt: st.corrupt,
             write_errors: st.write_errors,
         }
+    }
+
+    fn tiers(&self) -> Vec<TierStats> {
+        let st = self.inner.lock();
+        vec![TierStats {
+            name: "disk",
+            hits: st.hits,
+            misses: st.misses,
+            errors: st.write_errors,
+            refused: st.corrupt,
+            bytes_read: st.bytes_read,
+            bytes_written: st.bytes_written,
+        }]
     }
 }
