@@ -192,6 +192,19 @@ fn a_redis_cluster_spreads_entries_over_its_nodes_and_serves_the_fleet() {
         assert_eq!(&compile(&source(100 + i), b.addr()), object);
     }
     assert_eq!((b.stat("compiles"), b.stat("shared_hits")), (0, 12));
+    // A chunked entry: its values share a hash tag, so one node holds them all.
+    let src = "const unsigned char mid[6 << 20] = { 9 };\nint m(void) { return mid[1]; }\n";
+    let object = compile(src, a.addr());
+    assert!(eventually(Duration::from_secs(60), || cluster
+        .keys_per_node()
+        .iter()
+        .sum::<usize>()
+        == 14));
+    assert!(
+        compile(src, b.addr()) == object,
+        "the chunked object arrived intact"
+    );
+    assert_eq!((b.stat("compiles"), b.stat("shared_hits")), (0, 13));
 }
 
 #[test]
@@ -286,4 +299,35 @@ fn a_slow_redis_does_not_delay_local_hits_and_bounds_misses() {
     let _ = sleeper.wait();
     assert_eq!((a.stat("hits"), a.stat("compiles")), (1, 2));
     assert!(a.stat("shared_errors") >= 1);
+}
+
+#[test]
+fn the_shared_tier_needs_a_private_key_file() {
+    let secrets = tempfile::tempdir().unwrap();
+    let exposed = key_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
+    std::fs::set_permissions(&exposed, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let short = key_file(secrets.path(), "short", "hunter2\n");
+    let cache = tempfile::tempdir().unwrap();
+    for (extra, hint) in [
+        (vec![], "--shared-key-file"),
+        (
+            vec!["--shared-key-file", exposed.to_str().unwrap()],
+            "chmod 600",
+        ),
+        (
+            vec!["--shared-key-file", short.to_str().unwrap()],
+            "fewer than 16",
+        ),
+    ] {
+        let out = Command::new(common::SERVER)
+            .args(["--listen", "tcp://127.0.0.1:0", "--cache-dir"])
+            .arg(cache.path())
+            .args(["--shared", "redis://127.0.0.1:1"])
+            .args(&extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started with {extra:?}");
+        assert!(err.contains(hint), "{extra:?}: {err}");
+    }
 }
