@@ -29,6 +29,10 @@ struct Member {
 }
 
 fn member(url: &str, key: &Path, extra: &[&str]) -> Member {
+    member_with(url, key, extra, &[])
+}
+
+fn member_with(url: &str, key: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Member {
     let cache = tempfile::tempdir().unwrap();
     let args = [
         &["--shared", url, "--shared-key-file", key.to_str().unwrap()],
@@ -36,7 +40,7 @@ fn member(url: &str, key: &Path, extra: &[&str]) -> Member {
     ]
     .concat();
     Member {
-        server: server_on(cache.path(), &args, &[]),
+        server: server_on(cache.path(), &args, envs),
         _cache: cache,
     }
 }
@@ -299,6 +303,23 @@ fn a_slow_redis_does_not_delay_local_hits_and_bounds_misses() {
     let _ = sleeper.wait();
     assert_eq!((a.stat("hits"), a.stat("compiles")), (1, 2));
     assert!(a.stat("shared_errors") >= 1);
+}
+
+#[test]
+fn rediss_carries_the_fleet_over_tls() {
+    let redis = Redis::start_tls();
+    let secrets = tempfile::tempdir().unwrap();
+    let key = key_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
+    // rustls trusts the system's roots, or the file SSL_CERT_FILE names.
+    let cert = redis.cert();
+    let trust = [("SSL_CERT_FILE", cert.to_str().unwrap())];
+    let a = member_with(&redis.url(), &key, &[], &trust);
+    let b = member_with(&redis.url(), &key, &[], &trust);
+    let object = compile(&source(40), a.addr());
+    a.wait_written(1);
+    assert_eq!(redis.keys().len(), 1);
+    assert_eq!(compile(&source(40), b.addr()), object);
+    assert_eq!((b.stat("compiles"), b.stat("shared_hits")), (0, 1));
 }
 
 #[test]

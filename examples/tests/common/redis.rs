@@ -38,6 +38,8 @@ pub struct Redis {
     pub port: u16,
     dir: tempfile::TempDir,
     cluster: bool,
+    /// TLS only (no plain port), with a self-signed certificate for 127.0.0.1 in `dir`.
+    tls: bool,
 }
 
 impl Drop for Redis {
@@ -60,26 +62,70 @@ pub fn cli(port: u16, args: &[&str]) -> String {
 impl Redis {
     /// A standalone server.
     pub fn start() -> Self {
-        Self::spawn(false)
+        Self::spawn(false, false)
     }
 
-    fn spawn(cluster: bool) -> Self {
+    /// A standalone server speaking TLS only, with a certificate made by `openssl` for
+    /// 127.0.0.1 ([`cert`](Self::cert) is what a client must trust).
+    pub fn start_tls() -> Self {
+        Self::spawn(false, true)
+    }
+
+    fn spawn(cluster: bool, tls: bool) -> Self {
         let mut r = Self {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             cluster,
+            tls,
         };
+        if tls {
+            let made = Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                ])
+                .args([
+                    "-keyout",
+                    "key.pem",
+                    "-out",
+                    "cert.pem",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ])
+                .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+                .current_dir(r.dir.path())
+                .stdin(Stdio::null())
+                .output()
+                .expect("openssl is installed");
+            assert!(
+                made.status.success(),
+                "{}",
+                String::from_utf8_lossy(&made.stderr)
+            );
+        }
         r.restart();
         r
+    }
+
+    /// The certificate of a TLS server.
+    pub fn cert(&self) -> std::path::PathBuf {
+        self.dir.path().join("cert.pem")
     }
 
     /// Starts the server again on the same port and directory (it comes back empty).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .arg("--dir")
+        let port = self.port.to_string();
+        if self.tls {
+            cmd.args(["--bind", "127.0.0.1", "--port", "0", "--tls-port", &port])
+                .args(["--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem"])
+                .args(["--tls-ca-cert-file", "cert.pem", "--tls-auth-clients", "no"])
+                .current_dir(self.dir.path());
+        } else {
+            cmd.args(["--bind", "127.0.0.1", "--port", &port]);
+        }
+        cmd.arg("--dir")
             .arg(self.dir.path())
             .args(["--save", "", "--appendonly", "no"])
             // DEBUG SLEEP plays a slow server; only from loopback.
@@ -93,10 +139,10 @@ impl Redis {
             cmd.spawn()
                 .expect("redis-server is installed (.ci/run installs it)"),
         );
-        let port = self.port;
         assert!(
-            eventually(Duration::from_secs(30), || cli(port, &["PING"]) == "PONG"),
-            "redis-server on port {port} did not come up"
+            eventually(Duration::from_secs(30), || self.cli(&["PING"]) == "PONG"),
+            "redis-server on port {} did not come up",
+            self.port
         );
     }
 
@@ -108,13 +154,19 @@ impl Redis {
         }
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT` (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// `redis-cli` against this server.
     pub fn cli(&self, args: &[&str]) -> String {
+        if self.tls {
+            let cert = self.cert();
+            let tls = ["--tls", "--cacert", cert.to_str().unwrap()];
+            return cli(self.port, &[&tls[..], args].concat());
+        }
         cli(self.port, args)
     }
 
@@ -139,7 +191,7 @@ impl Cluster {
     /// Starts three cluster-enabled servers and joins them with `redis-cli --cluster
     /// create`; returns once every node reports the cluster ok.
     pub fn start() -> Self {
-        let nodes: Vec<Redis> = (0..3).map(|_| Redis::spawn(true)).collect();
+        let nodes: Vec<Redis> = (0..3).map(|_| Redis::spawn(true, false)).collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
