@@ -65,8 +65,8 @@ impl Redis {
         Self::spawn(false, false)
     }
 
-    /// A standalone server speaking TLS only, with a certificate made by `openssl` for
-    /// 127.0.0.1 ([`cert`](Self::cert) is what a client must trust).
+    /// A standalone server speaking TLS only, with a certificate for 127.0.0.1 signed by
+    /// a CA made by `openssl` ([`cert`](Self::cert) is what a client must trust).
     pub fn start_tls() -> Self {
         Self::spawn(false, true)
     }
@@ -80,36 +80,76 @@ impl Redis {
             tls,
         };
         if tls {
-            let made = Command::new("openssl")
-                .args([
-                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                ])
-                .args([
+            // A CA and a server certificate it signed (webpki refuses a CA certificate
+            // used as the server's own).
+            let steps: [&[&str]; 3] = [
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-subj",
+                    "/CN=dcache test CA",
+                ],
+                &[
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
                     "-keyout",
                     "key.pem",
                     "-out",
-                    "cert.pem",
+                    "req.csr",
                     "-subj",
                     "/CN=127.0.0.1",
-                ])
-                .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-                .current_dir(r.dir.path())
-                .stdin(Stdio::null())
-                .output()
-                .expect("openssl is installed");
-            assert!(
-                made.status.success(),
-                "{}",
-                String::from_utf8_lossy(&made.stderr)
-            );
+                ],
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    "req.csr",
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    "cert.pem",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "ext",
+                ],
+            ];
+            std::fs::write(r.dir.path().join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+            for step in steps {
+                let made = Command::new("openssl")
+                    .args(step)
+                    .current_dir(r.dir.path())
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("openssl is installed");
+                assert!(
+                    made.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&made.stderr)
+                );
+            }
         }
         r.restart();
         r
     }
 
-    /// The certificate of a TLS server.
+    /// The CA that signed a TLS server's certificate: what a client must trust.
     pub fn cert(&self) -> std::path::PathBuf {
-        self.dir.path().join("cert.pem")
+        self.dir.path().join("ca.pem")
     }
 
     /// Starts the server again on the same port and directory (it comes back empty).
@@ -120,7 +160,7 @@ impl Redis {
         if self.tls {
             cmd.args(["--bind", "127.0.0.1", "--port", "0", "--tls-port", &port])
                 .args(["--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem"])
-                .args(["--tls-ca-cert-file", "cert.pem", "--tls-auth-clients", "no"])
+                .args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
                 .current_dir(self.dir.path());
         } else {
             cmd.args(["--bind", "127.0.0.1", "--port", &port]);
