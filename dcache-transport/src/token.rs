@@ -60,6 +60,13 @@ pub fn token_key(token: &[u8]) -> Result<AuthKey, TokenError> {
 /// Reads the token in `path`: the file must be readable by its owner only and hold at
 /// least [`MIN_TOKEN_LEN`] bytes.
 pub fn read_token_file(path: &Path) -> Result<AuthKey, TokenError> {
+    Ok(AuthKey::from_token(&read_secret_file(path)?))
+}
+
+/// Reads a shared secret under the token's rules (owner-only file, at least
+/// [`MIN_TOKEN_LEN`] bytes after trimming) and returns it trimmed: for other secrets an
+/// operator hands every server the same way, such as the shared cache tier's key.
+pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, TokenError> {
     use std::os::unix::fs::PermissionsExt;
     let read_err = |source| TokenError::Read {
         path: path.to_path_buf(),
@@ -73,8 +80,12 @@ pub fn read_token_file(path: &Path) -> Result<AuthKey, TokenError> {
             mode,
         });
     }
-    let token = std::fs::read(path).map_err(read_err)?;
-    token_key(&token)
+    let secret = std::fs::read(path).map_err(read_err)?;
+    let trimmed = secret.trim_ascii();
+    if trimmed.len() < MIN_TOKEN_LEN {
+        return Err(TokenError::TooShort { len: trimmed.len() });
+    }
+    Ok(trimmed.to_vec())
 }
 
 #[cfg(test)]

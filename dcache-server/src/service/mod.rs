@@ -147,6 +147,21 @@ impl Service {
                 value,
             });
         }
+        for t in self.store.tiers() {
+            for (what, value) in [
+                ("hits", t.hits),
+                ("misses", t.misses),
+                ("errors", t.errors),
+                ("refused", t.refused),
+                ("bytes_read", t.bytes_read),
+                ("bytes_written", t.bytes_written),
+            ] {
+                stats.push(Stat {
+                    name: format!("{}_{what}", t.name),
+                    value,
+                });
+            }
+        }
         stats
     }
 

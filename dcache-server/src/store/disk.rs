@@ -32,7 +32,7 @@ use dcache_proto::JobResult;
 
 use super::lru::Lru;
 use super::seal::SealKey;
-use super::{Store, StoreError, StoreKey, StoreStats, entry};
+use super::{Store, StoreError, StoreKey, StoreStats, TierStats, entry};
 
 /// Temporary files older than this at start-up were left by a crashed writer.
 const STALE_TMP: Duration = Duration::from_secs(3600);
@@ -64,6 +64,10 @@ struct State {
     evictions: u64,
     corrupt: u64,
     write_errors: u64,
+    hits: u64,
+    misses: u64,
+    bytes_read: u64,
+    bytes_written: u64,
 }
 
 impl Inner {
@@ -87,7 +91,9 @@ impl Inner {
             Ok(d) => d,
             Err(_) => {
                 // Gone (evicted by another process, or never there).
-                self.lock().lru.remove(key);
+                let mut st = self.lock();
+                st.lru.remove(key);
+                st.misses += 1;
                 return None;
             }
         };
@@ -101,6 +107,8 @@ impl Inner {
                     size = f.metadata().map_or(len, |m| disk_usage(&m));
                 }
                 let mut st = self.lock();
+                st.hits += 1;
+                st.bytes_read += size;
                 if st.lru.contains(key) {
                     st.lru.touch(key);
                 } else {
@@ -113,6 +121,7 @@ impl Inner {
                 let mut st = self.lock();
                 st.lru.remove(key);
                 st.corrupt += 1;
+                st.misses += 1;
                 None
             }
         }
@@ -149,6 +158,7 @@ impl Inner {
                 return Err(e.into());
             }
         };
+        self.lock().bytes_written += size;
         if self.lazy {
             self.lock().lru.insert(*key, size);
             if !self.evict_shard(key) {
@@ -563,5 +573,18 @@ impl Store for DiskStore {
             corrupt: st.corrupt,
             write_errors: st.write_errors,
         }
+    }
+
+    fn tiers(&self) -> Vec<TierStats> {
+        let st = self.inner.lock();
+        vec![TierStats {
+            name: "disk",
+            hits: st.hits,
+            misses: st.misses,
+            errors: st.write_errors,
+            refused: st.corrupt,
+            bytes_read: st.bytes_read,
+            bytes_written: st.bytes_written,
+        }]
     }
 }

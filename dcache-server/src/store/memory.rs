@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use dcache_proto::JobResult;
 
 use super::lru::Lru;
-use super::{Store, StoreError, StoreKey, StoreStats};
+use super::{Store, StoreError, StoreKey, StoreStats, TierStats};
 
 /// Results in memory, up to a byte limit.
 #[derive(Debug)]
@@ -20,6 +20,10 @@ struct Inner {
     lru: Lru,
     values: HashMap<StoreKey, JobResult>,
     evictions: u64,
+    hits: u64,
+    misses: u64,
+    bytes_read: u64,
+    bytes_written: u64,
 }
 
 fn cost(r: &JobResult) -> u64 {
@@ -47,8 +51,13 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn get(&self, key: &StoreKey) -> Option<JobResult> {
         let mut inner = self.lock();
-        let value = inner.values.get(key).cloned()?;
+        let Some(value) = inner.values.get(key).cloned() else {
+            inner.misses += 1;
+            return None;
+        };
         inner.lru.touch(key);
+        inner.hits += 1;
+        inner.bytes_read += value.body_len();
         Some(value)
     }
 
@@ -60,6 +69,7 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         inner.lru.insert(*key, size);
         inner.values.insert(*key, value.clone());
+        inner.bytes_written += value.body_len();
         while inner.lru.bytes() > self.limit {
             let Some(old) = inner.lru.oldest() else { break };
             inner.lru.remove(&old);
@@ -83,5 +93,17 @@ impl Store for MemoryStore {
             evictions: inner.evictions,
             ..StoreStats::default()
         }
+    }
+
+    fn tiers(&self) -> Vec<TierStats> {
+        let inner = self.lock();
+        vec![TierStats {
+            name: "memory",
+            hits: inner.hits,
+            misses: inner.misses,
+            bytes_read: inner.bytes_read,
+            bytes_written: inner.bytes_written,
+            ..TierStats::default()
+        }]
     }
 }

@@ -9,6 +9,8 @@ pub mod entry;
 mod lru;
 mod memory;
 mod seal;
+pub mod shared;
+mod shared_tier;
 mod tiered;
 
 use dcache_proto::JobResult;
@@ -16,6 +18,7 @@ use dcache_proto::JobResult;
 pub use disk::{DiskStore, DiskUsage};
 pub use memory::MemoryStore;
 pub use seal::SealKey;
+pub use shared_tier::SharedTieredStore;
 pub use tiered::TieredStore;
 
 /// The key a result is stored under: the protocol's cache key bound to the server's
@@ -68,6 +71,27 @@ pub struct StoreStats {
     pub write_errors: u64,
 }
 
+/// What one tier of a stack of stores saw, for STATS (`{name}_hits`, …): the lookups it
+/// answered and missed, its failures, and the bytes it moved. Each tier counts only the
+/// lookups that reached it, so a disk miss is a lookup that memory missed too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierStats {
+    /// The tier's name in STATS: `memory`, `disk`, `shared`.
+    pub name: &'static str,
+    /// Lookups answered with a verified result.
+    pub hits: u64,
+    /// Lookups that found nothing usable (absent, or refused as damaged).
+    pub misses: u64,
+    /// Operations that failed for the environment (I/O, unreachable, past the deadline).
+    pub errors: u64,
+    /// Entries refused by verification (bad MAC, wrong key, truncated) and dropped.
+    pub refused: u64,
+    /// Bytes of verified entries read.
+    pub bytes_read: u64,
+    /// Bytes of entries written.
+    pub bytes_written: u64,
+}
+
 /// A place to keep results. Implementations are safe to share between tasks.
 ///
 /// The methods that may touch a disk are `async` (through `async-trait`, so the trait
@@ -89,6 +113,11 @@ pub trait Store: Send + Sync + 'static {
     async fn remove(&self, key: &StoreKey) -> Result<bool, StoreError>;
     /// Current counters.
     fn stats(&self) -> StoreStats;
+    /// Per-tier counters, front tier first: one for a plain store, one per tier for a
+    /// stack. Empty for a store that does not count its lookups.
+    fn tiers(&self) -> Vec<TierStats> {
+        Vec::new()
+    }
     /// Entries held (as far as this store knows: other processes sharing a disk cache
     /// add entries it only learns about when it reads them or restarts).
     fn len(&self) -> u64 {

@@ -28,6 +28,19 @@ impl SealKey {
         Self(bytes)
     }
 
+    /// The key that seals a fleet's shared tier, derived from the shared secret an
+    /// operator gave every server (`--shared-key-file`). The derivation's context string
+    /// is a domain separator: the same file used for something else (a client token, by
+    /// mistake) yields an unrelated MAC key, and no MAC computed for another purpose
+    /// verifies as an entry. The entry MAC itself binds the store key and the whole
+    /// entry, so a valid value cannot be replayed under another key.
+    pub fn for_shared_tier(secret: &[u8]) -> Self {
+        Self(blake3::derive_key(
+            "dcache 2026-12 shared cache tier entry MAC v2",
+            secret,
+        ))
+    }
+
     /// Reads the secret of the store rooted at `root`, creating it (random, mode 600)
     /// if there is none. Processes racing to create it agree on one: the first link wins
     /// and the others read it. A secret owned by another user, or readable by group or

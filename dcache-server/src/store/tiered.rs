@@ -2,7 +2,7 @@
 
 use dcache_proto::JobResult;
 
-use super::{Store, StoreError, StoreKey, StoreStats};
+use super::{Store, StoreError, StoreKey, StoreStats, TierStats};
 
 /// A fast store in front of a large one. Reads try the front first and promote what the
 /// back had; writes go to both.
@@ -56,5 +56,11 @@ impl<F: Store, B: Store> Store for TieredStore<F, B> {
     /// The back store's counters: it holds everything the front does and more.
     fn stats(&self) -> StoreStats {
         self.back.stats()
+    }
+
+    fn tiers(&self) -> Vec<TierStats> {
+        let mut tiers = self.front.tiers();
+        tiers.extend(self.back.tiers());
+        tiers
     }
 }

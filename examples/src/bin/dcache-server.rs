@@ -15,7 +15,10 @@ use dcache_server::distcc::DistccConfig;
 use dcache_server::exec::ExecLimits;
 use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
 use dcache_server::sandbox::{ResourceLimits, Sandbox};
-use dcache_server::store::{DiskStore, MemoryStore, Store, TieredStore};
+use dcache_server::store::shared::{Backend, RedisBackend, SharedConfig, SharedStore};
+use dcache_server::store::{
+    DiskStore, MemoryStore, SealKey, SharedTieredStore, Store, TieredStore,
+};
 use dcache_server::{Service, ServiceConfig};
 use dcache_transport::{Address, TransportOptions, bind};
 
@@ -127,6 +130,26 @@ struct Args {
     /// Connections one IP address may hold open; more are refused at once.
     #[arg(long, default_value_t = 64)]
     max_connections_per_address: usize,
+    /// A cache tier shared by a fleet of servers, under the local ones: redis://HOST:PORT[/DB],
+    /// rediss://… (TLS), redis+unix:///PATH, or a Redis Cluster as
+    /// redis+cluster://H1:P1,H2:P2,… (seed nodes). Needs --shared-key-file.
+    #[arg(long, value_name = "URL", requires = "shared_key_file")]
+    shared: Option<String>,
+    /// File holding the fleet's shared key (same rules as --token-file: at least 16
+    /// bytes, readable by its owner only). Every server signs what it writes to the shared
+    /// tier with it and refuses what does not verify.
+    #[arg(long, value_name = "PATH", requires = "shared")]
+    shared_key_file: Option<std::path::PathBuf>,
+    /// Seconds a shared entry lives after it was last written or hit.
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    shared_ttl: u64,
+    /// Largest entry written to or read from the shared tier, e.g. 64M (larger results
+    /// stay local; large entries are stored in chunks of 4 MiB).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    shared_max_value: u64,
+    /// Milliseconds a lookup waits for the shared tier before counting a miss.
+    #[arg(long, default_value_t = 250)]
+    shared_deadline: u64,
     /// Log each job (repeat for more detail).
     #[arg(long, short, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -218,7 +241,16 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let store: Arc<dyn Store> = Arc::new(TieredStore::new(MemoryStore::new(256 << 20), disk));
+    let mut store: Arc<dyn Store> = Arc::new(TieredStore::new(MemoryStore::new(256 << 20), disk));
+    if let Some(url) = &args.shared {
+        match shared_tier(&args, url) {
+            Ok(shared) => store = Arc::new(SharedTieredStore::new(store, shared)),
+            Err(e) => {
+                eprintln!("dcache-server: --shared: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let stderr_cap = usize::try_from(args.limit_stderr).unwrap_or(usize::MAX);
     let executor = LocalExecutor::new(LocalExecutorConfig {
         allowed: args.allow_compiler.clone(),
@@ -324,6 +356,33 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
         let _ = s.await;
     }
     ExitCode::SUCCESS
+}
+
+/// The shared tier `--shared URL` names, sealed with the key of `--shared-key-file`.
+fn shared_tier(args: &Args, url: &str) -> Result<Arc<dyn Store>, String> {
+    let Some(path) = &args.shared_key_file else {
+        return Err("--shared-key-file is required".into());
+    };
+    let secret = dcache_transport::token::read_secret_file(path)
+        .map_err(|e| format!("--shared-key-file {}: {e}", path.display()))?;
+    let config = SharedConfig {
+        ttl: std::time::Duration::from_secs(args.shared_ttl.max(1)),
+        max_value: args.shared_max_value,
+        deadline: std::time::Duration::from_millis(args.shared_deadline.max(1)),
+        ..SharedConfig::default()
+    };
+    let backend = RedisBackend::new(url, config.transfer_timeout).map_err(|e| e.to_string())?;
+    tracing::info!(
+        "shared cache tier: {} (entries up to {} bytes, lookups within {:?})",
+        backend.describe(),
+        config.max_value,
+        config.deadline
+    );
+    Ok(Arc::new(SharedStore::new(
+        backend,
+        SealKey::for_shared_tier(&secret),
+        config,
+    )))
 }
 
 async fn wait_for_signal() {

@@ -2,9 +2,12 @@
 //! reading `dcache --stats --json`.
 #![allow(dead_code, unreachable_pub)] // each test binary uses its own subset; shared by `mod common`
 
+pub mod redis;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 pub const DCACHE: &str = env!("CARGO_BIN_EXE_dcache");
 pub const SERVER: &str = env!("CARGO_BIN_EXE_dcache-server");
@@ -14,6 +17,8 @@ pub struct Server {
     pub child: Child,
     /// The address it bound, as `tcp://127.0.0.1:PORT`.
     pub addr: String,
+    /// What it logged after it started listening.
+    log: Arc<Mutex<String>>,
     _cache: Option<tempfile::TempDir>,
 }
 
@@ -31,6 +36,11 @@ impl Server {
             .args(["-KILL", &self.child.id().to_string()])
             .status();
         let _ = self.child.wait();
+    }
+
+    /// Everything it logged since it started listening.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 }
 
@@ -72,10 +82,19 @@ pub fn server_on(cache: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server 
             break rest.split_whitespace().next().unwrap().to_owned();
         }
     };
-    std::thread::spawn(move || for _ in lines {});
+    let log = Arc::new(Mutex::new(String::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
     Server {
         child,
         addr,
+        log,
         _cache: None,
     }
 }

@@ -4,6 +4,9 @@
 //! a virtual clock — hit and miss, 10 KiB and 2 MiB sources, 100 Mbit/s and 1 Gbit/s, round
 //! trips of 0.2, 4 and 40 ms (docs/BENCHMARKS.md, "Strategies against the physical limit")
 //! — and prints the time to result beside the physical limit.
+//!
+//! `dcache-bench tiers REDIS_URL` measures the hit latency of the memory, disk and Redis
+//! tiers at three object sizes.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -97,6 +100,28 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some("tiers") => {
+            let Some(url) = args.get(1) else {
+                return usage("tiers needs a Redis URL");
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("dcache-bench: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(dcache_bench::tiers::run(url)) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dcache-bench tiers: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         // Internal: the server child of `loopback`.
         Some("serve-fake") => {
             let (Some(addr), Some(ms), Some(div)) = (
@@ -127,7 +152,7 @@ fn main() -> ExitCode {
 
 fn usage(why: &str) -> ExitCode {
     eprintln!(
-        "dcache-bench: {why}\nusage: dcache-bench sim [--harness] [--json FILE] [--svg DIR]\n       dcache-bench loopback [--json FILE]"
+        "dcache-bench: {why}\nusage: dcache-bench sim [--harness] [--json FILE] [--svg DIR]\n       dcache-bench loopback [--json FILE]\n       dcache-bench tiers REDIS_URL"
     );
     ExitCode::from(2)
 }
