@@ -88,7 +88,10 @@ pub(crate) async fn connect(
             let (io, conn) = stream.get_mut();
             io.stop();
             conn.set_buffer_limit(Some(TLS_BUFFER));
-            Ok(Box::new(ClientTls(stream)))
+            Ok(Box::new(ClientTls {
+                inner: stream,
+                stash: BytesMut::new(),
+            }))
         }
         Err((e, io)) => Err(TransportError::Tls {
             addr: addr.clone(),
@@ -211,7 +214,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Recording<S> {
 /// In TLS 1.3 the client's side of the handshake is finished before the server has
 /// checked the client's certificate, so a refusal arrives as an alert on the first read;
 /// it is turned into a `PermissionDenied` error that says what to fix.
-struct ClientTls(tokio_rustls::client::TlsStream<Recording<TcpStream>>);
+struct ClientTls {
+    inner: tokio_rustls::client::TlsStream<Recording<TcpStream>>,
+    /// Bytes read while looking for the reason of a failed write, delivered by the next
+    /// reads: the server's last frames (an ERROR, say) must not be lost to the search.
+    stash: BytesMut,
+}
 
 /// The explanation for an alert that refuses this client's certificate, if `e` is one.
 fn certificate_refusal(e: io::Error) -> io::Error {
@@ -248,9 +256,35 @@ impl AsyncRead for ClientTls {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0)
+        let this = self.get_mut();
+        if !this.stash.is_empty() {
+            let n = this.stash.len().min(buf.remaining());
+            buf.put_slice(&this.stash.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner)
             .poll_read(cx, buf)
             .map_err(certificate_refusal)
+    }
+}
+
+impl ClientTls {
+    /// A write failed (the server closed after refusing us, say): the reason, if the
+    /// server sent one and it has arrived, is a better error than the broken pipe.
+    fn why_closed(&mut self, cx: &mut Context<'_>, e: io::Error) -> io::Error {
+        let mut chunk = [0u8; 4096];
+        let mut buf = ReadBuf::new(&mut chunk);
+        match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+            Poll::Ready(Err(alert)) => match certificate_refusal(alert) {
+                explained if explained.kind() == io::ErrorKind::PermissionDenied => explained,
+                _ => e,
+            },
+            Poll::Ready(Ok(())) => {
+                self.stash.extend_from_slice(buf.filled());
+                e
+            }
+            Poll::Pending => e,
+        }
     }
 }
 
@@ -260,17 +294,23 @@ impl AsyncWrite for ClientTls {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0)
-            .poll_write(cx, buf)
-            .map_err(certificate_refusal)
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(this.why_closed(cx, e))),
+            other => other,
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(this.why_closed(cx, e))),
+            other => other,
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -330,15 +370,19 @@ pub(crate) async fn bind(
 enum State {
     /// Waiting for the first byte, to tell a TLS client from a plain dcache one.
     Sniffing(TcpStream, TlsAcceptor),
-    /// A plain dcache client: telling it, in its protocol, that this port speaks TLS.
+    /// Turning a peer away: writing `reply` (a plain dcache ERROR for a plain client;
+    /// nothing after a failed handshake, whose alert rustls has written), then closing
+    /// and reading until the peer closes too, so the explanation is not destroyed by a
+    /// reset. The stream then fails with `failure`.
     Refusing {
         tcp: TcpStream,
         reply: Bytes,
         shut: bool,
         drained: usize,
+        failure: (io::ErrorKind, String),
     },
     /// The TLS handshake.
-    Handshaking(tokio_rustls::Accept<TcpStream>),
+    Handshaking(tokio_rustls::FallibleAccept<TcpStream>),
     /// Open: reads and writes go through TLS.
     Ready(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// The opening failed; every read and write reports why.
@@ -415,7 +459,10 @@ impl ServerTls {
                             "closed the connection before its TLS handshake".into(),
                         ),
                         Poll::Ready(Ok(_)) => match first[0] {
-                            TLS_HANDSHAKE => self.state = State::Handshaking(acceptor.accept(tcp)),
+                            TLS_HANDSHAKE => {
+                                self.state =
+                                    State::Handshaking(acceptor.accept(tcp).into_fallible());
+                            }
                             DCACHE_HELLO => {
                                 self.state = State::Refusing {
                                     tcp,
@@ -425,6 +472,12 @@ impl ServerTls {
                                     ),
                                     shut: false,
                                     drained: 0,
+                                    failure: (
+                                        io::ErrorKind::InvalidData,
+                                        "a plain dcache client connected to this TLS port; it \
+                                         was told to use tls://"
+                                            .into(),
+                                    ),
                                 };
                             }
                             other => self.fail(
@@ -442,7 +495,8 @@ impl ServerTls {
                     reply,
                     shut,
                     drained,
-                } => return self.poll_refusal(cx, tcp, reply, shut, drained),
+                    failure,
+                } => return self.poll_refusal(cx, tcp, reply, shut, drained, failure),
                 State::Handshaking(mut accept) => match Pin::new(&mut accept).poll(cx) {
                     Poll::Pending => {
                         self.state = State::Handshaking(accept);
@@ -453,15 +507,23 @@ impl ServerTls {
                         self.state = State::Ready(Box::new(stream));
                         self.deadline = None;
                     }
-                    Poll::Ready(Err(e)) => self.fail(e.kind(), server_failure(&e)),
+                    Poll::Ready(Err((e, tcp))) => {
+                        self.state = State::Refusing {
+                            tcp,
+                            reply: Bytes::new(),
+                            shut: false,
+                            drained: 0,
+                            failure: (e.kind(), server_failure(&e)),
+                        };
+                    }
                 },
                 done @ (State::Ready(_) | State::Failed(..)) => self.state = done,
             }
         }
     }
 
-    /// Writes the plain dcache ERROR, closes the sending side, then reads (a bounded
-    /// amount) until the client closes too; the stream has then failed.
+    /// Writes `reply`, closes the sending side, then reads (a bounded amount) until the
+    /// peer closes too; the stream has then failed with `failure`.
     fn poll_refusal(
         &mut self,
         cx: &mut Context<'_>,
@@ -469,6 +531,7 @@ impl ServerTls {
         mut reply: Bytes,
         mut shut: bool,
         mut drained: usize,
+        failure: (io::ErrorKind, String),
     ) -> Poll<io::Result<()>> {
         let pending = loop {
             if !reply.is_empty() {
@@ -503,13 +566,11 @@ impl ServerTls {
                 reply,
                 shut,
                 drained,
+                failure,
             };
             return Poll::Pending;
         }
-        self.fail(
-            io::ErrorKind::InvalidData,
-            "a plain dcache client connected to this TLS port; it was told to use tls://".into(),
-        );
+        self.fail(failure.0, failure.1);
         self.poll_open(cx)
     }
 

@@ -129,12 +129,16 @@ where
                     unflushed = true;
                 }
                 Ok(None) => unflushed = false,
-                _ => {
+                other => {
                     // The peer is gone: nothing more can be written, so nothing more is
                     // worth reading. End the machine and discard what it still queues.
+                    let reason = match other {
+                        Err(e) if explains_itself(&e) => format!("transport failed: {e}"),
+                        _ => "transport failed".to_owned(),
+                    };
                     pending = Bytes::new();
                     read_done = true;
-                    machine.close(ErrorCode::INTERNAL, "transport failed");
+                    machine.close(ErrorCode::INTERNAL, &reason);
                     drain_to_closed(&mut machine);
                 }
             },
