@@ -334,7 +334,7 @@ fn error_code(frames: &[Frame]) -> Option<ErrorCode> {
 /// Sends `bytes` on a fresh connection, reads until the server closes, and returns the
 /// ERROR code it sent; an honest client runs throughout.
 async fn attack(h: &Harness, bytes: Vec<u8>) -> Option<ErrorCode> {
-    let honest = Honest::start(&h).await;
+    let honest = Honest::start(h).await;
     let mut s = h.raw().await;
     // The attacker is connected (and accepted) while the honest client works...
     honest.progress(3).await;

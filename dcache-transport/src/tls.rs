@@ -381,8 +381,9 @@ enum State {
         drained: usize,
         failure: (io::ErrorKind, String),
     },
-    /// The TLS handshake.
-    Handshaking(tokio_rustls::FallibleAccept<TcpStream>),
+    /// The TLS handshake (boxed: rustls's connection state is large, and the stream
+    /// spends almost all its life in `Ready`).
+    Handshaking(Box<tokio_rustls::FallibleAccept<TcpStream>>),
     /// Open: reads and writes go through TLS.
     Ready(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// The opening failed; every read and write reports why.
@@ -460,8 +461,9 @@ impl ServerTls {
                         ),
                         Poll::Ready(Ok(_)) => match first[0] {
                             TLS_HANDSHAKE => {
-                                self.state =
-                                    State::Handshaking(acceptor.accept(tcp).into_fallible());
+                                self.state = State::Handshaking(Box::new(
+                                    acceptor.accept(tcp).into_fallible(),
+                                ));
                             }
                             DCACHE_HELLO => {
                                 self.state = State::Refusing {
@@ -497,7 +499,7 @@ impl ServerTls {
                     drained,
                     failure,
                 } => return self.poll_refusal(cx, tcp, reply, shut, drained, failure),
-                State::Handshaking(mut accept) => match Pin::new(&mut accept).poll(cx) {
+                State::Handshaking(mut accept) => match Pin::new(&mut *accept).poll(cx) {
                     Poll::Pending => {
                         self.state = State::Handshaking(accept);
                         return Poll::Pending;
