@@ -49,6 +49,15 @@ pub enum FrameError {
     /// A frame type outside the ignorable range that this version does not define.
     #[error("unknown mandatory frame type 0x{0:02x}")]
     UnknownType(u8),
+    /// The stream began with a TLS handshake record (`16 03`, a ClientHello) where a
+    /// dcache HELLO belongs: a TLS client reached a plain dcache endpoint. Its own variant
+    /// so the peer is told what happened rather than "unknown frame type 0x16"; the code
+    /// is the one §3 gives type 0x16 anyway.
+    #[error(
+        "a TLS ClientHello arrived where a dcache HELLO was expected: this endpoint speaks \
+         plain dcache, not TLS (connect with tcp://, or listen with tls://)"
+    )]
+    TlsHandshake,
     /// The declared payload length exceeds the limit the receiver announced.
     #[error("frame payload of {len} bytes exceeds the limit of {max}")]
     TooLarge {
@@ -63,7 +72,7 @@ impl FrameError {
     /// The wire code that reports this error to the peer.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::UnknownType(_) => ErrorCode::UNKNOWN_FRAME,
+            Self::UnknownType(_) | Self::TlsHandshake => ErrorCode::UNKNOWN_FRAME,
             Self::TooLarge { .. } => ErrorCode::FRAME_TOO_LARGE,
             _ => ErrorCode::PROTOCOL,
         }

@@ -1,5 +1,5 @@
-//! Hostile input against a running server over real TCP sockets: each attack gets a clear
-//! error on its own connection, and an honest client keeps compiling throughout (asserted,
+//! Hostile input against a running server over real TCP sockets, and again through TLS
+//! (`over_tcp_and_tls!`): each attack gets a clear error on its own connection, and an honest client keeps compiling throughout (asserted,
 //! not assumed). Timeouts are shortened to keep the suite fast; the rules are the same.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -16,43 +16,103 @@ use dcache_proto::{
 use dcache_server::exec::FakeExecutor;
 use dcache_server::store::MemoryStore;
 use dcache_server::{Service, ServiceConfig};
-use dcache_transport::{Address, TransportOptions, bind, connect, spawn_client};
+use dcache_transport::{Address, BoxedStream, TransportOptions, bind, connect, spawn_client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+#[path = "../../dcache-transport/tests/pki/mod.rs"]
+mod pki;
+
 const TIMEOUT: Duration = Duration::from_millis(800);
+
+/// What the cases run over. Each case listed in `over_tcp_and_tls!` runs over both: the
+/// same hostile bytes, sent through a TLS connection, must meet the same limits behind
+/// rustls as on plain TCP.
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Tcp,
+    Tls,
+}
+
+/// Each case runs twice, as `CASE::tcp` and `CASE::tls`.
+macro_rules! over_tcp_and_tls {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tcp() {
+                super::$case(super::Transport::Tcp).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tls() {
+                super::$case(super::Transport::Tls).await
+            }
+        }
+    )*};
+}
+
+over_tcp_and_tls!(
+    malformed_and_out_of_order_frames_cost_only_their_connection,
+    silent_and_trickling_clients_are_timed_out,
+    lying_sizes_and_finished_jobs,
+    a_client_killed_mid_upload_leaves_nothing_behind,
+    a_stalled_upload_gives_its_compile_slot_back,
+    a_lying_hash_for_a_cached_key_is_never_counted_as_a_hit,
+    a_client_half_closing_mid_upload_is_told_why,
+    bytes_saved_by_an_early_answer_are_counted_while_the_connection_lives,
+);
 
 struct Harness {
     service: Arc<Service>,
     addr: Address,
     port: u16,
+    /// What clients connect with: for TLS, trusting the harness's own CA.
+    opts: TransportOptions,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn start() -> Harness {
-    start_with(ServiceConfig {
-        protocol: ServerConfig {
-            handshake_timeout: TIMEOUT,
-            stall_timeout: TIMEOUT,
-            ..ServerConfig::default()
+impl Harness {
+    /// A fresh connection to the server, through TLS when the harness serves TLS: what
+    /// an attacker writes its bytes into.
+    async fn raw(&self) -> BoxedStream {
+        connect(&self.addr, &self.opts).await.unwrap()
+    }
+}
+
+async fn start(t: Transport) -> Harness {
+    start_with(
+        t,
+        ServiceConfig {
+            protocol: ServerConfig {
+                handshake_timeout: TIMEOUT,
+                stall_timeout: TIMEOUT,
+                ..ServerConfig::default()
+            },
+            ..ServiceConfig::default()
         },
-        ..ServiceConfig::default()
-    })
+    )
     .await
 }
 
-async fn start_with(config: ServiceConfig) -> Harness {
+async fn start_with(t: Transport, config: ServiceConfig) -> Harness {
+    let handshake_timeout = config.protocol.handshake_timeout;
     let service = Service::new(
         Arc::new(MemoryStore::new(1 << 30)),
         Arc::new(FakeExecutor::new(Duration::from_millis(1))),
         config,
     );
-    let listener = bind(
-        &"tcp://127.0.0.1:0".parse().unwrap(),
-        &TransportOptions::default(),
-    )
-    .await
-    .unwrap();
+    let (listen, opts) = match t {
+        Transport::Tcp => ("tcp://127.0.0.1:0", TransportOptions::default()),
+        Transport::Tls => {
+            let ca = pki::Pki::new("hostile test CA");
+            // The TLS opening has the protocol handshake's limit, as dcache-server sets it.
+            let server = ca.server().with_handshake_timeout(handshake_timeout);
+            let opts = TransportOptions::default()
+                .with_tls_server(server)
+                .with_tls_client(ca.client());
+            ("tls://127.0.0.1:0", opts)
+        }
+    };
+    let listener = bind(&listen.parse().unwrap(), &opts).await.unwrap();
     let addr = listener.local_addr();
     let port = addr
         .to_string()
@@ -73,6 +133,7 @@ async fn start_with(config: ServiceConfig) -> Harness {
         service,
         addr,
         port,
+        opts,
         _stop: stop,
     }
 }
@@ -86,10 +147,10 @@ struct Honest {
 }
 
 impl Honest {
-    async fn start(addr: &Address) -> Self {
+    async fn start(h: &Harness) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
-        let stream = connect(addr, &TransportOptions::default()).await.unwrap();
+        let stream = h.raw().await;
         let client = spawn_client(
             stream,
             ClientConfig {
@@ -217,7 +278,7 @@ fn source(id: u32, data: &'static [u8], fin: bool) -> Frame {
 }
 
 /// Reads what the server sends until it closes (or `limit` passes: a failure).
-async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> Vec<Frame> {
+async fn read_to_close(stream: &mut BoxedStream, limit: Duration) -> Vec<Frame> {
     let mut buf = BytesMut::new();
     let read = async {
         loop {
@@ -247,7 +308,7 @@ struct FrameReader {
 
 impl FrameReader {
     /// Reads into `got` until a frame matching `done` has arrived (10 s at most).
-    async fn until(&mut self, s: &mut TcpStream, got: &mut Vec<Frame>, done: fn(&Frame) -> bool) {
+    async fn until(&mut self, s: &mut BoxedStream, got: &mut Vec<Frame>, done: fn(&Frame) -> bool) {
         let dec = self
             .dec
             .get_or_insert_with(|| FrameDecoder::new(Limits::MAX_FRAME_PAYLOAD));
@@ -273,8 +334,8 @@ fn error_code(frames: &[Frame]) -> Option<ErrorCode> {
 /// Sends `bytes` on a fresh connection, reads until the server closes, and returns the
 /// ERROR code it sent; an honest client runs throughout.
 async fn attack(h: &Harness, bytes: Vec<u8>) -> Option<ErrorCode> {
-    let honest = Honest::start(&h.addr).await;
-    let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    let honest = Honest::start(h).await;
+    let mut s = h.raw().await;
     // The attacker is connected (and accepted) while the honest client works...
     honest.progress(3).await;
     // ...then attacks. The write may fail if the server closes first; what it sent back
@@ -285,9 +346,8 @@ async fn attack(h: &Harness, bytes: Vec<u8>) -> Option<ErrorCode> {
     error_code(&frames)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_and_out_of_order_frames_cost_only_their_connection() {
-    let h = start().await;
+async fn malformed_and_out_of_order_frames_cost_only_their_connection(t: Transport) {
+    let h = start(t).await;
     let with_hello = |rest: Vec<Frame>| {
         let mut v = vec![hello()];
         v.extend(rest);
@@ -439,8 +499,8 @@ async fn settle_to(h: &Harness, n: usize) {
 
 /// Connects, sends `prefix` at once and then `slow` one byte every 100 ms, and returns
 /// the ERROR code the server closed with and how long after the prefix that came.
-async fn trickle(port: u16, prefix: Vec<u8>, slow: Vec<u8>) -> (Option<ErrorCode>, Duration) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+async fn trickle(h: &Harness, prefix: Vec<u8>, slow: Vec<u8>) -> (Option<ErrorCode>, Duration) {
+    let mut s = h.raw().await;
     s.write_all(&prefix).await.unwrap();
     let t = Instant::now();
     for b in &slow {
@@ -453,20 +513,19 @@ async fn trickle(port: u16, prefix: Vec<u8>, slow: Vec<u8>) -> (Option<ErrorCode
     (error_code(&frames), t.elapsed())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silent_and_trickling_clients_are_timed_out() {
-    let h = start().await;
-    let honest = Honest::start(&h.addr).await;
+async fn silent_and_trickling_clients_are_timed_out(t: Transport) {
+    let h = start(t).await;
+    let honest = Honest::start(&h).await;
     let hello_bytes = encode(&[hello()]);
     // Silent: connects and sends nothing.
     // Silent: connects and sends nothing.
-    let silent = trickle(h.port, Vec::new(), Vec::new());
+    let silent = trickle(&h, Vec::new(), Vec::new());
     // One byte every 100 ms of a HELLO: bytes keep coming, the handshake never completes.
-    let trickle_hello = trickle(h.port, Vec::new(), hello_bytes);
+    let trickle_hello = trickle(&h, Vec::new(), hello_bytes);
     // A job whose SOURCE frame arrives one byte every 100 ms: each byte is input, but no
     // frame completes within the stall timeout.
     let trickle_source = trickle(
-        h.port,
+        &h,
         encode(&[hello(), job(1, None)]),
         encode(&[source(1, b"int trickled_in_slowly_over_a_long_time;", true)]),
     );
@@ -482,11 +541,10 @@ async fn silent_and_trickling_clients_are_timed_out() {
     settle(&h).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lying_sizes_and_finished_jobs() {
-    let h = start().await;
-    let honest = Honest::start(&h.addr).await;
-    let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+async fn lying_sizes_and_finished_jobs(t: Transport) {
+    let h = start(t).await;
+    let honest = Honest::start(&h).await;
+    let mut s = h.raw().await;
     // Declared 10 bytes, sent 20; declared 100, finished after 6. Each job is failed on
     // its own with LENGTH_MISMATCH; the connection lives on and answers STATS.
     s.write_all(&encode(&[
@@ -541,16 +599,26 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// Over TCP, then over TLS, one after the other: the descriptor count is the process's,
+/// so the two must not churn at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_connections_opened_and_dropped() {
-    let h = start().await;
-    let honest = Honest::start(&h.addr).await;
+    for t in [Transport::Tcp, Transport::Tls] {
+        ten_thousand_connections_opened_and_dropped_over(t).await;
+    }
+}
+
+async fn ten_thousand_connections_opened_and_dropped_over(t: Transport) {
+    let h = start(t).await;
+    let honest = Honest::start(&h).await;
     honest.progress(3).await;
     let fds_before = open_fds();
     let hello_bytes = encode(&[hello()]);
     let t = Instant::now();
     // 100 rounds of 100 concurrent connections: a third close at once, a third send half
-    // a HELLO and close, a third complete the handshake and close.
+    // a HELLO and close, a third complete the handshake and close. Plain TCP sockets on
+    // either listener: on a TLS one they are the plain peers it must tell off and let go
+    // (the ERROR that says "speaks TLS", then the close).
     for round in 0..100 {
         let mut batch = tokio::task::JoinSet::new();
         for i in 0..100usize {
@@ -592,18 +660,17 @@ async fn ten_thousand_connections_opened_and_dropped() {
         fds_after <= fds_before + 4,
         "descriptors: {fds_before} before, {fds_after} after"
     );
-    eprintln!("10,000 connections churned in {churn:?}");
+    eprintln!("10,000 connections churned in {churn:?} ({t:?})");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_killed_mid_upload_leaves_nothing_behind() {
-    let h = start().await;
-    let honest = Honest::start(&h.addr).await;
+async fn a_client_killed_mid_upload_leaves_nothing_behind(t: Transport) {
+    let h = start(t).await;
+    let honest = Honest::start(&h).await;
     let desc = gcc_c(Some(200_000));
     let full = Bytes::from(vec![b'x'; 200_000]);
     let key = CacheKey::compute(&desc, &full);
     for _ in 0..5 {
-        let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+        let mut s = h.raw().await;
         s.write_all(&hashed_upload(&desc, key, full.slice(..100_000)))
             .await
             .unwrap();
@@ -620,9 +687,7 @@ async fn a_client_killed_mid_upload_leaves_nothing_behind() {
         "each cut-off upload failed its own connection"
     );
     // The whole source, sent honestly, compiles (nothing half-received was kept or stored).
-    let stream = connect(&h.addr, &TransportOptions::default())
-        .await
-        .unwrap();
+    let stream = connect(&h.addr, &h.opts).await.unwrap();
     let c = spawn_client(stream, ClientConfig::default());
     let o = c
         .submit(desc.clone(), Some(key), full.clone())
@@ -658,14 +723,17 @@ async fn handshake_flooding_does_not_lock_out_an_authenticated_client() {
     const TOKEN: &[u8] = b"a shared token of some length";
     // Handshakes may take 30 s here: without the handshake pool and the per-address cap,
     // 2,100 silent sockets would hold every connection place for that long.
-    let h = start_with(ServiceConfig {
-        protocol: ServerConfig {
-            handshake_timeout: Duration::from_secs(30),
-            auth: Some(dcache_proto::AuthKey::from_token(TOKEN)),
-            ..ServerConfig::default()
+    let h = start_with(
+        Transport::Tcp,
+        ServiceConfig {
+            protocol: ServerConfig {
+                handshake_timeout: Duration::from_secs(30),
+                auth: Some(dcache_proto::AuthKey::from_token(TOKEN)),
+                ..ServerConfig::default()
+            },
+            ..ServiceConfig::default()
         },
-        ..ServiceConfig::default()
-    })
+    )
     .await;
     let mut silent = Vec::new();
     for _ in 0..21 {
@@ -708,20 +776,22 @@ async fn handshake_flooding_does_not_lock_out_an_authenticated_client() {
     settle(&h).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_upload_gives_its_compile_slot_back() {
+async fn a_stalled_upload_gives_its_compile_slot_back(t: Transport) {
     // One slot. A client takes it (HASH, miss, first chunk: its compile streams) and then
     // sends nothing more; another client's job must still be compiled.
-    let h = start_with(ServiceConfig {
-        compile_slots: 1,
-        min_upload_rate: 1024,
-        upload_check_interval: Duration::from_millis(500),
-        ..ServiceConfig::default()
-    })
+    let h = start_with(
+        t,
+        ServiceConfig {
+            compile_slots: 1,
+            min_upload_rate: 1024,
+            upload_check_interval: Duration::from_millis(500),
+            ..ServiceConfig::default()
+        },
+    )
     .await;
     let desc = gcc_c(Some(1 << 20));
     let full = Bytes::from(vec![b'x'; 1 << 20]);
-    let mut staller = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    let mut staller = h.raw().await;
     staller
         .write_all(&hashed_upload(
             &desc,
@@ -737,9 +807,7 @@ async fn a_stalled_upload_gives_its_compile_slot_back() {
         .await;
     // The honest job, on its own connection, waits for the only slot.
     let honest = spawn_client(
-        connect(&h.addr, &TransportOptions::default())
-            .await
-            .unwrap(),
+        connect(&h.addr, &h.opts).await.unwrap(),
         ClientConfig::default(),
     );
     let d2 = gcc_c(None);
@@ -772,17 +840,14 @@ async fn a_stalled_upload_gives_its_compile_slot_back() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lying_hash_for_a_cached_key_is_never_counted_as_a_hit() {
-    let h = start().await;
+async fn a_lying_hash_for_a_cached_key_is_never_counted_as_a_hit(t: Transport) {
+    let h = start(t).await;
     // The honest job's result is cached under its key.
     let desc = gcc_c(None);
     let honest_src = Bytes::from_static(b"int the_honest_one;\n");
     let key = CacheKey::compute(&desc, &honest_src);
     let c = spawn_client(
-        connect(&h.addr, &TransportOptions::default())
-            .await
-            .unwrap(),
+        connect(&h.addr, &h.opts).await.unwrap(),
         ClientConfig::default(),
     );
     c.submit(desc.clone(), Some(key), honest_src).await.unwrap();
@@ -793,7 +858,7 @@ async fn a_lying_hash_for_a_cached_key_is_never_counted_as_a_hit() {
     let early = counters.early_results.load(Ordering::Relaxed);
     // 40 liars: that key, another source, all in one write.
     for _ in 0..40 {
-        let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+        let mut s = h.raw().await;
         s.write_all(&encode(&[
             hello(),
             Frame::Job {
@@ -828,10 +893,9 @@ async fn a_lying_hash_for_a_cached_key_is_never_counted_as_a_hit() {
     assert_eq!(counters.hash_mismatches.load(Ordering::Relaxed), 40);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_half_closing_mid_upload_is_told_why() {
-    let h = start().await;
-    let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+async fn a_client_half_closing_mid_upload_is_told_why(t: Transport) {
+    let h = start(t).await;
+    let mut s = h.raw().await;
     s.write_all(&encode(&[
         hello(),
         job(1, None),
@@ -845,16 +909,13 @@ async fn a_client_half_closing_mid_upload_is_told_why() {
     assert_eq!(error_code(&frames), Some(ErrorCode::PROTOCOL), "{frames:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bytes_saved_by_an_early_answer_are_counted_while_the_connection_lives() {
-    let h = start().await;
+async fn bytes_saved_by_an_early_answer_are_counted_while_the_connection_lives(t: Transport) {
+    let h = start(t).await;
     let desc = gcc_c(Some(100_000));
     let full = Bytes::from(vec![b'y'; 100_000]);
     let key = CacheKey::compute(&desc, &full);
     let c = spawn_client(
-        connect(&h.addr, &TransportOptions::default())
-            .await
-            .unwrap(),
+        connect(&h.addr, &h.opts).await.unwrap(),
         ClientConfig::default(),
     );
     c.submit(desc.clone(), Some(key), full.clone())
@@ -862,7 +923,7 @@ async fn bytes_saved_by_an_early_answer_are_counted_while_the_connection_lives()
         .unwrap();
     // The same job again, by hand: HASH and the first 1,000 bytes, then wait for the
     // early answer and stop, as a client does.
-    let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    let mut s = h.raw().await;
     s.write_all(&hashed_upload(&desc, key, full.slice(..1000)))
         .await
         .unwrap();

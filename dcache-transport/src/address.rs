@@ -1,7 +1,9 @@
 //! The one address syntax used everywhere: library, command lines, configuration.
 //!
-//! `tcp://HOST:PORT` (IPv4, `[IPv6]` or a host name), `unix:///absolute/path.sock`,
-//! `mem://NAME` (an in-process listener, used by the embedded default).
+//! `tcp://HOST:PORT` (IPv4, `[IPv6]` or a host name), `tls://HOST:PORT` (the same inside
+//! TLS; the host is also the name the server's certificate must carry),
+//! `unix:///absolute/path.sock`, `mem://NAME` (an in-process listener, used by the
+//! embedded default).
 
 use std::fmt;
 use std::net::Ipv6Addr;
@@ -19,6 +21,15 @@ pub enum Address {
         /// Port; 0 when binding asks the system for one.
         port: u16,
     },
+    /// A TCP host and port, with TLS over it. A separate scheme rather than a setting, so
+    /// an address says by itself whether the bytes to it are encrypted.
+    Tls {
+        /// Host name or IP literal (IPv6 without brackets); a client checks the server's
+        /// certificate against it.
+        host: String,
+        /// Port; 0 when binding asks the system for one.
+        port: u16,
+    },
     /// A Unix domain socket path.
     Unix(PathBuf),
     /// An in-process listener name.
@@ -30,18 +41,21 @@ pub enum Address {
 #[non_exhaustive]
 pub enum AddressError {
     /// No `scheme://`.
-    #[error("{0:?} has no scheme: expected tcp://HOST:PORT, unix:///path or mem://NAME")]
+    #[error(
+        "{0:?} has no scheme: expected tcp://HOST:PORT, tls://HOST:PORT, unix:///path or \
+         mem://NAME"
+    )]
     NoScheme(String),
-    /// A scheme other than tcp, unix or mem.
-    #[error("{0:?} has an unknown scheme: expected tcp://, unix:// or mem://")]
+    /// A scheme other than tcp, tls, unix or mem.
+    #[error("{0:?} has an unknown scheme: expected tcp://, tls://, unix:// or mem://")]
     UnknownScheme(String),
-    /// `tcp://` without `:PORT`.
+    /// `tcp://` or `tls://` without `:PORT`.
     #[error("{0:?} has no port")]
     NoPort(String),
     /// A port that is not a number from 0 to 65535.
     #[error("{0:?} has an invalid port")]
     BadPort(String),
-    /// `tcp://:PORT`.
+    /// `tcp://:PORT` (or `tls://:PORT`).
     #[error("{0:?} has no host")]
     NoHost(String),
     /// A `[` without its `]`, brackets around something that is not an IPv6 address, text
@@ -69,7 +83,8 @@ impl FromStr for Address {
             .split_once("://")
             .ok_or_else(|| AddressError::NoScheme(s.into()))?;
         match scheme {
-            "tcp" => parse_tcp(s, rest),
+            "tcp" => parse_tcp(s, rest).map(|(host, port)| Self::Tcp { host, port }),
+            "tls" => parse_tcp(s, rest).map(|(host, port)| Self::Tls { host, port }),
             "unix" => {
                 if !rest.starts_with('/') {
                     return Err(AddressError::RelativeUnixPath(s.into()));
@@ -87,7 +102,8 @@ impl FromStr for Address {
     }
 }
 
-fn parse_tcp(whole: &str, rest: &str) -> Result<Address, AddressError> {
+/// The `HOST:PORT` of a `tcp://` or `tls://` address.
+fn parse_tcp(whole: &str, rest: &str) -> Result<(String, u16), AddressError> {
     let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
         let (host, after) = v6
             .split_once(']')
@@ -129,10 +145,7 @@ fn parse_tcp(whole: &str, rest: &str) -> Result<Address, AddressError> {
     let port = port
         .parse::<u16>()
         .map_err(|_| AddressError::BadPort(whole.into()))?;
-    Ok(Address::Tcp {
-        host: host.into(),
-        port,
-    })
+    Ok((host.into(), port))
 }
 
 impl fmt::Display for Address {
@@ -140,6 +153,8 @@ impl fmt::Display for Address {
         match self {
             Self::Tcp { host, port } if host.contains(':') => write!(f, "tcp://[{host}]:{port}"),
             Self::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
+            Self::Tls { host, port } if host.contains(':') => write!(f, "tls://[{host}]:{port}"),
+            Self::Tls { host, port } => write!(f, "tls://{host}:{port}"),
             Self::Unix(p) => write!(f, "unix://{}", p.display()),
             Self::Mem(n) => write!(f, "mem://{n}"),
         }
@@ -197,6 +212,20 @@ mod tests {
                 },
             ),
             (
+                "tls://build-host.example:3634",
+                Address::Tls {
+                    host: "build-host.example".into(),
+                    port: 3634,
+                },
+            ),
+            (
+                "tls://[::1]:0",
+                Address::Tls {
+                    host: "::1".into(),
+                    port: 0,
+                },
+            ),
+            (
                 "unix:///run/dcache.sock",
                 Address::Unix(PathBuf::from("/run/dcache.sock")),
             ),
@@ -219,7 +248,7 @@ mod tests {
 
     #[test]
     fn every_error_is_typed_and_quotes_the_input() {
-        let cases: [(&str, Variant); 17] = [
+        let cases: [(&str, Variant); 21] = [
             ("localhost:3633", AddressError::NoScheme),
             ("", AddressError::NoScheme),
             ("udp://x:1", AddressError::UnknownScheme),
@@ -237,6 +266,10 @@ mod tests {
             ("tcp://::1:80", AddressError::BadIpv6),
             ("tcp://a b:80", AddressError::BadHost),
             ("unix://rel/x.sock", AddressError::RelativeUnixPath),
+            ("tls://x", AddressError::NoPort),
+            ("tls://:80", AddressError::NoHost),
+            ("tls://::1:80", AddressError::BadIpv6),
+            ("TLS://x:1", AddressError::UnknownScheme),
         ];
         for (text, make) in cases {
             assert_eq!(err(text), make(text.into()), "{text}");
@@ -263,5 +296,7 @@ mod tests {
         assert!(msg("mem://").contains("empty name"));
         assert!(msg("udp://x:1").contains("unknown scheme"));
         assert!(msg("localhost:3633").contains("no scheme"));
+        assert!(msg("localhost:3633").contains("tls://HOST:PORT"));
+        assert!(msg("https://x:1").contains("tls://"));
     }
 }

@@ -46,6 +46,82 @@ pub enum TransportError {
         /// The system's error.
         source: io::Error,
     },
+    /// The TLS handshake failed; the failure names the usual mistake behind it.
+    #[error("{addr}: TLS handshake failed: {failure}")]
+    Tls {
+        /// The address.
+        addr: Address,
+        /// Why.
+        failure: TlsFailure,
+    },
+    /// A `tls://` address cannot be used with the TLS settings at hand: a listener without
+    /// a certificate, or a client whose system trust store is unusable.
+    #[error("{addr}: {reason}")]
+    TlsConfig {
+        /// The address.
+        addr: Address,
+        /// What is missing or wrong.
+        reason: String,
+    },
+}
+
+/// Why a TLS handshake failed, sorted into the mistakes people make, each with what to
+/// check. Anything else keeps the TLS library's own words.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsFailure {
+    /// The server's certificate is not issued by a CA this client trusts.
+    #[error(
+        "the server's certificate is not issued by a CA this client trusts (give the client \
+         the CA that signed it: DCACHE_TLS_CA for the dcache wrapper)"
+    )]
+    UnknownIssuer,
+    /// The server's certificate has expired.
+    #[error("the server's certificate has expired: renew it")]
+    Expired,
+    /// The server's certificate is not valid yet (or one of the two clocks is wrong).
+    #[error("the server's certificate is not valid yet: check both machines' clocks")]
+    NotYetValid,
+    /// The server's certificate does not name the host the address gives.
+    #[error(
+        "the server's certificate is not valid for {host:?}: connect with a name (or IP) \
+         the certificate lists"
+    )]
+    WrongName {
+        /// The host of the address.
+        host: String,
+    },
+    /// The address's host is not something a certificate can be checked against.
+    #[error("{host:?} is not a valid TLS server name")]
+    BadServerName {
+        /// The host of the address.
+        host: String,
+    },
+    /// The server answered in plain dcache: its listener is `tcp://`, not `tls://`.
+    #[error(
+        "the server speaks plain dcache on this port, not TLS (use tcp:// for it, or start it \
+         with a tls:// listener){}",
+        said.as_ref().map(|m| format!("; it said: {m}")).unwrap_or_default()
+    )]
+    PlainServer {
+        /// The message of the ERROR frame it sent, if it sent one.
+        said: Option<String>,
+    },
+    /// The server sent a fatal TLS alert during the handshake.
+    #[error("the server refused the handshake ({alert})")]
+    Refused {
+        /// The alert, as the TLS library names it.
+        alert: String,
+    },
+    /// The connection closed before the handshake finished, without a word.
+    #[error(
+        "the server closed the connection during the handshake (is this port a tls:// \
+         listener? does it allow this client's address?)"
+    )]
+    Closed,
+    /// Anything else, in the TLS library's words.
+    #[error("{0}")]
+    Other(String),
 }
 
 fn detail(e: &Option<io::Error>) -> String {
@@ -88,7 +164,9 @@ impl TransportError {
             | Self::InUse { addr }
             | Self::NotASocket { addr }
             | Self::Unresolved { addr }
-            | Self::Io { addr, .. } => addr,
+            | Self::Io { addr, .. }
+            | Self::Tls { addr, .. }
+            | Self::TlsConfig { addr, .. } => addr,
         }
     }
 }

@@ -1,10 +1,12 @@
 //! Binds the sans-IO `dcache-proto` state machines to tokio.
 //!
-//! - [`Address`]: one syntax everywhere — `tcp://HOST:PORT`, `unix:///path`, `mem://NAME`.
+//! - [`Address`]: one syntax everywhere — `tcp://HOST:PORT`, `tls://HOST:PORT`,
+//!   `unix:///path`, `mem://NAME`.
 //! - [`connect`] and [`bind`] (and the [`Connector`] / [`Listener`] traits): one stream
 //!   type ([`BoxedStream`]) over TCP (no Nagle, a small send buffer so an early result can
-//!   still stop an upload), Unix sockets and in-process `mem://` pipes; accepted streams
-//!   come with a [`Peer`] (the IP for TCP, for access control).
+//!   still stop an upload), TLS over it (rustls; [`TlsClient`] and [`TlsServer`] load the
+//!   certificates), Unix sockets and in-process `mem://` pipes; accepted streams come
+//!   with a [`Peer`] (the IP for TCP and TLS, for access control).
 //! - [`sim`]: a simulated link with latency, bandwidth, serialization delay and a bounded
 //!   buffer on tokio's clock, exact under paused time.
 //! - [`spawn_client`] and [`spawn_server_connection`]: the driver, one task per connection
@@ -61,6 +63,8 @@ mod options;
 pub mod sim;
 mod stream;
 mod tcp;
+mod tls;
+mod tls_config;
 pub mod token;
 mod unix;
 
@@ -69,6 +73,8 @@ pub use codec::{CodecError, FrameCodec};
 pub use driver::{
     ClientHandle, JobError, ServerCommand, ServerConnHandle, spawn_client, spawn_server_connection,
 };
-pub use error::TransportError;
+pub use error::{TlsFailure, TransportError};
 pub use options::TransportOptions;
 pub use stream::{BoxedStream, Connector, Listener, Peer, Stream, bind, connect};
+pub use tls::TLS_BUFFER;
+pub use tls_config::{TlsClient, TlsConfigError, TlsServer};

@@ -2,7 +2,7 @@
 //!
 //! Streams are boxed trait objects rather than an enum: the driver and applications are
 //! written once against [`BoxedStream`], and new kinds of stream (the simulated link, a
-//! test double, TLS one day) fit without touching a closed list of variants. The cost, one
+//! test double, TLS) fit without touching a closed list of variants. The cost, one
 //! allocation per connection and a virtual call per read or write, is nothing next to a
 //! system call.
 
@@ -34,7 +34,7 @@ pub type BoxedStream = Box<dyn Stream>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Peer {
-    /// A TCP peer's address: its IP is what access control checks.
+    /// A TCP peer's address (with or without TLS): its IP is what access control checks.
     Tcp(SocketAddr),
     /// A process on this machine, through a Unix socket.
     #[non_exhaustive]
@@ -85,7 +85,10 @@ impl fmt::Display for Peer {
 /// over every transport.
 #[async_trait::async_trait]
 pub trait Listener: Send + Sync {
-    /// The next incoming stream and who sent it. An error concerns this accept only (the
+    /// The next incoming stream and who sent it. A `tls://` stream is returned before its
+    /// handshake, which runs on its first read, write or flush under its own time limit
+    /// ([`TlsServer::with_handshake_timeout`](crate::TlsServer::with_handshake_timeout)),
+    /// so one slow peer never holds up the next accept. An error concerns this accept only (the
     /// peer gave up, or descriptors ran out); the listener stays usable, except for a
     /// `mem://` listener, which never fails.
     async fn accept(&self) -> io::Result<(BoxedStream, Peer)>;
@@ -117,6 +120,7 @@ pub async fn connect(
 ) -> Result<BoxedStream, TransportError> {
     match addr {
         Address::Tcp { host, port } => crate::tcp::connect(addr, host, *port, opts).await,
+        Address::Tls { host, port } => crate::tls::connect(addr, host, *port, opts).await,
         Address::Unix(path) => crate::unix::connect(addr, path).await,
         Address::Mem(name) => crate::mem::connect(addr, name, opts),
     }
@@ -129,6 +133,7 @@ pub async fn bind(
 ) -> Result<Box<dyn Listener>, TransportError> {
     match addr {
         Address::Tcp { host, port } => crate::tcp::bind(addr, host, *port, opts).await,
+        Address::Tls { host, port } => crate::tls::bind(addr, host, *port, opts).await,
         Address::Unix(path) => crate::unix::bind(addr, path).await,
         Address::Mem(name) => crate::mem::bind(addr, name),
     }

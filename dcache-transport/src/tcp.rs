@@ -7,7 +7,7 @@
 use std::io;
 use std::net::SocketAddr;
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::address::Address;
 use crate::error::TransportError;
@@ -38,6 +38,17 @@ pub(crate) async fn connect(
     port: u16,
     opts: &TransportOptions,
 ) -> Result<BoxedStream, TransportError> {
+    Ok(Box::new(connect_stream(addr, host, port, opts).await?))
+}
+
+/// A connected socket with the configured send buffer and no Nagle: what `tcp://` uses
+/// as it is and `tls://` wraps.
+pub(crate) async fn connect_stream(
+    addr: &Address,
+    host: &str,
+    port: u16,
+    opts: &TransportOptions,
+) -> Result<TcpStream, TransportError> {
     let resolved: Vec<_> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|e| TransportError::io(addr, e))?
@@ -54,7 +65,7 @@ pub(crate) async fn connect(
             Ok::<_, io::Error>(stream)
         };
         match attempt.await {
-            Ok(stream) => return Ok(Box::new(stream)),
+            Ok(stream) => return Ok(stream),
             Err(e) => last = Some(e),
         }
     }
@@ -89,6 +100,24 @@ pub(crate) async fn bind(
     port: u16,
     opts: &TransportOptions,
 ) -> Result<Box<dyn Listener>, TransportError> {
+    let (listener, bound) = bind_listener(addr, host, port, opts).await?;
+    Ok(Box::new(Tcp {
+        listener,
+        local: Address::Tcp {
+            host: bound.ip().to_string(),
+            port: bound.port(),
+        },
+    }))
+}
+
+/// A listening socket whose accepted sockets get the configured send buffer, and the
+/// address it really bound: what `tcp://` uses as it is and `tls://` wraps.
+pub(crate) async fn bind_listener(
+    addr: &Address,
+    host: &str,
+    port: u16,
+    opts: &TransportOptions,
+) -> Result<(TcpListener, SocketAddr), TransportError> {
     let sa = tokio::net::lookup_host((host, port))
         .await
         .map_err(|e| TransportError::bind_io(addr, e))?
@@ -108,13 +137,7 @@ pub(crate) async fn bind(
     let bound = listener
         .local_addr()
         .map_err(|e| TransportError::bind_io(addr, e))?;
-    Ok(Box::new(Tcp {
-        listener,
-        local: Address::Tcp {
-            host: bound.ip().to_string(),
-            port: bound.port(),
-        },
-    }))
+    Ok((listener, bound))
 }
 
 #[cfg(all(test, target_os = "linux"))]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use dcache_proto::{AuthKey, Strategy};
 use dcache_transport::token::{TokenError, read_token_file, token_key};
-use dcache_transport::{Address, AddressError};
+use dcache_transport::{Address, AddressError, TlsClient, TlsConfigError};
 
 use crate::ClientOptions;
 
@@ -50,6 +50,11 @@ pub struct Config {
     /// `DCACHE_LOG`: the log filter (default `warn`), checked when read so that a typo is
     /// an error rather than silence.
     pub log: String,
+    /// `DCACHE_TLS_CA` (trusted instead of the system roots), `DCACHE_TLS_CERT` and
+    /// `DCACHE_TLS_KEY` (a client certificate, for servers started with
+    /// `--tls-client-ca`), loaded: what `tls://` hosts are checked with. `None`: the
+    /// system roots, no client certificate.
+    pub tls: Option<TlsClient>,
 }
 
 /// Why the environment does not make a [`Config`]; the message names the variable.
@@ -96,6 +101,13 @@ pub enum ConfigError {
     /// markers, so a relative one would match nothing or the wrong place.
     #[error("DCACHE_BASEDIR: {0} is not an absolute path")]
     BaseDirNotAbsolute(String),
+    /// A file `DCACHE_TLS_CA`, `DCACHE_TLS_CERT` or `DCACHE_TLS_KEY` names cannot be read
+    /// or used.
+    #[error("DCACHE_TLS_CA/DCACHE_TLS_CERT/DCACHE_TLS_KEY: {0}")]
+    Tls(#[source] TlsConfigError),
+    /// Only one of `DCACHE_TLS_CERT` and `DCACHE_TLS_KEY` is set.
+    #[error("DCACHE_TLS_CERT and DCACHE_TLS_KEY go together: set both (PEM files) or neither")]
+    TlsHalfIdentity,
 }
 
 /// Why a `DCACHE_LOG` value is not a log filter (see [`check_log_filter`]).
@@ -140,6 +152,7 @@ impl Config {
             connect_timeout: None,
             host_errors: Vec::new(),
             log: DEFAULT_LOG.to_owned(),
+            tls: None,
         }
     }
 
@@ -222,6 +235,11 @@ impl Config {
             }
             None => DEFAULT_LOG.to_owned(),
         };
+        let tls = tls_client(
+            var("DCACHE_TLS_CA"),
+            var("DCACHE_TLS_CERT"),
+            var("DCACHE_TLS_KEY"),
+        )?;
         Ok(Self {
             hosts,
             strategy,
@@ -235,13 +253,19 @@ impl Config {
             connect_timeout,
             host_errors,
             log,
+            tls,
         })
     }
 
     /// Client options for the configured servers.
     pub fn client_options(&self) -> ClientOptions {
         let defaults = ClientOptions::new(self.hosts.clone());
+        let transport = match &self.tls {
+            Some(tls) => defaults.transport.clone().with_tls_client(tls.clone()),
+            None => defaults.transport.clone(),
+        };
         ClientOptions {
+            transport,
             strategy: self.strategy,
             auth: self.token.clone(),
             progress_timeout: self.timeout.unwrap_or(defaults.progress_timeout),
@@ -287,6 +311,26 @@ pub fn check_log_filter(filter: &str) -> Result<(), LogFilterError> {
     Ok(())
 }
 
+/// The TLS settings the `DCACHE_TLS_*` variables name, loaded now so a bad file is
+/// reported at start-up rather than as a failing server; `None` when none is set.
+fn tls_client(
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+) -> Result<Option<TlsClient>, ConfigError> {
+    let identity = match (&cert, &key) {
+        (Some(c), Some(k)) => Some((Path::new(c), Path::new(k))),
+        (None, None) => None,
+        _ => return Err(ConfigError::TlsHalfIdentity),
+    };
+    if ca.is_none() && identity.is_none() {
+        return Ok(None);
+    }
+    TlsClient::new(ca.as_deref().map(Path::new), identity)
+        .map(Some)
+        .map_err(ConfigError::Tls)
+}
+
 /// The help text of `dcache`: usage and every variable [`Config::from_env`] reads.
 pub const HELP: &str = "\
 dcache: distributed compilation with a server-side result cache
@@ -312,7 +356,7 @@ one-line warning.
 
 environment:
   DCACHE_HOSTS       servers, separated by spaces or commas: tcp://HOST:PORT,
-                     unix:///path. Unset: an embedded server with a local disk cache,
+                     tls://HOST:PORT, unix:///path. Unset: an embedded server with a local disk cache,
                      so dcache works as a local compiler cache out of the box.
                      An entry that is not an address is skipped with a warning.
   DCACHE_STRATEGY    speculative (default), ask-first or send-all
@@ -333,6 +377,10 @@ environment:
                      headers are unchanged since last time skips the preprocessor)
   DCACHE_TOKEN       shared token for servers started with --token-file; proved by
                      challenge-response, never sent (DCACHE_TOKEN_FILE: read it from a file)
+  DCACHE_TLS_CA      PEM file of the CA that signed the servers' certificates, trusted for
+                     tls:// hosts instead of the system's CAs
+  DCACHE_TLS_CERT    PEM certificate (and DCACHE_TLS_KEY its key) this client presents
+                     to servers started with --tls-client-ca
   DCACHE_LOG         log level: off, error, warn (default), info, debug (each
                      job's route), trace; or TARGET=LEVEL, comma-separated
 ";
@@ -481,5 +529,30 @@ mod tests {
         assert!(
             err(&[("DCACHE_TOKEN", "hunter2")]).starts_with("DCACHE_TOKEN: the token has 7 bytes")
         );
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_start_and_named() {
+        let err = |pairs: &[(&str, &str)]| Config::from_vars(vars(pairs)).unwrap_err();
+        assert!(matches!(
+            err(&[("DCACHE_TLS_CERT", "/c.pem")]),
+            ConfigError::TlsHalfIdentity
+        ));
+        assert!(matches!(
+            err(&[("DCACHE_TLS_KEY", "/k.pem")]),
+            ConfigError::TlsHalfIdentity
+        ));
+        let e = err(&[("DCACHE_TLS_CA", "/nonexistent/ca.pem")]).to_string();
+        assert!(e.starts_with("DCACHE_TLS_CA"), "{e}");
+        assert!(
+            e.contains("cannot read the CA file /nonexistent/ca.pem"),
+            "{e}"
+        );
+        let c = Config::from_vars(vars(&[("DCACHE_HOSTS", "tls://a:1")])).unwrap();
+        assert!(
+            c.tls.is_none(),
+            "no variable: the system roots, loaded on first use"
+        );
+        assert_eq!(c.client_options().transport.tls_client, None);
     }
 }

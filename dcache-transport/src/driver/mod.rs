@@ -9,12 +9,13 @@
 //! 3. transmit: bytes are taken from `poll_transmit` only when the previous write
 //!    finished, so at most one write buffer is held and nothing is committed to the
 //!    socket before it has room (an early result can still stop an upload that the socket
-//!    has not taken);
+//!    has not taken); once nothing more is queued the stream is flushed, since a TLS
+//!    stream may hold records a write accepted;
 //! 4. wait for whichever comes first: a command, the socket accepting bytes, bytes to read
 //!    (only while the machine `wants_input`), or the machine's timer.
 //!
-//! Every `await` in the select is cancel-safe (`read_buf`, `write`, channel receive,
-//! the pinned timer), so no byte is lost when another branch wins.
+//! Every `await` in the select is cancel-safe (`read_buf`, `write`, `flush`, channel
+//! receive, the pinned timer), so no byte is lost when another branch wins.
 
 mod client;
 mod server;
@@ -76,6 +77,10 @@ where
     let mut carry = None;
     let mut read_done = false;
     let mut owner_open = true;
+    // Bytes a write accepted may still sit in the stream's own buffer (TLS keeps the
+    // records it made until the socket takes them); they are flushed once nothing more is
+    // queued, or the peer would wait for them forever.
+    let mut unflushed = false;
     // One timer for the connection's life, moved only when the machine's deadline moves:
     // a client with jobs open always has one, and re-registering it on every turn would
     // cost a timer-wheel insertion per frame.
@@ -118,20 +123,32 @@ where
                     owner.on_owner_gone(&mut machine);
                 }
             },
-            res = writer.write(&pending), if !pending.is_empty() => match res {
-                Ok(n) if n > 0 => {
+            res = write_or_flush(&mut writer, &pending), if !pending.is_empty() || unflushed => match res {
+                Ok(Some(n)) if n > 0 => {
                     let _ = pending.split_to(n);
+                    unflushed = true;
                 }
-                _ => {
+                Ok(None) => unflushed = false,
+                other => {
                     // The peer is gone: nothing more can be written, so nothing more is
                     // worth reading. End the machine and discard what it still queues.
+                    let reason = match other {
+                        Err(e) if explains_itself(&e) => format!("transport failed: {e}"),
+                        _ => "transport failed".to_owned(),
+                    };
                     pending = Bytes::new();
                     read_done = true;
-                    machine.close(ErrorCode::INTERNAL, "transport failed");
+                    machine.close(ErrorCode::INTERNAL, &reason);
                     drain_to_closed(&mut machine);
                 }
             },
             res = reader.read_buf(&mut rbuf), if can_read => match res {
+                Err(e) if explains_itself(&e) => {
+                    // A TLS peer that refused us, or bytes that are not TLS: the reason is
+                    // what the user needs, so the connection ends with it.
+                    read_done = true;
+                    machine.close(ErrorCode::INTERNAL, &format!("transport failed: {e}"));
+                }
                 Ok(0) | Err(_) => {
                     read_done = true;
                     machine.handle_eof(now());
@@ -157,6 +174,31 @@ where
             }
         }
     }
+}
+
+/// Writes `pending`, or flushes the stream when nothing is pending (`None`): one branch
+/// of the driver's select, since both need the writer. Cancel-safe, as `write` and
+/// `flush` are.
+async fn write_or_flush<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    pending: &[u8],
+) -> std::io::Result<Option<usize>> {
+    if pending.is_empty() {
+        writer.flush().await.map(|()| None)
+    } else {
+        writer.write(pending).await.map(Some)
+    }
+}
+
+/// Whether a read error says more than "the peer went away": a TLS stream reports a
+/// certificate refusal as `PermissionDenied` and a broken or non-TLS byte stream as
+/// `InvalidData`. Resets and the like mean only that the peer is gone, the same as the end
+/// of the stream.
+fn explains_itself(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidData
+    )
 }
 
 /// Takes the next write: pieces gathered in order, or one piece of `COALESCE` bytes or

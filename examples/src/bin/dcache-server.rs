@@ -20,7 +20,7 @@ use dcache_server::store::{
     DiskStore, MemoryStore, SealKey, SharedTieredStore, Store, TieredStore,
 };
 use dcache_server::{Service, ServiceConfig};
-use dcache_transport::{Address, TransportOptions, bind};
+use dcache_transport::{Address, TlsServer, TransportOptions, bind};
 
 /// dcache-server: the dcache compile server. Answers cache hits at once, compiles misses
 /// with the allowed compilers, keeps results in memory over a disk cache.
@@ -29,8 +29,9 @@ use dcache_transport::{Address, TransportOptions, bind};
 // whose name and description clap would otherwise print for --help and --version.
 #[command(name = "dcache-server", version, long_about = None)]
 struct Args {
-    /// Address to listen on: tcp://HOST:PORT or unix:///path. Repeat for several.
-    /// Loopback only unless told otherwise.
+    /// Address to listen on: tcp://HOST:PORT, tls://HOST:PORT (with --tls-cert and
+    /// --tls-key) or unix:///path. Repeat for several. Loopback only unless told
+    /// otherwise.
     #[arg(long = "listen", default_value = "tcp://127.0.0.1:3633")]
     listen: Vec<Address>,
     /// Address to serve stock distcc clients on (DISTCC_HOSTS=HOST:PORT, or HOST:PORT,lzo):
@@ -78,6 +79,17 @@ struct Args {
     /// the wire.
     #[arg(long, value_name = "PATH")]
     token_file: Option<std::path::PathBuf>,
+    /// PEM file with this server's certificate (then any intermediates), for tls://
+    /// listeners. Clients check it against the host name they connect to.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM file with the private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// PEM file of the CA whose client certificates tls:// listeners require (mutual
+    /// TLS): a client without a certificate it issued completes no handshake.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
     /// Print which sandbox protections this kernel enforces for compiles, and exit
     /// (status 0 when all that a server beyond loopback requires are active).
     #[arg(long)]
@@ -301,11 +313,18 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
             }
         }
     }
+    let transport = match tls_options(&args) {
+        Ok(t) => t,
+        Err(message) => {
+            eprintln!("dcache-server: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
     let service = Service::new(store, Arc::new(executor.clone()), config);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
     for addr in &args.listen {
-        let listener = match bind(addr, &TransportOptions::default()).await {
+        let listener = match bind(addr, &transport).await {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("dcache-server: cannot listen on {addr}: {e}");
@@ -383,6 +402,26 @@ fn shared_tier(args: &Args, url: &str) -> Result<Arc<dyn Store>, String> {
         SealKey::for_shared_tier(&secret),
         config,
     )))
+}
+
+/// The transport options with the certificate `--tls-cert` and `--tls-key` name, loaded
+/// once. A certificate without any tls:// listener is refused: a server started with one
+/// is meant to encrypt, and serving plain TCP instead would hide the mistake.
+fn tls_options(args: &Args) -> Result<TransportOptions, String> {
+    let wants_tls = args.listen.iter().any(|a| matches!(a, Address::Tls { .. }));
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        // A tls:// listener without them fails to bind, with the flags to add.
+        return Ok(TransportOptions::default());
+    };
+    if !wants_tls {
+        return Err("--tls-cert is given but no --listen address is tls://HOST:PORT".into());
+    }
+    let tls = TlsServer::new(cert, key, args.tls_client_ca.as_deref())
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_handshake_timeout(std::time::Duration::from_secs(
+            args.handshake_timeout.max(1),
+        ));
+    Ok(TransportOptions::default().with_tls_server(tls))
 }
 
 async fn wait_for_signal() {

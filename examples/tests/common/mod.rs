@@ -15,7 +15,7 @@ pub const SERVER: &str = env!("CARGO_BIN_EXE_dcache-server");
 /// A server process, killed when dropped.
 pub struct Server {
     pub child: Child,
-    /// The address it bound, as `tcp://127.0.0.1:PORT`.
+    /// The address it bound, as `tcp://127.0.0.1:PORT` (or `tls://...`).
     pub addr: String,
     /// What it logged after it started listening.
     log: Arc<Mutex<String>>,
@@ -55,17 +55,17 @@ pub fn server() -> Server {
 /// A server on `cache` (which outlives it, so a restart finds the same cache), with extra
 /// arguments and environment.
 pub fn server_on(cache: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
+    server_at("tcp://127.0.0.1:0", cache, extra, envs)
+}
+
+/// A server listening on `listen` (e.g. `tls://127.0.0.1:0`, with the certificate flags
+/// in `extra`), on `cache`.
+pub fn server_at(listen: &str, cache: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
     let mut cmd = Command::new(SERVER);
-    cmd.args([
-        "--listen",
-        "tcp://127.0.0.1:0",
-        "--cache-size",
-        "1G",
-        "--cache-dir",
-    ])
-    .arg(cache)
-    .args(extra)
-    .stderr(Stdio::piped());
+    cmd.args(["--listen", listen, "--cache-size", "1G", "--cache-dir"])
+        .arg(cache)
+        .args(extra)
+        .stderr(Stdio::piped());
     for (k, v) in envs {
         cmd.env(k, v);
     }
