@@ -22,6 +22,7 @@ fn desc(compiler: &str, args: &[&str]) -> JobDesc {
         language: "cpp-output".into(),
         args: args.iter().map(|s| s.to_string()).collect(),
         source_len: None,
+        identity: None,
     }
 }
 

@@ -69,6 +69,7 @@ fn desc(compiler: &str, args: &[&str], len: Option<usize>) -> JobDesc {
         language: "cpp-output".into(),
         args: args.iter().map(|s| s.to_string()).collect(),
         source_len: len.map(|l| l as u64),
+        identity: None,
     }
 }
 

@@ -74,6 +74,7 @@ async fn build_one(
         language: plan.language.preprocessed().into(),
         args: plan.compile_args.clone(),
         source_len: Some(pre.source.len() as u64),
+        identity: None,
     };
     let outcome = client.compile(desc, Bytes::from(pre.source)).await?;
     let result = &outcome.job.result;

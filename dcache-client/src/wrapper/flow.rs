@@ -99,6 +99,7 @@ async fn compile(
         language: plan.language.preprocessed().into(),
         args: compile_args,
         source_len: None,
+        identity: None,
     };
     let direct = if config.direct {
         direct_key(config, compiler, args, &desc.args, plan)
