@@ -112,10 +112,16 @@ impl IdentityDigest {
     /// Adds one program: its role (`driver`, `cc1`, `as`, …, so a file cannot stand in for
     /// another) and its bytes.
     pub fn add_file(&mut self, role: &str, bytes: &[u8]) {
+        self.add_file_digest(role, bytes.len() as u64, blake3::hash(bytes).as_bytes());
+    }
+
+    /// [`add_file`](Self::add_file) for a file hashed elsewhere (streamed, so a 35 MB
+    /// `cc1` is never held whole): its length and its plain blake3 hash.
+    pub fn add_file_digest(&mut self, role: &str, len: u64, hash: &[u8; 32]) {
         self.hasher.update(&(role.len() as u64).to_be_bytes());
         self.hasher.update(role.as_bytes());
-        self.hasher.update(&(bytes.len() as u64).to_be_bytes());
-        self.hasher.update(blake3::hash(bytes).as_bytes());
+        self.hasher.update(&len.to_be_bytes());
+        self.hasher.update(hash);
     }
 
     /// The digest of the programs added.

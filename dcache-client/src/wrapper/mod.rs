@@ -13,7 +13,8 @@
 //!   client's side whatever the back end.
 //!
 //! With the `embedded` feature, the product itself: `Backend` (configured servers or the
-//! in-process server over `mem://`) and `run`, the whole compile flow `dcache` runs. The
+//! in-process server over `mem://`), `identity` (the compiler identity every job carries,
+//! computed by the server library's code) and `run`, the whole compile flow `dcache` runs. The
 //! feature is for the embedded back end alone: direct mode needs nothing from the server.
 
 pub mod args;
@@ -24,6 +25,8 @@ pub mod config;
 pub mod direct;
 #[cfg(feature = "embedded")]
 pub mod flow;
+#[cfg(feature = "embedded")]
+pub mod identity;
 pub mod local;
 pub mod manifests;
 pub mod response;
