@@ -375,7 +375,10 @@ async fn refused_jobs_get_clear_errors_and_run_nothing() {
         (job(&ex, "cc", &["-specs=/tmp/evil"]), "-specs=/tmp/evil"),
         (job(&ex, "cc", &["@/etc/args"]), "@/etc/args"),
         (job(&ex, "cc", &["-o", "/etc/passwd"]), "-o"),
-        (job(&ex, "cc", &["-DX=1\n-fplugin=/tmp/evil.so"]), "line break"),
+        (
+            job(&ex, "cc", &["-DX=1\n-fplugin=/tmp/evil.so"]),
+            "line break",
+        ),
         (job(&ex, "cc", &["-DX=\0"]), "NUL"),
         (
             JobDesc {

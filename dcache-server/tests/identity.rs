@@ -131,7 +131,10 @@ async fn a_job_runs_only_on_the_compiler_of_its_identity() {
         let local = local_object(program);
         assert!(r.outputs[0].data == local, "{program}: not its own object");
         if program != "/usr/bin/gcc" {
-            assert!(local != gcc_obj, "{program} must differ from gcc for this test");
+            assert!(
+                local != gcc_obj,
+                "{program} must differ from gcc for this test"
+            );
         }
         // Its own store binding: never the same entry as another compiler's.
         let bound = ex.check(&job("gcc", &id)).unwrap();
@@ -141,10 +144,7 @@ async fn a_job_runs_only_on_the_compiler_of_its_identity() {
     let (_dir, script) = wrapper_script();
     let fake = probe(&script, PATH).unwrap();
     let e = run(&ex, job("gcc", &fake)).await.unwrap_err();
-    assert!(
-        matches!(e, ExecError::NoMatchingCompiler { .. }),
-        "{e:?}"
-    );
+    assert!(matches!(e, ExecError::NoMatchingCompiler { .. }), "{e:?}");
     assert_eq!(e.error_code(), dcache_proto::ErrorCode::COMPILER_MISMATCH);
     let message = e.to_string();
     let real = id_of("/usr/bin/gcc");

@@ -25,12 +25,7 @@ fn sandbox() -> Sandbox {
 }
 
 fn executor(sandboxed: bool, limits: ExecLimits) -> LocalExecutor {
-    executor_with(
-        sandboxed,
-        limits,
-        SYSTEM_PATH,
-        Vec::new(),
-    )
+    executor_with(sandboxed, limits, SYSTEM_PATH, Vec::new())
 }
 
 fn executor_with(
@@ -426,9 +421,7 @@ async fn a_stderr_flood_is_cut_with_a_note() {
 
 /// A sandboxed service on loopback whose `cc` is [`forking_compiler`] (never finishing)
 /// and whose `gcc` is the real one, and a `-c` job for that `cc`.
-async fn forking_service(
-    marker: &str,
-) -> (tempfile::TempDir, dcache_transport::Address, JobDesc) {
+async fn forking_service(marker: &str) -> (tempfile::TempDir, dcache_transport::Address, JobDesc) {
     use dcache_server::store::MemoryStore;
     use dcache_server::{Service, ServiceConfig};
     use dcache_transport::{TransportOptions, bind};

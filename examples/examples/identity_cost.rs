@@ -16,7 +16,9 @@ fn main() {
     if names.is_empty() {
         names = ["gcc", "gcc-11", "clang"].map(String::from).to_vec();
     }
-    println!("| compiler | one run (-dumpmachine) | -v | hash driver + cc1 + cc1plus | whole probe (cold) | remembered probe (warm) |");
+    println!(
+        "| compiler | one run (-dumpmachine) | -v | hash driver + cc1 + cc1plus | whole probe (cold) | remembered probe (warm) |"
+    );
     println!("| --- | --- | --- | --- | --- | --- |");
     for name in names {
         let Some(path) = PATH

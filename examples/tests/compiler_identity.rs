@@ -92,7 +92,10 @@ fn each_compiler_gets_its_own_objects_and_entries() {
     }
     for (i, a) in objects.iter().enumerate() {
         for b in &objects[i + 1..] {
-            assert!(a != b, "two compilers made one object: the test proves nothing");
+            assert!(
+                a != b,
+                "two compilers made one object: the test proves nothing"
+            );
         }
     }
 }
@@ -144,7 +147,10 @@ fn a_gcc_wrapper_script_on_the_path_is_not_served_the_servers_gcc() {
     assert!(err.contains("no compiler here matches"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     let got = std::fs::read(dir.path().join("u.o")).unwrap();
-    assert!(got == plain(dir.path(), "gcc", &path), "not the script's object");
+    assert!(
+        got == plain(dir.path(), "gcc", &path),
+        "not the script's object"
+    );
     assert!(
         got != std::fs::read(dir.path().join("real.o")).unwrap(),
         "-O3 must change the object for this test to mean anything"

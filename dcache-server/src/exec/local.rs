@@ -258,9 +258,7 @@ impl Executor for LocalExecutor {
 
     fn compile(&self, desc: JobDesc, source: mpsc::UnboundedReceiver<Bytes>) -> CompileFuture {
         // The very compiler `check` names: selected again by the job's identity.
-        let checked = self
-            .check(&desc)
-            .and_then(|_| self.select(&desc).cloned());
+        let checked = self.check(&desc).and_then(|_| self.select(&desc).cloned());
         let config = self.config.clone();
         Box::pin(async move {
             let compiler = checked?;

@@ -59,7 +59,9 @@ pub enum ExecError {
     NoIdentity,
     /// No compiler offered here has the identity the job names: running one of them would
     /// give another compiler's object.
-    #[error("no compiler here matches the client's {requested:?}, {wanted}; this server offers {offered}")]
+    #[error(
+        "no compiler here matches the client's {requested:?}, {wanted}; this server offers {offered}"
+    )]
     NoMatchingCompiler {
         /// The compiler name the client asked for.
         requested: String,
