@@ -8,10 +8,11 @@
 //! `/usr/bin/cc` and `/usr/bin/x86_64-linux-gnu-gcc-12` have one identity, and a shell
 //! script named `gcc` has its own.
 //!
-//! Cost (measured with `cargo run -p examples --example identity_cost`, docs/BENCHMARKS.md):
-//! the five compiler runs cost a few milliseconds for gcc and tens for clang, hashing
-//! `cc1` and `cc1plus` (70 MB) tens more. [`probe_cached`] remembers the result in a
-//! directory, keyed by the driver's path, size, inode and times and by `PATH`, and checks
+//! Cost (`cargo run --profile test -p dcache-examples --example identity_cost`, figures in
+//! docs/BENCHMARKS.md): the compiler runs cost milliseconds for gcc and tens to hundreds
+//! for clang, hashing gcc's `cc1` and `cc1plus` (66 MB) hundreds more on a loaded machine.
+//! [`probe_cached`] remembers the result in a directory, keyed by the driver's path, size,
+//! inode and times and by `PATH`, and checks
 //! the other programs' metadata on every use, so a warm compile pays a few `stat` calls.
 
 use std::io::Read;
@@ -191,7 +192,7 @@ fn signature(path: &Path) -> Option<[u64; 7]> {
 }
 
 /// [`probe`], remembered in `dir`. The entry's name derives from the compiler's path, its
-/// [`signature`] and `search_path`; the entry lists every file the digest covers with
+/// metadata (size, inode, device, modification and change times) and `search_path`; the entry lists every file the digest covers with
 /// its signature, and is used only while all of them still match. Best effort: an
 /// unreadable or unwritable directory just probes.
 pub fn probe_cached(
@@ -281,7 +282,7 @@ mod tests {
         let prog = dir.path().join("prog");
         std::fs::write(&prog, b"one").unwrap();
         let id = CompilerIdentity::new("v 1", "t", [9; 32]);
-        let text = format_entry(&id, &[prog.clone()]).unwrap();
+        let text = format_entry(&id, std::slice::from_ref(&prog)).unwrap();
         assert_eq!(parse_entry(&text), Some(id));
         std::fs::write(&prog, b"other bytes").unwrap();
         assert_eq!(parse_entry(&text), None);
