@@ -192,9 +192,9 @@ fn signature(path: &Path) -> Option<[u64; 7]> {
 }
 
 /// [`probe`], remembered in `dir`. The entry's name derives from the compiler's path, its
-/// metadata (size, inode, device, modification and change times) and `search_path`; the entry lists every file the digest covers with
-/// its signature, and is used only while all of them still match. Best effort: an
-/// unreadable or unwritable directory just probes.
+/// metadata (size, inode, device, modification and change times) and `search_path`; the
+/// entry lists every file the digest covers with its metadata, and is used only while all
+/// of them still match. Best effort: an unreadable or unwritable directory just probes.
 pub fn probe_cached(
     dir: &Path,
     compiler: &Path,
