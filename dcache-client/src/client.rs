@@ -82,7 +82,8 @@ pub enum ClientError {
     /// Every server is down or was skipped after a recent failure.
     #[error("no server reachable: {}", describe(.0))]
     Unreachable(Vec<(Address, String)>),
-    /// A server refused the job (compiler or option not allowed there); another server
+    /// A server refused the job (compiler or option not allowed there, or no compiler
+    /// there has the job's identity and no other server had one either); another server
     /// with the same configuration would refuse it too.
     #[error("{host} refused the job: {message}")]
     Refused {
@@ -102,6 +103,15 @@ pub enum ClientError {
         /// Its explanation.
         message: String,
     },
+}
+
+/// Why no server gave a result: a server that lacked the client's compiler (its message
+/// names both compilers, and compiling locally is the answer), else every failure.
+fn no_server(mismatch: Option<(Address, String)>, failures: Vec<(Address, String)>) -> ClientError {
+    match mismatch {
+        Some((host, message)) => ClientError::Refused { host, message },
+        None => ClientError::Unreachable(failures),
+    }
 }
 
 fn describe(failures: &[(Address, String)]) -> String {
@@ -157,6 +167,7 @@ impl Client {
         source: Bytes,
     ) -> Result<Outcome, ClientError> {
         let mut failures = Vec::new();
+        let mut mismatch = None;
         // Each host is tried at most once per job: the list is finite, so this loop ends.
         for i in self.candidates(&key, &mut failures)? {
             let host = self.options.hosts[i].clone();
@@ -178,6 +189,8 @@ impl Client {
                 }
                 Err(JobError::Failed { code, message }) => match code {
                     ErrorCode::REFUSED => return Err(ClientError::Refused { host, message }),
+                    // This server lacks the client's compiler; another may have it.
+                    ErrorCode::COMPILER_MISMATCH => mismatch = Some((host, message)),
                     ErrorCode::HASH_MISMATCH | ErrorCode::LENGTH_MISMATCH => {
                         return Err(ClientError::Failed {
                             host,
@@ -192,7 +205,7 @@ impl Client {
                 Err(e) => self.connection_failed(i, &e, &mut failures),
             }
         }
-        Err(ClientError::Unreachable(failures))
+        Err(no_server(mismatch, failures))
     }
 
     /// Asks the server that owns `key` (by rendezvous hashing, like [`compile`]) for a
@@ -207,6 +220,7 @@ impl Client {
         key: CacheKey,
     ) -> Result<Option<Outcome>, ClientError> {
         let mut failures = Vec::new();
+        let mut mismatch = None;
         // Each host is tried at most once per job: the list is finite, so this loop ends.
         for i in self.candidates(&key, &mut failures)? {
             let host = self.options.hosts[i].clone();
@@ -226,13 +240,16 @@ impl Client {
                 Err(JobError::Failed { code, message }) if code == ErrorCode::REFUSED => {
                     return Err(ClientError::Refused { host, message });
                 }
+                Err(JobError::Failed { code, message }) if code == ErrorCode::COMPILER_MISMATCH => {
+                    mismatch = Some((host, message));
+                }
                 // The job, not the connection, failed (overloaded, shutting down, not
                 // encodable): a miss, and the compile that follows tries as usual.
                 Err(JobError::Failed { .. } | JobError::Rejected(_)) => return Ok(None),
                 Err(e) => self.connection_failed(i, &e, &mut failures),
             }
         }
-        Err(ClientError::Unreachable(failures))
+        Err(no_server(mismatch, failures))
     }
 
     /// Compiles one job whose source arrives as a stream of chunks (the sender's end of
@@ -269,7 +286,10 @@ impl Client {
                         elapsed: start.elapsed(),
                     })
                 }
-                Err(JobError::Failed { code, message }) if code == ErrorCode::REFUSED => {
+                // The source is consumed: no other server can be tried.
+                Err(JobError::Failed { code, message })
+                    if code == ErrorCode::REFUSED || code == ErrorCode::COMPILER_MISMATCH =>
+                {
                     Err(ClientError::Refused { host, message })
                 }
                 Err(JobError::Failed { code, message }) => Err(ClientError::Failed {

@@ -27,6 +27,7 @@ async fn each_strategy_is_applied_by_the_connection_and_the_outcome_names_its_ke
             language: "cpp-output".into(),
             args: vec!["-c".into()],
             source_len: None,
+            identity: None,
         };
         let source = Bytes::from(format!("int strategy_{i};\n").repeat(100));
         let key = CacheKey::compute(&desc, &source);

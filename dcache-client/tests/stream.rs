@@ -33,6 +33,7 @@ async fn a_streamed_source_compiles_and_a_second_stream_is_answered_from_the_cac
         language: "cpp-output".into(),
         args: vec!["-O2".into(), "-c".into()],
         source_len: None,
+        identity: None,
     };
     let chunks: Vec<Bytes> = (0..20)
         .map(|i| Bytes::from(format!("int part_{i} = {i};\n").repeat(500)))
@@ -66,6 +67,7 @@ async fn an_empty_stream_is_an_empty_source() {
         language: "cpp-output".into(),
         args: vec!["-c".into()],
         source_len: None,
+        identity: None,
     };
     let o = client
         .compile_stream(desc.clone(), producer(vec![]))

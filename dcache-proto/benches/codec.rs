@@ -68,6 +68,7 @@ fn key_hashing(c: &mut Criterion) {
         language: "cpp-output".into(),
         args: vec!["-O2".into(), "-g".into()],
         source_len: None,
+        identity: None,
     };
     let source = vec![0xA5u8; 2 * MIB];
     let mut g = c.benchmark_group("cache_key_2MiB");

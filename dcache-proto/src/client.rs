@@ -16,7 +16,7 @@ use crate::handshake::{check_peer_limits, clamp_own_limits, negotiate};
 use crate::job::{JobDesc, JobResult, OutputFile};
 use crate::key::CacheKey;
 use crate::outbox::Segments;
-use crate::{VERSION_MAX, VERSION_MIN};
+use crate::{CLIENT_VERSION_MIN, VERSION_MAX};
 
 /// How a client uses HASH. All three run on the same code so they can be compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -331,7 +331,7 @@ impl ClientConnection {
             _ => (0, Bytes::new()),
         };
         let hello = Frame::Hello(Hello {
-            min_version: VERSION_MIN,
+            min_version: CLIENT_VERSION_MIN,
             max_version: VERSION_MAX,
             limits: config.limits,
             features,
@@ -571,7 +571,7 @@ impl ClientConnection {
                 if !matches!(self.state, State::Handshaking { .. }) {
                     return Err(unexpected("second HELLO".into()));
                 }
-                let version = negotiate(VERSION_MIN, VERSION_MAX, &hello)?;
+                let version = negotiate(CLIENT_VERSION_MIN, VERSION_MAX, &hello)?;
                 check_peer_limits(&hello.limits)?;
                 self.core.set_peer(hello.limits);
                 self.authenticate(&hello)?;

@@ -50,6 +50,10 @@ impl ErrorCode {
     pub const SHUTTING_DOWN: Self = Self(0x0106);
     /// The source length differs from the length the JOB declared.
     pub const LENGTH_MISMATCH: Self = Self(0x0107);
+    /// No compiler the server offers has the identity the JOB names (protocol version 2):
+    /// another server may have it; otherwise the client compiles locally. The message
+    /// names the client's compiler and the server's.
+    pub const COMPILER_MISMATCH: Self = Self(0x0108);
 
     /// The protocol name of the code, for logs and errors.
     pub fn name(self) -> &'static str {
@@ -72,6 +76,7 @@ impl ErrorCode {
             Self::COMPILE_FAILED => "COMPILE_FAILED",
             Self::SHUTTING_DOWN => "SHUTTING_DOWN",
             Self::LENGTH_MISMATCH => "LENGTH_MISMATCH",
+            Self::COMPILER_MISMATCH => "COMPILER_MISMATCH",
             _ => "UNKNOWN",
         }
     }

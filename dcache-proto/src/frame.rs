@@ -12,6 +12,7 @@ use crate::error_code::ErrorCode;
 use crate::fields::{Reader, check_str16, put_str16};
 use crate::frame_type::{Flags, FrameType};
 use crate::header::{FrameHeader, HEADER_LEN};
+use crate::identity::{CompilerIdentity, MAX_IDENTITY_FIELD};
 use crate::job::JobDesc;
 use crate::key::CacheKey;
 
@@ -408,6 +409,21 @@ impl Frame {
                 } else {
                     None
                 };
+                let identity = if header.flags & Flags::IDENTITY != 0 {
+                    let version = r.str16("JOB compiler version")?;
+                    let target = r.str16("JOB compiler target")?;
+                    let digest = r.bytes32("JOB compiler digest")?;
+                    if version.len() > MAX_IDENTITY_FIELD || target.len() > MAX_IDENTITY_FIELD {
+                        return Err(FrameError::FieldTooLong("JOB compiler identity"));
+                    }
+                    Some(CompilerIdentity {
+                        version,
+                        target,
+                        digest,
+                    })
+                } else {
+                    None
+                };
                 Self::Job {
                     job,
                     desc: JobDesc {
@@ -415,6 +431,7 @@ impl Frame {
                         language,
                         args,
                         source_len,
+                        identity,
                     },
                 }
             }
@@ -549,6 +566,16 @@ impl Frame {
                 if let Some(len) = desc.source_len {
                     flags |= Flags::SOURCE_LEN;
                     head.put_u64(len);
+                }
+                if let Some(id) = &desc.identity {
+                    if id.version.len() > MAX_IDENTITY_FIELD || id.target.len() > MAX_IDENTITY_FIELD
+                    {
+                        return Err(FrameError::FieldTooLong("JOB compiler identity"));
+                    }
+                    flags |= Flags::IDENTITY;
+                    put_str16(&mut head, &id.version);
+                    put_str16(&mut head, &id.target);
+                    head.put_slice(&id.digest);
                 }
             }
             Self::Hash { key, .. } => head.put_slice(key.as_bytes()),

@@ -74,7 +74,7 @@ impl FrameType {
         match self {
             Self::RESULT => Flags::FIN | Flags::CACHED,
             Self::SOURCE | Self::EARLY_RESULT | Self::DATA => Flags::FIN,
-            Self::JOB => Flags::SOURCE_LEN,
+            Self::JOB => Flags::SOURCE_LEN | Flags::IDENTITY,
             t if t.is_ignorable() => 0xFF,
             _ => 0,
         }
@@ -129,4 +129,7 @@ impl Flags {
     /// received, rather than compiling it for this job. (EARLY_RESULT is always from the
     /// cache and does not carry the flag.)
     pub const CACHED: u8 = 0x02;
+    /// On JOB (protocol version 2): the payload ends with the client's compiler identity,
+    /// after the source length if that is present.
+    pub const IDENTITY: u8 = 0x02;
 }

@@ -531,6 +531,7 @@ fn client_run(data: &[u8]) -> Vec<ClientEvent> {
             language: "cpp-output".into(),
             args: vec![format!("-O{i}")],
             source_len: (i != 1).then_some(CLIENT_SOURCE.len() as u64),
+            identity: None,
         };
         let key = CacheKey::compute(&desc, CLIENT_SOURCE);
         let job = conn
@@ -805,6 +806,7 @@ fn pair_run(data: &[u8]) -> Option<Pair> {
                     } else {
                         (a & 0x10 != 0).then_some(len)
                     },
+                    identity: None,
                 };
                 // A lookup (by the key of this source, never sent) when `a` is 2 mod 10
                 // with bit 6 set.
@@ -972,6 +974,7 @@ mod seeds {
             language: "cpp-output".into(),
             args: vec![arg.into()],
             source_len: len,
+            identity: None,
         }
     }
 
@@ -986,7 +989,15 @@ mod seeds {
     /// What clients send: HELLO (or not) and jobs of every strategy.
     pub(super) fn client_streams() -> Vec<Vec<u8>> {
         let d1 = desc("-O2", Some(6));
-        let d2 = desc("-O0", None);
+        // Job 2 names its compiler (protocol version 2), so both JOB flags are fuzzed.
+        let d2 = JobDesc {
+            identity: Some(crate::CompilerIdentity::new(
+                "gcc 12",
+                "x86_64-linux-gnu",
+                [7; 32],
+            )),
+            ..desc("-O0", None)
+        };
         let hello = Frame::Hello(Hello {
             min_version: 1,
             max_version: 1,
@@ -1053,7 +1064,7 @@ mod seeds {
     pub(super) fn server_streams() -> Vec<Vec<u8>> {
         let hello = Frame::Hello(Hello {
             min_version: 1,
-            max_version: 1,
+            max_version: 2,
             limits: Limits::default(),
             features: 0,
             extensions: Bytes::new(),
@@ -1317,6 +1328,7 @@ mod tests {
                     // 0x39 % 3 and 0 % 3: both jobs are `-O0`.
                     args: vec!["-O0".into()],
                     source_len: None,
+                    identity: None,
                 };
                 let src = if job.0 == 1 {
                     op_source(0x39, 0x39)
@@ -1356,6 +1368,7 @@ mod tests {
             language: "cpp-output".into(),
             args: vec![],
             source_len: None,
+            identity: None,
         };
         let first = p
             .submit(desc.clone(), Bytes::from_static(b"int a;"))

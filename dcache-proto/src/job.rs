@@ -3,6 +3,8 @@
 
 use bytes::Bytes;
 
+use crate::identity::CompilerIdentity;
+
 /// A compile request as the server sees it: everything that decides the output except the
 /// source bytes themselves.
 ///
@@ -23,6 +25,12 @@ pub struct JobDesc {
     /// oversized job before reading it and lets both sides count the bytes an early
     /// result saved.
     pub source_len: Option<u64>,
+    /// The identity of the compiler the client would run itself (protocol version 2, flag
+    /// `IDENTITY`). A server runs only a compiler with this identity, whatever its name,
+    /// and the cache key binds it. `None` (a version-1 client, or one that could not
+    /// tell): dcache-server refuses the job, since it cannot know which compiler the
+    /// client meant.
+    pub identity: Option<CompilerIdentity>,
 }
 
 /// One file a compile produced (the object file, and any others such as `.su` or `.dwo`).

@@ -7,12 +7,16 @@ use crate::job::JobDesc;
 /// blake3 key-derivation context: separates dcache keys from every other use of blake3 and
 /// names the encoding version, so a change of encoding can never collide with old keys.
 const KEY_CONTEXT: &str = "dcache 2026-11 cache key v1";
+/// Context of the key of a job that names its compiler's identity (protocol version 2):
+/// another context, so such a key can never equal the key of a job without one.
+const KEY_CONTEXT_IDENTITY: &str = "dcache 2026-12 cache key v2";
 
 /// A 32-byte cache key, as carried in HASH.
 ///
-/// Two jobs get the same key exactly when their compiler name, language, arguments and
-/// source bytes are the same. The server binds its own compiler identity on top before
-/// storing, so the key alone never selects a stale object after a compiler upgrade.
+/// Two jobs get the same key exactly when their compiler name, language, arguments,
+/// compiler identity (when they carry one) and source bytes are the same. So results of
+/// two different compilers invoked by one name never share a key; the server also binds
+/// its own compiler identity on top before storing.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CacheKey([u8; 32]);
 
@@ -56,9 +60,11 @@ impl fmt::Display for CacheKey {
 ///
 /// The encoding is: every description field as a u64 big-endian length followed by its
 /// bytes (compiler, language, the argument count as a u64, then each argument), then the
-/// source bytes, then the source length as a u64. Length prefixes make the field boundaries
-/// unambiguous; the trailing length does the same for the source without knowing it up
-/// front. The declared `source_len` is not part of the key: the real length is.
+/// source bytes, then the source length as a u64. A job with a compiler identity is hashed
+/// under another context and adds its version, target and digest as three more fields
+/// after the arguments. Length prefixes make the field boundaries unambiguous; the
+/// trailing length does the same for the source without knowing it up front. The
+/// declared `source_len` is not part of the key: the real length is.
 #[derive(Clone, Debug)]
 pub struct KeyHasher {
     hasher: blake3::Hasher,
@@ -68,7 +74,11 @@ pub struct KeyHasher {
 impl KeyHasher {
     /// Starts a key for this job description.
     pub fn new(desc: &JobDesc) -> Self {
-        let mut hasher = blake3::Hasher::new_derive_key(KEY_CONTEXT);
+        let context = match desc.identity {
+            Some(_) => KEY_CONTEXT_IDENTITY,
+            None => KEY_CONTEXT,
+        };
+        let mut hasher = blake3::Hasher::new_derive_key(context);
         let mut field = |bytes: &[u8]| {
             hasher.update(&(bytes.len() as u64).to_be_bytes());
             hasher.update(bytes);
@@ -78,6 +88,11 @@ impl KeyHasher {
         field(&(desc.args.len() as u64).to_be_bytes());
         for a in &desc.args {
             field(a.as_bytes());
+        }
+        if let Some(id) = &desc.identity {
+            field(id.version.as_bytes());
+            field(id.target.as_bytes());
+            field(&id.digest);
         }
         Self {
             hasher,

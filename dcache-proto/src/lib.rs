@@ -58,6 +58,7 @@ mod fields;
 mod frame;
 mod frame_type;
 mod header;
+mod identity;
 mod job;
 mod key;
 
@@ -71,13 +72,22 @@ pub use frame::{
 };
 pub use frame_type::{Flags, FrameType};
 pub use header::{FrameHeader, HEADER_LEN};
+pub use identity::{CompilerIdentity, IdentityDigest, MAX_IDENTITY_FIELD};
 pub use job::{JobDesc, JobResult, OutputFile};
 pub use key::{CacheKey, KeyHasher};
 
-/// The protocol versions this implementation speaks.
+/// The lowest protocol version this implementation's server speaks: a version-1 client
+/// still connects and is told, job by job, why it is refused (its JOB cannot carry the
+/// compiler identity).
 pub const VERSION_MIN: u16 = 1;
-/// The highest protocol version this implementation speaks.
-pub const VERSION_MAX: u16 = 1;
+/// The highest protocol version this implementation speaks. Version 2 adds the compiler
+/// identity to JOB (flag `IDENTITY`).
+pub const VERSION_MAX: u16 = 2;
+/// The lowest version this implementation's client speaks: a version-1 server cannot be
+/// told which compiler a job needs and would run whichever it has under that name, so a
+/// client never negotiates below 2 (such a server answers `VERSION_MISMATCH`, and the
+/// client compiles elsewhere).
+pub const CLIENT_VERSION_MIN: u16 = 2;
 
 mod client;
 mod conn;

@@ -20,6 +20,7 @@ fn desc() -> JobDesc {
         language: "cpp-output".into(),
         args: vec!["-O2".into()],
         source_len: None,
+        identity: None,
     }
 }
 

@@ -5,8 +5,8 @@
 
 use bytes::{Bytes, BytesMut};
 use dcache_proto::{
-    CacheKey, DecodeError, ErrorCode, Frame, FrameDecoder, FrameType, Hello, JobDesc, JobId,
-    Limits, OutputMeta, ResultHead, ResultOrigin, Stat,
+    CacheKey, CompilerIdentity, DecodeError, ErrorCode, Frame, FrameDecoder, FrameType, Hello,
+    JobDesc, JobId, Limits, OutputMeta, ResultHead, ResultOrigin, Stat,
 };
 use proptest::prelude::*;
 
@@ -102,17 +102,25 @@ fn frame() -> impl Strategy<Value = Frame> {
             text(20),
             text(10),
             proptest::collection::vec(text(12), 0..8),
-            proptest::option::of(any::<u64>())
+            proptest::option::of(any::<u64>()),
+            proptest::option::of((text(30), text(20), any::<[u8; 32]>())),
         )
-            .prop_map(|(job, compiler, language, args, source_len)| Frame::Job {
-                job,
-                desc: JobDesc {
-                    compiler,
-                    language,
-                    args,
-                    source_len,
-                },
-            }),
+            .prop_map(
+                |(job, compiler, language, args, source_len, identity)| Frame::Job {
+                    job,
+                    desc: JobDesc {
+                        compiler,
+                        language,
+                        args,
+                        source_len,
+                        identity: identity.map(|(version, target, digest)| CompilerIdentity {
+                            version,
+                            target,
+                            digest,
+                        }),
+                    },
+                }
+            ),
         (job_id(), any::<[u8; 32]>()).prop_map(|(job, k)| Frame::Hash {
             job,
             key: CacheKey::from_bytes(k),

@@ -4,8 +4,8 @@
 
 use bytes::{Bytes, BytesMut};
 use dcache_proto::{
-    CacheKey, DecodeError, ErrorCode, Frame, FrameDecoder, FrameError, FrameType, Hello, JobDesc,
-    JobId, Limits, OutputMeta, ResultHead, ResultOrigin, Stat,
+    CacheKey, CompilerIdentity, DecodeError, ErrorCode, Frame, FrameDecoder, FrameError, FrameType,
+    Hello, JobDesc, JobId, Limits, OutputMeta, ResultHead, ResultOrigin, Stat,
 };
 
 const SPEC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md"));
@@ -17,6 +17,19 @@ fn sample_desc() -> JobDesc {
         language: "cpp-output".into(),
         args: vec!["-O2".into(), "-c".into()],
         source_len: Some(12),
+        identity: None,
+    }
+}
+
+/// The sample job as a version-2 client sends it: with its compiler's identity.
+fn sample_desc_identified() -> JobDesc {
+    JobDesc {
+        identity: Some(CompilerIdentity::new(
+            "gcc 12.2.0",
+            "x86_64-linux-gnu",
+            [0x11; 32],
+        )),
+        ..sample_desc()
     }
 }
 
@@ -37,6 +50,25 @@ fn frame(name: &str) -> Frame {
         "job" => Frame::Job {
             job: JobId(1),
             desc: sample_desc(),
+        },
+        "hello-v2" => Frame::Hello(Hello {
+            min_version: 2,
+            max_version: 2,
+            limits: Limits {
+                max_frame_payload: 1 << 20,
+                max_source_len: 256 << 20,
+                max_jobs: 256,
+            },
+            features: 0,
+            extensions: Bytes::new(),
+        }),
+        "job-identity" => Frame::Job {
+            job: JobId(3),
+            desc: sample_desc_identified(),
+        },
+        "hash-identity" => Frame::Hash {
+            job: JobId(3),
+            key: CacheKey::compute(&sample_desc_identified(), b"int x = 42;\n"),
         },
         "job-no-length" => Frame::Job {
             job: JobId(2),
@@ -163,6 +195,7 @@ fn error(name: &str) -> DecodeError {
             max: 0x0001_0000,
         },
         "bad-order-reserved-and-job" => FrameError::ReservedBits,
+        "bad-job-identity-truncated" => FrameError::Truncated("JOB compiler version"),
         other => panic!("PROTOCOL.md names an unknown invalid vector {other:?}"),
     })
 }
@@ -208,7 +241,7 @@ fn vectors() -> Vec<Vector> {
 #[test]
 fn every_vector_in_the_spec_holds() {
     let vs = vectors();
-    assert_eq!(vs.len(), 27, "PROTOCOL.md should hold 27 vectors");
+    assert_eq!(vs.len(), 31, "PROTOCOL.md should hold 31 vectors");
     for v in &vs {
         if v.name.starts_with("bad-") {
             let mut dec = FrameDecoder::new(64 * 1024);
@@ -234,6 +267,12 @@ fn the_key_vector_holds() {
         .find_map(|l| l.strip_prefix("key of the sample job: "))
         .expect("PROTOCOL.md states the sample key");
     assert_eq!(key.to_hex(), line.trim());
+    let key = CacheKey::compute(&sample_desc_identified(), b"int x = 42;\n");
+    let line = SPEC
+        .lines()
+        .find_map(|l| l.strip_prefix("key of the sample job with its identity: "))
+        .expect("PROTOCOL.md states the key of the identified sample");
+    assert_eq!(key.to_hex(), line.trim());
 }
 
 fn hex(b: &[u8]) -> String {
@@ -249,9 +288,12 @@ fn hex(b: &[u8]) -> String {
 fn print_vectors() {
     for name in [
         "hello",
+        "hello-v2",
         "job",
+        "job-identity",
         "job-no-length",
         "hash",
+        "hash-identity",
         "source-final",
         "source-more",
         "miss",
@@ -274,6 +316,10 @@ fn print_vectors() {
         "key of the sample job: {}",
         CacheKey::compute(&sample_desc(), b"int x = 42;\n").to_hex()
     );
+    println!(
+        "key of the sample job with its identity: {}",
+        CacheKey::compute(&sample_desc_identified(), b"int x = 42;\n").to_hex()
+    );
 }
 
 fn wrap(h: &str) -> String {
@@ -283,4 +329,44 @@ fn wrap(h: &str) -> String {
         .map(|c| c.join(" "))
         .collect::<Vec<_>>()
         .join("\n     ")
+}
+
+/// The identity's two strings are one line a compiler prints: longer ones are refused
+/// when sent and when received, so a JOB stays small whatever a peer claims.
+#[test]
+fn an_identity_field_over_256_bytes_is_refused_both_ways() {
+    let mut desc = sample_desc_identified();
+    if let Some(id) = desc.identity.as_mut() {
+        id.version = "v".repeat(257);
+    }
+    let frame = Frame::Job {
+        job: JobId(1),
+        desc,
+    };
+    assert_eq!(
+        frame.to_bytes(MAX).unwrap_err(),
+        FrameError::FieldTooLong("JOB compiler identity")
+    );
+    // The same frame written by hand: header, the sample's fields, then the identity.
+    let mut payload = Vec::new();
+    for s in ["gcc", "cpp-output"] {
+        payload.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        payload.extend_from_slice(s.as_bytes());
+    }
+    payload.extend_from_slice(&0u16.to_be_bytes());
+    for s in ["v".repeat(257), "x86_64-linux-gnu".to_owned()] {
+        payload.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        payload.extend_from_slice(s.as_bytes());
+    }
+    payload.extend_from_slice(&[0x11; 32]);
+    let mut wire = vec![0x02, 0x02, 0, 0, 0, 0, 0, 1];
+    wire.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    wire.extend_from_slice(&payload);
+    let mut buf = BytesMut::from(&wire[..]);
+    assert_eq!(
+        FrameDecoder::new(MAX).decode(&mut buf),
+        Err(DecodeError::Frame(FrameError::FieldTooLong(
+            "JOB compiler identity"
+        )))
+    );
 }

@@ -58,6 +58,7 @@ fn make_desc(n: u8) -> JobDesc {
         language: "cpp-output".into(),
         args: vec![format!("-O{n}")],
         source_len: Some(0),
+        identity: None,
     }
 }
 

@@ -19,6 +19,7 @@ fn desc(n: usize) -> JobDesc {
         language: "cpp-output".into(),
         args: vec!["-O2".into(), format!("-DN={n}")],
         source_len: None,
+        identity: None,
     }
 }
 
@@ -383,13 +384,46 @@ fn a_compile_error_comes_back_with_its_status_and_is_not_cached() {
     assert_eq!(p.app.compiles, 2);
 }
 
+/// A version-1 server cannot be told which compiler a job needs: the client refuses it at
+/// the handshake rather than let it run whatever compiler has the name.
+#[test]
+fn a_client_refuses_a_version_1_server() {
+    let mut p = pair(Strategy::Speculative, 1, 0, 1);
+    let hello = Frame::Hello(dcache_proto::Hello {
+        min_version: 1,
+        max_version: 1,
+        limits: Limits::default(),
+        features: 0,
+        extensions: Bytes::new(),
+    });
+    let bytes = hello.to_bytes(1 << 20).unwrap();
+    p.client.handle_input(p.now, &bytes);
+    let mut closed = None;
+    while let Some(e) = p.client.poll_event() {
+        if let ClientEvent::Closed { error } = e {
+            closed = error;
+        }
+    }
+    assert!(
+        matches!(
+            closed,
+            Some(ConnectionError::VersionMismatch {
+                ours_min: 2,
+                peer_max: 1,
+                ..
+            })
+        ),
+        "{closed:?}"
+    );
+}
+
 #[test]
 fn version_mismatch_is_a_clear_error_on_both_ends() {
     let mut p = pair(Strategy::Speculative, 1, 0, 1);
-    // A future client that speaks only version 2, written by hand.
+    // A future client that speaks only version 3, written by hand.
     let hello = Frame::Hello(dcache_proto::Hello {
-        min_version: 2,
-        max_version: 2,
+        min_version: 3,
+        max_version: 3,
         limits: Limits::default(),
         features: 0,
         extensions: Bytes::new(),
@@ -404,7 +438,7 @@ fn version_mismatch_is_a_clear_error_on_both_ends() {
     }
     assert!(matches!(
         closed,
-        Some(ConnectionError::VersionMismatch { peer_min: 2, .. })
+        Some(ConnectionError::VersionMismatch { peer_min: 3, .. })
     ));
     let out = p.server.poll_transmit(p.now).unwrap();
     let mut buf = bytes::BytesMut::from(&out[..]);

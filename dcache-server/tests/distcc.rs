@@ -139,6 +139,7 @@ async fn a_distcc_request_and_a_dcache_job_share_one_entry() {
         language: "cpp-output".into(),
         args: vec!["-O2".into(), "-c".into()],
         source_len: None,
+        identity: None,
     };
     let expected = reference_compile(&desc, &source);
     let client = spawn_client(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dcache_proto::testing::reference_compile;
-use dcache_proto::{CacheKey, JobDesc};
+use dcache_proto::{CacheKey, CompilerIdentity, JobDesc};
 use dcache_server::exec::{
     Compile, ExecError, Executor, FakeExecutor, FakeFailure, Fed, LocalExecutor,
     LocalExecutorConfig, store_key,
@@ -22,6 +22,16 @@ fn desc(compiler: &str, args: &[&str]) -> JobDesc {
         language: "cpp-output".into(),
         args: args.iter().map(|s| s.to_string()).collect(),
         source_len: None,
+        identity: None,
+    }
+}
+
+/// [`desc`] naming the identity `ex` offers under `compiler`: what a client of that very
+/// compiler sends.
+fn job(ex: &LocalExecutor, compiler: &str, args: &[&str]) -> JobDesc {
+    JobDesc {
+        identity: ex.job_identity(compiler).cloned(),
+        ..desc(compiler, args)
     }
 }
 
@@ -102,7 +112,7 @@ async fn streamed_gcc_compile_matches_a_local_compile_byte_for_byte() {
     let pre = preprocess(work.path(), PROGRAM);
     assert!(pre.len() > 16 * 1024, "several pipe-fulls of source");
     let ex = gcc();
-    let r = compile_in_chunks(&ex, desc("gcc", &["-O2", "-g", "-c"]), &pre, 1000)
+    let r = compile_in_chunks(&ex, job(&ex, "gcc", &["-O2", "-g", "-c"]), &pre, 1000)
         .await
         .unwrap();
     assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
@@ -120,7 +130,8 @@ async fn streamed_gcc_compile_matches_a_local_compile_byte_for_byte() {
 async fn an_assembly_job_returns_the_s_file() {
     let work = tempfile::tempdir().unwrap();
     let pre = preprocess(work.path(), PROGRAM);
-    let r = compile_in_chunks(&gcc(), desc("gcc", &["-O1", "-S"]), &pre, 64 * 1024)
+    let ex = gcc();
+    let r = compile_in_chunks(&ex, job(&ex, "gcc", &["-O1", "-S"]), &pre, 64 * 1024)
         .await
         .unwrap();
     assert_eq!(r.exit_code, 0);
@@ -134,9 +145,10 @@ async fn an_assembly_job_returns_the_s_file() {
 async fn split_dwarf_returns_the_dwo_beside_the_object() {
     let work = tempfile::tempdir().unwrap();
     let pre = preprocess(work.path(), PROGRAM);
+    let ex = gcc();
     let r = compile_in_chunks(
-        &gcc(),
-        desc("gcc", &["-g", "-gsplit-dwarf", "-c"]),
+        &ex,
+        job(&ex, "gcc", &["-g", "-gsplit-dwarf", "-c"]),
         &pre,
         8192,
     )
@@ -151,7 +163,8 @@ async fn split_dwarf_returns_the_dwo_beside_the_object() {
 async fn a_compile_error_returns_gccs_stderr_and_status() {
     let work = tempfile::tempdir().unwrap();
     let pre = preprocess(work.path(), "int main(void) { return nope; }\n");
-    let r = compile_in_chunks(&gcc(), desc("gcc", &["-c"]), &pre, 100)
+    let ex = gcc();
+    let r = compile_in_chunks(&ex, job(&ex, "gcc", &["-c"]), &pre, 100)
         .await
         .unwrap();
     let (code, stderr, _) = gcc_local(&pre, &["-c"], "o");
@@ -171,7 +184,8 @@ async fn gcc_failing_before_the_upload_ends_is_noticed_at_once() {
     let pre = preprocess(work.path(), PROGRAM);
     // Passes the allow-list (a word for -std=) but gcc's driver rejects it before reading any
     // source.
-    let mut c = Compile::start(&gcc(), desc("gcc", &["-std=no-such-std", "-c"]));
+    let ex = gcc();
+    let mut c = Compile::start(&ex, job(&ex, "gcc", &["-std=no-such-std", "-c"]));
     assert_eq!(c.feed(pre.slice(..100)), Fed::Accepted);
     // The upload is still open: the result must come anyway.
     let r = tokio::time::timeout(HANG, c.wait()).await.unwrap().unwrap();
@@ -181,6 +195,11 @@ async fn gcc_failing_before_the_upload_ends_is_noticed_at_once() {
 }
 
 /// A directory holding an executable `cc` script, used as an allow-listed compiler.
+/// What a stand-in compiler answers to the identity probe's other questions (its target,
+/// its helper programs: none), as a real driver would.
+const PROBE_ANSWERS: &str =
+    "case \"$1\" in -dumpmachine) echo stand-in; exit 0;; -print-prog-name=*) exit 0;; esac\n";
+
 struct Script {
     dir: tempfile::TempDir,
 }
@@ -197,7 +216,7 @@ impl Script {
         use std::os::unix::fs::PermissionsExt;
         let path = self.dir.path().join("cc");
         let text = format!(
-            "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'stand-in cc 1.0'; exit 0; fi\n{body}\n"
+            "#!/bin/sh\n{PROBE_ANSWERS}case \"$1\" in --version) echo 'stand-in cc 1.0'; exit 0;; esac\n{body}\n"
         );
         // Written beside and renamed, so a running copy is never modified in place.
         let tmp = self.dir.path().join("cc.new");
@@ -229,7 +248,7 @@ async fn the_compiler_reads_each_chunk_as_it_arrives() {
     // reached its stdin while the upload was still open.
     let script = Script::new("head -c 6 >/dev/null; echo 'got the first chunk' >&2; exit 3");
     let ex = script.executor(HANG);
-    let mut c = Compile::start(&ex, desc("cc", &["-c"]));
+    let mut c = Compile::start(&ex, job(&ex, "cc", &["-c"]));
     assert_eq!(c.feed(Bytes::from_static(b"chunk1")), Fed::Accepted);
     let r = tokio::time::timeout(HANG, c.wait()).await.unwrap().unwrap();
     assert_eq!(r.exit_code, 3);
@@ -241,7 +260,7 @@ async fn the_compiler_reads_each_chunk_as_it_arrives() {
 async fn feed_reports_a_compiler_that_already_exited() {
     let script = Script::new("exit 4");
     let ex = script.executor(HANG);
-    let mut c = Compile::start(&ex, desc("cc", &["-c"]));
+    let mut c = Compile::start(&ex, job(&ex, "cc", &["-c"]));
     tokio::time::timeout(HANG, async {
         while !c.is_finished() {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -274,7 +293,7 @@ async fn a_compile_past_the_time_limit_is_killed_with_a_clear_error() {
         pidfile.display()
     ));
     let ex = script.executor(Duration::from_millis(500));
-    let mut c = Compile::start(&ex, desc("cc", &["-c"]));
+    let mut c = Compile::start(&ex, job(&ex, "cc", &["-c"]));
     c.end_source();
     let err = tokio::time::timeout(HANG, c.wait())
         .await
@@ -305,7 +324,7 @@ async fn dropping_a_compile_kills_the_compiler() {
         pidfile.display()
     ));
     let ex = script.executor(HANG);
-    let c = Compile::start(&ex, desc("cc", &["-c"]));
+    let c = Compile::start(&ex, job(&ex, "cc", &["-c"]));
     let pid: u32 = tokio::time::timeout(HANG, async {
         loop {
             if let Some(pid) = std::fs::read_to_string(&pidfile)
@@ -338,35 +357,47 @@ async fn refused_jobs_get_clear_errors_and_run_nothing() {
     let cases: Vec<(JobDesc, &str)> = vec![
         (desc("/bin/sh", &["-c"]), "/bin/sh"),
         (desc("../cc", &["-c"]), "../cc"),
-        (desc("bash", &["-c"]), "bash"),
-        (desc("cc", &["-B/tmp/evil"]), "-B/tmp/evil"),
+        // A name not offered, with an identity no compiler here has.
         (
-            desc("cc", &["-fplugin=/tmp/evil.so"]),
+            JobDesc {
+                identity: Some(CompilerIdentity::new("GNU bash 5.2", "", [1; 32])),
+                ..desc("bash", &["-c"])
+            },
+            "bash",
+        ),
+        // Any job without an identity: which compiler the client meant is unknown.
+        (desc("cc", &["-c"]), "does not identify its compiler"),
+        (job(&ex, "cc", &["-B/tmp/evil"]), "-B/tmp/evil"),
+        (
+            job(&ex, "cc", &["-fplugin=/tmp/evil.so"]),
             "-fplugin=/tmp/evil.so",
         ),
-        (desc("cc", &["-specs=/tmp/evil"]), "-specs=/tmp/evil"),
-        (desc("cc", &["@/etc/args"]), "@/etc/args"),
-        (desc("cc", &["-o", "/etc/passwd"]), "-o"),
-        (desc("cc", &["-DX=1\n-fplugin=/tmp/evil.so"]), "line break"),
-        (desc("cc", &["-DX=\0"]), "NUL"),
+        (job(&ex, "cc", &["-specs=/tmp/evil"]), "-specs=/tmp/evil"),
+        (job(&ex, "cc", &["@/etc/args"]), "@/etc/args"),
+        (job(&ex, "cc", &["-o", "/etc/passwd"]), "-o"),
+        (
+            job(&ex, "cc", &["-DX=1\n-fplugin=/tmp/evil.so"]),
+            "line break",
+        ),
+        (job(&ex, "cc", &["-DX=\0"]), "NUL"),
         (
             JobDesc {
                 args: vec!["-O2".into(); 1001],
-                ..desc("cc", &[])
+                ..job(&ex, "cc", &[])
             },
             "1001 arguments exceed",
         ),
         (
             JobDesc {
                 args: vec![format!("-DX={}", "y".repeat(5000))],
-                ..desc("cc", &[])
+                ..job(&ex, "cc", &[])
             },
             "exceeds the limit of 4096",
         ),
         (
             JobDesc {
                 language: "c".into(),
-                ..desc("cc", &["-c"])
+                ..job(&ex, "cc", &["-c"])
             },
             "\"c\"",
         ),
@@ -387,7 +418,7 @@ async fn refused_jobs_get_clear_errors_and_run_nothing() {
     }
     assert!(!ran.exists(), "a refused job ran the compiler");
     // The control: an allowed job does run it.
-    let r = compile_in_chunks(&ex, desc("cc", &["-c"]), &Bytes::from_static(b"x"), 1).await;
+    let r = compile_in_chunks(&ex, job(&ex, "cc", &["-c"]), &Bytes::from_static(b"x"), 1).await;
     assert!(r.is_err(), "the script writes no object: {r:?}");
     assert!(ran.exists());
 }
@@ -398,7 +429,7 @@ async fn a_remembered_identity_is_the_computed_one_and_follows_the_binary() {
     let calls = script.marker("version-calls");
     // A stand-in whose --version run leaves a trace, so we see when it is computed.
     let body = format!(
-        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo x >> '{}'; echo 'cc 2'; exit 0; fi\ncat >/dev/null\n",
+        "#!/bin/sh\n{PROBE_ANSWERS}if [ \"$1\" = --version ]; then echo x >> '{}'; echo 'cc 2'; exit 0; fi\ncat >/dev/null\n",
         calls.display()
     );
     let write = |extra: &str| {
@@ -454,7 +485,7 @@ async fn the_compiler_identity_changes_with_the_binary() {
     assert_ne!(store_key(&before, &key), store_key(&after, &key));
     // The identity is what check() hands out for the store key.
     let ex = script.executor(HANG);
-    assert_eq!(ex.check(&desc("cc", &["-c"])).unwrap(), after);
+    assert_eq!(ex.check(&job(&ex, "cc", &["-c"])).unwrap(), after);
     assert_eq!(gcc().identity("gcc"), gcc().identity("gcc"));
     assert_ne!(gcc().identity("gcc"), Some(after));
 }
@@ -533,7 +564,7 @@ async fn an_output_that_is_a_symlink_is_never_read() {
     let ex = script.executor(HANG);
     let r = compile_in_chunks(
         &ex,
-        desc("cc", &["-c"]),
+        job(&ex, "cc", &["-c"]),
         &Bytes::from_static(b"int x;\n"),
         64,
     )

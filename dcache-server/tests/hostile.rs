@@ -168,6 +168,7 @@ impl Honest {
                     language: "cpp-output".into(),
                     args: vec!["-O2".into(), "-c".into()],
                     source_len: None,
+                    identity: None,
                 };
                 let src = Bytes::from(format!("int honest_{};\n", n % 8).repeat(200));
                 let key = CacheKey::compute(&desc, &src);
@@ -259,6 +260,7 @@ fn gcc_c(source_len: Option<u64>) -> JobDesc {
         language: "cpp-output".into(),
         args: vec!["-c".into()],
         source_len,
+        identity: None,
     }
 }
 

@@ -34,6 +34,7 @@ fn job(n: u64) -> (JobDesc, Bytes) {
         language: "cpp-output".into(),
         args: vec!["-O2".into(), "-c".into(), format!("-DUNIT={n}")],
         source_len: None,
+        identity: None,
     };
     // 1 to 64 KiB, so some jobs span several frames.
     let len = 1024 * (1 + (n as usize * 7) % 64);

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dcache_proto::{JobDesc, JobResult};
 use dcache_server::exec::{
-    Compile, ExecError, ExecLimits, Executor, Fed, LocalExecutor, LocalExecutorConfig,
+    Compile, ExecError, ExecLimits, Executor, Fed, LocalExecutor, LocalExecutorConfig, identity,
 };
 use dcache_server::sandbox::{Policy, ResourceLimits, Sandbox, toolchain};
 
@@ -25,12 +25,7 @@ fn sandbox() -> Sandbox {
 }
 
 fn executor(sandboxed: bool, limits: ExecLimits) -> LocalExecutor {
-    executor_with(
-        sandboxed,
-        limits,
-        "/usr/local/bin:/usr/bin:/bin",
-        Vec::new(),
-    )
+    executor_with(sandboxed, limits, SYSTEM_PATH, Vec::new())
 }
 
 fn executor_with(
@@ -51,12 +46,31 @@ fn executor_with(
     ex
 }
 
+/// Where the system compilers are found.
+const SYSTEM_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// A job for the system's `compiler`, naming its identity as a client of it would.
 fn desc(compiler: &str, args: &[&str]) -> JobDesc {
+    identified(desc_unidentified(compiler, args), SYSTEM_PATH)
+}
+
+/// A job naming no compiler identity (to be [`identified`] on another path).
+fn desc_unidentified(compiler: &str, args: &[&str]) -> JobDesc {
     JobDesc {
         compiler: compiler.into(),
         language: "cpp-output".into(),
         args: args.iter().map(|s| s.to_string()).collect(),
         source_len: None,
+        identity: None,
+    }
+}
+
+/// `d` naming the identity of its compiler as found on `path`.
+fn identified(d: JobDesc, path: &str) -> JobDesc {
+    let program = toolchain::find_on_path(&d.compiler, path).expect("the compiler is installed");
+    JobDesc {
+        identity: Some(identity::probe(&program, path).unwrap()),
+        ..d
     }
 }
 
@@ -406,12 +420,13 @@ async fn a_stderr_flood_is_cut_with_a_note() {
 }
 
 /// A sandboxed service on loopback whose `cc` is [`forking_compiler`] (never finishing)
-/// and whose `gcc` is the real one.
-async fn forking_service(marker: &str) -> (tempfile::TempDir, dcache_transport::Address) {
+/// and whose `gcc` is the real one, and a `-c` job for that `cc`.
+async fn forking_service(marker: &str) -> (tempfile::TempDir, dcache_transport::Address, JobDesc) {
     use dcache_server::store::MemoryStore;
     use dcache_server::{Service, ServiceConfig};
     use dcache_transport::{TransportOptions, bind};
     let (dir, path) = forking_compiler(marker);
+    let cc = identified(desc_unidentified("cc", &["-c"]), &path);
     let extra = forking_compiler_needs();
     let ex = LocalExecutor::new(LocalExecutorConfig {
         allowed: vec!["cc".into(), "gcc".into()],
@@ -434,7 +449,7 @@ async fn forking_service(marker: &str) -> (tempfile::TempDir, dcache_transport::
     .unwrap();
     let addr = listener.local_addr();
     tokio::spawn(async move { service.serve(listener, std::future::pending()).await });
-    (dir, addr)
+    (dir, addr, cc)
 }
 
 /// Processes whose command line contains `needle`.
@@ -471,7 +486,8 @@ fn forking_compiler(marker: &str) -> (tempfile::TempDir, String) {
     std::fs::write(
         &cc,
         format!(
-            "#!/bin/sh\ncase \"$1\" in --version) echo 'forking cc 1.0'; exit 0;; -print-*) exit 0;; esac\n\
+            "#!/bin/sh\ncase \"$1\" in --version) echo 'forking cc 1.0'; exit 0;; -print-*) exit 0;; \
+             -dumpmachine) echo stand-in; exit 0;; esac\n\
              sleep {marker} & sleep {marker} & echo started >&2; sleep {marker}\n"
         ),
     )
@@ -503,6 +519,7 @@ async fn tree_started(marker: &str) {
 
 async fn no_process_outlives(sandboxed: bool, marker: &str, end: &str) {
     let (_dir, path) = forking_compiler(marker);
+    let cc = identified(desc_unidentified("cc", &["-c"]), &path);
     let extra = forking_compiler_needs();
     let ex = LocalExecutor::new(LocalExecutorConfig {
         allowed: vec!["cc".into()],
@@ -516,7 +533,7 @@ async fn no_process_outlives(sandboxed: bool, marker: &str, end: &str) {
         },
         ..LocalExecutorConfig::default()
     });
-    let mut c = Compile::start(&ex, desc("cc", &["-c"]));
+    let mut c = Compile::start(&ex, cc);
     assert_eq!(c.feed(Bytes::from_static(b"int x;\n")), Fed::Accepted);
     // All three sleeps running.
     tree_started(marker).await;
@@ -551,7 +568,7 @@ async fn no_compiler_process_outlives_a_timed_out_job() {
 async fn no_compiler_process_outlives_a_client_that_disconnects() {
     use dcache_proto::{CacheKey, Frame, JobId};
     let marker = "305.25";
-    let (_dir, addr) = forking_service(marker).await;
+    let (_dir, addr, cc) = forking_service(marker).await;
     // A client that sends a whole job and then disappears: its socket closes.
     let port: u16 = addr
         .to_string()
@@ -563,7 +580,7 @@ async fn no_compiler_process_outlives_a_client_that_disconnects() {
     let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
-    let d = desc("cc", &["-c"]);
+    let d = cc;
     let src = Bytes::from_static(b"int x;\n");
     let mut bytes = Vec::new();
     for f in [
@@ -597,13 +614,13 @@ async fn one_running_compile_can_be_cancelled_and_the_connection_goes_on() {
     use dcache_proto::{CacheKey, ClientConfig};
     use dcache_transport::{TransportOptions, connect, spawn_client};
     let marker = "306.25";
-    let (_dir, addr) = forking_service(marker).await;
+    let (_dir, addr, cc) = forking_service(marker).await;
     let client = spawn_client(
         connect(&addr, &TransportOptions::default()).await.unwrap(),
         ClientConfig::default(),
     );
     // The whole source goes up; the compile (a forking stand-in) never ends by itself.
-    let d = desc("cc", &["-c"]);
+    let d = cc;
     let src = Bytes::from_static(b"int x;\n");
     let key = CacheKey::compute(&d, &src);
     let c = client.clone();

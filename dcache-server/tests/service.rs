@@ -63,12 +63,20 @@ fn fake_service(compile_ms: u64) -> Arc<Service> {
     )
 }
 
+/// A job for `compiler`, naming the identity of the system's compiler of that name (as a
+/// client of it would) when there is one.
 fn desc(compiler: &str, args: &[&str], len: Option<usize>) -> JobDesc {
+    const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+    let identity = (!compiler.contains('/'))
+        .then(|| dcache_server::sandbox::toolchain::find_on_path(compiler, PATH))
+        .flatten()
+        .and_then(|p| dcache_server::exec::identity::probe(&p, PATH).ok());
     JobDesc {
         compiler: compiler.into(),
         language: "cpp-output".into(),
         args: args.iter().map(|s| s.to_string()).collect(),
         source_len: len.map(|l| l as u64),
+        identity,
     }
 }
 

@@ -44,7 +44,7 @@
 //!     Ok::<_, std::io::Error>(())
 //! });
 //! let client = spawn_client(connect(&addr, &opts).await?, ClientConfig::default());
-//! let desc = JobDesc { compiler: "gcc".into(), language: "cpp-output".into(), args: vec![], source_len: None };
+//! let desc = JobDesc { compiler: "gcc".into(), language: "cpp-output".into(), args: vec![], source_len: None, identity: None };
 //! let source = Bytes::from_static(b"int x;\n");
 //! let key = CacheKey::compute(&desc, &source);
 //! let outcome = client.submit(desc, Some(key), source).await?;

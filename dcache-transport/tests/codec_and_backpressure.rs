@@ -121,6 +121,7 @@ async fn a_job_the_server_never_answers_times_out() {
         language: "cpp-output".into(),
         args: vec![],
         source_len: None,
+        identity: None,
     };
     let started = tokio::time::Instant::now();
     let r = handle

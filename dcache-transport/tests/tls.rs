@@ -94,6 +94,7 @@ fn job() -> (JobDesc, Bytes, CacheKey) {
         language: "cpp-output".into(),
         args: vec!["-c".into()],
         source_len: None,
+        identity: None,
     };
     let src = Bytes::from_static(b"int over_tls;\n");
     let key = CacheKey::compute(&desc, &src);

@@ -132,6 +132,7 @@ fn desc(n: usize, len: Option<usize>) -> JobDesc {
         language: "cpp-output".into(),
         args: vec!["-c".into(), format!("-DN={n}")],
         source_len: len.map(|l| l as u64),
+        identity: None,
     }
 }
 

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use dcache_client::wrapper::args::{Plan, plan};
 use dcache_client::wrapper::local::{preprocess, write_atomically};
-use dcache_client::wrapper::{Backend, Config};
-use dcache_proto::JobDesc;
+use dcache_client::wrapper::{Backend, Config, identity};
+use dcache_proto::{CompilerIdentity, JobDesc};
 use dcache_transport::Address;
 
 /// What happened to one file.
@@ -37,11 +37,14 @@ async fn build(
     compiler: &str,
     files: &[PathBuf],
 ) -> Result<Vec<Built>, Box<dyn Error>> {
+    // Which compiler a server must run for these jobs: the one `compiler` names here.
+    let identity = identity::of(config, compiler.as_ref())
+        .ok_or_else(|| format!("cannot identify the compiler {compiler}"))?;
     let backend = Backend::start(config, compiler.as_ref()).await?;
     let mut built = Vec::new();
     let mut failure = None;
     for file in files {
-        match build_one(backend.client(), compiler, file).await {
+        match build_one(backend.client(), compiler, &identity, file).await {
             Ok(b) => built.push(b),
             Err(e) => {
                 failure = Some(format!("{}: {e}", file.display()));
@@ -60,6 +63,7 @@ async fn build(
 async fn build_one(
     client: &dcache_client::Client,
     compiler: &str,
+    identity: &CompilerIdentity,
     file: &Path,
 ) -> Result<Built, Box<dyn Error>> {
     let object = file.with_extension("o");
@@ -74,6 +78,7 @@ async fn build_one(
         language: plan.language.preprocessed().into(),
         args: plan.compile_args.clone(),
         source_len: Some(pre.source.len() as u64),
+        identity: Some(identity.clone()),
     };
     let outcome = client.compile(desc, Bytes::from(pre.source)).await?;
     let result = &outcome.job.result;

@@ -177,8 +177,11 @@ fn without_a_sandbox_a_server_beyond_loopback_refuses_to_start() {
 }
 
 /// A compiler named `cc` that runs gcc, and tells the test when it starts and ends. The
-/// file `delay` next to it holds seconds to sleep before compiling. The server clears the
-/// environment of compilers, so everything it needs is found next to it.
+/// file `delay` next to it holds seconds to sleep before compiling from stdin (as the
+/// server runs it: a local compile of the client's file does not wait). The server clears
+/// the environment of compilers, so everything it needs is found next to it. Clients
+/// invoke it by its path ([`stand_in`]): only a client of this very compiler is served by
+/// it.
 fn slow_compiler() -> tempfile::TempDir {
     let bin = tempfile::tempdir().unwrap();
     let script = bin.path().join("cc");
@@ -186,17 +189,19 @@ fn slow_compiler() -> tempfile::TempDir {
         &script,
         "#!/bin/sh\n\
          d=$(dirname \"$0\")\n\
-         case \"$1\" in --version) exec gcc --version;; esac\n\
-         touch \"$d/started\"\n\
-         sleep \"$(cat \"$d/delay\")\"\n\
-         gcc \"$@\"; rc=$?\n\
-         touch \"$d/finished\"\n\
-         exit $rc\n",
+         case \"$1\" in --version|-dumpmachine|-print-prog-name=*) exec gcc \"$1\";; esac\n\
+         case \" $* \" in *' - '*) touch \"$d/started\"; sleep \"$(cat \"$d/delay\")\";; esac\n\
+         exec gcc \"$@\"\n",
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(bin.path().join("delay"), "0").unwrap();
     bin
+}
+
+/// The slow compiler's path, as its clients invoke it.
+fn stand_in(bin: &tempfile::TempDir) -> String {
+    bin.path().join("cc").to_str().unwrap().to_owned()
 }
 
 fn server_with(cache: &Path, bin: &Path) -> common::Server {
@@ -253,8 +258,8 @@ fn a_server_killed_mid_compile_restarts_with_a_working_cache() {
     let mut s = server_with(cache.path(), bin.path());
     std::fs::write(bin.path().join("delay"), "5").unwrap();
     let client = {
-        let (dir, addr) = (dir.path().to_owned(), s.addr.clone());
-        std::thread::spawn(move || compile(&dir, "cc", "f.c", &addr, &strict))
+        let (dir, addr, cc) = (dir.path().to_owned(), s.addr.clone(), stand_in(&bin));
+        std::thread::spawn(move || compile(&dir, &cc, "f.c", &addr, &strict))
     };
     wait_for(&bin.path().join("started"), Duration::from_secs(20));
     s.kill9();
@@ -267,10 +272,10 @@ fn a_server_killed_mid_compile_restarts_with_a_working_cache() {
 
     std::fs::write(bin.path().join("delay"), "0").unwrap();
     let s = server_with(cache.path(), bin.path());
-    let out = compile(dir.path(), "cc", "f.c", &s.addr, &strict);
+    let out = compile(dir.path(), &stand_in(&bin), "f.c", &s.addr, &strict);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(dir.path().join("f.o")).unwrap(), expected);
-    let out = compile(dir.path(), "cc", "f.c", &s.addr, &strict);
+    let out = compile(dir.path(), &stand_in(&bin), "f.c", &s.addr, &strict);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(dir.path().join("f.o")).unwrap(), expected);
     let json = stats_json(&[("DCACHE_HOSTS", s.addr.as_str())]);
@@ -307,8 +312,8 @@ fn a_server_killed_while_writing_an_entry_never_serves_it_torn() {
         let mut s = server_with(cache.path(), bin.path());
         let leftovers: Vec<PathBuf> = files_in(&tmp);
         let client = {
-            let (dir, addr) = (dir.path().to_owned(), s.addr.clone());
-            std::thread::spawn(move || compile(&dir, "cc", "big.c", &addr, &strict))
+            let (dir, addr, cc) = (dir.path().to_owned(), s.addr.clone(), stand_in(&bin));
+            std::thread::spawn(move || compile(&dir, &cc, "big.c", &addr, &strict))
         };
         // Kill the moment a new temporary entry file appears: mid-write.
         let start = Instant::now();
@@ -335,7 +340,7 @@ fn a_server_killed_while_writing_an_entry_never_serves_it_torn() {
         let s = server_with(cache.path(), bin.path());
         for _ in 0..2 {
             std::fs::remove_file(dir.path().join("big.o")).ok();
-            let out = compile(dir.path(), "cc", "big.c", &s.addr, &strict);
+            let out = compile(dir.path(), &stand_in(&bin), "big.c", &s.addr, &strict);
             assert!(out.status.success(), "attempt {attempt}: {}", stderr(&out));
             assert!(
                 std::fs::read(dir.path().join("big.o")).unwrap() == expected,
@@ -404,7 +409,13 @@ fn a_stuck_server_costs_a_bounded_wait_then_a_local_compile() {
     std::fs::write(dir.path().join("g.c"), "int g(int x) { return x - 7; }\n").unwrap();
     let expected = reference_object(dir.path(), "g.c");
     let started = Instant::now();
-    let out = compile(dir.path(), "cc", "g.c", &s.addr, &[("DCACHE_TIMEOUT", "2")]);
+    let out = compile(
+        dir.path(),
+        &stand_in(&bin),
+        "g.c",
+        &s.addr,
+        &[("DCACHE_TIMEOUT", "2")],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(dir.path().join("g.o")).unwrap(), expected);
     let warning = stderr(&out);
@@ -415,7 +426,7 @@ fn a_stuck_server_costs_a_bounded_wait_then_a_local_compile() {
     // With fallback off, the timeout is an error, not a hang.
     let out = compile(
         dir.path(),
-        "cc",
+        &stand_in(&bin),
         "g.c",
         &s.addr,
         &[("DCACHE_TIMEOUT", "2"), ("DCACHE_FALLBACK", "0")],

@@ -123,11 +123,17 @@ async fn compile(
         // The server's compiler writes to a pipe; ask for the colours a terminal would get.
         compile_args.insert(0, "-fdiagnostics-color=always".into());
     }
+    // Which compiler a server must run: the one a local compile would. Unknown, nothing
+    // can be served for it.
+    let Some(identity) = super::identity::of(config, compiler) else {
+        return local(compiler, args).unwrap_or(1);
+    };
     let mut desc = JobDesc {
         compiler: compiler_name(compiler),
         language: plan.language.preprocessed().into(),
         args: compile_args,
         source_len: None,
+        identity: Some(identity),
     };
     let direct = if config.direct {
         direct_key(config, compiler, args, &desc.args, plan)

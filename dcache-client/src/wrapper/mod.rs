@@ -20,7 +20,8 @@
 //!   client's side whatever the back end.
 //!
 //! With the `embedded` feature, the product itself: `Backend` (configured servers or the
-//! in-process server over `mem://`) and `run`, the whole compile flow `dcache` runs. The
+//! in-process server over `mem://`), `identity` (the compiler identity every job carries,
+//! computed by the server library's code) and `run`, the whole compile flow `dcache` runs. The
 //! feature is for the embedded back end alone: direct mode needs nothing from the server.
 
 pub mod args;
@@ -34,6 +35,8 @@ pub mod depend;
 pub mod direct;
 #[cfg(feature = "embedded")]
 pub mod flow;
+#[cfg(feature = "embedded")]
+pub mod identity;
 pub mod include_dirs;
 pub mod local;
 pub mod lookups;

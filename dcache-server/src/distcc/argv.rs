@@ -86,6 +86,8 @@ pub fn job_from_argv(argv: &[String], names: &CompilerNames) -> Result<JobDesc, 
         language: language.into(),
         args,
         source_len: None,
+        // Filled in by the front end from the server's own compiler of that name.
+        identity: None,
     })
 }
 

@@ -94,7 +94,11 @@ async fn serve(
         }
     };
     let protocol = protocol.unwrap_or(Protocol::Plain);
-    let desc = job_from_argv(&argv, &config.names).map_err(End::Refused)?;
+    let mut desc = job_from_argv(&argv, &config.names).map_err(End::Refused)?;
+    // A stock client cannot name its compiler's identity: the job asks for this server's
+    // compiler of that name, as distccd would run it, so its key is the one a dcache
+    // client with the same compiler computes.
+    desc.identity = service.identity_of(&desc.compiler);
     // Refused before the source is read: the client stops uploading and compiles locally.
     service
         .check_job(&desc)

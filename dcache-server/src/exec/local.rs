@@ -7,19 +7,22 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dcache_proto::{JobDesc, JobResult, OutputFile};
+use dcache_proto::{CompilerIdentity, JobDesc, JobResult, OutputFile};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
 use super::limits::{ExecLimits, ProcessTree, read_capped};
-use super::{CompileFuture, CompilerId, ExecError, Executor, args};
+use super::{CompileFuture, CompilerId, ExecError, Executor, args, identity as probe};
 use crate::sandbox::{Policy, Sandbox, toolchain};
 
 /// Settings of a [`LocalExecutor`].
 #[derive(Clone, Debug)]
 pub struct LocalExecutorConfig {
-    /// Compiler names clients may ask for. Names only: a client can never choose a path.
+    /// Compiler names offered to clients, found on [`path`](Self::path): plain or
+    /// versioned (`gcc`, `gcc-12`, `x86_64-linux-gnu-gcc-11`, `clang-14`). Names only: a
+    /// client can never choose a path. A job runs on the offered compiler whose identity
+    /// equals the one it names (the one of its name first), never on another.
     pub allowed: Vec<String>,
     /// How long one compile may run before it is killed, counted from its start: the
     /// upload is included, since the compiler holds its slot and temp dir all along.
@@ -38,10 +41,11 @@ pub struct LocalExecutorConfig {
     /// are part of each compiler's identity: results compiled under one locale are never
     /// served under another.
     pub locale: Vec<(String, String)>,
-    /// A directory where compiler identities are remembered, keyed by the binary's path,
-    /// size, inode and change times: a process that starts for one compile (the wrapper's
-    /// embedded server) then skips the `--version` run and the hash of the binary. A
-    /// replaced or touched binary changes the key. `None`: compute at every start.
+    /// A directory where compiler identities (the store binding and the identity jobs are
+    /// matched on) are remembered, keyed by the binary's path, size, inode and change
+    /// times: a process that starts for one compile (the wrapper's embedded server) then
+    /// skips the compiler runs and the hashing. A replaced or touched binary changes the
+    /// key. `None`: compute at every start.
     pub identity_cache: Option<PathBuf>,
     /// The kernel sandbox every compile runs in ([`Sandbox::probe`]). `None` runs the
     /// compiler unconfined: right only for a server compiling for its own user (the
@@ -78,6 +82,8 @@ impl Default for LocalExecutorConfig {
 struct Compiler {
     path: PathBuf,
     id: CompilerId,
+    /// What a job's identity must equal for this compiler to run it.
+    identity: CompilerIdentity,
     /// What the sandbox lets this compiler read and execute (empty without a sandbox).
     toolchain: std::sync::Arc<[PathBuf]>,
 }
@@ -99,11 +105,19 @@ impl LocalExecutor {
                 continue;
             }
             if let Some(path) = toolchain::find_on_path(name, &config.path) {
-                let id = match &config.identity_cache {
-                    Some(dir) => cached_identity(dir, &path, &config.locale),
-                    None => identity(&path, &config.locale),
+                let matched = match &config.identity_cache {
+                    Some(dir) => probe::probe_cached(dir, &path, &config.path),
+                    None => probe::probe(&path, &config.path),
                 };
-                if let Some(id) = id {
+                let matched = match matched {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::warn!("leaving {name} out: {e}");
+                        None
+                    }
+                };
+                if let Some(matched) = matched {
+                    let id = store_binding(&path, &matched, &config.locale);
                     let toolchain = if config.sandbox.is_some() {
                         let mut files = toolchain::resolve(&path, &config.path);
                         files.extend(config.sandbox_paths.iter().cloned());
@@ -116,6 +130,7 @@ impl LocalExecutor {
                         Compiler {
                             path,
                             id,
+                            identity: matched,
                             toolchain,
                         },
                     );
@@ -131,51 +146,75 @@ impl LocalExecutor {
         self.compilers.get(name).map(|c| c.id)
     }
 
+    /// The identity a job must name to run on the allowed compiler `name`, if installed
+    /// (the one the client computes of its own compiler: protocol §5.2.1).
+    pub fn job_identity(&self, name: &str) -> Option<&CompilerIdentity> {
+        self.compilers.get(name).map(|c| &c.identity)
+    }
+
     /// The compiler names this executor will run.
     pub fn available(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self.compilers.keys().map(String::as_str).collect();
         v.sort_unstable();
         v
     }
-}
 
-/// [`identity`], remembered in `dir` under a name derived from everything that changes
-/// when the binary does (path, size, inode, modification and change times) and the
-/// locale. Best effort: an unreadable or unwritable cache just computes.
-fn cached_identity(dir: &Path, path: &Path, locale: &[(String, String)]) -> Option<CompilerId> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).ok()?;
-    let mut h = blake3::Hasher::new_derive_key("dcache 2026-11 compiler identity cache v1");
-    h.update(path.as_os_str().as_encoded_bytes());
-    for n in [
-        meta.len(),
-        meta.ino(),
-        meta.dev(),
-        meta.mtime() as u64,
-        meta.mtime_nsec() as u64,
-        meta.ctime() as u64,
-        meta.ctime_nsec() as u64,
-    ] {
-        h.update(&n.to_be_bytes());
+    /// Every compiler offered, by name, with the identity a job must name to run on it:
+    /// for the server's start-up log and for refusals.
+    pub fn offers(&self) -> Vec<(&str, &CompilerIdentity)> {
+        let mut v: Vec<_> = self
+            .compilers
+            .iter()
+            .map(|(n, c)| (n.as_str(), &c.identity))
+            .collect();
+        v.sort_unstable_by_key(|(n, _)| *n);
+        v
     }
-    hash_locale(&mut h, locale);
-    let file = dir.join(h.finalize().to_hex().as_str());
-    if let Ok(bytes) = std::fs::read(&file) {
-        if let Ok(id) = <[u8; 32]>::try_from(bytes.as_slice()) {
-            return Some(CompilerId(id));
+
+    /// The compiler that runs `desc`: the offered one whose identity equals the job's,
+    /// the one of the requested name first (so a name that runs in another driver mode,
+    /// `clang++`, keeps it when offered), else any (`cc` for `gcc`: one binary). The name
+    /// alone never selects a compiler.
+    fn select(&self, desc: &JobDesc) -> Result<&Compiler, ExecError> {
+        if desc.compiler.contains('/') {
+            // distcc's CVE-2004-2687: a client that picks a path picks the program.
+            return Err(ExecError::CompilerPath(desc.compiler.clone()));
         }
+        let wanted = desc.identity.as_ref().ok_or(ExecError::NoIdentity)?;
+        if let Some(c) = self.compilers.get(&desc.compiler) {
+            if &c.identity == wanted {
+                return Ok(c);
+            }
+        }
+        let offers = self.offers();
+        if let Some((name, _)) = offers.iter().find(|(_, id)| *id == wanted) {
+            if let Some(c) = self.compilers.get(*name) {
+                return Ok(c);
+            }
+        }
+        // Named in full for a person; bounded, so a server with many compilers still
+        // sends a short ABORT.
+        let mut offered: Vec<String> = offers
+            .iter()
+            .take(8)
+            .map(|(n, id)| format!("{n} = {id}"))
+            .collect();
+        if offers.len() > 8 {
+            offered.push(format!("and {} more", offers.len() - 8));
+        }
+        if offered.is_empty() {
+            offered.push("no compiler".into());
+        }
+        Err(ExecError::NoMatchingCompiler {
+            requested: desc.compiler.clone(),
+            wanted: Box::new(wanted.clone()),
+            offered: offered.join("; "),
+        })
     }
-    let id = identity(path, locale)?;
-    let _ = std::fs::create_dir_all(dir).and_then(|()| {
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        std::io::Write::write_all(&mut tmp, &id.0)?;
-        tmp.persist(&file).map(|_| ()).map_err(|e| e.error)
-    });
-    Some(id)
 }
 
 /// Feeds the locale variables, length-prefixed so no two lists hash alike. An empty list
-/// feeds nothing, so identities under the default locale are what they always were.
+/// feeds nothing.
 fn hash_locale(h: &mut blake3::Hasher, locale: &[(String, String)]) {
     for (k, v) in locale {
         for part in [k, v] {
@@ -185,35 +224,35 @@ fn hash_locale(h: &mut blake3::Hasher, locale: &[(String, String)]) {
     }
 }
 
-/// Path, `--version` output and the binary's digest (any upgrade changes at least one),
-/// and the locale diagnostics are written in.
-fn identity(path: &Path, locale: &[(String, String)]) -> Option<CompilerId> {
-    let version = std::process::Command::new(path)
-        .arg("--version")
-        .env_clear()
-        .env("LC_ALL", "C")
-        .output()
-        .ok()?;
-    let binary = std::fs::read(path).ok()?;
-    let mut h = blake3::Hasher::new_derive_key("dcache 2026-11 compiler identity v1");
-    h.update(path.as_os_str().as_encoded_bytes());
-    h.update(&(version.stdout.len() as u64).to_be_bytes());
-    h.update(&version.stdout);
-    h.update(blake3::hash(&binary).as_bytes());
+/// The identity results are stored under: the compiler's path, the identity jobs are
+/// matched on (its version line, target, and the digest of the driver, `cc1`, `cc1plus`
+/// and `as`: any upgrade changes it), and the locale diagnostics are written in.
+fn store_binding(
+    path: &Path,
+    identity: &CompilerIdentity,
+    locale: &[(String, String)],
+) -> CompilerId {
+    let mut h = blake3::Hasher::new_derive_key("dcache 2026-12 compiler store binding v1");
+    for part in [
+        path.as_os_str().as_encoded_bytes(),
+        identity.version.as_bytes(),
+        identity.target.as_bytes(),
+        &identity.digest,
+    ] {
+        h.update(&(part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
     hash_locale(&mut h, locale);
-    Some(CompilerId(*h.finalize().as_bytes()))
+    CompilerId(*h.finalize().as_bytes())
 }
 
 impl Executor for LocalExecutor {
+    fn identity_of(&self, name: &str) -> Option<CompilerIdentity> {
+        self.job_identity(name).cloned()
+    }
+
     fn check(&self, desc: &JobDesc) -> Result<CompilerId, ExecError> {
-        if desc.compiler.contains('/') {
-            // distcc's CVE-2004-2687: a client that picks a path picks the program.
-            return Err(ExecError::CompilerPath(desc.compiler.clone()));
-        }
-        let compiler = self
-            .compilers
-            .get(&desc.compiler)
-            .ok_or_else(|| ExecError::CompilerNotAllowed(desc.compiler.clone()))?;
+        let compiler = self.select(desc)?;
         if !matches!(desc.language.as_str(), "cpp-output" | "c++-cpp-output") {
             return Err(ExecError::Language(desc.language.clone()));
         }
@@ -222,13 +261,11 @@ impl Executor for LocalExecutor {
     }
 
     fn compile(&self, desc: JobDesc, source: mpsc::UnboundedReceiver<Bytes>) -> CompileFuture {
-        let checked = self.check(&desc).map(|_| ());
-        let compiler = self.compilers.get(&desc.compiler).cloned();
+        // The very compiler `check` names: selected again by the job's identity.
+        let checked = self.check(&desc).and_then(|_| self.select(&desc).cloned());
         let config = self.config.clone();
         Box::pin(async move {
-            checked?;
-            let compiler =
-                compiler.ok_or_else(|| ExecError::CompilerNotAllowed(desc.compiler.clone()))?;
+            let compiler = checked?;
             let limit = config.time_limit;
             tokio::time::timeout(limit, run(compiler, desc, source, config))
                 .await

@@ -6,6 +6,7 @@
 pub mod args;
 mod fake;
 mod handle;
+pub mod identity;
 mod limits;
 mod local;
 mod options;
@@ -14,7 +15,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use bytes::Bytes;
-use dcache_proto::{CacheKey, JobDesc, JobResult};
+use dcache_proto::{CacheKey, CompilerIdentity, ErrorCode, JobDesc, JobResult};
 use tokio::sync::mpsc;
 
 use crate::store::StoreKey;
@@ -49,6 +50,26 @@ pub enum ExecError {
     /// The compiler is not on this server's allow-list.
     #[error("compiler {0:?} is not allowed on this server")]
     CompilerNotAllowed(String),
+    /// The job names no compiler identity (a protocol-version-1 client, or one that could
+    /// not identify its compiler): which compiler it meant is unknown, so none runs.
+    #[error(
+        "the job does not identify its compiler (a dcache client older than protocol version 2?): \
+         this server runs a compiler only for a client that names its identity; upgrade the client"
+    )]
+    NoIdentity,
+    /// No compiler offered here has the identity the job names: running one of them would
+    /// give another compiler's object.
+    #[error(
+        "no compiler here matches the client's {requested:?}, {wanted}; this server offers {offered}"
+    )]
+    NoMatchingCompiler {
+        /// The compiler name the client asked for.
+        requested: String,
+        /// The identity the job names.
+        wanted: Box<CompilerIdentity>,
+        /// The compilers offered, each as `name = identity`, for the message.
+        offered: String,
+    },
     /// The client named a compiler by path; only bare allow-listed names are run.
     #[error("compiler {0:?} refused: a path, not a name (the server picks its own binaries)")]
     CompilerPath(String),
@@ -90,7 +111,20 @@ impl ExecError {
                 | Self::CompilerPath(_)
                 | Self::OptionRefused(_)
                 | Self::Language(_)
+                | Self::NoIdentity
+                | Self::NoMatchingCompiler { .. }
         )
+    }
+
+    /// The protocol error code a job refused or failed this way is ended with:
+    /// `COMPILER_MISMATCH` when no compiler here has the job's identity (another server
+    /// may have one), `REFUSED` for the other refusals, `COMPILE_FAILED` otherwise.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            Self::NoMatchingCompiler { .. } => ErrorCode::COMPILER_MISMATCH,
+            e if e.is_refusal() => ErrorCode::REFUSED,
+            _ => ErrorCode::COMPILE_FAILED,
+        }
     }
 }
 
@@ -102,6 +136,16 @@ pub trait Executor: Send + Sync + 'static {
     /// Checks a job before any source arrives and names the compiler that would run it.
     /// Refusals happen here, so nothing is started for a job that cannot run.
     fn check(&self, desc: &JobDesc) -> Result<CompilerId, ExecError>;
+
+    /// The identity a job must carry to run on the offered compiler `name`, for front ends
+    /// whose clients cannot say which compiler they have (a stock distcc client names only
+    /// `gcc`): such a job is taken to ask for this server's own compiler of that name,
+    /// which is exactly what distccd would run. `None`: no such compiler, or an executor
+    /// that does not select by identity.
+    fn identity_of(&self, name: &str) -> Option<CompilerIdentity> {
+        let _ = name;
+        None
+    }
 
     /// Compiles `desc`, reading source chunks from `source` as they arrive; the channel's
     /// end is the end of the source. If the compiler exits before the source ends, the

@@ -174,7 +174,7 @@ impl Connection {
                     Counters::bump(&counters.jobs_refused);
                     self.send(ServerCommand::Abort {
                         job,
-                        code: ErrorCode::REFUSED,
+                        code: e.error_code(),
                         message: e.to_string(),
                     });
                 }
@@ -400,14 +400,9 @@ impl Connection {
                     Err(e) => {
                         j.done = true;
                         j.finish(None);
-                        let code = if e.is_refusal() {
-                            ErrorCode::REFUSED
-                        } else {
-                            ErrorCode::COMPILE_FAILED
-                        };
                         self.send(ServerCommand::Abort {
                             job,
-                            code,
+                            code: e.error_code(),
                             message: e.to_string(),
                         });
                     }

@@ -327,6 +327,12 @@ impl Service {
         self.executor.check(desc)
     }
 
+    /// The identity a job naming compiler `name` is given when its client cannot say
+    /// (see [`crate::exec::Executor::identity_of`]).
+    pub(crate) fn identity_of(&self, name: &str) -> Option<dcache_proto::CompilerIdentity> {
+        self.executor.identity_of(name)
+    }
+
     /// The protocol settings every connection uses.
     pub(crate) fn protocol(&self) -> &ServerConfig {
         &self.config.protocol

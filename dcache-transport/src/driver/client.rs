@@ -62,7 +62,9 @@ struct Submission {
 }
 
 enum Command {
-    Submit(Submission),
+    /// Boxed: a job description (with its compiler identity) is far larger than the
+    /// other commands, which are sent per source chunk.
+    Submit(Box<Submission>),
     /// More source for a job submitted without `fin`.
     Push {
         token: u64,
@@ -218,7 +220,7 @@ impl ClientHandle {
             reply,
         };
         self.commands
-            .send(Command::Submit(submission))
+            .send(Command::Submit(Box::new(submission)))
             .map_err(|_| JobError::Closed)?;
         Ok((token, rx))
     }
@@ -402,7 +404,7 @@ impl Owner<ClientConnection> for ClientOwner {
 
     fn apply(&mut self, machine: &mut ClientConnection, command: Command, now: Instant) {
         match command {
-            Command::Submit(s) => self.start(machine, s, now),
+            Command::Submit(s) => self.start(machine, *s, now),
             Command::Push { token, data, fin } => {
                 if let Some(job) = self.job_of(token) {
                     // Refused only when the job already has its answer (a result needs no

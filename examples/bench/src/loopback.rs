@@ -108,6 +108,7 @@ fn job(n: usize, len: usize) -> (JobDesc, Bytes, CacheKey) {
         language: "cpp-output".into(),
         args: vec!["-O2".into(), "-c".into(), format!("-DJOB={n}")],
         source_len: Some(len as u64),
+        identity: None,
     };
     let src = Bytes::from(vec![(n % 251) as u8; len]);
     let key = CacheKey::compute(&desc, &src);
@@ -276,6 +277,7 @@ pub async fn run() -> Result<(String, String), String> {
                 language: "cpp-output".into(),
                 args: vec![format!("-DCLIENT={i}")],
                 source_len: Some(src.len() as u64),
+                identity: None,
             };
             let key = CacheKey::compute(&desc, &src);
             h.submit(desc, Some(key), src).await.map(|_| ())

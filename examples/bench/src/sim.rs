@@ -77,6 +77,7 @@ pub fn run_cell(
         language: "cpp-output".into(),
         args: vec!["-O2".into()],
         source_len: Some(source_len as u64),
+        identity: None,
     };
     let src = source(source_len);
     if hit {

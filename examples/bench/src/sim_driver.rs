@@ -76,6 +76,7 @@ pub fn run_cell(
             language: "cpp-output".into(),
             args: vec!["-O2".into(), "-c".into()],
             source_len: Some(source_len as u64),
+            identity: None,
         };
         let src = Bytes::from(
             (0..source_len)

@@ -50,13 +50,15 @@ struct Args {
     /// Compiles run at once (default: the number of cores); more wait in a queue.
     #[arg(long)]
     jobs: Option<usize>,
-    /// Compiler names clients may use, comma-separated (e.g. gcc,gcc-12,clang). Names
-    /// only, never paths: each is looked up in the --compiler-path directories (not this
-    /// server's PATH), so a client can never choose what runs.
+    /// Compiler names offered to clients, comma-separated: plain or versioned (gcc-12,
+    /// x86_64-linux-gnu-gcc-11, clang-14), found in --compiler-path; a client can never
+    /// choose a path. A job runs only on the offered compiler whose identity (version,
+    /// target, digest of its programs) equals that of the client's own compiler.
     #[arg(
         long,
         value_name = "NAMES",
         value_delimiter = ',',
+        value_parser = compiler_name,
         default_value = "gcc,g++,cc,c++,clang,clang++"
     )]
     allow_compiler: Vec<String>,
@@ -281,6 +283,9 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
         },
         ..LocalExecutorConfig::default()
     });
+    for (name, id) in executor.offers() {
+        tracing::info!("offering {name}: {id}");
+    }
     if executor.available().is_empty() {
         eprintln!(
             "dcache-server: none of the allowed compilers ({}) was found in {}",
@@ -440,4 +445,16 @@ async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// An `--allow-compiler` entry: a bare program name, since a path would let the list
+/// decide which directory runs (that is `--compiler-path`'s job).
+fn compiler_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.contains('/') || s.starts_with('-') || s == "." || s == ".." {
+        return Err(format!(
+            "{s:?} is not a compiler name (a name such as gcc or gcc-12; \
+             --compiler-path says where to find it)"
+        ));
+    }
+    Ok(s.to_owned())
 }
