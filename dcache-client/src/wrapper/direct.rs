@@ -81,6 +81,17 @@ const MAX_ENTRIES: usize = 16;
 /// preprocessor read (timestamps have coarse granularity on some filesystems).
 const TOO_NEW: Duration = Duration::from_secs(1);
 
+/// Whether `path` changed so shortly before `started` that no entry could be recorded for
+/// a compile reading it (see [`TOO_NEW`]). Depend mode asks this of the source first: a
+/// file just saved then takes the preprocessor's way, which is cached by content, rather
+/// than a compile that could not be recorded at all.
+pub fn too_new_to_record(path: &Path, started: SystemTime) -> bool {
+    match (changed_at(path), started.checked_sub(TOO_NEW)) {
+        (Some(changed), Some(limit)) => changed >= limit,
+        _ => true,
+    }
+}
+
 /// The key of everything a compile's preprocessed source depends on, except the contents
 /// of the files it includes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -145,7 +145,10 @@ async fn compile(
             calls::record_cacheable(&config.dir);
             return code;
         }
-        if depend::applies(config, backend, args) {
+        if depend::applies(config, backend, args)
+            && !super::direct::too_new_to_record(&plan.input, started)
+        {
+            calls::record_cacheable(&config.dir);
             return depend::compile(config, backend, compiler, args, plan, &desc, dk, started)
                 .await;
         }

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use dcache_proto::CompilerIdentity;
-use dcache_server::exec::identity::probe_cached;
+use dcache_server::exec::identity::probe_cached_with_env;
 
 use super::config::Config;
 
@@ -19,7 +19,10 @@ use super::config::Config;
 pub fn of(config: &Config, compiler: &OsStr) -> Option<CompilerIdentity> {
     let path = resolve(compiler)?;
     let search = std::env::var("PATH").unwrap_or_default();
-    match probe_cached(&config.dir.join("compilers"), &path, &search) {
+    // A compiler script that calls `gcc` again reaches a masquerading dcache: the depth
+    // bounds that, in the probe as in every other command the wrapper starts.
+    let env: Vec<_> = super::masquerade::depth_env().into_iter().collect();
+    match probe_cached_with_env(&config.dir.join("compilers"), &path, &search, &env) {
         Ok(id) => Some(id),
         Err(e) => {
             tracing::debug!("{e}; compiling locally");

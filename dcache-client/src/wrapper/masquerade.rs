@@ -170,6 +170,14 @@ pub fn skip_self(compiler: OsString) -> OsString {
 /// starts ([`depth_env`]).
 static DEPTH: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
+/// Whether this masquerading dcache runs inside a compile another one started (a compiler
+/// script calling `gcc` again). Such a call only runs the compiler: the outer dcache
+/// already caches the whole command, and probing or caching here again would multiply
+/// the processes at every level (each identity probe runs the compiler five times).
+pub fn nested() -> bool {
+    DEPTH.load(std::sync::atomic::Ordering::Relaxed) > 1
+}
+
 /// The variable to set in a locally run compiler's environment: the nesting depth of
 /// this masquerading dcache, if it is one.
 pub fn depth_env() -> Option<(&'static str, String)> {

@@ -63,16 +63,25 @@ pub enum IdentityError {
     },
 }
 
+/// The variable a masquerading dcache reads its nesting depth from (the client's
+/// `wrapper::masquerade::DEPTH_VAR`, spelled here because this crate cannot name it).
+/// Set in every probe, so a dcache the probed compiler reaches only runs the compiler.
+const NESTED_VAR: &str = "DCACHE_MASQUERADE_DEPTH";
+
 /// Computes the identity of the compiler at `compiler` (a path to it; resolve a bare name
 /// on `PATH` first), running it with `search_path` as its `PATH`.
 pub fn probe(compiler: &Path, search_path: &str) -> Result<CompilerIdentity, IdentityError> {
-    probe_files(compiler, search_path).map(|(id, _)| id)
+    probe_files(compiler, search_path, &[]).map(|(id, _)| id)
 }
 
-/// The identity, and the files its digest covers (the driver first).
+/// The identity, and the files its digest covers (the driver first). `extra_env` is set
+/// in the queries' otherwise cleared environment: a wrapper invoked as `gcc` passes its
+/// nesting depth, so a compiler script that calls `gcc` again cannot recurse through it
+/// without bound.
 fn probe_files(
     compiler: &Path,
     search_path: &str,
+    extra_env: &[(&str, String)],
 ) -> Result<(CompilerIdentity, Vec<PathBuf>), IdentityError> {
     let io = |source| IdentityError::Io {
         path: compiler.to_path_buf(),
@@ -90,6 +99,11 @@ fn probe_files(
                 .env_clear()
                 .env("PATH", search_path)
                 .env("LC_ALL", "C")
+                // A compiler script that calls `gcc` may reach a dcache masquerading as
+                // gcc: marked as nested, it only runs the compiler, never probes again
+                // (five queries a level would multiply without bound).
+                .env(NESTED_VAR, "1")
+                .envs(extra_env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
@@ -200,8 +214,19 @@ pub fn probe_cached(
     compiler: &Path,
     search_path: &str,
 ) -> Result<CompilerIdentity, IdentityError> {
+    probe_cached_with_env(dir, compiler, search_path, &[])
+}
+
+/// [`probe_cached`], with `extra_env` set for the compiler's queries (see
+/// [`probe_files`]); it does not change the identity, so it is not part of the entry.
+pub fn probe_cached_with_env(
+    dir: &Path,
+    compiler: &Path,
+    search_path: &str,
+    extra_env: &[(&str, String)],
+) -> Result<CompilerIdentity, IdentityError> {
     let Some(sig) = signature(compiler) else {
-        return probe(compiler, search_path);
+        return probe_files(compiler, search_path, extra_env).map(|(id, _)| id);
     };
     let mut h = blake3::Hasher::new_derive_key("dcache 2026-12 client compiler identity cache v1");
     let path_bytes = compiler.as_os_str().as_encoded_bytes();
@@ -218,7 +243,7 @@ pub fn probe_cached(
     {
         return Ok(id);
     }
-    let (id, files) = probe_files(compiler, search_path)?;
+    let (id, files) = probe_files(compiler, search_path, extra_env)?;
     if let Some(text) = format_entry(&id, &files) {
         let _ = std::fs::create_dir_all(dir).and_then(|()| {
             let mut tmp = tempfile::NamedTempFile::new_in(dir)?;

@@ -43,6 +43,10 @@ fn main() -> ExitCode {
             Ok(c) => c.into_os_string(),
             Err(e) => return fail(&e),
         };
+        if wrapper::masquerade::nested() {
+            let code = wrapper::local::run_locally(&compiler, &args).unwrap_or(1);
+            return ExitCode::from(u8::try_from(code).unwrap_or(1));
+        }
         return compile(&runtime, &config, compiler, args);
     }
     match first.as_deref() {
