@@ -430,6 +430,9 @@ fn the_embedded_server_runs_the_compiler_as_invoked_not_another_of_that_name() {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("k.c"), "int k(void) { return 11; }\n").unwrap();
+    // Past the freshness rule: a just-saved source takes the preprocessor way, not depend
+    // mode's.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     // Through the embedded server (the preprocessor path, direct mode off), and in
     // depend mode, where the wrapper compiles the source itself.
     for direct in ["0", "1"] {
