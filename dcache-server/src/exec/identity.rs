@@ -217,8 +217,8 @@ pub fn probe_cached(
     probe_cached_with_env(dir, compiler, search_path, &[])
 }
 
-/// [`probe_cached`], with `extra_env` set for the compiler's queries (see
-/// [`probe_files`]); it does not change the identity, so it is not part of the entry.
+/// [`probe_cached`], with `extra_env` set in the compiler's queries' environment (as for
+/// a masquerade depth); it does not change the identity, so it is not part of the entry.
 pub fn probe_cached_with_env(
     dir: &Path,
     compiler: &Path,
