@@ -82,7 +82,7 @@ const MAX_ENTRIES: usize = 16;
 const TOO_NEW: Duration = Duration::from_secs(1);
 
 /// Whether `path` changed so shortly before `started` that no entry could be recorded for
-/// a compile reading it (see [`TOO_NEW`]). Depend mode asks this of the source first: a
+/// a compile reading it (within a second). Depend mode asks this of the source first: a
 /// file just saved then takes the preprocessor's way, which is cached by content, rather
 /// than a compile that could not be recorded at all.
 pub fn too_new_to_record(path: &Path, started: SystemTime) -> bool {
