@@ -69,6 +69,10 @@ fn project() -> tempfile::TempDir {
          clean:\n\trm -f *.o prog\n",
     )
     .unwrap();
+    // Older than the wrapper's freshness rule (a file changed within the last second is
+    // never recorded, and its status-change time cannot be set back), so every compile
+    // of the cold build takes the same way, and the warm build finds what it recorded.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     dir
 }
 
@@ -243,7 +247,6 @@ fn a_versioned_name_and_dcache_gcc_with_the_link_on_path_both_reach_the_real_com
 }
 
 #[test]
-#[ignore = "hangs since the compiler-identity probe landed: the probe of a script that calls gcc again does not end (open defect, see the #14 note)"]
 fn a_compiler_script_that_calls_gcc_again_is_stopped_not_looped() {
     let links = Links::new(&["gcc"]);
     let scripts = tempfile::tempdir().unwrap();

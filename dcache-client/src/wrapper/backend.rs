@@ -101,23 +101,18 @@ impl Backend {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut dirs: Vec<std::path::PathBuf> = invoked
+        // Found in the directory it was invoked from, but run with the user's PATH as it
+        // is: a compiler script that calls `gcc` reaches what it would without dcache.
+        let compiler_dir = invoked
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
-            .and_then(|d| d.canonicalize().ok())
-            .into_iter()
-            .collect();
-        dirs.extend(std::env::split_paths(
-            &std::env::var_os("PATH").unwrap_or_default(),
-        ));
-        let path = std::env::join_paths(dirs)
-            .ok()
-            .and_then(|p| p.into_string().ok())
-            .unwrap_or_else(|| LocalExecutorConfig::default().path);
+            .and_then(|d| d.canonicalize().ok());
+        let path = std::env::var("PATH").unwrap_or_else(|_| LocalExecutorConfig::default().path);
         let store = Arc::new(store);
         let executor = Arc::new(LocalExecutor::new(LocalExecutorConfig {
             allowed: vec![name],
             path,
+            compiler_dir,
             identity_cache: Some(config.dir.join("compilers")),
             workdir: std::env::current_dir().ok(),
             locale: locale_env(),

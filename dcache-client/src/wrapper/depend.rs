@@ -151,7 +151,7 @@ pub async fn compile(
         },
         Deps::Full | Deps::User => None,
     };
-    let mut cmd = Command::new(compiler);
+    let mut cmd = super::local::compiler_command(compiler);
     cmd.args(args);
     if std::io::stderr().is_terminal()
         && !args

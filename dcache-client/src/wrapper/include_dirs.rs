@@ -82,7 +82,7 @@ pub fn search_dirs(
     if let Some(dirs) = read_cached(&file) {
         return Some(dirs);
     }
-    let out = Command::new(compiler)
+    let out = super::local::compiler_command(compiler)
         .args(&args)
         .args(["-E", "-v", "-x", lang, "/dev/null", "-o", "/dev/null"])
         .stdin(Stdio::null())

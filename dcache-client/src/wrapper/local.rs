@@ -39,14 +39,22 @@ pub enum PreprocessError {
     },
 }
 
+/// A command running `compiler` the way every compiler run of the wrapper must: with the
+/// masquerade depth in its environment, so a compiler script that calls `gcc` and comes
+/// back through a masquerading dcache is counted and stopped, never looped.
+pub(super) fn compiler_command(compiler: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(compiler);
+    cmd.envs(super::masquerade::depth_env());
+    cmd
+}
+
 /// Runs `compiler -E` for a plan, writing dependency files as the compiler would.
 pub fn preprocess(plan: &CompilePlan) -> Result<Preprocessed, PreprocessError> {
     let lang = match plan.language {
         Language::C => "c",
         Language::Cxx => "c++",
     };
-    let out = Command::new(&plan.compiler)
-        .envs(super::masquerade::depth_env())
+    let out = compiler_command(&plan.compiler)
         .arg("-E")
         .args(&plan.preprocess_args)
         .arg("-x")
@@ -70,10 +78,7 @@ pub fn preprocess(plan: &CompilePlan) -> Result<Preprocessed, PreprocessError> {
 /// Runs the compiler with the original arguments and this process's stdio, as if the
 /// wrapper were not there. Returns the exit code to exit with.
 pub fn run_locally(compiler: &OsString, args: &[OsString]) -> std::io::Result<i32> {
-    let status = Command::new(compiler)
-        .envs(super::masquerade::depth_env())
-        .args(args)
-        .status()?;
+    let status = compiler_command(compiler).args(args).status()?;
     Ok(exit_code(status))
 }
 

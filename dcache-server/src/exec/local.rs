@@ -29,6 +29,13 @@ pub struct LocalExecutorConfig {
     pub time_limit: Duration,
     /// `PATH` for finding the compilers and for the compiler's own helpers (`as`, `cc1`).
     pub path: String,
+    /// A directory searched for the offered compilers before [`path`](Self::path), and
+    /// kept out of the `PATH` the compilers run with. The wrapper's embedded server runs
+    /// the very compiler the user named (`/opt/gcc-13/bin/gcc`, or the script a
+    /// masquerading `gcc` link resolved to), while that compiler's own children see the
+    /// user's `PATH` unchanged: a script `gcc` that runs `gcc` must reach what it would
+    /// reach without dcache, not itself again. `None` for a server.
+    pub compiler_dir: Option<PathBuf>,
     /// Where compilers run. `None`, the default and the only choice for a server: a fresh
     /// private temporary directory per job, so a compile can touch nothing else. An
     /// in-process server compiling for the local user (the wrapper's embedded default) may
@@ -68,6 +75,7 @@ impl Default for LocalExecutorConfig {
                 .to_vec(),
             time_limit: Duration::from_secs(300),
             path: "/usr/local/bin:/usr/bin:/bin".into(),
+            compiler_dir: None,
             workdir: None,
             locale: Vec::new(),
             identity_cache: None,
@@ -100,11 +108,15 @@ impl LocalExecutor {
     /// not installed are left out (a job asking for them is refused).
     pub fn new(config: LocalExecutorConfig) -> Self {
         let mut compilers = HashMap::new();
+        let lookup = match &config.compiler_dir {
+            Some(dir) => format!("{}:{}", dir.display(), config.path),
+            None => config.path.clone(),
+        };
         for name in &config.allowed {
             if name.contains('/') {
                 continue;
             }
-            if let Some(path) = toolchain::find_on_path(name, &config.path) {
+            if let Some(path) = toolchain::find_on_path(name, &lookup) {
                 let matched = match &config.identity_cache {
                     Some(dir) => probe::probe_cached(dir, &path, &config.path),
                     None => probe::probe(&path, &config.path),
