@@ -108,9 +108,7 @@ impl Server {
         if let Some(t) = token {
             cmd.arg("--token-file").arg(t);
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("dcache-server: {e}"))?;
+        let mut child = cmd.spawn().map_err(|e| format!("dcache-server: {e}"))?;
         let stderr = child.stderr.take().ok_or("no stderr")?;
         let mut lines = BufReader::new(stderr).lines();
         loop {
@@ -246,102 +244,141 @@ fn settle(link: Option<&Link>) -> LinkStats {
         .unwrap_or_default()
 }
 
-/// Measures one cell: warm-up, one miss, then the hits.
-fn cell(
-    opts: &Options,
-    work: &Path,
-    server: &Server,
-    token: Option<&Path>,
+/// One cell being measured: its link (none for the direct baseline), its wrapper, and the
+/// samples so far.
+struct Run<'a> {
+    link: Option<Link>,
+    wrapper: Wrapper<'a>,
+    tag: String,
     rtt: Option<Duration>,
-    local: Duration,
     n: usize,
-) -> Result<Cell, String> {
-    // `local` is only read with an emulator in the way (the direct cell measures it).
-    let link = match rtt {
-        Some(rtt) => Some(
-            Link::start(
-                SocketAddr::from(([127, 0, 0, 1], 0)),
-                server.addr,
-                LinkConfig {
-                    rtt,
-                    rate_bps: opts.rate_bps,
-                },
-            )
-            .map_err(|e| format!("link: {e}"))?,
-        ),
-        None => None,
-    };
-    let tag = format!(
-        "{}-{}",
-        if token.is_some() { "token" } else { "open" },
-        rtt.map_or(0, |r| r.as_micros())
-    );
-    let w = Wrapper {
-        opts,
-        work,
-        dir: work.join(format!("client-{tag}")),
-        host: link.as_ref().map_or(server.addr, Link::local_addr),
-        token,
-    };
-    // Warm-up: the server has hit.c from the first cell on; this directory's direct-mode
-    // manifest is written by the first call.
-    w.compile("hit.c")?;
-    w.compile("hit.c")?;
-    let miss_src = format!("miss-{tag}.c");
-    std::fs::write(
-        work.join(&miss_src),
-        format!("{HIT_SOURCE}\nint miss_{}(void) {{ return 1; }}\n", tag.replace('-', "_")),
-    )
-    .map_err(|e| e.to_string())?;
-    let before = settle(link.as_ref());
-    let miss = w.compile(&miss_src)?;
-    let miss_stats = settle(link.as_ref()).since(&before);
-    let (hits0, _) = w.counters()?;
-    let mut times = Vec::with_capacity(n);
-    let mut rts = Vec::with_capacity(n);
-    let mut down = Vec::with_capacity(n);
-    for _ in 0..n {
-        let before = settle(link.as_ref());
-        times.push(w.compile("hit.c")?);
-        let d = settle(link.as_ref()).since(&before);
-        rts.push(d.round_trips());
-        down.push(d.bytes_down);
-    }
-    let (hits1, stats) = w.counters()?;
-    w.stop_daemon();
-    if hits1 < hits0 + n as u64 {
-        return Err(format!(
-            "{tag}: {} of {n} compiles were hits; dcache --show-stats --json: {stats}",
-            hits1.saturating_sub(hits0)
-        ));
-    }
-    let (p50, p99) = p50_p99(&mut times);
-    let down_bytes = median_u64(&mut down);
-    let limit = match rtt {
-        Some(rtt) => {
-            let wire = LinkConfig {
-                rtt,
-                rate_bps: opts.rate_bps,
-            };
-            rtt + wire.serialization(down_bytes as usize) + local
-        }
-        None => p50,
-    };
-    Ok(Cell {
-        token: token.is_some(),
-        rtt,
-        samples: n,
-        p50,
-        p99,
-        limit,
-        rt_hit: median_u64(&mut rts),
-        rt_miss: miss_stats.round_trips(),
-        miss,
-        down_bytes,
-    })
+    hits_before: u64,
+    miss: Duration,
+    miss_stats: LinkStats,
+    times: Vec<Duration>,
+    rts: Vec<u64>,
+    down: Vec<u64>,
 }
 
-/// Runs every cell, with and without a token; returns the report.
+impl<'a> Run<'a> {
+    /// Sets a cell up: its link, a warm-up (the server has hit.c from the first cell on;
+    /// this directory's direct-mode manifest is written by the first call), one miss.
+    fn start(
+        opts: &'a Options,
+        work: &'a Path,
+        server: &Server,
+        token: Option<&'a Path>,
+        rtt: Option<Duration>,
+        n: usize,
+    ) -> Result<Run<'a>, String> {
+        let link = match rtt {
+            Some(rtt) => Some(
+                Link::start(
+                    SocketAddr::from(([127, 0, 0, 1], 0)),
+                    server.addr,
+                    LinkConfig {
+                        rtt,
+                        rate_bps: opts.rate_bps,
+                    },
+                )
+                .map_err(|e| format!("link: {e}"))?,
+            ),
+            None => None,
+        };
+        let tag = format!(
+            "{}-{}",
+            if token.is_some() { "token" } else { "open" },
+            rtt.map_or(0, |r| r.as_micros())
+        );
+        let wrapper = Wrapper {
+            opts,
+            work,
+            dir: work.join(format!("client-{tag}")),
+            host: link.as_ref().map_or(server.addr, Link::local_addr),
+            token,
+        };
+        wrapper.compile("hit.c")?;
+        wrapper.compile("hit.c")?;
+        let miss_src = format!("miss-{tag}.c");
+        std::fs::write(
+            work.join(&miss_src),
+            format!(
+                "{HIT_SOURCE}\nint miss_{}(void) {{ return 1; }}\n",
+                tag.replace('-', "_")
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let before = settle(link.as_ref());
+        let miss = wrapper.compile(&miss_src)?;
+        let miss_stats = settle(link.as_ref()).since(&before);
+        let (hits_before, _) = wrapper.counters()?;
+        Ok(Run {
+            link,
+            wrapper,
+            tag,
+            rtt,
+            n,
+            hits_before,
+            miss,
+            miss_stats,
+            times: Vec::with_capacity(n),
+            rts: Vec::with_capacity(n),
+            down: Vec::with_capacity(n),
+        })
+    }
+
+    /// One timed hit, with its round trips and bytes read after its connections closed.
+    fn sample(&mut self) -> Result<(), String> {
+        let before = settle(self.link.as_ref());
+        self.times.push(self.wrapper.compile("hit.c")?);
+        let d = settle(self.link.as_ref()).since(&before);
+        self.rts.push(d.round_trips());
+        self.down.push(d.bytes_down);
+        Ok(())
+    }
+
+    /// Checks every sample was a hit; the cell's figures, `local` being the direct p50.
+    fn finish(mut self, opts: &Options, local: Option<Duration>) -> Result<Cell, String> {
+        let (hits_after, stats) = self.wrapper.counters()?;
+        self.wrapper.stop_daemon();
+        let n = self.n;
+        if hits_after < self.hits_before + n as u64 {
+            return Err(format!(
+                "{}: {} of {n} compiles were hits; dcache --show-stats --json: {stats}",
+                self.tag,
+                hits_after.saturating_sub(self.hits_before)
+            ));
+        }
+        let (p50, p99) = p50_p99(&mut self.times);
+        let down_bytes = median_u64(&mut self.down);
+        let limit = match (self.rtt, local) {
+            (Some(rtt), Some(local)) => {
+                let wire = LinkConfig {
+                    rtt,
+                    rate_bps: opts.rate_bps,
+                };
+                rtt + wire.serialization(down_bytes as usize) + local
+            }
+            _ => p50,
+        };
+        Ok(Cell {
+            token: self.wrapper.token.is_some(),
+            rtt: self.rtt,
+            samples: n,
+            p50,
+            p99,
+            limit,
+            rt_hit: median_u64(&mut self.rts),
+            rt_miss: self.miss_stats.round_trips(),
+            miss: self.miss,
+            down_bytes,
+        })
+    }
+}
+
+/// Runs every cell, with and without a token; returns the report. The cells of one
+/// server are sampled in turn (one hit each, round and round), so a change in the
+/// machine's load falls on all of them alike rather than on whichever ran then.
 pub fn run(opts: &Options) -> Result<String, String> {
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
     let work = work.path();
@@ -357,19 +394,34 @@ pub fn run(opts: &Options) -> Result<String, String> {
     for token in [None, Some(token_file.as_path())] {
         let server = Server::start(
             &opts.bin_dir,
-            &work.join(if token.is_some() { "srv-token" } else { "srv-open" }),
+            &work.join(if token.is_some() {
+                "srv-token"
+            } else {
+                "srv-open"
+            }),
             token,
         )?;
-        let direct = cell(opts, work, &server, token, None, Duration::ZERO, opts.samples)?;
-        let local = direct.p50;
-        cells.push(direct);
+        let mut runs = vec![Run::start(opts, work, &server, token, None, opts.samples)?];
         for &rtt in &opts.rtts {
             let n = if rtt > Duration::from_millis(10) {
                 opts.samples_slow
             } else {
                 opts.samples
             };
-            cells.push(cell(opts, work, &server, token, Some(rtt), local, n)?);
+            runs.push(Run::start(opts, work, &server, token, Some(rtt), n)?);
+        }
+        let rounds = runs.iter().map(|r| r.n).max().unwrap_or(0);
+        for i in 0..rounds {
+            for r in runs.iter_mut().filter(|r| i < r.n) {
+                r.sample()?;
+            }
+        }
+        let mut runs = runs.into_iter();
+        let direct = runs.next().ok_or("no direct cell")?.finish(opts, None)?;
+        let local = direct.p50;
+        cells.push(direct);
+        for r in runs {
+            cells.push(r.finish(opts, Some(local))?);
         }
     }
     Ok(report(opts, &cells))
@@ -384,15 +436,28 @@ fn report(opts: &Options, cells: &[Cell]) -> String {
     let _ = writeln!(
         out,
         "hits through `dcache gcc -O2 -c hit.c` (daemon: {}), link rate {}; limit = R + O/B + L (L = the direct p50)",
-        if opts.daemon { "default" } else { "DCACHE_DAEMON=0" },
+        if opts.daemon {
+            "default"
+        } else {
+            "DCACHE_DAEMON=0"
+        },
         opts.rate_bps
             .map_or("none".into(), |r| format!("{} Mbit/s", r / 1_000_000))
     );
     let _ = writeln!(
         out,
         "{:<6} {:>7} {:>4} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8}",
-        "token", "rtt_ms", "n", "p50_ms", "p99_ms", "limit_ms", "p50/lim", "rt_hit", "O_bytes",
-        "rt_miss", "miss_ms"
+        "token",
+        "rtt_ms",
+        "n",
+        "p50_ms",
+        "p99_ms",
+        "limit_ms",
+        "p50/lim",
+        "rt_hit",
+        "O_bytes",
+        "rt_miss",
+        "miss_ms"
     );
     for c in cells {
         let _ = writeln!(

@@ -358,7 +358,16 @@ fn relay(
         counters,
         guard,
     )?;
-    direction(server, client, Dir::Down, down_free, config, &flow, counters, guard)
+    direction(
+        server,
+        client,
+        Dir::Down,
+        down_free,
+        config,
+        &flow,
+        counters,
+        guard,
+    )
 }
 
 /// Starts the reader and writer threads of one direction.
@@ -500,7 +509,10 @@ mod tests {
             ..c
         };
         assert_eq!(slow.segment(), MIN_SEGMENT);
-        let none = LinkConfig { rate_bps: None, ..c };
+        let none = LinkConfig {
+            rate_bps: None,
+            ..c
+        };
         assert_eq!(none.serialization(1 << 30), Duration::ZERO);
     }
 }

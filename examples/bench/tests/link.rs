@@ -60,7 +60,10 @@ fn echoes_every_byte_in_order_and_no_sooner_than_the_model() {
     // Handshake, then the upload serialized, then both one-way trips: the echo's last
     // byte cannot be back sooner.
     let floor = RTT * 2 + config().serialization(data.len());
-    assert!(took >= floor, "{took:?} < {floor:?}: the link did not delay");
+    assert!(
+        took >= floor,
+        "{took:?} < {floor:?}: the link did not delay"
+    );
     assert!(took < Duration::from_secs(60), "{took:?}");
     let stats = link.settle(Duration::from_secs(30));
     assert_eq!(stats.accepted, 1);

@@ -201,7 +201,14 @@ fn link(args: &[String]) -> ExitCode {
     let (Some(listen), Some(to), Some(rtt)) = (listen, to, rtt) else {
         return usage("link needs --listen, --to and --rtt");
     };
-    match Link::start(listen, to, LinkConfig { rtt, rate_bps: rate }) {
+    match Link::start(
+        listen,
+        to,
+        LinkConfig {
+            rtt,
+            rate_bps: rate,
+        },
+    ) {
         Ok(link) => {
             println!("listening on {} (to {to}, rtt {rtt:?})", link.local_addr());
             loop {
