@@ -7,6 +7,12 @@
 //!
 //! `dcache-bench tiers REDIS_URL` measures the hit latency of the memory, disk and Redis
 //! tiers at three object sizes.
+//!
+//! `dcache-bench link --listen ADDR --to ADDR --rtt 4ms [--rate 100mbit]` relays TCP
+//! through an emulated link until killed; `dcache-bench link-check` measures the
+//! emulator's resolution and accuracy; `dcache-bench hit-latency [--daemon] [--bin DIR]
+//! [--samples N] [--rate R]` times cache hits through the `dcache` wrapper over it
+//! (docs/BENCHMARKS.md, "The link emulator" and "Per-hit latency through the wrapper").
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -122,6 +128,18 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some("link") => link(&args[1..]),
+        Some("link-check") => match dcache_bench::link_check::run() {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dcache-bench link-check: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some("hit-latency") => hit_latency(&args[1..]),
         // Internal: the server child of `loopback`.
         Some("serve-fake") => {
             let (Some(addr), Some(ms), Some(div)) = (
@@ -150,9 +168,110 @@ fn main() -> ExitCode {
     }
 }
 
+/// `dcache-bench link`: runs the emulator until killed.
+fn link(args: &[String]) -> ExitCode {
+    use dcache_bench::link::{Link, LinkConfig, parse_duration, parse_rate};
+    let (mut listen, mut to, mut rtt, mut rate) = (None, None, None, Some(100_000_000));
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let Some(v) = rest.next() else {
+            return usage(&format!("link: {flag} needs a value"));
+        };
+        let bad = |e: &dyn std::fmt::Display| usage(&format!("link: {flag}: {e}"));
+        match flag.as_str() {
+            "--listen" => match v.parse::<std::net::SocketAddr>() {
+                Ok(a) => listen = Some(a),
+                Err(e) => return bad(&e),
+            },
+            "--to" => match v.parse::<std::net::SocketAddr>() {
+                Ok(a) => to = Some(a),
+                Err(e) => return bad(&e),
+            },
+            "--rtt" => match parse_duration(v) {
+                Ok(d) => rtt = Some(d),
+                Err(e) => return bad(&e),
+            },
+            "--rate" => match parse_rate(v) {
+                Ok(r) => rate = r,
+                Err(e) => return bad(&e),
+            },
+            _ => return usage(&format!("link: unexpected {flag}")),
+        }
+    }
+    let (Some(listen), Some(to), Some(rtt)) = (listen, to, rtt) else {
+        return usage("link needs --listen, --to and --rtt");
+    };
+    match Link::start(
+        listen,
+        to,
+        LinkConfig {
+            rtt,
+            rate_bps: rate,
+        },
+    ) {
+        Ok(link) => {
+            println!("listening on {} (to {to}, rtt {rtt:?})", link.local_addr());
+            loop {
+                std::thread::park();
+            }
+        }
+        Err(e) => {
+            eprintln!("dcache-bench link: {listen}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `dcache-bench hit-latency`: hits through the wrapper over the emulator.
+fn hit_latency(args: &[String]) -> ExitCode {
+    use dcache_bench::hit_latency::{Options, run};
+    let mut opts = match Options::defaults() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("dcache-bench hit-latency: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        if flag == "--daemon" {
+            opts.daemon = true;
+            continue;
+        }
+        let Some(v) = rest.next() else {
+            return usage(&format!("hit-latency: {flag} needs a value"));
+        };
+        match flag.as_str() {
+            "--bin" => opts.bin_dir = v.into(),
+            "--samples" => match v.parse::<usize>() {
+                Ok(n) if n > 0 => {
+                    opts.samples = n;
+                    opts.samples_slow = n.div_ceil(2).max(1);
+                }
+                _ => return usage("hit-latency: --samples takes a positive number"),
+            },
+            "--rate" => match dcache_bench::link::parse_rate(v) {
+                Ok(r) => opts.rate_bps = r,
+                Err(e) => return usage(&format!("hit-latency: {e}")),
+            },
+            _ => return usage(&format!("hit-latency: unexpected {flag}")),
+        }
+    }
+    match run(&opts) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dcache-bench hit-latency: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn usage(why: &str) -> ExitCode {
     eprintln!(
-        "dcache-bench: {why}\nusage: dcache-bench sim [--harness] [--json FILE] [--svg DIR]\n       dcache-bench loopback [--json FILE]\n       dcache-bench tiers REDIS_URL"
+        "dcache-bench: {why}\nusage: dcache-bench sim [--harness] [--json FILE] [--svg DIR]\n       dcache-bench loopback [--json FILE]\n       dcache-bench tiers REDIS_URL\n       dcache-bench link --listen ADDR --to ADDR --rtt 4ms [--rate 100mbit|none]\n       dcache-bench link-check\n       dcache-bench hit-latency [--daemon] [--bin DIR] [--samples N] [--rate 100mbit]"
     );
     ExitCode::from(2)
 }
