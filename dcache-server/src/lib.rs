@@ -21,6 +21,7 @@ pub mod access;
 pub mod config;
 mod counters;
 pub mod distcc;
+mod error_log;
 pub mod exec;
 mod flight;
 #[doc(hidden)]

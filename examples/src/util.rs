@@ -41,6 +41,8 @@ pub fn init_logging_as(filter: &str, format: LogFormat) {
             .with_span_list(false)
             .with_ansi(false)
             .try_init(),
-        _ => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        _ => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
     };
 }

@@ -278,7 +278,11 @@ impl Settings {
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let line_of = |span: Option<std::ops::Range<usize>>| {
             let at = span.map_or(0, |s| s.start.min(text.len()));
-            text.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1
+            text.as_bytes()[..at]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1
         };
         let de = toml::de::Deserializer::parse(text).map_err(|e| ConfigError::Syntax {
             path: path.to_path_buf(),

@@ -55,14 +55,16 @@ fn every_setting_round_trips_through_toml() {
     assert!(text.contains("min_upload_rate = \"1536\""), "{text}");
     let defaults = Settings::default().to_toml().unwrap();
     assert_eq!(read(&defaults).unwrap(), Settings::default(), "{defaults}");
-    assert!(!defaults.contains("token_file"), "absent options stay absent");
+    assert!(
+        !defaults.contains("token_file"),
+        "absent options stay absent"
+    );
 }
 
 #[test]
 fn an_empty_file_is_the_defaults_and_keys_override_them() {
     assert_eq!(read("").unwrap(), Settings::default());
-    let s = read("# a comment\ncache_size = \"2G\"\njobs = 3\nallow = [\"10.0.0.0/8\"]\n")
-        .unwrap();
+    let s = read("# a comment\ncache_size = \"2G\"\njobs = 3\nallow = [\"10.0.0.0/8\"]\n").unwrap();
     assert_eq!(s.cache_size, Size(2 << 30));
     assert_eq!(s.jobs, Some(3));
     assert_eq!(s.allow, vec!["10.0.0.0/8".parse::<Cidr>().unwrap()]);
@@ -80,7 +82,10 @@ fn an_unknown_key_names_the_file_the_line_and_the_key() {
         "{e:?}"
     );
     let m = e.to_string();
-    assert!(m.starts_with("/etc/dcache/server.toml:3: unknown key `cache_sise`"), "{m}");
+    assert!(
+        m.starts_with("/etc/dcache/server.toml:3: unknown key `cache_sise`"),
+        "{m}"
+    );
     assert!(m.contains("cache_size"), "the known keys are listed: {m}");
 }
 
@@ -88,18 +93,38 @@ fn an_unknown_key_names_the_file_the_line_and_the_key() {
 fn a_value_of_the_wrong_type_names_the_key_and_what_was_expected() {
     let e = read("listen = [\"tcp://127.0.0.1:1\"]\njobs = \"four\"\n").unwrap_err();
     let m = e.to_string();
-    assert!(matches!(&e, ConfigError::Value { line: 2, key, .. } if key == "jobs"), "{e:?}");
-    assert!(m.starts_with("/etc/dcache/server.toml:2: key `jobs`:"), "{m}");
+    assert!(
+        matches!(&e, ConfigError::Value { line: 2, key, .. } if key == "jobs"),
+        "{e:?}"
+    );
+    assert!(
+        m.starts_with("/etc/dcache/server.toml:2: key `jobs`:"),
+        "{m}"
+    );
     assert!(m.contains("expected"), "{m}");
 
     let m = read("cache_size = true").unwrap_err().to_string();
-    assert!(m.contains("key `cache_size`") && m.contains("a size such as"), "{m}");
+    assert!(
+        m.contains("key `cache_size`") && m.contains("a size such as"),
+        "{m}"
+    );
     let m = read("cache_size = \"10Q\"").unwrap_err().to_string();
-    assert!(m.contains("key `cache_size`") && m.contains("unknown unit"), "{m}");
-    let m = read("listen = \"tcp://127.0.0.1:1\"").unwrap_err().to_string();
-    assert!(m.contains("key `listen`") && m.contains("expected a sequence"), "{m}");
+    assert!(
+        m.contains("key `cache_size`") && m.contains("unknown unit"),
+        "{m}"
+    );
+    let m = read("listen = \"tcp://127.0.0.1:1\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        m.contains("key `listen`") && m.contains("expected a sequence"),
+        "{m}"
+    );
     let m = read("allow = [\"10.0.0.0/40\"]").unwrap_err().to_string();
-    assert!(m.contains("key `allow") && m.contains("not an address range"), "{m}");
+    assert!(
+        m.contains("key `allow") && m.contains("not an address range"),
+        "{m}"
+    );
     let m = read("log_format = \"xml\"").unwrap_err().to_string();
     assert!(m.contains("key `log_format`") && m.contains("json"), "{m}");
     let m = read("limit_time = -1").unwrap_err().to_string();
@@ -109,7 +134,10 @@ fn a_value_of_the_wrong_type_names_the_key_and_what_was_expected() {
 #[test]
 fn malformed_toml_names_the_file_and_the_line() {
     let m = read("jobs = 2\ncache_size = \n").unwrap_err().to_string();
-    assert!(m.starts_with("/etc/dcache/server.toml:2: not valid TOML"), "{m}");
+    assert!(
+        m.starts_with("/etc/dcache/server.toml:2: not valid TOML"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -136,7 +164,12 @@ fn settings_that_need_each_other_are_checked_together() {
     s.tls_key = Some("k.pem".into());
     assert!(s.validate().is_ok());
     s.shared = Some("redis://127.0.0.1:1".into());
-    assert!(s.validate().unwrap_err().to_string().contains("shared_key_file"));
+    assert!(
+        s.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("shared_key_file")
+    );
     let mut s = Settings::default();
     s.listen.clear();
     assert!(s.validate().is_err());
@@ -167,5 +200,8 @@ fn settings_become_the_service_and_exec_limits() {
     // Zero times are one: a zero timeout would end every connection at once.
     let mut s = Settings::default();
     s.idle_timeout = 0;
-    assert_eq!(s.service_config().protocol.idle_timeout, Duration::from_secs(1));
+    assert_eq!(
+        s.service_config().protocol.idle_timeout,
+        Duration::from_secs(1)
+    );
 }

@@ -500,7 +500,8 @@ async fn wait_for_signal() {
 
 /// A size flag: `10G`, `500M`, `16K`, or bytes (the file takes the same forms).
 fn size(s: &str) -> Result<Size, String> {
-    s.parse().map_err(|e: dcache_server::config::SizeError| e.to_string())
+    s.parse()
+        .map_err(|e: dcache_server::config::SizeError| e.to_string())
 }
 
 /// An `--allow-compiler` entry: a bare program name, since a path would let the list
