@@ -10,8 +10,10 @@
 //! malformed value is an error naming the file, the line and the key (and for a wrong
 //! type, what was expected).
 //!
-//! Adding an option is one field here (with its default in [`Settings::default`]) and one
-//! flag in the binary.
+//! Adding an option is one field here (with its default in [`Settings::default`]; an
+//! optional address is `#[serde(default, with = "text::opt", skip_serializing_if =
+//! "Option::is_none")] pub metrics: Option<Address>`), and in the binary one flag of the
+//! same name plus that name in its `from_flags!` list.
 
 mod size;
 pub mod text;
