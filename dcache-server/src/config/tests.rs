@@ -198,8 +198,10 @@ fn settings_become_the_service_and_exec_limits() {
     assert_eq!(sh.max_value, 8 << 20);
     assert_eq!(sh.deadline, Duration::from_millis(100));
     // Zero times are one: a zero timeout would end every connection at once.
-    let mut s = Settings::default();
-    s.idle_timeout = 0;
+    let s = Settings {
+        idle_timeout: 0,
+        ..Settings::default()
+    };
     assert_eq!(
         s.service_config().protocol.idle_timeout,
         Duration::from_secs(1)
