@@ -11,13 +11,17 @@
 //! - [`Service`]: serves connections: answers HASH lookups at once (EARLY_RESULT or MISS),
 //!   compiles misses with bounded concurrency and single-flight, verifies every received
 //!   source against its HASH before storing anything, and counts what happens.
+//! - [`config`]: every setting of `dcache-server`, read from a strict TOML file and
+//!   printed back.
 //! - [`distcc`]: the distcc front end, so stock distcc clients reach the same service
 //!   ([`Service::serve_distcc`]).
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod config;
 mod counters;
 pub mod distcc;
+mod error_log;
 pub mod exec;
 mod flight;
 #[doc(hidden)]

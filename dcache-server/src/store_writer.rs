@@ -7,6 +7,7 @@ use dcache_proto::JobResult;
 use tokio::sync::watch;
 
 use crate::counters::Counters;
+use crate::error_log::ErrorLog;
 use crate::flight::Lead;
 use crate::store::{Store, StoreKey};
 
@@ -15,16 +16,24 @@ use crate::store::{Store, StoreKey};
 pub(crate) struct StoreWriter {
     store: Arc<dyn Store>,
     counters: Arc<Counters>,
+    /// Where a failed write is reported, once per cause.
+    errors: Arc<ErrorLog>,
     /// Writes started and not yet finished.
     pending: watch::Sender<usize>,
 }
 
 impl StoreWriter {
-    /// A writer into `store`, counting its failures in `counters.store_errors`.
-    pub(crate) fn new(store: Arc<dyn Store>, counters: Arc<Counters>) -> Arc<Self> {
+    /// A writer into `store`, counting its failures in `counters.store_errors` and
+    /// logging them in `errors`, once per cause.
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        counters: Arc<Counters>,
+        errors: Arc<ErrorLog>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             counters,
+            errors,
             pending: watch::Sender::new(0),
         })
     }
@@ -37,8 +46,17 @@ impl StoreWriter {
         self.pending.send_modify(|n| *n += 1);
         let me = self.clone();
         tokio::spawn(async move {
-            if me.store.put(&key, &result).await.is_err() {
+            if let Err(e) = me.store.put(&key, &result).await {
                 Counters::bump(&me.counters.store_errors);
+                let cause = match &e {
+                    crate::store::StoreError::Io(io) => format!("store write: {:?}", io.kind()),
+                    crate::store::StoreError::TooLarge(_) => "store write: too large".into(),
+                    _ => "store write: unrepresentable".into(),
+                };
+                me.errors.report(
+                    &cause,
+                    &format_args!("cannot store a result in the cache: {e}"),
+                );
             }
             // Joiners from now on find the result in the store.
             drop(lead);

@@ -43,7 +43,8 @@ pub(crate) async fn serve_connection(
 ) {
     let counters = service.counters();
     Counters::bump(&counters.distcc_connections);
-    match serve(&service, &mut stream, &config, stop, handshake).await {
+    let who: Arc<str> = format!("distcc {peer}").into();
+    match serve(&service, &mut stream, &config, stop, handshake, &who).await {
         Ok(()) => {}
         Err(End::Refused(why)) => {
             Counters::bump(&counters.distcc_refused);
@@ -63,6 +64,7 @@ async fn serve(
     config: &DistccConfig,
     mut stop: watch::Receiver<bool>,
     handshake: OwnedSemaphorePermit,
+    peer: &Arc<str>,
 ) -> Result<(), End> {
     let protocol_cfg = service.protocol();
     let mut limits = config.limits;
@@ -154,7 +156,7 @@ async fn serve(
     };
     drop(buf);
 
-    let outcome = submit(service, desc, source, stop.clone()).await?;
+    let outcome = submit(service, desc, source, stop.clone(), peer.clone()).await?;
     let counters = service.counters();
     Counters::bump(&counters.distcc_jobs);
     if outcome.origin.is_cached() {
@@ -174,12 +176,17 @@ async fn submit(
     mut desc: JobDesc,
     source: Bytes,
     stop: watch::Receiver<bool>,
+    peer: Arc<str>,
 ) -> Result<dcache_proto::JobOutcome, End> {
     desc.source_len = Some(source.len() as u64);
     let key = CacheKey::compute(&desc, &source);
     let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
     let server = service.clone();
-    tokio::spawn(async move { server.handle_connection(Box::new(theirs), stop).await });
+    tokio::spawn(async move {
+        server
+            .handle_connection_for(Box::new(theirs), stop, peer)
+            .await;
+    });
     let client = spawn_client(
         ours,
         ClientConfig {

@@ -12,6 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::task::AbortHandle;
 
 use super::Service;
+use super::job_log::{self, Clock, Outcome};
 use crate::counters::Counters;
 use crate::exec::{CompilerId, ExecError, store_key};
 use crate::flight::{Flight, Lead, Published};
@@ -27,6 +28,7 @@ pub(super) async fn run(
     stream: BoxedStream,
     mut stop: watch::Receiver<bool>,
     mut handshake: Option<OwnedSemaphorePermit>,
+    peer: Arc<str>,
 ) {
     Counters::bump(&service.counters.connections);
     let _open = OpenGuard::new(&service.open);
@@ -38,6 +40,7 @@ pub(super) async fn run(
         commands: conn.commands.clone(),
         internal: internal_tx,
         jobs: HashMap::new(),
+        peer,
     };
     let mut stopping = *stop.borrow();
     if stopping {
@@ -130,6 +133,8 @@ struct Job {
     received_at_check: u64,
     /// The ticker of upload-rate checks while the job streams into a compile slot.
     watchdog: Option<AbortHandle>,
+    /// When it started, and its compile: the durations its log line reports.
+    clock: Clock,
 }
 
 /// The actor's state: the connection's jobs and the ways to reach the driver and itself.
@@ -139,11 +144,28 @@ struct Connection {
     commands: mpsc::UnboundedSender<ServerCommand>,
     internal: mpsc::UnboundedSender<Internal>,
     jobs: HashMap<JobId, Job>,
+    /// Who is on the other end, for the log.
+    peer: Arc<str>,
 }
 
 impl Connection {
     fn send(&self, cmd: ServerCommand) {
         send(&self.commands, cmd);
+    }
+
+    /// The job's one log line, where it ends.
+    fn log_end(&self, j: &Job, outcome: Outcome, result: Option<&JobResult>, detail: Option<&str>) {
+        job_log::Line {
+            outcome,
+            peer: &self.peer,
+            desc: &j.desc,
+            key: j.verified.as_ref().or(j.claimed.as_ref()),
+            source_bytes: j.received,
+            result,
+            clock: Some(&j.clock),
+            detail,
+        }
+        .emit();
     }
 
     fn on_event(&mut self, ev: ServerEvent) {
@@ -167,15 +189,28 @@ impl Connection {
                             received: 0,
                             received_at_check: 0,
                             watchdog: None,
+                            clock: Clock::start(),
                         },
                     );
                 }
                 Err(e) => {
                     Counters::bump(&counters.jobs_refused);
+                    let message = e.to_string();
+                    job_log::Line {
+                        outcome: Outcome::Refused,
+                        peer: &self.peer,
+                        desc: &desc,
+                        key: None,
+                        source_bytes: 0,
+                        result: None,
+                        clock: None,
+                        detail: Some(&message),
+                    }
+                    .emit();
                     self.send(ServerCommand::Abort {
                         job,
                         code: e.error_code(),
-                        message: e.to_string(),
+                        message,
                     });
                 }
             },
@@ -196,15 +231,16 @@ impl Connection {
                         let kept = j.spool.as_mut().map(|s| s.push(data));
                         if let Some(Err(e)) = kept {
                             // No room on disk either: this job cannot wait; the others can.
+                            let message =
+                                format!("cannot keep the source until a compile slot frees: {e}");
                             if let Some(j) = self.jobs.remove(&job) {
+                                self.log_end(&j, Outcome::Overloaded, None, Some(&message));
                                 j.finish(None);
                             }
                             self.send(ServerCommand::Abort {
                                 job,
                                 code: ErrorCode::OVERLOADED,
-                                message: format!(
-                                    "cannot keep the source until a compile slot frees: {e}"
-                                ),
+                                message,
                             });
                             return;
                         }
@@ -234,10 +270,14 @@ impl Connection {
                 }
             }
             ServerEvent::JobCancelled { job, code, .. } => {
-                if code == ErrorCode::HASH_MISMATCH {
+                let outcome = if code == ErrorCode::HASH_MISMATCH {
                     Counters::bump(&counters.hash_mismatches);
-                }
+                    Outcome::HashMismatch
+                } else {
+                    Outcome::Cancelled
+                };
                 if let Some(j) = self.jobs.remove(&job) {
+                    self.log_end(&j, outcome, None, None);
                     j.finish(None);
                 }
             }
@@ -323,6 +363,8 @@ impl Connection {
                             Counters::bump(&counters.early_results);
                         }
                         if let Some(j) = self.jobs.remove(&job) {
+                            let outcome = if early { Outcome::Early } else { Outcome::Hit };
+                            self.log_end(&j, outcome, Some(&result), None);
                             j.finish(Some(&result));
                         }
                         let origin = if early {
@@ -368,6 +410,7 @@ impl Connection {
                 let Some(mut j) = self.jobs.remove(&job) else {
                     return;
                 };
+                j.clock.compile_ends();
                 match result {
                     Ok(result) => {
                         Counters::bump(&counters.compiles);
@@ -390,6 +433,12 @@ impl Connection {
                             self.service.store_writer.write(vk, result.clone(), lead);
                         }
                         j.done = true;
+                        let outcome = if result.exit_code == 0 {
+                            Outcome::Miss
+                        } else {
+                            Outcome::Failed
+                        };
+                        self.log_end(&j, outcome, Some(&result), None);
                         j.finish(publish.then_some(&result));
                         self.send(ServerCommand::Result {
                             job,
@@ -399,11 +448,16 @@ impl Connection {
                     }
                     Err(e) => {
                         j.done = true;
+                        let message = e.to_string();
+                        self.log_end(&j, Outcome::Error, None, Some(&message));
+                        if let Some(cause) = server_fault(&j.desc, &e) {
+                            self.service.errors.report(&cause, &message);
+                        }
                         j.finish(None);
                         self.send(ServerCommand::Abort {
                             job,
                             code: e.error_code(),
-                            message: e.to_string(),
+                            message,
                         });
                     }
                 }
@@ -480,6 +534,7 @@ impl Connection {
         let service = self.service.clone();
         let internal = self.internal.clone();
         let desc = j.desc.clone();
+        j.clock.compile_starts();
         let handle = tokio::spawn(async move {
             let _permit = permit;
             let result = service.executor.compile(desc, rx).await;
@@ -512,22 +567,25 @@ impl Connection {
         }
         Counters::bump(&self.service.counters.slow_uploads_ended);
         let rate = config.min_upload_rate;
+        let message = format!(
+            "the upload slowed below {rate} bytes/s while holding a compile slot \
+             ({got} bytes in {:?}); the slot was given to another job",
+            config.upload_check_interval
+        );
         if let Some(j) = self.jobs.remove(&job) {
+            self.log_end(&j, Outcome::Timeout, None, Some(&message));
             j.finish(None);
         }
         self.send(ServerCommand::Abort {
             job,
             code: ErrorCode::TIMEOUT,
-            message: format!(
-                "the upload slowed below {rate} bytes/s while holding a compile slot \
-                 ({got} bytes in {:?}); the slot was given to another job",
-                config.upload_check_interval
-            ),
+            message,
         });
     }
 
     fn abort_all(&mut self) {
-        for (_, j) in self.jobs.drain() {
+        for (_, j) in std::mem::take(&mut self.jobs) {
+            self.log_end(&j, Outcome::Disconnected, None, None);
             j.finish(None);
         }
     }
@@ -550,6 +608,17 @@ impl Job {
             lead.publish(result.clone());
         }
         // Dropping `self` drops its lead, if any: that ends the group.
+    }
+}
+
+/// The cause under which a failed compile is logged, if the failure is this server's
+/// (every job would meet it: a compiler that cannot be started, a sandbox that cannot be
+/// set up) rather than the job's own (its time or output limit).
+fn server_fault(desc: &JobDesc, e: &ExecError) -> Option<String> {
+    match e {
+        ExecError::Io(io) => Some(format!("exec {}: {:?}", desc.compiler, io.kind())),
+        ExecError::Sandbox(_) => Some(format!("sandbox {}", desc.compiler)),
+        _ => None,
     }
 }
 

@@ -3,6 +3,7 @@
 //! served by its own actor ([`connection`]).
 
 mod connection;
+pub(crate) mod job_log;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,7 @@ use tokio::time::Duration;
 use crate::access::Cidr;
 use crate::counters::Counters;
 use crate::distcc::DistccConfig;
+use crate::error_log::ErrorLog;
 use crate::exec::Executor;
 use crate::flight::Flights;
 use crate::lock;
@@ -91,6 +93,8 @@ pub struct Service {
     open: std::sync::atomic::AtomicUsize,
     /// Results being written to the store in the background.
     store_writer: Arc<StoreWriter>,
+    /// Server errors (store, compiler start-up, sandbox), logged once per cause.
+    errors: Arc<ErrorLog>,
 }
 
 impl std::fmt::Debug for Service {
@@ -109,8 +113,10 @@ impl Service {
         config: ServiceConfig,
     ) -> Arc<Self> {
         let counters = Arc::new(Counters::default());
+        let errors = Arc::new(ErrorLog::default());
         Arc::new(Self {
-            store_writer: StoreWriter::new(store.clone(), counters.clone()),
+            store_writer: StoreWriter::new(store.clone(), counters.clone(), errors.clone()),
+            errors,
             counters,
             slots: FairSlots::new(config.compile_slots.max(1)),
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
@@ -233,7 +239,8 @@ impl Service {
                             let handshake = admitted.handshake;
                             match front {
                                 Front::Dcache => {
-                                    connection::run(me, stream, stop, Some(handshake)).await;
+                                    let peer = peer.to_string().into();
+                                    connection::run(me, stream, stop, Some(handshake), peer).await;
                                 }
                                 Front::Distcc(config) => {
                                     crate::distcc::serve_connection(
@@ -349,7 +356,19 @@ impl Service {
         stream: BoxedStream,
         stop: watch::Receiver<bool>,
     ) {
-        connection::run(self.clone(), stream, stop, None).await;
+        connection::run(self.clone(), stream, stop, None, "in-process".into()).await;
+    }
+
+    /// [`handle_connection`](Self::handle_connection) for a connection made inside the
+    /// server on behalf of `peer` (the distcc front end's), so its jobs' log lines name
+    /// the real client.
+    pub(crate) async fn handle_connection_for(
+        self: &Arc<Self>,
+        stream: BoxedStream,
+        stop: watch::Receiver<bool>,
+        peer: Arc<str>,
+    ) {
+        connection::run(self.clone(), stream, stop, None, peer).await;
     }
 }
 

@@ -9,13 +9,14 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
-use dcache_examples::util::{init_logging, parse_size, user_cache_dir};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use dcache_examples::util::{init_server_logging, user_cache_dir};
+use dcache_server::config::{LogFormat, Settings, Size};
 use dcache_server::distcc::DistccConfig;
-use dcache_server::exec::ExecLimits;
 use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
-use dcache_server::sandbox::{ResourceLimits, Sandbox};
-use dcache_server::store::shared::{Backend, RedisBackend, SharedConfig, SharedStore};
+use dcache_server::sandbox::Sandbox;
+use dcache_server::store::shared::{Backend, RedisBackend, SharedStore};
 use dcache_server::store::{
     DiskStore, MemoryStore, SealKey, SharedTieredStore, Store, TieredStore,
 };
@@ -24,11 +25,25 @@ use dcache_transport::{Address, TlsServer, TransportOptions, bind};
 
 /// dcache-server: the dcache compile server. Answers cache hits at once, compiles misses
 /// with the allowed compilers, keeps results in memory over a disk cache.
+///
+/// Every option but --config, --print-config and --check-sandbox can also be set in the
+/// --config file, as a key named like the flag with `_` for `-` (`cache_size = "10G"`);
+/// flags given override the file. Field names equal `Settings`' so `from_flags!` can copy
+/// them by name.
 #[derive(Parser, Debug)]
 // The name given, not the package's: this binary ships in the `dcache-examples` package,
 // whose name and description clap would otherwise print for --help and --version.
 #[command(name = "dcache-server", version, long_about = None)]
 struct Args {
+    /// A TOML file holding any of these options (`dcache-server --print-config` writes
+    /// one); flags given on the command line override it. An unknown key, or a value of
+    /// the wrong type, is an error naming the file, the line and the key.
+    #[arg(long, value_name = "PATH")]
+    config: Option<std::path::PathBuf>,
+    /// Print the effective configuration (defaults, then --config, then the flags) as
+    /// TOML that --config reads back, and exit.
+    #[arg(long)]
+    print_config: bool,
     /// Address to listen on: tcp://HOST:PORT, tls://HOST:PORT (with --tls-cert and
     /// --tls-key) or unix:///path. Repeat for several. Loopback only unless told
     /// otherwise.
@@ -45,8 +60,8 @@ struct Args {
     cache_dir: Option<std::path::PathBuf>,
     /// Largest size of the disk cache, e.g. 10G or 500M; least recently used results are
     /// evicted beyond it.
-    #[arg(long, default_value = "10G", value_parser = parse_size)]
-    cache_size: u64,
+    #[arg(long, default_value = "10G", value_parser = size)]
+    cache_size: Size,
     /// Compiles run at once (default: the number of cores); more wait in a queue.
     #[arg(long)]
     jobs: Option<usize>,
@@ -73,7 +88,7 @@ struct Args {
     compiler_path: String,
     /// Address range TCP clients may connect from, e.g. 10.1.0.0/16 (repeatable).
     /// Default: loopback only. Unix-socket clients are always allowed.
-    #[arg(long = "allow", value_name = "CIDR")]
+    #[arg(long = "allow", value_name = "CIDR", default_values = ["127.0.0.0/8", "::1/128"])]
     allow: Vec<dcache_server::access::Cidr>,
     /// File holding a shared token of at least 16 bytes, readable by its owner only
     /// (`head -c 32 /dev/urandom | base64 > FILE && chmod 600 FILE`). Clients must prove
@@ -83,14 +98,14 @@ struct Args {
     token_file: Option<std::path::PathBuf>,
     /// PEM file with this server's certificate (then any intermediates), for tls://
     /// listeners. Clients check it against the host name they connect to.
-    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    #[arg(long, value_name = "PATH")]
     tls_cert: Option<std::path::PathBuf>,
     /// PEM file with the private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
-    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    #[arg(long, value_name = "PATH")]
     tls_key: Option<std::path::PathBuf>,
     /// PEM file of the CA whose client certificates tls:// listeners require (mutual
     /// TLS): a client without a certificate it issued completes no handshake.
-    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    #[arg(long, value_name = "PATH")]
     tls_client_ca: Option<std::path::PathBuf>,
     /// Print which sandbox protections this kernel enforces for compiles, and exit
     /// (status 0 when all that a server beyond loopback requires are active).
@@ -104,31 +119,31 @@ struct Args {
     /// A file or directory every sandboxed compile may also read and execute (repeatable):
     /// a compiler installed with libraries of its own, or a wrapper script's interpreter.
     #[arg(long = "sandbox-path", value_name = "PATH")]
-    sandbox_paths: Vec<std::path::PathBuf>,
+    sandbox_path: Vec<std::path::PathBuf>,
     /// The program that confines each compile (default: this binary itself).
     #[arg(long, value_name = "PATH", hide = true)]
     sandbox_launcher: Option<std::path::PathBuf>,
     /// Address space of each compiler process, e.g. 4G.
-    #[arg(long, default_value = "4G", value_parser = parse_size)]
-    limit_memory: u64,
+    #[arg(long, default_value = "4G", value_parser = size)]
+    limit_memory: Size,
     /// Largest file a compile may write (object, assembly, temporary files), e.g. 256M.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    limit_output: u64,
+    #[arg(long, default_value = "256M", value_parser = size)]
+    limit_output: Size,
     /// Seconds one compile may take, upload included (wall clock, and CPU time of each
     /// process).
     #[arg(long, default_value_t = 300)]
     limit_time: u64,
     /// Bytes of stderr (and of stdout) kept per compile; the rest is cut with a note.
-    #[arg(long, default_value = "1M", value_parser = parse_size)]
-    limit_stderr: u64,
+    #[arg(long, default_value = "1M", value_parser = size)]
+    limit_stderr: Size,
     /// Disk that uploads waiting for a compile slot may fill, all clients together;
     /// beyond it a job is refused with OVERLOADED (the client compiles locally).
-    #[arg(long, default_value = "4G", value_parser = parse_size)]
-    limit_spool: u64,
+    #[arg(long, default_value = "4G", value_parser = size)]
+    limit_spool: Size,
     /// Slowest upload (bytes per second, over 10 s) a job may keep while it holds a
     /// compile slot; slower, it ends and the slot goes to the next job.
-    #[arg(long, default_value = "16K", value_parser = parse_size)]
-    min_upload_rate: u64,
+    #[arg(long, default_value = "16K", value_parser = size)]
+    min_upload_rate: Size,
     /// Seconds a new connection may take to complete its handshake (HELLO, token proof).
     #[arg(long, default_value_t = 10)]
     handshake_timeout: u64,
@@ -147,39 +162,103 @@ struct Args {
     /// A cache tier shared by a fleet of servers, under the local ones: redis://HOST:PORT[/DB],
     /// rediss://… (TLS), redis+unix:///PATH, or a Redis Cluster as
     /// redis+cluster://H1:P1,H2:P2,… (seed nodes). Needs --shared-key-file.
-    #[arg(long, value_name = "URL", requires = "shared_key_file")]
+    #[arg(long, value_name = "URL")]
     shared: Option<String>,
     /// File holding the fleet's shared key (same rules as --token-file: at least 16
     /// bytes, readable by its owner only). Every server signs what it writes to the shared
     /// tier with it and refuses what does not verify.
-    #[arg(long, value_name = "PATH", requires = "shared")]
+    #[arg(long, value_name = "PATH")]
     shared_key_file: Option<std::path::PathBuf>,
     /// Seconds a shared entry lives after it was last written or hit.
     #[arg(long, default_value_t = 7 * 24 * 3600)]
     shared_ttl: u64,
     /// Largest entry written to or read from the shared tier, e.g. 64M (larger results
     /// stay local; large entries are stored in chunks of 4 MiB).
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    shared_max_value: u64,
+    #[arg(long, default_value = "64M", value_parser = size)]
+    shared_max_value: Size,
     /// Milliseconds a lookup waits for the shared tier before counting a miss.
     #[arg(long, default_value_t = 250)]
     shared_deadline: u64,
-    /// Log each job (repeat for more detail).
+    /// Log one line per job (outcome, key prefix, sizes, durations, peer); twice for
+    /// every detail.
     #[arg(long, short, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// How log lines are written on stderr: text, or one JSON object per line.
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// Copies into `settings` each named option that was given on the command line (not
+/// merely defaulted by clap), so flags override the file and absent flags do not.
+macro_rules! from_flags {
+    ($given:expr, $args:expr, $settings:expr; $($field:ident),* $(,)?) => {
+        $(if $given(stringify!($field)) {
+            $settings.$field = $args.$field.clone();
+        })*
+    };
+}
+
+/// The settings: defaults, then the --config file, then the flags given.
+fn settings(args: &Args, given: impl Fn(&str) -> bool) -> Result<Settings, String> {
+    let mut s = match &args.config {
+        Some(path) => Settings::from_file(path).map_err(|e| e.to_string())?,
+        None => Settings::default(),
+    };
+    from_flags!(given, args, s;
+        listen, listen_distcc, cache_dir, cache_size, jobs, allow_compiler, compiler_path,
+        allow, token_file, tls_cert, tls_key, tls_client_ca, insecure_no_sandbox,
+        sandbox_path, sandbox_launcher, limit_memory, limit_output, limit_time,
+        limit_stderr, limit_spool, min_upload_rate, handshake_timeout, stall_timeout,
+        idle_timeout, max_handshaking, max_connections_per_address, shared,
+        shared_key_file, shared_ttl, shared_max_value, shared_deadline, verbose,
+        log_format,
+    );
+    // What an absent option means, made explicit: --print-config shows what will be used.
+    if s.cache_dir.is_none() {
+        s.cache_dir = Some(user_cache_dir().join("dcache").join("server"));
+    }
+    if s.jobs.is_none() {
+        s.jobs = Some(std::thread::available_parallelism().map_or(2, |n| n.get()));
+    }
+    s.validate().map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// Whether the option `id` was given on the command line.
+fn on_command_line(matches: &ArgMatches, id: &str) -> bool {
+    matches.value_source(id) == Some(ValueSource::CommandLine)
 }
 
 fn main() -> ExitCode {
     // Each compile runs through this very binary as its sandbox launcher: that mode must
     // start before any thread (namespaces can only be entered single-threaded).
     dcache_server::sandbox::run_launcher_if_requested();
-    let args = Args::parse();
-    init_logging(match args.verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    });
-    let sandbox = match probe_sandbox(&args) {
+    let matches = Args::command().get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    let settings = match settings(&args, |id| on_command_line(&matches, id)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dcache-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        return match settings.to_toml() {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dcache-server: cannot print the configuration: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    init_server_logging(settings.verbose, settings.log_format);
+    let sandbox = match probe_sandbox(&settings, args.check_sandbox) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -187,7 +266,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt.block_on(serve(args, sandbox)),
+        Ok(rt) => rt.block_on(serve(settings, sandbox)),
         Err(e) => {
             eprintln!("dcache-server: cannot start the runtime: {e}");
             ExitCode::FAILURE
@@ -197,7 +276,7 @@ fn main() -> ExitCode {
 
 /// Finds out what the kernel enforces and decides, failing closed: a server that lets any
 /// non-loopback client in never compiles unconfined unless told `--insecure-no-sandbox`.
-fn probe_sandbox(args: &Args) -> Result<Option<Sandbox>, ExitCode> {
+fn probe_sandbox(args: &Settings, check_sandbox: bool) -> Result<Option<Sandbox>, ExitCode> {
     let launcher = match &args.sandbox_launcher {
         Some(p) => p.clone(),
         None => std::env::current_exe().map_err(|e| {
@@ -205,8 +284,8 @@ fn probe_sandbox(args: &Args) -> Result<Option<Sandbox>, ExitCode> {
             ExitCode::FAILURE
         })?,
     };
-    let beyond_loopback = args.allow.iter().any(|c| !c.is_loopback());
-    if args.insecure_no_sandbox && !args.check_sandbox {
+    let beyond_loopback = args.beyond_loopback();
+    if args.insecure_no_sandbox && !check_sandbox {
         tracing::warn!(
             "compiles are NOT sandboxed (--insecure-no-sandbox): clients can read this \
              user's files"
@@ -215,13 +294,13 @@ fn probe_sandbox(args: &Args) -> Result<Option<Sandbox>, ExitCode> {
     }
     match Sandbox::probe(&launcher) {
         Ok(sandbox) => {
-            if args.check_sandbox {
+            if check_sandbox {
                 println!("sandbox: {}", sandbox.protections());
             }
             tracing::info!("compiles are sandboxed: {}", sandbox.protections());
             Ok(Some(sandbox))
         }
-        Err(e) if args.check_sandbox => {
+        Err(e) if check_sandbox => {
             println!("sandbox: NOT AVAILABLE: {e}");
             Err(ExitCode::FAILURE)
         }
@@ -240,12 +319,12 @@ fn probe_sandbox(args: &Args) -> Result<Option<Sandbox>, ExitCode> {
     }
 }
 
-async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
+async fn serve(args: Settings, sandbox: Option<Sandbox>) -> ExitCode {
     let dir = args
         .cache_dir
         .clone()
         .unwrap_or_else(|| user_cache_dir().join("dcache").join("server"));
-    let disk = match DiskStore::open(&dir, args.cache_size) {
+    let disk = match DiskStore::open(&dir, args.cache_size.0) {
         Ok(d) => d,
         Err(e) => {
             eprintln!(
@@ -265,22 +344,13 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
             }
         }
     }
-    let stderr_cap = usize::try_from(args.limit_stderr).unwrap_or(usize::MAX);
     let executor = LocalExecutor::new(LocalExecutorConfig {
         allowed: args.allow_compiler.clone(),
         path: args.compiler_path.clone(),
-        time_limit: std::time::Duration::from_secs(args.limit_time.max(1)),
+        time_limit: args.time_limit(),
         sandbox,
-        sandbox_paths: args.sandbox_paths.clone(),
-        limits: ExecLimits {
-            resources: ResourceLimits {
-                address_space: args.limit_memory,
-                cpu_seconds: args.limit_time.max(1),
-                file_size: args.limit_output,
-            },
-            max_stdout: stderr_cap,
-            max_stderr: stderr_cap,
-        },
+        sandbox_paths: args.sandbox_path.clone(),
+        limits: args.exec_limits(),
         ..LocalExecutorConfig::default()
     });
     for (name, id) in executor.offers() {
@@ -294,21 +364,7 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    let mut config = ServiceConfig::default();
-    if let Some(j) = args.jobs {
-        config.compile_slots = j.max(1);
-    }
-    if !args.allow.is_empty() {
-        config.allow = args.allow.clone();
-    }
-    config.spool_disk_budget = usize::try_from(args.limit_spool).unwrap_or(usize::MAX);
-    let secs = |n: u64| std::time::Duration::from_secs(n.max(1));
-    config.protocol.handshake_timeout = secs(args.handshake_timeout);
-    config.protocol.stall_timeout = secs(args.stall_timeout);
-    config.protocol.idle_timeout = secs(args.idle_timeout);
-    config.min_upload_rate = args.min_upload_rate;
-    config.max_handshaking = args.max_handshaking.max(1);
-    config.max_connections_per_address = args.max_connections_per_address.max(1);
+    let mut config: ServiceConfig = args.service_config();
     if let Some(path) = &args.token_file {
         match dcache_transport::token::read_token_file(path) {
             Ok(key) => config.protocol.auth = Some(key),
@@ -340,7 +396,7 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
             "listening on {} (cache {} up to {} bytes, compilers: {})",
             listener.local_addr(),
             dir.display(),
-            args.cache_size,
+            args.cache_size.0,
             executor.available().join(", ")
         );
         let service = service.clone();
@@ -383,18 +439,13 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
 }
 
 /// The shared tier `--shared URL` names, sealed with the key of `--shared-key-file`.
-fn shared_tier(args: &Args, url: &str) -> Result<Arc<dyn Store>, String> {
+fn shared_tier(args: &Settings, url: &str) -> Result<Arc<dyn Store>, String> {
     let Some(path) = &args.shared_key_file else {
         return Err("--shared-key-file is required".into());
     };
     let secret = dcache_transport::token::read_secret_file(path)
         .map_err(|e| format!("--shared-key-file {}: {e}", path.display()))?;
-    let config = SharedConfig {
-        ttl: std::time::Duration::from_secs(args.shared_ttl.max(1)),
-        max_value: args.shared_max_value,
-        deadline: std::time::Duration::from_millis(args.shared_deadline.max(1)),
-        ..SharedConfig::default()
-    };
+    let config = args.shared_config();
     let backend = RedisBackend::new(url, config.transfer_timeout).map_err(|e| e.to_string())?;
     tracing::info!(
         "shared cache tier: {} (entries up to {} bytes, lookups within {:?})",
@@ -412,7 +463,7 @@ fn shared_tier(args: &Args, url: &str) -> Result<Arc<dyn Store>, String> {
 /// The transport options with the certificate `--tls-cert` and `--tls-key` name, loaded
 /// once. A certificate without any tls:// listener is refused: a server started with one
 /// is meant to encrypt, and serving plain TCP instead would hide the mistake.
-fn tls_options(args: &Args) -> Result<TransportOptions, String> {
+fn tls_options(args: &Settings) -> Result<TransportOptions, String> {
     let wants_tls = args.listen.iter().any(|a| matches!(a, Address::Tls { .. }));
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
         // A tls:// listener without them fails to bind, with the flags to add.
@@ -447,6 +498,12 @@ async fn wait_for_signal() {
     }
 }
 
+/// A size flag: `10G`, `500M`, `16K`, or bytes (the file takes the same forms).
+fn size(s: &str) -> Result<Size, String> {
+    s.parse()
+        .map_err(|e: dcache_server::config::SizeError| e.to_string())
+}
+
 /// An `--allow-compiler` entry: a bare program name, since a path would let the list
 /// decide which directory runs (that is `--compiler-path`'s job).
 fn compiler_name(s: &str) -> Result<String, String> {
@@ -457,4 +514,22 @@ fn compiler_name(s: &str) -> Result<String, String> {
         ));
     }
     Ok(s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's defaults (shown by --help) and the library's must be the same settings, or
+    /// a server started with no flags would differ from one started with an empty file.
+    #[test]
+    fn the_flags_defaults_are_the_settings_defaults() {
+        let args = Args::try_parse_from(["dcache-server"]).unwrap();
+        let from_flags = settings(&args, |_| true).unwrap();
+        let mut defaults = Settings::default();
+        // The two that settings() resolves when absent.
+        defaults.cache_dir = from_flags.cache_dir.clone();
+        defaults.jobs = from_flags.jobs;
+        assert_eq!(from_flags, defaults);
+    }
 }
