@@ -2,8 +2,9 @@
 # Warm local builds with no hosts, side by side in one run, interleaved run by run so a
 # busy machine weighs on all alike: dcache with its local daemon, dcache with the
 # embedded server in every process (DCACHE_DAEMON=0, the behaviour before the daemon),
-# ccache, and plain gcc for scale. Each cache is filled once by a cold build, then every
-# timed build is `make clean` + `make -jJOBS` against that warm cache; the daemon is left
+# and ccache. DCACHE_EXTRA="DCACHE_X=v ..." adds settings to both dcache runs. Each
+# cache is filled by two builds (cold, then one that records manifests); every timed
+# build is `make clean` + `make -jJOBS` against that warm cache; the daemon is left
 # running between builds, as it is during a day's work. Prints the median wall time of
 # RUNS for each and the ratios to ccache. DCACHE_BIN=path skips building the release
 # binary.
@@ -40,12 +41,11 @@ build() {
 }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-names=(gcc ccache daemon embedded)
+names=(ccache daemon embedded)
 declare -A env_of=(
-  [gcc]="CC=gcc"
   [ccache]="CC=ccache gcc"
-  [daemon]="CC=$dcache gcc DCACHE_DIR=$work/daemon DCACHE_DAEMON=1"
-  [embedded]="CC=$dcache gcc DCACHE_DIR=$work/embedded DCACHE_DAEMON=0"
+  [daemon]="CC=$dcache gcc DCACHE_DIR=$work/daemon DCACHE_DAEMON=1${DCACHE_EXTRA:+ $DCACHE_EXTRA}"
+  [embedded]="CC=$dcache gcc DCACHE_DIR=$work/embedded DCACHE_DAEMON=0${DCACHE_EXTRA:+ $DCACHE_EXTRA}"
 )
 run() { # NAME
   local IFS=$'\n'
