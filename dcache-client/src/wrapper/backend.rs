@@ -1,5 +1,7 @@
-//! Where the wrapper's jobs go: configured servers, or the embedded default (the server
-//! library run in this process over `mem://`, with the shared disk cache). One per
+//! Where the wrapper's jobs go: configured servers, this user's local daemon
+//! ([`super::daemon`]: the embedded default run once for every process), or the embedded
+//! default in this process (the server library over `mem://`, with the shared disk cache)
+//! when there is no daemon to use. One per
 //! `dcache` process, started before the first job and finished after the last, so a
 //! direct-mode lookup and the compile that may follow share one server and connection.
 //!
@@ -24,6 +26,20 @@ use crate::{Client, ClientOptions};
 pub struct Backend {
     client: Client,
     embedded: Option<Embedded>,
+    daemon: Option<DaemonSide>,
+}
+
+/// The wrapper's side of a daemon back end: what this process did, for the cache's
+/// statistics (the daemon serves every process of a build, so its own counters cannot
+/// say which part was this one's, and the statistics must be current when the process
+/// exits), and the name of the compiler its jobs run on.
+#[derive(Debug)]
+struct DaemonSide {
+    /// [`Config::dir`], where results compiled here are stored beside the daemon.
+    dir: std::path::PathBuf,
+    /// [`Config::cache_size`], the limit that store keeps.
+    cache_size: u64,
+    delta: std::sync::Mutex<stats_file::Delta>,
 }
 
 #[derive(Debug)]
@@ -81,6 +97,18 @@ impl Backend {
             return Ok(Self {
                 client: Client::new(config.client_options()),
                 embedded: None,
+                daemon: None,
+            });
+        }
+        if let Some(addr) = super::daemon::reach(config, compiler) {
+            return Ok(Self {
+                client: Client::new(ClientOptions::new(vec![addr])),
+                embedded: None,
+                daemon: Some(DaemonSide {
+                    dir: config.dir.clone(),
+                    cache_size: config.cache_size,
+                    delta: std::sync::Mutex::default(),
+                }),
             });
         }
         // Lazy: one compile per process, so no scan of the whole cache on every start.
@@ -146,6 +174,7 @@ impl Backend {
                 stop,
                 server,
             }),
+            daemon: None,
         })
     }
 
@@ -154,9 +183,77 @@ impl Backend {
         &self.client
     }
 
-    /// Whether jobs go to configured servers rather than the embedded one.
+    /// Whether jobs go to configured servers rather than the local cache (the embedded
+    /// server or the daemon).
     pub fn is_remote(&self) -> bool {
-        self.embedded.is_none()
+        self.embedded.is_none() && self.daemon.is_none()
+    }
+
+    /// Whether jobs go to the local daemon.
+    pub fn is_daemon(&self) -> bool {
+        self.daemon.is_some()
+    }
+
+    /// Whether a result's diagnostics are exactly what a local compile prints: only the
+    /// embedded server in this process compiles in this directory (the daemon and remote
+    /// servers compile in private directories, so gcc cannot quote source lines).
+    pub fn exact_diagnostics(&self) -> bool {
+        self.embedded.is_some()
+    }
+
+    /// Sends a compile with its key ([`Client::compile_keyed`]), counting it for the
+    /// statistics when the daemon serves it.
+    pub async fn compile_keyed(
+        &self,
+        desc: JobDesc,
+        key: CacheKey,
+        source: bytes::Bytes,
+    ) -> Result<crate::Outcome, crate::ClientError> {
+        let outcome = self.client.compile_keyed(desc, key, source).await?;
+        self.count(|d| {
+            let job = &outcome.job;
+            if job.origin.is_cached() {
+                d.hits += 1;
+            } else {
+                d.misses += 1;
+                d.compiles += 1;
+            }
+            if job.origin.is_early() {
+                d.early_results += 1;
+            }
+            d.source_bytes_received += job.source_bytes_sent;
+            d.source_bytes_saved += job.source_bytes_skipped;
+        });
+        Ok(outcome)
+    }
+
+    /// Asks for a remembered key ([`Client::lookup`]), counting the answer for the
+    /// statistics when the daemon serves it.
+    pub async fn lookup(
+        &self,
+        desc: JobDesc,
+        key: CacheKey,
+    ) -> Result<Option<crate::Outcome>, crate::ClientError> {
+        let found = self.client.lookup(desc, key).await?;
+        self.count(|d| match &found {
+            Some(o) => {
+                d.hits += 1;
+                if o.job.origin.is_early() {
+                    d.early_results += 1;
+                }
+            }
+            None => d.misses += 1,
+        });
+        Ok(found)
+    }
+
+    fn count(&self, f: impl FnOnce(&mut stats_file::Delta)) {
+        if let Some(d) = &self.daemon {
+            f(&mut d
+                .delta
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner));
+        }
     }
 
     /// Stores `result`, compiled by the wrapper itself from the original source (depend
@@ -169,6 +266,13 @@ impl Backend {
         key: CacheKey,
         result: &JobResult,
     ) -> Result<(), BackendError> {
+        if let Some(d) = &self.daemon {
+            self.count(|c| {
+                c.misses += 1;
+                c.compiles += 1;
+            });
+            return store_beside_daemon(&d.dir, d.cache_size, desc, key, result).await;
+        }
         let e = self.embedded.as_ref().ok_or(BackendError::NotLocal)?;
         e.local_compiles.fetch_add(1, Ordering::Relaxed);
         let id = e
@@ -185,11 +289,26 @@ impl Backend {
         if let Some(e) = &self.embedded {
             e.local_compiles.fetch_add(1, Ordering::Relaxed);
         }
+        self.count(|c| {
+            c.misses += 1;
+            c.compiles += 1;
+        });
     }
 
     /// Ends the embedded server: waits for its results to be stored, and adds what it
     /// did to the cache's statistics.
     pub async fn finish(self, config: &Config) {
+        if let Some(d) = self.daemon {
+            drop(self.client);
+            let delta = d
+                .delta
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if delta != stats_file::Delta::default() {
+                stats_file::record(&config.dir, &delta);
+            }
+            return;
+        }
         let Some(e) = self.embedded else {
             return;
         };
@@ -212,8 +331,41 @@ impl Backend {
     }
 }
 
+/// Stores a result the wrapper compiled itself (depend mode) in the disk store the daemon
+/// reads, from this process: the disk store is safe to share between processes, the
+/// result is already here, and the protocol has no "store this" request (a server
+/// stores only what it compiled and verified itself). The key binds the compiler as the
+/// daemon binds it (same name, `PATH` and locale: [`super::daemon::executor::config_for`]),
+/// so the daemon's next lookup finds it (its memory tier misses, its disk tier hits).
+async fn store_beside_daemon(
+    dir: &std::path::Path,
+    cache_size: u64,
+    desc: &JobDesc,
+    key: CacheKey,
+    result: &JobResult,
+) -> Result<(), BackendError> {
+    let path = std::env::var("PATH").unwrap_or_else(|_| LocalExecutorConfig::default().path);
+    let executor = LocalExecutor::new(super::daemon::executor::config_for(
+        &desc.compiler,
+        dir,
+        path,
+    ));
+    let id = executor
+        .check(desc)
+        .map_err(|err| BackendError::Refused(err.to_string()))?;
+    let limit = crate::cache_admin::Budget::for_limit(cache_size).results;
+    let store =
+        DiskStore::open_lazy(&dir.join("cache"), limit).map_err(|source| BackendError::Cache {
+            dir: dir.to_owned(),
+            source,
+        })?;
+    dcache_server::store::Store::put(&store, &store_key(&id, &key), result)
+        .await
+        .map_err(BackendError::Store)
+}
+
 /// The locale variables that shape a compiler's diagnostics, as set here.
-fn locale_env() -> Vec<(String, String)> {
+pub(super) fn locale_env() -> Vec<(String, String)> {
     ["LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES"]
         .into_iter()
         .filter_map(|k| {

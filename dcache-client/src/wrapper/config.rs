@@ -345,6 +345,8 @@ usage: dcache COMPILER [ARGS...]   compile as COMPILER would (e.g. make CC=\"dca
        dcache --max-size SIZE     (-M) set the local cache's limit (e.g. 10G, 500M), kept
                                   in DCACHE_DIR/dcache.toml, and shrink the cache to it
        dcache --show-config       (-p) every setting, and where its value comes from
+       dcache --stop-daemon       stop this DCACHE_DIR's local daemon (it also stops by
+                                  itself when idle)
        dcache --demo              build a bundled C program cold, then warm
        dcache --version
        dcache --help
@@ -357,7 +359,9 @@ one-line warning.
 environment:
   DCACHE_HOSTS       servers, separated by spaces or commas: tcp://HOST:PORT,
                      tls://HOST:PORT, unix:///path. Unset: an embedded server with a local disk cache,
-                     so dcache works as a local compiler cache out of the box.
+                     so dcache works as a local compiler cache out of the box: a
+                     per-user daemon (dcache --daemon, socket and log in DCACHE_DIR/daemon)
+                     started by the first compile and shared by all later ones.
                      An entry that is not an address is skipped with a warning.
   DCACHE_STRATEGY    speculative (default), ask-first or send-all
   DCACHE_FALLBACK    0 turns the local fallback into an error
@@ -370,6 +374,9 @@ environment:
                      statistics (default: ~/.cache/dcache)
   DCACHE_CACHE_SIZE  the embedded cache's size limit (default: what dcache --max-size
                      set in DCACHE_DIR/dcache.toml, else 5G)
+  DCACHE_DAEMON      0 turns the local daemon off: each dcache then runs the embedded
+                     server in its own process
+  DCACHE_DAEMON_IDLE seconds without a compile after which the daemon exits (default 300)
   DCACHE_BASEDIR     absolute directory (e.g. your home): paths inside it are made
                      relative in the preprocessed source, so checkouts in different
                      places share cache entries (file names in objects become relative)

@@ -180,17 +180,19 @@ async fn compile(
     let source = Bytes::from(pre.source);
     // Hashed once: the client sends this key, and direct mode records it below.
     let key = CacheKey::compute(&desc, &source);
-    let outcome = match backend
-        .client()
-        .compile_keyed(desc, key, source.clone())
-        .await
-    {
+    let outcome = match backend.compile_keyed(desc, key, source.clone()).await {
         Ok(o) => o,
+        Err(e) if backend.is_daemon() => {
+            // The daemon went away (stopped, replaced, killed): not the user's server,
+            // so no warning and no DCACHE_FALLBACK, just the compile it would have run.
+            tracing::debug!("daemon: {e}; compiling locally");
+            return local(compiler, args).unwrap_or(1);
+        }
         Err(e) => return fail_over(config, &e, compiler, args),
     };
     log_outcome(plan, &outcome);
     let result = &outcome.job.result;
-    if needs_local_rerun(result, backend.is_remote(), rewritten) {
+    if needs_local_rerun(result, !backend.exact_diagnostics(), rewritten) {
         tracing::debug!(
             "compile exited {} with {} bytes of diagnostics; rerunning locally for the exact output",
             result.exit_code,
@@ -309,13 +311,12 @@ async fn try_direct(
         return None;
     }
     let outcome = backend
-        .client()
         .lookup(desc.clone(), entry.key)
         .await
         .ok()
         .flatten()?;
     let result = &outcome.job.result;
-    if needs_local_rerun(result, backend.is_remote(), false) {
+    if needs_local_rerun(result, !backend.exact_diagnostics(), false) {
         // Not what a clean compile gives; let the usual path deal with it.
         return None;
     }

@@ -19,8 +19,8 @@
 //! - [`manifests`]: the directory under `DCACHE_DIR` the manifests are kept in, on the
 //!   client's side whatever the back end.
 //!
-//! With the `embedded` feature, the product itself: `Backend` (configured servers or the
-//! in-process server over `mem://`), `identity` (the compiler identity every job carries,
+//! With the `embedded` feature, the product itself: `Backend` (configured servers, the
+//! local `daemon`, or the in-process server over `mem://`), `identity` (the compiler identity every job carries,
 //! computed by the server library's code) and `run`, the whole compile flow `dcache` runs. The
 //! feature is for the embedded back end alone: direct mode needs nothing from the server.
 
@@ -30,6 +30,8 @@ pub mod backend;
 pub mod base_dir;
 pub mod config;
 pub mod config_file;
+#[cfg(feature = "embedded")]
+pub mod daemon;
 #[cfg(feature = "embedded")]
 pub mod depend;
 pub mod direct;

@@ -25,6 +25,10 @@ fn main() -> ExitCode {
         }
     };
     util::init_logging(&config.log);
+    if first.as_deref() == Some(wrapper::daemon::DAEMON_OPTION) {
+        // The local daemon (hidden: started by the wrapper itself), before any runtime.
+        return ExitCode::from(u8::try_from(wrapper::daemon::serve(&config)).unwrap_or(1));
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -67,8 +71,26 @@ fn main() -> ExitCode {
                 println!("{}", report.to_json());
             } else {
                 print!("{}", report.to_text());
+                print!("{}", runtime.block_on(daemon_stats(&config)));
             }
             ExitCode::SUCCESS
+        }
+        Some("--stop-daemon") => {
+            let (stopped, gone) =
+                wrapper::daemon::stop_all(&config, std::time::Duration::from_secs(10));
+            for d in &stopped {
+                let pid = d.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
+                println!("dcache: stopping daemon {} (pid {pid})", d.fingerprint);
+            }
+            if stopped.is_empty() {
+                println!("dcache: no daemon running for {}", config.dir.display());
+            }
+            if gone {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("dcache: a daemon is still finishing its jobs");
+                ExitCode::FAILURE
+            }
         }
         Some("--show-stats" | "-s") => {
             // The counters, then how full the local cache is.
@@ -88,7 +110,11 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Some("--clear" | "-C") => match cache_admin::clear(&config) {
+        Some("--clear" | "-C") => match {
+            // The daemon's memory tier would go on serving what is cleared.
+            wrapper::daemon::stop_all(&config, std::time::Duration::from_secs(10));
+            cache_admin::clear(&config)
+        } {
             Ok(c) => {
                 println!(
                     "dcache: removed {} results and {} manifests",
@@ -147,6 +173,33 @@ fn main() -> ExitCode {
             compile(&runtime, &config, compiler, args)
         }
     }
+}
+
+/// The running daemons' own counters since they started (already part of the local
+/// cache's totals above, which every process adds to): for `dcache --stats`.
+async fn daemon_stats(config: &wrapper::Config) -> String {
+    let mut text = String::new();
+    for d in wrapper::daemon::status(config) {
+        let layout = wrapper::daemon::Layout {
+            dir: config.dir.join("daemon"),
+            fingerprint: d.fingerprint.clone(),
+        };
+        let addr = dcache_transport::Address::Unix(layout.socket());
+        let pid = d.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
+        text.push_str(&format!("daemon {addr} (pid {pid}), since it started\n"));
+        let client = dcache_client::Client::new(dcache_client::ClientOptions::new(vec![addr]));
+        for (_, r) in client.stats().await {
+            match r {
+                Ok(stats) => {
+                    for s in stats.into_iter().filter(|s| s.value != 0) {
+                        text.push_str(&format!("  {:<26} {}\n", s.name, s.value));
+                    }
+                }
+                Err(e) => text.push_str(&format!("  unreachable: {e}\n")),
+            }
+        }
+    }
+    text
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
