@@ -74,10 +74,7 @@ pub fn search_dirs(
     cwd: &Path,
 ) -> Option<SearchDirs> {
     let args = keep_for_probe(preprocess_args);
-    let lang = match language {
-        Language::C => "c",
-        Language::Cxx => "c++",
-    };
+    let lang = language.source();
     let file = cache_dir.join(hex(&cache_key(compiler, lang, &args, cwd)?));
     if let Some(dirs) = read_cached(&file) {
         return Some(dirs);

@@ -294,6 +294,7 @@ mod tests {
                 .collect(),
             probes: Vec::new(),
             depend: false,
+            stderr: None,
         });
         m
     }
