@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -123,7 +122,10 @@ fn a_servers_result_with_warnings_is_a_direct_hit_that_replays_gccs_exact_stderr
 
     // A header change that moves nothing in w.c but changes the result: not the old
     // entry; the new warning text and object are gcc's again, and then a hit.
-    p.write("w.h", b"#define W 2\nint g(void) { int other; return 0; }\n");
+    p.write(
+        "w.h",
+        b"#define W 2\nint g(void) { int other; return 0; }\n",
+    );
     age();
     let (gcc_err, gcc_obj) = p.gcc(WARN_ARGS);
     assert!(text(&gcc_err).contains("other"), "{}", text(&gcc_err));
@@ -151,7 +153,11 @@ fn preprocessed_assembler_sources_are_cached_with_gccs_objects() {
         assert!(log.contains("compiled from"), "{log}");
         assert_eq!(p.read("a.o"), gcc_obj, "cold, server: {}", via.is_some());
         let warm = p.dcache(via, Some("dcache_client=debug"), ASM_ARGS);
-        assert!(text(&warm.stderr).contains("direct hit"), "{}", text(&warm.stderr));
+        assert!(
+            text(&warm.stderr).contains("direct hit"),
+            "{}",
+            text(&warm.stderr)
+        );
         assert_eq!(p.read("a.o"), gcc_obj, "warm, server: {}", via.is_some());
 
         // The included header changes: another object, gcc's.
@@ -169,7 +175,12 @@ fn preprocessed_assembler_sources_are_cached_with_gccs_objects() {
 fn assembler_that_reads_files_itself_or_has_debug_info_runs_locally() {
     let s = server();
     let incbin: &[u8] = b".section .rodata\n.globl blob\nblob:\n.INCBIN \"data.bin\"\n.section .note.GNU-stack,\"\",@progbits\n";
-    let p = Project::new(&[("b.S", incbin), ("data.bin", b"first"), ("a.S", ASM), ("asm.h", b"#define VALUE 7\n")]);
+    let p = Project::new(&[
+        ("b.S", incbin),
+        ("data.bin", b"first"),
+        ("a.S", ASM),
+        ("asm.h", b"#define VALUE 7\n"),
+    ]);
     let args = ["-c", "b.S", "-o", "b.o"];
     for via in [Some(&s), None] {
         for content in [&b"first"[..], b"second"] {
@@ -187,6 +198,10 @@ fn assembler_that_reads_files_itself_or_has_debug_info_runs_locally() {
     // With -g the assembler names its own directory: local, gcc's object.
     let args = ["-g", "-c", "a.S", "-o", "a.o"];
     let out = p.dcache(Some(&s), Some("dcache_client=debug"), &args);
-    assert!(text(&out.stderr).contains("running locally"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("running locally"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(p.read("a.o"), p.gcc(&args).1);
 }

@@ -22,7 +22,8 @@ use super::config::Config;
 use super::depend;
 use super::direct::{self, DirectKey, Invocation};
 use super::local::{
-    assembler_reads_files, needs_local_rerun, preprocess, run_locally, run_locally_teeing_stderr, write_atomically,
+    assembler_reads_files, needs_local_rerun, preprocess, run_locally, run_locally_teeing_stderr,
+    write_atomically,
 };
 use super::manifests::ManifestStore;
 use super::response::expand_response_files;
@@ -207,7 +208,16 @@ async fn compile(
             result.stderr.len()
         );
         let replayable = result.exit_code == 0;
-        return rerun_and_record(config, compiler, args, plan, direct.filter(|_| replayable), key, &source, started);
+        return rerun_and_record(
+            config,
+            compiler,
+            args,
+            plan,
+            direct.filter(|_| replayable),
+            key,
+            &source,
+            started,
+        );
     }
     let code = deliver(&pre.stderr, result, plan, compiler, args);
     if let (0, Some(dk), true) = (code, direct, pre.stderr.is_empty()) {
@@ -258,8 +268,7 @@ fn rerun_and_record(
     if plan.dep_file.is_some() && dep.is_none() {
         return code;
     }
-    if let Some(mut entry) = depend::record_preprocessed(config, plan, key, dep, source, started)
-    {
+    if let Some(mut entry) = depend::record_preprocessed(config, plan, key, dep, source, started) {
         tracing::debug!(
             "{}: recorded with its {} bytes of diagnostics for replay",
             plan.input.display(),

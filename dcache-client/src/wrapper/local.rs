@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 
-use super::args::{CompilePlan, Language};
+use super::args::CompilePlan;
 
 /// Whether preprocessed assembler names a file the assembler reads itself (`.include`,
 /// `.incbin`; gas directives are case-insensitive): the preprocessor never saw it, so no
