@@ -205,3 +205,47 @@ fn assembler_that_reads_files_itself_or_has_debug_info_runs_locally() {
     );
     assert_eq!(p.read("a.o"), p.gcc(&args).1);
 }
+
+#[test]
+fn an_mmd_compile_whose_headers_compute_a_name_is_recorded_and_then_a_direct_hit() {
+    // zstd's build: -MMD, and glibc's <limits.h> computes a header name, so the user's
+    // list cannot be completed by following names; the compiler's own full list is used.
+    let p = Project::new(&[
+        ("m.c", b"#include \"m.h\"\nint m(void) { return LIMIT; }\n"),
+        (
+            "m.h",
+            b"#define SYS <limits.h>\n#include SYS\n#define LIMIT INT_MAX\n",
+        ),
+    ]);
+    let args = ["-g", "-O2", "-MMD", "-MP", "-c", "m.c", "-o", "m.o"];
+    let (_, gcc_obj) = p.gcc(&args);
+    let _ = std::fs::remove_file(p.dir.path().join("m.d"));
+    let ok = Command::new("gcc")
+        .args(args)
+        .current_dir(p.dir.path())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let gcc_d = p.read("m.d");
+    for round in ["cold", "warm"] {
+        let _ = std::fs::remove_file(p.dir.path().join("m.d"));
+        let out = p.dcache(None, Some("dcache_client=debug"), &args);
+        let log = text(&out.stderr);
+        match round {
+            "cold" => assert!(log.contains("depend mode compiled and recorded"), "{log}"),
+            _ => assert!(log.contains("direct hit"), "{log}"),
+        }
+        assert_eq!(p.read("m.o"), gcc_obj, "{round}");
+        assert_eq!(text(&p.read("m.d")), text(&gcc_d), "{round}");
+    }
+    // The header changes: not the old object.
+    p.write(
+        "m.h",
+        b"#define SYS <limits.h>\n#include SYS\n#define LIMIT INT_MIN\n",
+    );
+    age();
+    let (_, new_obj) = p.gcc(&args);
+    let out = p.dcache(None, Some("dcache_client=debug"), &args);
+    assert!(!text(&out.stderr).contains("direct hit"));
+    assert_eq!(p.read("m.o"), new_obj);
+}
