@@ -74,6 +74,10 @@ pub fn reason_label(reason: &LocalReason) -> String {
 /// reached it: the preprocessor reported an error (the compile then reports it itself).
 pub const PREPROCESSOR_ERROR: &str = "preprocessor error";
 
+/// A label for an assembler source whose preprocessed text has `.include` or `.incbin`:
+/// the assembler would read files no key covers, so it compiles locally.
+pub const ASSEMBLER_READS_FILES: &str = "assembler .include or .incbin";
+
 /// `s` made safe for one line of the file and a JSON key: printable ASCII without quotes
 /// or backslashes (spaces allowed inside), at most `max` characters.
 fn clean(s: &str, max: usize) -> String {

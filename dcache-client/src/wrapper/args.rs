@@ -69,6 +69,10 @@ pub enum Language {
     C,
     /// C++.
     Cxx,
+    /// Assembler the preprocessor runs over first (`.S`, `.sx`, `-x assembler-with-cpp`):
+    /// cached like C, its preprocessed text assembled by the server. Plain `.s` is not
+    /// preprocessed, so its `.include`s are never resolved here, and it runs locally.
+    Asm,
 }
 
 impl Language {
@@ -77,6 +81,16 @@ impl Language {
         match self {
             Self::C => "cpp-output",
             Self::Cxx => "c++-cpp-output",
+            Self::Asm => "assembler",
+        }
+    }
+
+    /// The `-x` name of the source itself, as the local preprocessor is told it.
+    pub fn source(self) -> &'static str {
+        match self {
+            Self::C => "c",
+            Self::Cxx => "c++",
+            Self::Asm => "assembler-with-cpp",
         }
     }
 
@@ -84,6 +98,7 @@ impl Language {
         match x {
             "c" => Some(Self::C),
             "c++" => Some(Self::Cxx),
+            "assembler-with-cpp" => Some(Self::Asm),
             _ => None,
         }
     }
@@ -92,6 +107,7 @@ impl Language {
         match p.extension()?.to_str()? {
             "c" => Some(Self::C),
             "cc" | "cp" | "cxx" | "cpp" | "CPP" | "c++" | "C" => Some(Self::Cxx),
+            "S" | "sx" => Some(Self::Asm),
             _ => None,
         }
     }
@@ -297,6 +313,17 @@ fn plan_str(compiler: &OsString, args: &[String]) -> Result<CompilePlan, LocalRe
             return Err(LocalReason::Language(ext));
         }
     };
+    if language == Language::Asm {
+        // `-S` of an assembler source is only its preprocessing; and with `-g` the
+        // assembler names its own directory in the debug info (no line marker carries
+        // the client's, as cpp gives C), so the server's object would differ.
+        if mode == Mode::Assembly {
+            return Err(local("-S (of an assembler source)"));
+        }
+        if debug {
+            return Err(local("-g (of an assembler source)"));
+        }
+    }
     let output = match output {
         Some(o) if o == "-" => return Err(LocalReason::StdoutOutput),
         Some(o) => PathBuf::from(o),

@@ -279,7 +279,12 @@ fn record(
     let dirs = dirs_for(config, plan)?;
     let forced = forced_includes(&plan.preprocess_args);
     let files = match deps {
-        Deps::User => closure(listed, &dirs, &forced)?,
+        // A header on the way computes a name (glibc's <limits.h> does): the list the
+        // compiler itself gives, from one preprocessor run, only then.
+        Deps::User => match closure(listed, &dirs, &forced) {
+            Some(files) => files,
+            None => full_list(plan)?,
+        },
         Deps::None | Deps::Full => listed,
     };
     let user_dep = match deps {
@@ -300,6 +305,41 @@ fn record(
     )?;
     entry.key = Entry::depend_key(&dk, &entry.files, &entry.probes);
     Some(entry)
+}
+
+/// Every file `plan`'s compile reads, from a `-M` run of the preprocessor with the
+/// command line's own dependency options left out: the complete list an `-MMD` file
+/// lacks, when its closure cannot be followed. `None` if that run fails.
+fn full_list(plan: &CompilePlan) -> Option<Vec<PathBuf>> {
+    let mut args: Vec<&OsString> = Vec::new();
+    let mut skip = false;
+    for a in &plan.preprocess_args {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        let s = a.to_str()?;
+        match s {
+            "-MD" | "-MMD" | "-MP" | "-MG" => {}
+            "-MF" | "-MT" | "-MQ" => skip = true,
+            _ if s.starts_with("-MF") || s.starts_with("-MT") || s.starts_with("-MQ") => {}
+            _ => args.push(a),
+        }
+    }
+    let out = Command::new(&plan.compiler)
+        .envs(super::masquerade::depth_env())
+        .args(args)
+        .arg("-M")
+        .arg("-x")
+        .arg(plan.language.source())
+        .arg(&plan.input)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    prerequisites(&out.stdout)
 }
 
 /// The prerequisites of the first rule of a dependency file as gcc writes it (`\ ` for a

@@ -51,7 +51,7 @@ const UNRECORDABLE_ARG: &[u8] = b"__has_include";
 
 /// Environment variables that change what the preprocessor reads or writes, or what the
 /// compiler prints.
-pub(crate) const ENV: [&str; 15] = [
+pub(crate) const ENV: [&str; 19] = [
     // gcc names the working directory by $PWD when it is the same directory (-g).
     "PWD",
     "CPATH",
@@ -68,11 +68,16 @@ pub(crate) const ENV: [&str; 15] = [
     "LC_ALL",
     "LC_CTYPE",
     "LC_MESSAGES",
+    // How gcc lays out and colours diagnostics (an entry can replay them exactly).
+    "COLUMNS",
+    "GCC_COLORS",
+    "GCC_URLS",
+    "TERM_URLS",
 ];
 
-/// The stored form's first bytes; version 2 added lookups and depend mode (a version-1
-/// manifest reads as none, and is recorded again).
-const MAGIC: &[u8; 4] = b"DCM2";
+/// The stored form's first bytes; version 2 added lookups and depend mode, version 3 the
+/// replayed diagnostics (an older manifest reads as none, and is recorded again).
+const MAGIC: &[u8; 4] = b"DCM3";
 
 /// Most entries one manifest keeps (one per distinct set of header contents seen).
 const MAX_ENTRIES: usize = 16;
@@ -238,6 +243,13 @@ pub struct Entry {
     /// Recorded by depend mode: the result was compiled here from the original source,
     /// and only the local cache can have it.
     pub depend: bool,
+    /// What the compiler printed on stderr when this compile ran here, replayed on a
+    /// direct hit instead of the result's own diagnostics. Recorded when those are not
+    /// exact (a remote server quotes no source lines and names other paths), so a result
+    /// with warnings is a hit with gcc's very bytes rather than a local compile every
+    /// time. It is a function of what the direct key binds (command line, directory,
+    /// locale and layout variables, compiler) and of the files and lookups above.
+    pub stderr: Option<Vec<u8>>,
 }
 
 /// What an entry is recorded from, besides its key and dependency file.
@@ -302,6 +314,7 @@ impl Entry {
             files,
             probes,
             depend,
+            stderr: None,
         })
     }
 
@@ -434,6 +447,13 @@ impl Manifest {
                 out.push(probe.to_byte());
             }
             out.push(u8::from(e.depend));
+            match &e.stderr {
+                Some(d) => {
+                    out.push(1);
+                    put_bytes(&mut out, d);
+                }
+                None => out.push(0),
+            }
         }
         out
     }
@@ -467,12 +487,18 @@ impl Manifest {
                 1 => true,
                 _ => return None,
             };
+            let stderr = match r.take(1)?[0] {
+                0 => None,
+                1 => Some(r.bytes()?.to_vec()),
+                _ => return None,
+            };
             entries.push(Entry {
                 key,
                 dep_file,
                 files,
                 probes,
                 depend,
+                stderr,
             });
         }
         r.0.is_empty().then_some(Self { entries })
@@ -624,6 +650,7 @@ mod tests {
                 files: vec![(PathBuf::from(format!("h{i}.h")), [i; 32])],
                 probes: vec![(PathBuf::from(format!("/i/h{i}.h")), Probe::Absent)],
                 depend: i % 3 == 0,
+                stderr: (i % 2 == 1).then(|| b"x.c:1:1: warning: w\n".to_vec()),
             });
         }
         assert_eq!(m.entries().len(), MAX_ENTRIES);
@@ -656,6 +683,7 @@ mod tests {
             files: vec![(h.clone(), hash("int v1;"))],
             probes: vec![],
             depend: false,
+            stderr: None,
         });
         m.add(Entry {
             key: CacheKey::from_bytes([2; 32]),
@@ -663,6 +691,7 @@ mod tests {
             files: vec![(h.clone(), hash("int v2;"))],
             probes: vec![],
             depend: false,
+            stderr: None,
         });
         assert_eq!(
             m.find_current(true).map(|e| e.key),
@@ -713,6 +742,7 @@ mod tests {
             files: vec![],
             probes: vec![(shadow.clone(), Probe::Absent)],
             depend: true,
+            stderr: None,
         });
         assert!(m.find_current(true).is_some());
         assert!(

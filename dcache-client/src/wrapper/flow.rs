@@ -15,13 +15,16 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use dcache_proto::{CacheKey, JobDesc};
 
-use super::args::{CompilePlan, LocalReason, Plan, plan};
+use super::args::{CompilePlan, Language, LocalReason, Plan, plan};
 use super::backend::Backend;
 use super::base_dir::relativize_line_markers;
 use super::config::Config;
 use super::depend;
 use super::direct::{self, DirectKey, Invocation};
-use super::local::{needs_local_rerun, preprocess, run_locally, write_atomically};
+use super::local::{
+    assembler_reads_files, needs_local_rerun, preprocess, run_locally, run_locally_teeing_stderr,
+    write_atomically,
+};
 use super::manifests::ManifestStore;
 use super::response::expand_response_files;
 use crate::stats::calls;
@@ -145,7 +148,10 @@ async fn compile(
             calls::record_cacheable(&config.dir);
             return code;
         }
+        // Assembler goes the preprocessor's way, where its text is checked for files the
+        // assembler reads itself, which no dependency file lists.
         if depend::applies(config, backend, args)
+            && plan.language != Language::Asm
             && !super::direct::too_new_to_record(&plan.input, started)
             && !depend::declined(config, dk)
         {
@@ -163,6 +169,11 @@ async fn compile(
             return local(compiler, args).unwrap_or(1);
         }
     };
+    if plan.language == Language::Asm && assembler_reads_files(&pre.source) {
+        tracing::debug!("running locally: the assembler source reads files itself");
+        count_uncacheable(config, calls::ASSEMBLER_READS_FILES, true);
+        return local(compiler, args).unwrap_or(1);
+    }
     calls::record_cacheable(&config.dir);
     // With a base directory, absolute paths under it become relative, so another checkout
     // of the same project has the same key. The compiler then sees other file names than
@@ -199,7 +210,17 @@ async fn compile(
             result.exit_code,
             result.stderr.len()
         );
-        return local(compiler, args).unwrap_or(1);
+        let replayable = result.exit_code == 0;
+        return rerun_and_record(
+            config,
+            compiler,
+            args,
+            plan,
+            direct.filter(|_| replayable),
+            key,
+            &source,
+            started,
+        );
     }
     let code = deliver(&pre.stderr, result, plan, compiler, args);
     if let (0, Some(dk), true) = (code, direct, pre.stderr.is_empty()) {
@@ -212,6 +233,52 @@ async fn compile(
                 record_manifest(config, dk, entry);
             }
         }
+    }
+    code
+}
+
+/// Compiles here, as given, for the compiler's exact output; a result whose diagnostics
+/// were not exact (a remote server's) was clean otherwise. With a direct key (`dk`), a
+/// successful compile whose stderr could be kept records the manifest entry with that
+/// stderr, so the next identical compile is a direct hit that replays gcc's very bytes
+/// instead of another local compile. Returns the exit code.
+#[allow(clippy::too_many_arguments)] // the compile's whole context, passed once
+fn rerun_and_record(
+    config: &Config,
+    compiler: &OsString,
+    args: &[OsString],
+    plan: &CompilePlan,
+    dk: Option<DirectKey>,
+    key: CacheKey,
+    source: &[u8],
+    started: SystemTime,
+) -> i32 {
+    // A terminal gets colours and links a pipe would not: nothing kept to replay there.
+    let Some(dk) = dk.filter(|_| !std::io::stderr().is_terminal()) else {
+        return local(compiler, args).unwrap_or(1);
+    };
+    let (code, kept) = match run_locally_teeing_stderr(compiler, args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dcache: cannot run {}: {e}", compiler.to_string_lossy());
+            return 1;
+        }
+    };
+    let Some(stderr) = kept.filter(|_| code == 0) else {
+        return code;
+    };
+    let dep = plan.dep_file.as_ref().and_then(|d| std::fs::read(d).ok());
+    if plan.dep_file.is_some() && dep.is_none() {
+        return code;
+    }
+    if let Some(mut entry) = depend::record_preprocessed(config, plan, key, dep, source, started) {
+        tracing::debug!(
+            "{}: recorded with its {} bytes of diagnostics for replay",
+            plan.input.display(),
+            stderr.len()
+        );
+        entry.stderr = Some(stderr);
+        record_manifest(config, dk, entry);
     }
     code
 }
@@ -316,10 +383,17 @@ async fn try_direct(
         .await
         .ok()
         .flatten()?;
-    let result = &outcome.job.result;
-    if needs_local_rerun(result, !backend.exact_diagnostics(), false) {
+    let mut result = outcome.job.result;
+    match &entry.stderr {
+        // The diagnostics this very compile printed here, kept because the result's own
+        // are not exact; a terminal would have had colours, so it goes the usual way.
+        Some(exact) if result.exit_code == 0 && !std::io::stderr().is_terminal() => {
+            result.stderr = Bytes::from(exact.clone());
+        }
+        Some(_) => return None,
         // Not what a clean compile gives; let the usual path deal with it.
-        return None;
+        None if needs_local_rerun(&result, !backend.exact_diagnostics(), false) => return None,
+        None => {}
     }
     tracing::debug!(
         "{}: direct hit from {} in {:?}",
@@ -333,7 +407,7 @@ async fn try_direct(
             return Some(1);
         }
     }
-    Some(deliver(&[], result, plan, compiler, args))
+    Some(deliver(&[], &result, plan, compiler, args))
 }
 
 /// Adds `entry` to the manifest under `dk` (best effort: a lost update costs one

@@ -16,7 +16,7 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use super::args::Language;
 
@@ -74,10 +74,7 @@ pub fn search_dirs(
     cwd: &Path,
 ) -> Option<SearchDirs> {
     let args = keep_for_probe(preprocess_args);
-    let lang = match language {
-        Language::C => "c",
-        Language::Cxx => "c++",
-    };
+    let lang = language.source();
     let file = cache_dir.join(hex(&cache_key(compiler, lang, &args, cwd)?));
     if let Some(dirs) = read_cached(&file) {
         return Some(dirs);

@@ -6,7 +6,18 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 
-use super::args::{CompilePlan, Language};
+use super::args::CompilePlan;
+
+/// Whether preprocessed assembler names a file the assembler reads itself (`.include`,
+/// `.incbin`; gas directives are case-insensitive): the preprocessor never saw it, so no
+/// key or manifest covers it, and the compile runs locally. Matched anywhere, comments
+/// too: a false alarm only costs a local compile.
+pub fn assembler_reads_files(text: &[u8]) -> bool {
+    const DIRECTIVES: [&[u8]; 2] = [b".include", b".incbin"];
+    DIRECTIVES
+        .iter()
+        .any(|d| text.windows(d.len()).any(|w| w.eq_ignore_ascii_case(d)))
+}
 
 /// The preprocessor's output for a plan.
 #[derive(Debug)]
@@ -50,10 +61,7 @@ pub(super) fn compiler_command(compiler: impl AsRef<std::ffi::OsStr>) -> Command
 
 /// Runs `compiler -E` for a plan, writing dependency files as the compiler would.
 pub fn preprocess(plan: &CompilePlan) -> Result<Preprocessed, PreprocessError> {
-    let lang = match plan.language {
-        Language::C => "c",
-        Language::Cxx => "c++",
-    };
+    let lang = plan.language.source();
     let out = compiler_command(&plan.compiler)
         .arg("-E")
         .args(&plan.preprocess_args)
@@ -80,6 +88,58 @@ pub fn preprocess(plan: &CompilePlan) -> Result<Preprocessed, PreprocessError> {
 pub fn run_locally(compiler: &OsString, args: &[OsString]) -> std::io::Result<i32> {
     let status = compiler_command(compiler).args(args).status()?;
     Ok(exit_code(status))
+}
+
+/// Largest diagnostics text kept for replay ([`run_locally_teeing_stderr`]); longer
+/// output is still printed whole, only not kept.
+pub const MAX_KEPT_STDERR: usize = 64 << 10;
+
+/// Runs the compiler as [`run_locally`] does, but with its stderr through a pipe: each
+/// chunk is printed as it comes and kept, so the exact diagnostics a local compile prints
+/// can be replayed on a later hit. Returns the exit code and what it printed on stderr,
+/// `None` when that exceeded [`MAX_KEPT_STDERR`] (or could not be read whole).
+///
+/// Only for a stderr that is not a terminal: gcc writes to a pipe exactly what it writes
+/// to a file, but colours and links a terminal.
+pub fn run_locally_teeing_stderr(
+    compiler: &OsString,
+    args: &[OsString],
+) -> std::io::Result<(i32, Option<Vec<u8>>)> {
+    use std::io::Read;
+    let mut child = Command::new(compiler)
+        .envs(super::masquerade::depth_env())
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut kept = Some(Vec::new());
+    if let Some(mut pipe) = child.stderr.take() {
+        let mut buf = [0u8; 8192];
+        let mut err = std::io::stderr();
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let _ = err.write_all(&buf[..n]);
+                    if let Some(k) = &mut kept {
+                        if k.len() + n > MAX_KEPT_STDERR {
+                            kept = None;
+                        } else {
+                            k.extend_from_slice(&buf[..n]);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // The rest is lost to us but not to the compiler, which gets EPIPE
+                    // only if it writes on: nothing is kept for replay.
+                    kept = None;
+                    break;
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    Ok((exit_code(status), kept))
 }
 
 /// The exit code a shell would report for `status` (128 + signal when killed).

@@ -300,6 +300,7 @@ mod tests {
                 .collect(),
             probes: Vec::new(),
             depend: false,
+            stderr: None,
         });
         m
     }

@@ -265,7 +265,13 @@ impl Executor for LocalExecutor {
 
     fn check(&self, desc: &JobDesc) -> Result<CompilerId, ExecError> {
         let compiler = self.select(desc)?;
-        if !matches!(desc.language.as_str(), "cpp-output" | "c++-cpp-output") {
+        // Preprocessed C, C++ and assembler (`.S` after the client's preprocessor): none
+        // has directives left that read the server's files but through the assembler's
+        // `.incbin`/`.include`, which inline asm in C has too (the sandbox's to contain).
+        if !matches!(
+            desc.language.as_str(),
+            "cpp-output" | "c++-cpp-output" | "assembler"
+        ) {
             return Err(ExecError::Language(desc.language.clone()));
         }
         args::check(&desc.args).map_err(ExecError::OptionRefused)?;

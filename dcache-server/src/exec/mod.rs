@@ -77,7 +77,7 @@ pub enum ExecError {
     #[error("{0}")]
     OptionRefused(String),
     /// The language is not one this server compiles.
-    #[error("language {0:?} is not accepted (expected cpp-output or c++-cpp-output)")]
+    #[error("language {0:?} is not accepted (expected cpp-output, c++-cpp-output or assembler)")]
     Language(String),
     /// The compiler could not be started or its output read.
     #[error("cannot run the compiler: {0}")]
