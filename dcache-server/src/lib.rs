@@ -11,6 +11,9 @@
 //! - [`Service`]: serves connections: answers HASH lookups at once (EARLY_RESULT or MISS),
 //!   compiles misses with bounded concurrency and single-flight, verifies every received
 //!   source against its HASH before storing anything, and counts what happens.
+//! - [`relay`]: the relay back end, a service whose back end is other dcache servers
+//!   ([`Service::relay`]): jobs passed on to them over persistent connections, with a
+//!   local cache tier in front.
 //! - [`distcc`]: the distcc front end, so stock distcc clients reach the same service
 //!   ([`Service::serve_distcc`]).
 #![forbid(unsafe_code)]
@@ -22,6 +25,7 @@ pub mod exec;
 mod flight;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod relay;
 pub mod sandbox;
 mod service;
 mod slots;
