@@ -96,14 +96,22 @@ pub(super) async fn forward(
     let mut failures: Vec<String> = Vec::new();
     let mut mismatch: Option<String> = None;
     let mut first = true;
-    // Each upstream is tried at most once: the list is finite, so this loop ends.
-    for i in upstreams.candidates(&key) {
+    // Each upstream is tried once, or twice when its connection turned out to be closing
+    // (a restarted upstream): the list is finite, so this loop ends.
+    let mut order: std::collections::VecDeque<(usize, bool)> = upstreams
+        .candidates(&key)
+        .into_iter()
+        .map(|i| (i, false))
+        .collect();
+    while let Some((i, retry)) = order.pop_front() {
         if !first {
             if !replay.replayable() {
                 failures.push("(the source could not be kept for another upstream)".into());
                 break;
             }
-            Counters::bump(&counters.upstream_fallthroughs);
+            if !retry {
+                Counters::bump(&counters.upstream_fallthroughs);
+            }
         }
         first = false;
         let name = upstreams.name(i).to_owned();
@@ -173,6 +181,12 @@ pub(super) async fn forward(
                         return;
                     }
                 }
+            }
+            // The connection would take no new job (it is going away): once more on a
+            // fresh one.
+            Err(JobError::Rejected(_) | JobError::Closed) if !retry => {
+                upstreams.drop_connection(i).await;
+                order.push_front((i, true));
             }
             Err(e @ JobError::Rejected(_)) => {
                 let _ = report.send(Report::Failed {
