@@ -123,7 +123,11 @@ fn desc(args: &[&str], identity: Option<CompilerIdentity>) -> JobDesc {
 }
 
 fn src(n: usize, seed: u8) -> Bytes {
-    Bytes::from((0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect::<Vec<_>>())
+    Bytes::from(
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect::<Vec<_>>(),
+    )
 }
 
 async fn submit(
@@ -156,7 +160,11 @@ async fn a_miss_compiles_upstream_and_the_next_time_is_a_local_hit() {
     assert_eq!(second.origin, ResultOrigin::Early);
     assert_eq!(second.result, first.result);
     assert_eq!(up.stat("compiles"), 1);
-    assert_eq!(up.stat("hits"), 0, "the second answer came from the relay's own tier");
+    assert_eq!(
+        up.stat("hits"),
+        0,
+        "the second answer came from the relay's own tier"
+    );
     assert_eq!(r.stat("hits"), 1);
     assert_eq!(r.stat("upstream_jobs"), 1);
 
@@ -210,6 +218,7 @@ async fn an_upstream_early_result_stops_the_upload_through_the_relay() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let got = up.stat("source_bytes_received") - before;
         upstream_got.push(got);
+        eprintln!("upstream received {got} of {} bytes", big.len());
         if got < big.len() as u64 / 4 {
             break;
         }
@@ -225,8 +234,11 @@ async fn an_upstream_early_result_stops_the_upload_through_the_relay() {
 async fn a_client_abort_reaches_the_upstream() {
     // One compile slot upstream, and compiles that take a minute: a second job gets the
     // slot only if the first one's ABORT went up.
-    let up = Running::start(fake_upstream(Duration::from_secs(60), None), "tcp://127.0.0.1:0")
-        .await;
+    let up = Running::start(
+        fake_upstream(Duration::from_secs(60), None),
+        "tcp://127.0.0.1:0",
+    )
+    .await;
     let r = relay(relay_config(&[&up])).await;
     let c = client(&r.addr, Strategy::Speculative).await;
     let d = desc(&["-c"], Some(fake_identity()));
@@ -282,7 +294,11 @@ async fn a_dead_upstream_falls_through_then_the_client_is_told_to_compile_locall
         assert_eq!(o.result, reference_compile(&d, &s));
     }
     assert!(to_dead > 0, "no job ranked the dead upstream first");
-    assert_eq!(a.stat("compiles"), 16, "every job compiled on the live upstream");
+    assert_eq!(
+        a.stat("compiles"),
+        16,
+        "every job compiled on the live upstream"
+    );
     assert!(r.stat("upstream_fallthroughs") >= 1);
 
     // Both down: the client gets OVERLOADED, on which a dcache client compiles locally.
@@ -290,7 +306,9 @@ async fn a_dead_upstream_falls_through_then_the_client_is_told_to_compile_locall
     let s = src(3000, 200);
     let res = submit(&c, &d, &s).await;
     assert!(failed_with(&res, ErrorCode::OVERLOADED), "{res:?}");
-    let Err(JobError::Failed { message, .. }) = res else { unreachable!() };
+    let Err(JobError::Failed { message, .. }) = res else {
+        unreachable!()
+    };
     assert!(message.contains("no upstream reachable"), "{message}");
 }
 
@@ -330,7 +348,10 @@ async fn a_token_upstream_needs_the_token() {
     let r = relay(with).await;
     let c = client(&r.addr, Strategy::Speculative).await;
     let s = src(1000, 8);
-    assert_eq!(submit(&c, &d, &s).await.unwrap().result, reference_compile(&d, &s));
+    assert_eq!(
+        submit(&c, &d, &s).await.unwrap().result,
+        reference_compile(&d, &s)
+    );
     // Many jobs, one authenticated upstream connection.
     for n in 0..5 {
         submit(&c, &d, &src(500, 20 + n)).await.unwrap();
@@ -442,15 +463,17 @@ async fn bad_input_to_a_relay_gets_what_any_server_gives() {
     // A header claiming a payload past every limit: refused before it is buffered.
     let mut s = connect(&r.addr, &opts).await.unwrap();
     let mut bytes = BytesMut::new();
-    bytes.extend_from_slice(&Frame::Hello(dcache_proto::Hello {
-        min_version: 1,
-        max_version: 2,
-        limits: Limits::default(),
-        features: 0,
-        extensions: Bytes::new(),
-    })
-    .to_bytes(1 << 20)
-    .unwrap());
+    bytes.extend_from_slice(
+        &Frame::Hello(dcache_proto::Hello {
+            min_version: 1,
+            max_version: 2,
+            limits: Limits::default(),
+            features: 0,
+            extensions: Bytes::new(),
+        })
+        .to_bytes(1 << 20)
+        .unwrap(),
+    );
     bytes.extend_from_slice(&[0x03, 0, 0, 0, 0, 0, 0, 1, 0xFF, 0xFF, 0xFF, 0xFF]);
     let _ = s.write_all(&bytes).await;
     let frames = frames_to_close(&mut s).await;

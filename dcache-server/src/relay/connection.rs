@@ -146,11 +146,7 @@ impl Relay {
         if let Some(j) = self.jobs.remove(&job) {
             j.end();
         }
-        self.send(ServerCommand::Abort {
-            job,
-            code,
-            message,
-        });
+        self.send(ServerCommand::Abort { job, code, message });
     }
 
     fn on_event(&mut self, ev: ServerEvent) {
@@ -277,8 +273,7 @@ impl Relay {
             return;
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        if let Stage::Local { held, fin } = std::mem::replace(&mut j.stage, Stage::Forwarded(tx))
-        {
+        if let Stage::Local { held, fin } = std::mem::replace(&mut j.stage, Stage::Forwarded(tx)) {
             if let Stage::Forwarded(tx) = &j.stage {
                 for data in held {
                     let _ = tx.send(Chunk { data, fin: false });

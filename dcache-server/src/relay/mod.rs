@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dcache_proto::rendezvous::HostHealth;
 use dcache_proto::{AuthKey, CacheKey, ClientConfig, CompilerIdentity, JobDesc, Strategy};
-use dcache_transport::{Address, ClientHandle, TransportOptions, connect, spawn_client};
+use dcache_transport::{
+    Address, ClientHandle, TransportError, TransportOptions, connect, spawn_client,
+};
 use tokio::sync::mpsc;
 
 use crate::exec::{CompileFuture, CompilerId, ExecError, Executor};
@@ -139,7 +141,7 @@ impl Upstreams {
         let stream = tokio::time::timeout(timeout, connect(addr, &self.config.transport))
             .await
             .map_err(|_| format!("connect timed out after {timeout:?}"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| connect_failure(&e))?;
         let handle = spawn_client(
             stream,
             ClientConfig {
@@ -168,6 +170,17 @@ impl Upstreams {
             .try_lock()
             .map(|c| c.iter().flatten().filter(|h| !h.is_closed()).count() as u64)
             .unwrap_or(0)
+    }
+}
+
+/// Why connecting failed, without the address (the messages name it once, beside the
+/// reason; the transport's own messages start with it).
+fn connect_failure(e: &TransportError) -> String {
+    match e {
+        TransportError::Refused { .. } => "connection refused".into(),
+        TransportError::Unresolved { .. } => "host name did not resolve".into(),
+        TransportError::Io { source, .. } => source.to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -215,11 +228,27 @@ mod tests {
         let a = CompilerIdentity::new("gcc 12.2.0", "x86_64-linux-gnu", [1; 32]);
         let ids = [
             identity_compiler(&a),
-            identity_compiler(&CompilerIdentity::new("gcc 12.3.0", "x86_64-linux-gnu", [1; 32])),
-            identity_compiler(&CompilerIdentity::new("gcc 12.2.0", "aarch64-linux-gnu", [1; 32])),
-            identity_compiler(&CompilerIdentity::new("gcc 12.2.0", "x86_64-linux-gnu", [2; 32])),
+            identity_compiler(&CompilerIdentity::new(
+                "gcc 12.3.0",
+                "x86_64-linux-gnu",
+                [1; 32],
+            )),
+            identity_compiler(&CompilerIdentity::new(
+                "gcc 12.2.0",
+                "aarch64-linux-gnu",
+                [1; 32],
+            )),
+            identity_compiler(&CompilerIdentity::new(
+                "gcc 12.2.0",
+                "x86_64-linux-gnu",
+                [2; 32],
+            )),
             // Field boundaries are part of the digest.
-            identity_compiler(&CompilerIdentity::new("gcc 12.2.0x", "86_64-linux-gnu", [1; 32])),
+            identity_compiler(&CompilerIdentity::new(
+                "gcc 12.2.0x",
+                "86_64-linux-gnu",
+                [1; 32],
+            )),
         ];
         for i in 0..ids.len() {
             for j in i + 1..ids.len() {
@@ -238,6 +267,9 @@ mod tests {
             source_len: None,
             identity: None,
         };
-        assert!(matches!(NoCompiler.check(&desc), Err(ExecError::NoIdentity)));
+        assert!(matches!(
+            NoCompiler.check(&desc),
+            Err(ExecError::NoIdentity)
+        ));
     }
 }

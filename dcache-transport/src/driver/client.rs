@@ -367,7 +367,10 @@ pub enum JobUpdate {
 impl Drop for OpenJob {
     fn drop(&mut self) {
         if !self.ended {
-            let _ = self.handle.commands.send(Command::Cancel { token: self.token });
+            let _ = self
+                .handle
+                .commands
+                .send(Command::Cancel { token: self.token });
         }
     }
 }

@@ -14,12 +14,12 @@ use dcache_examples::util::{init_logging, parse_size, user_cache_dir};
 use dcache_server::distcc::DistccConfig;
 use dcache_server::exec::ExecLimits;
 use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
+use dcache_server::relay::{RelayConfig, Upstreams};
 use dcache_server::sandbox::{ResourceLimits, Sandbox};
 use dcache_server::store::shared::{Backend, RedisBackend, SharedConfig, SharedStore};
 use dcache_server::store::{
     DiskStore, MemoryStore, SealKey, SharedTieredStore, Store, TieredStore,
 };
-use dcache_server::relay::{RelayConfig, Upstreams};
 use dcache_server::{Service, ServiceConfig};
 use dcache_transport::{Address, TlsClient, TlsServer, TransportOptions, bind};
 
@@ -368,7 +368,9 @@ fn service_config(args: &Args) -> Result<ServiceConfig, ExitCode> {
 /// `--upstream`: a relay in front of other dcache servers, its own cache tier `store`.
 async fn relay(args: Args, store: Arc<dyn Store>, dir: std::path::PathBuf) -> ExitCode {
     if !args.listen_distcc.is_empty() {
-        eprintln!("dcache-server: a relay (--upstream) serves dcache clients only, not --listen-distcc");
+        eprintln!(
+            "dcache-server: a relay (--upstream) serves dcache clients only, not --listen-distcc"
+        );
         return ExitCode::FAILURE;
     }
     let config = match service_config(&args) {
@@ -396,7 +398,10 @@ async fn relay(args: Args, store: Arc<dyn Store>, dir: std::path::PathBuf) -> Ex
         match dcache_transport::token::read_token_file(path) {
             Ok(key) => relay.auth = Some(key),
             Err(e) => {
-                eprintln!("dcache-server: --upstream-token-file {}: {e}", path.display());
+                eprintln!(
+                    "dcache-server: --upstream-token-file {}: {e}",
+                    path.display()
+                );
                 return ExitCode::FAILURE;
             }
         }
@@ -417,7 +422,11 @@ async fn relay(args: Args, store: Arc<dyn Store>, dir: std::path::PathBuf) -> Ex
 /// `DCACHE_TLS_KEY` (the `dcache` client's variables); `None` when none is set.
 fn upstream_tls() -> Result<Option<TlsClient>, String> {
     let var = |name: &str| std::env::var_os(name).map(std::path::PathBuf::from);
-    let (ca, cert, key) = (var("DCACHE_TLS_CA"), var("DCACHE_TLS_CERT"), var("DCACHE_TLS_KEY"));
+    let (ca, cert, key) = (
+        var("DCACHE_TLS_CA"),
+        var("DCACHE_TLS_CERT"),
+        var("DCACHE_TLS_KEY"),
+    );
     let identity = match (&cert, &key) {
         (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
         (None, None) => None,
