@@ -52,8 +52,16 @@ fn a_relay_in_front_of_a_token_server_caches_and_falls_back() {
         &[],
     );
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("a.c"), "int triple(int x) { return 3 * x; }\n").unwrap();
-    std::fs::write(dir.path().join("b.c"), "int twice(int x) { return 2 * x; }\n").unwrap();
+    std::fs::write(
+        dir.path().join("a.c"),
+        "int triple(int x) { return 3 * x; }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.c"),
+        "int twice(int x) { return 2 * x; }\n",
+    )
+    .unwrap();
     let plain = Command::new("gcc")
         .args(["-O2", "-c", "a.c", "-o", "plain.o"])
         .current_dir(dir.path())

@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::task::AbortHandle;
 
 use super::Upstreams;
-use super::forward::{Chunk, Report, forward};
+use super::forward::{Chunk, Report, Shared, forward};
 use crate::Counters;
 use crate::exec::{CompilerId, store_key};
 use crate::service::{OpenGuard, Service};
@@ -286,10 +286,13 @@ impl Relay {
                 }
             }
         }
-        let task = tokio::spawn(forward(
-            self.upstreams.clone(),
-            self.service.budget().clone(),
+        let shared = Shared {
+            upstreams: self.upstreams.clone(),
+            budget: self.service.budget().clone(),
             counters,
+        };
+        let task = tokio::spawn(forward(
+            shared,
             job,
             j.desc.clone(),
             key,

@@ -79,19 +79,32 @@ impl Replay {
     }
 }
 
+/// What every forwarding task of a relay shares.
+pub(super) struct Shared {
+    /// The upstreams and their connections.
+    pub(super) upstreams: Arc<Upstreams>,
+    /// The memory allowance replay copies are held within.
+    pub(super) budget: Arc<Budget>,
+    /// The relay's counters.
+    pub(super) counters: Arc<Counters>,
+}
+
 /// Passes job `job` (`desc`, HASH `key`) upstream: tries each candidate upstream once, in
 /// rendezvous order, replaying the source held so far; reports to `report`. `source`
 /// ends (its sender dropped) when the actor no longer wants the job.
 pub(super) async fn forward(
-    upstreams: Arc<Upstreams>,
-    budget: Arc<Budget>,
-    counters: Arc<Counters>,
+    shared: Shared,
     job: JobId,
     desc: JobDesc,
     key: CacheKey,
     mut source: mpsc::UnboundedReceiver<Chunk>,
     report: mpsc::UnboundedSender<Report>,
 ) {
+    let Shared {
+        upstreams,
+        budget,
+        counters,
+    } = shared;
     let mut replay = Replay::new();
     let mut failures: Vec<String> = Vec::new();
     let mut mismatch: Option<String> = None;
