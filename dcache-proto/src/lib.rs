@@ -61,6 +61,7 @@ mod header;
 mod identity;
 mod job;
 mod key;
+pub mod rendezvous;
 
 pub use auth::{AUTH_LEN, AuthKey, FEATURE_AUTH, Nonce};
 pub use decoder::{FrameDecoder, MAX_CONSECUTIVE_FILLER};

@@ -70,6 +70,15 @@ counters! {
     /// distcc requests closed unanswered so that the client compiles locally: address,
     /// compiler, option or protocol version (pump mode) refused, or the server overloaded.
     distcc_refused,
+    /// Jobs a relay passed on to an upstream (each attempt counts once).
+    upstream_jobs,
+    /// Results a relay's upstreams answered from their caches.
+    upstream_hits,
+    /// Jobs a relay passed to the next upstream after one failed, was busy or lacked the
+    /// compiler.
+    upstream_fallthroughs,
+    /// Upstream connections that failed under a job (the upstream then backs off).
+    upstream_failures,
     /// distcc connections ended by a malformed, oversized, truncated or stalled request.
     distcc_errors,
 }

@@ -13,6 +13,9 @@
 //!   source against its HASH before storing anything, and counts what happens.
 //! - [`config`]: every setting of `dcache-server`, read from a strict TOML file and
 //!   printed back.
+//! - [`relay`]: the relay back end, a service whose back end is other dcache servers
+//!   ([`Service::relay`]): jobs passed on to them over persistent connections, with a
+//!   local cache tier in front.
 //! - [`distcc`]: the distcc front end, so stock distcc clients reach the same service
 //!   ([`Service::serve_distcc`]).
 #![forbid(unsafe_code)]
@@ -26,6 +29,7 @@ pub mod exec;
 mod flight;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod relay;
 pub mod sandbox;
 mod service;
 mod slots;

@@ -71,7 +71,8 @@ mod unix;
 pub use address::{Address, AddressError};
 pub use codec::{CodecError, FrameCodec};
 pub use driver::{
-    ClientHandle, JobError, ServerCommand, ServerConnHandle, spawn_client, spawn_server_connection,
+    ClientHandle, JobError, JobUpdate, OpenJob, ServerCommand, ServerConnHandle, spawn_client,
+    spawn_server_connection,
 };
 pub use error::{TlsFailure, TransportError};
 pub use options::TransportOptions;

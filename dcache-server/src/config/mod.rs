@@ -144,6 +144,16 @@ pub struct Settings {
     pub shared_max_value: Size,
     /// Milliseconds a lookup waits for the shared tier before counting a miss.
     pub shared_deadline: u64,
+    /// A relay's upstream dcache servers: every job is passed on to them (spread by
+    /// rendezvous hashing, as a client spreads its jobs) and nothing is compiled here.
+    /// Empty: an ordinary server.
+    #[serde(with = "text::list")]
+    pub upstream: Vec<Address>,
+    /// The upstreams' token file (same rules as [`token_file`](Self::token_file)).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_token_file: Option<PathBuf>,
+    /// Seconds an upstream that failed is skipped before it is tried again.
+    pub upstream_backoff: u64,
     /// Log detail: 0 the service's events, 1 (`-v`) also one line per job, 2 (`-vv`)
     /// everything.
     pub verbose: u8,
@@ -190,6 +200,9 @@ impl Default for Settings {
             shared_ttl: 7 * 24 * 3600,
             shared_max_value: Size(64 << 20),
             shared_deadline: 250,
+            upstream: Vec::new(),
+            upstream_token_file: None,
+            upstream_backoff: 10,
             verbose: 0,
             log_format: LogFormat::Text,
         }

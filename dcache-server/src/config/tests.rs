@@ -41,6 +41,9 @@ fn everything() -> Settings {
         shared_ttl: 3600,
         shared_max_value: Size(8 << 20),
         shared_deadline: 100,
+        upstream: vec!["tcp://10.0.0.7:3633".parse().unwrap()],
+        upstream_token_file: Some("/etc/dcache/upstream.token".into()),
+        upstream_backoff: 30,
         verbose: 2,
         log_format: LogFormat::Json,
     }

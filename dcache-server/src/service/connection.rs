@@ -629,10 +629,10 @@ fn send(commands: &mpsc::UnboundedSender<ServerCommand>, cmd: ServerCommand) {
 }
 
 /// Counts a connection as open for as long as it lives, however its handler ends.
-struct OpenGuard<'a>(&'a AtomicUsize);
+pub(crate) struct OpenGuard<'a>(&'a AtomicUsize);
 
 impl<'a> OpenGuard<'a> {
-    fn new(gauge: &'a AtomicUsize) -> Self {
+    pub(crate) fn new(gauge: &'a AtomicUsize) -> Self {
         gauge.fetch_add(1, Ordering::Relaxed);
         Self(gauge)
     }

@@ -5,6 +5,8 @@
 mod connection;
 pub(crate) mod job_log;
 
+pub(crate) use connection::OpenGuard;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -20,6 +22,7 @@ use crate::error_log::ErrorLog;
 use crate::exec::Executor;
 use crate::flight::Flights;
 use crate::lock;
+use crate::relay::Upstreams;
 use crate::slots::FairSlots;
 use crate::spool::Budget;
 use crate::store::Store;
@@ -77,24 +80,26 @@ impl Default for ServiceConfig {
 
 /// A compile server: stores, an executor, limits and counters, shared by all connections.
 pub struct Service {
-    store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn Store>,
     executor: Arc<dyn Executor>,
-    config: ServiceConfig,
+    pub(crate) config: ServiceConfig,
     slots: Arc<FairSlots>,
     connections: Arc<Semaphore>,
     handshaking: Arc<Semaphore>,
     per_address: Mutex<HashMap<std::net::IpAddr, usize>>,
     next_conn: std::sync::atomic::AtomicU64,
-    counters: Arc<Counters>,
+    pub(crate) counters: Arc<Counters>,
     /// Identical compiles in flight, run once.
     flights: Arc<Flights>,
     budget: Arc<Budget>,
     /// Connections inside `handle_connection` right now.
-    open: std::sync::atomic::AtomicUsize,
+    pub(crate) open: std::sync::atomic::AtomicUsize,
     /// Results being written to the store in the background.
-    store_writer: Arc<StoreWriter>,
+    pub(crate) store_writer: Arc<StoreWriter>,
     /// Server errors (store, compiler start-up, sandbox), logged once per cause.
     errors: Arc<ErrorLog>,
+    /// A relay's upstreams: jobs are passed on to them instead of compiled here.
+    relay: Option<Arc<Upstreams>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -112,9 +117,35 @@ impl Service {
         executor: Arc<dyn Executor>,
         config: ServiceConfig,
     ) -> Arc<Self> {
+        Self::build(store, executor, None, config)
+    }
+
+    /// A relay: a service whose back end is the dcache servers of `upstreams` (see
+    /// [`crate::relay`]). `store` is its own cache tier in front of them (memory over
+    /// disk, typically); results are never compiled here.
+    pub fn relay(
+        store: Arc<dyn Store>,
+        upstreams: Arc<Upstreams>,
+        config: ServiceConfig,
+    ) -> Arc<Self> {
+        Self::build(
+            store,
+            Arc::new(crate::relay::NoCompiler),
+            Some(upstreams),
+            config,
+        )
+    }
+
+    fn build(
+        store: Arc<dyn Store>,
+        executor: Arc<dyn Executor>,
+        relay: Option<Arc<Upstreams>>,
+        config: ServiceConfig,
+    ) -> Arc<Self> {
         let counters = Arc::new(Counters::default());
         let errors = Arc::new(ErrorLog::default());
         Arc::new(Self {
+            relay,
             store_writer: StoreWriter::new(store.clone(), counters.clone(), errors.clone()),
             errors,
             counters,
@@ -147,6 +178,10 @@ impl Service {
                 self.budget.disk_used() as u64,
             ),
             ("connections_open", self.open_connections() as u64),
+            (
+                "upstream_connections_open",
+                self.relay.as_ref().map_or(0, |u| u.open_connections()),
+            ),
         ] {
             stats.push(Stat {
                 name: name.into(),
@@ -240,7 +275,7 @@ impl Service {
                             match front {
                                 Front::Dcache => {
                                     let peer = peer.to_string().into();
-                                    connection::run(me, stream, stop, Some(handshake), peer).await;
+                                    me.run_connection(stream, stop, Some(handshake), peer).await;
                                 }
                                 Front::Distcc(config) => {
                                     crate::distcc::serve_connection(
@@ -356,7 +391,8 @@ impl Service {
         stream: BoxedStream,
         stop: watch::Receiver<bool>,
     ) {
-        connection::run(self.clone(), stream, stop, None, "in-process".into()).await;
+        self.run_connection(stream, stop, None, "in-process".into())
+            .await;
     }
 
     /// [`handle_connection`](Self::handle_connection) for a connection made inside the
@@ -368,7 +404,22 @@ impl Service {
         stop: watch::Receiver<bool>,
         peer: Arc<str>,
     ) {
-        connection::run(self.clone(), stream, stop, None, peer).await;
+        self.run_connection(stream, stop, None, peer).await;
+    }
+
+    /// Serves one dcache-protocol connection from `peer` with this service's back end:
+    /// compiled here, or passed on upstream by a relay.
+    async fn run_connection(
+        self: &Arc<Self>,
+        stream: BoxedStream,
+        stop: watch::Receiver<bool>,
+        handshake: Option<OwnedSemaphorePermit>,
+        peer: Arc<str>,
+    ) {
+        match &self.relay {
+            Some(up) => crate::relay::run(self.clone(), up.clone(), stream, stop, handshake).await,
+            None => connection::run(self.clone(), stream, stop, handshake, peer).await,
+        }
     }
 }
 

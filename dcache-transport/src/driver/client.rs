@@ -59,6 +59,8 @@ struct Submission {
     source: Bytes,
     how: Submit,
     reply: Reply,
+    /// Told when the server answers the job's HASH with MISS (an [`OpenJob`] only).
+    verdict: Option<oneshot::Sender<()>>,
 }
 
 enum Command {
@@ -199,6 +201,33 @@ impl ClientHandle {
         }
     }
 
+    /// Opens a speculative job with HASH `key` whose source the caller pushes chunk by
+    /// chunk ([`OpenJob::push`]) and whose MISS verdict it is told of
+    /// ([`OpenJob::missed`]): what a relay needs to pass a client's job on as it arrives,
+    /// HASH first, and to pass the server's verdict and result back at once. Dropping the
+    /// [`OpenJob`] before its outcome cancels the job (ABORT goes to the server).
+    ///
+    /// `key` must be the key of the source that will be pushed: a server answers a HASH
+    /// from its cache before it has the source to check it against.
+    pub fn open_job(&self, desc: JobDesc, key: CacheKey) -> Result<OpenJob, JobError> {
+        let (verdict, missed) = oneshot::channel();
+        let (token, outcome) = self.send_submission(
+            desc,
+            Some(key),
+            Some(Strategy::Speculative),
+            Bytes::new(),
+            Submit::Streamed,
+            Some(verdict),
+        )?;
+        Ok(OpenJob {
+            handle: self.clone(),
+            token,
+            outcome,
+            missed: Some(missed),
+            ended: false,
+        })
+    }
+
     /// Hands a job to the driver; returns its token and where its outcome will come.
     fn send_submit(
         &self,
@@ -207,6 +236,19 @@ impl ClientHandle {
         strategy: Option<Strategy>,
         source: Bytes,
         how: Submit,
+    ) -> Result<(u64, OutcomeReceiver), JobError> {
+        self.send_submission(desc, key, strategy, source, how, None)
+    }
+
+    /// [`send_submit`](Self::send_submit), with `verdict` told of a MISS.
+    fn send_submission(
+        &self,
+        desc: JobDesc,
+        key: Option<CacheKey>,
+        strategy: Option<Strategy>,
+        source: Bytes,
+        how: Submit,
+        verdict: Option<oneshot::Sender<()>>,
     ) -> Result<(u64, OutcomeReceiver), JobError> {
         let token = self.tokens.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
@@ -218,6 +260,7 @@ impl ClientHandle {
             source,
             how,
             reply,
+            verdict,
         };
         self.commands
             .send(Command::Submit(Box::new(submission)))
@@ -260,6 +303,75 @@ impl ClientHandle {
     /// Whether the connection behind this handle has ended.
     pub fn is_closed(&self) -> bool {
         self.commands.is_closed()
+    }
+}
+
+/// A job opened with [`ClientHandle::open_job`]: source pushed as it comes, the MISS
+/// verdict and the outcome awaited separately. Dropping it before the outcome cancels the
+/// job.
+#[derive(Debug)]
+pub struct OpenJob {
+    handle: ClientHandle,
+    token: u64,
+    outcome: OutcomeReceiver,
+    missed: Option<oneshot::Receiver<()>>,
+    ended: bool,
+}
+
+impl OpenJob {
+    /// Queues `data` (and, with `fin`, the end of the source) for the server. Ignored
+    /// once the job has its answer: a result needs no more source.
+    pub fn push(&self, data: Bytes, fin: bool) {
+        let _ = self.handle.commands.send(Command::Push {
+            token: self.token,
+            data,
+            fin,
+        });
+    }
+
+    /// The next thing the server says about the job: its MISS verdict (at most once), or
+    /// its outcome (last). Cancel-safe, so it can be one branch of a `select!` in a loop.
+    pub async fn next(&mut self) -> JobUpdate {
+        if let Some(missed) = &mut self.missed {
+            tokio::select! {
+                biased;
+                r = &mut self.outcome => {
+                    self.missed = None;
+                    self.ended = true;
+                    return JobUpdate::Outcome(r.unwrap_or(Err(JobError::Closed)));
+                }
+                r = missed => {
+                    self.missed = None;
+                    if r.is_ok() {
+                        return JobUpdate::Miss;
+                    }
+                }
+            }
+        }
+        let r = (&mut self.outcome).await.unwrap_or(Err(JobError::Closed));
+        self.ended = true;
+        JobUpdate::Outcome(r)
+    }
+}
+
+/// What [`OpenJob::next`] reports.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum JobUpdate {
+    /// The server answered the HASH with MISS: the upload goes on.
+    Miss,
+    /// The job has ended, with this result or error. Nothing follows it.
+    Outcome(Result<JobOutcome, JobError>),
+}
+
+impl Drop for OpenJob {
+    fn drop(&mut self) {
+        if !self.ended {
+            let _ = self
+                .handle
+                .commands
+                .send(Command::Cancel { token: self.token });
+        }
     }
 }
 
@@ -318,6 +430,8 @@ struct Pending {
     /// The handle's name for the job, given before the job had an id.
     token: u64,
     reply: Reply,
+    /// Told of a MISS verdict, for an owner that passes verdicts on (a relay).
+    verdict: Option<oneshot::Sender<()>>,
 }
 
 impl ClientOwner {
@@ -354,6 +468,7 @@ impl ClientOwner {
                 let pending = Pending {
                     token: s.token,
                     reply: s.reply,
+                    verdict: s.verdict,
                 };
                 self.pending.insert(job, pending);
             }
@@ -370,6 +485,11 @@ impl Owner<ClientConnection> for ClientOwner {
     async fn on_event(&mut self, _machine: &mut ClientConnection, event: ClientEvent) {
         match event {
             ClientEvent::NotCached { job } => self.finish(job, Err(JobError::NotCached)),
+            ClientEvent::Miss { job } => {
+                if let Some(tx) = self.pending.get_mut(&job).and_then(|p| p.verdict.take()) {
+                    let _ = tx.send(());
+                }
+            }
             ClientEvent::TimedOut { job, after } => {
                 self.finish(job, Err(JobError::TimedOut { after }));
             }

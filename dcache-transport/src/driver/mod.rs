@@ -26,7 +26,7 @@ use bytes::{Bytes, BytesMut};
 use dcache_proto::{Connection, ErrorCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-pub use client::{ClientHandle, JobError, spawn_client};
+pub use client::{ClientHandle, JobError, JobUpdate, OpenJob, spawn_client};
 pub use server::{ServerCommand, ServerConnHandle, spawn_server_connection};
 
 /// Read buffer size: one read takes at most this much from the socket.

@@ -15,13 +15,14 @@ use dcache_examples::util::{init_server_logging, user_cache_dir};
 use dcache_server::config::{LogFormat, Settings, Size};
 use dcache_server::distcc::DistccConfig;
 use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
+use dcache_server::relay::{RelayConfig, Upstreams};
 use dcache_server::sandbox::Sandbox;
 use dcache_server::store::shared::{Backend, RedisBackend, SharedStore};
 use dcache_server::store::{
     DiskStore, MemoryStore, SealKey, SharedTieredStore, Store, TieredStore,
 };
 use dcache_server::{Service, ServiceConfig};
-use dcache_transport::{Address, TlsServer, TransportOptions, bind};
+use dcache_transport::{Address, TlsClient, TlsServer, TransportOptions, bind};
 
 /// dcache-server: the dcache compile server. Answers cache hits at once, compiles misses
 /// with the allowed compilers, keeps results in memory over a disk cache.
@@ -179,6 +180,20 @@ struct Args {
     /// Milliseconds a lookup waits for the shared tier before counting a miss.
     #[arg(long, default_value_t = 250)]
     shared_deadline: u64,
+    /// Run as a relay: pass every job on to this upstream dcache server (tcp://HOST:PORT,
+    /// tls://HOST:PORT or unix:///path; repeat for several, jobs are spread by rendezvous
+    /// hashing as a client spreads them), keeping a cache tier of its own in --cache-dir.
+    /// Nothing is compiled here. TLS upstreams use DCACHE_TLS_CA, DCACHE_TLS_CERT and
+    /// DCACHE_TLS_KEY, as the `dcache` client does.
+    #[arg(long = "upstream", value_name = "ADDR")]
+    upstream: Vec<Address>,
+    /// The upstreams' token file (same rules as --token-file), for upstreams started
+    /// with --token-file.
+    #[arg(long, value_name = "PATH")]
+    upstream_token_file: Option<std::path::PathBuf>,
+    /// Seconds an upstream that failed is skipped before it is tried again.
+    #[arg(long, default_value_t = 10)]
+    upstream_backoff: u64,
     /// Log one line per job (outcome, key prefix, sizes, durations, peer); twice for
     /// every detail.
     #[arg(long, short, action = clap::ArgAction::Count)]
@@ -210,8 +225,8 @@ fn settings(args: &Args, given: impl Fn(&str) -> bool) -> Result<Settings, Strin
         sandbox_path, sandbox_launcher, limit_memory, limit_output, limit_time,
         limit_stderr, limit_spool, min_upload_rate, handshake_timeout, stall_timeout,
         idle_timeout, max_handshaking, max_connections_per_address, shared,
-        shared_key_file, shared_ttl, shared_max_value, shared_deadline, verbose,
-        log_format,
+        shared_key_file, shared_ttl, shared_max_value, shared_deadline, upstream,
+        upstream_token_file, upstream_backoff, verbose, log_format,
     );
     // What an absent option means, made explicit: --print-config shows what will be used.
     if s.cache_dir.is_none() {
@@ -258,9 +273,15 @@ fn main() -> ExitCode {
         };
     }
     init_server_logging(settings.verbose, settings.log_format);
-    let sandbox = match probe_sandbox(&settings, args.check_sandbox) {
-        Ok(s) => s,
-        Err(code) => return code,
+    // A relay compiles nothing: it needs no sandbox.
+    let relay = !settings.upstream.is_empty() && !args.check_sandbox;
+    let sandbox = if relay {
+        None
+    } else {
+        match probe_sandbox(&settings, args.check_sandbox) {
+            Ok(s) => s,
+            Err(code) => return code,
+        }
     };
     if args.check_sandbox {
         return ExitCode::SUCCESS;
@@ -344,6 +365,9 @@ async fn serve(args: Settings, sandbox: Option<Sandbox>) -> ExitCode {
             }
         }
     }
+    if !args.upstream.is_empty() {
+        return relay(args, store, dir).await;
+    }
     let executor = LocalExecutor::new(LocalExecutorConfig {
         allowed: args.allow_compiler.clone(),
         path: args.compiler_path.clone(),
@@ -364,16 +388,10 @@ async fn serve(args: Settings, sandbox: Option<Sandbox>) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    let mut config: ServiceConfig = args.service_config();
-    if let Some(path) = &args.token_file {
-        match dcache_transport::token::read_token_file(path) {
-            Ok(key) => config.protocol.auth = Some(key),
-            Err(e) => {
-                eprintln!("dcache-server: --token-file {}: {e}", path.display());
-                return ExitCode::FAILURE;
-            }
-        }
-    }
+    let config = match service_config(&args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let transport = match tls_options(&args) {
         Ok(t) => t,
         Err(message) => {
@@ -382,10 +400,115 @@ async fn serve(args: Settings, sandbox: Option<Sandbox>) -> ExitCode {
         }
     };
     let service = Service::new(store, Arc::new(executor.clone()), config);
+    let what = format!("compilers: {}", executor.available().join(", "));
+    let distcc = Arc::new(DistccConfig::new(&args.allow_compiler, &args.compiler_path));
+    run_service(&args, service, &transport, &dir, &what, Some(distcc)).await
+}
+
+/// The service settings, with the clients' token read from --token-file.
+fn service_config(args: &Settings) -> Result<ServiceConfig, ExitCode> {
+    let mut config: ServiceConfig = args.service_config();
+    if let Some(path) = &args.token_file {
+        match dcache_transport::token::read_token_file(path) {
+            Ok(key) => config.protocol.auth = Some(key),
+            Err(e) => {
+                eprintln!("dcache-server: --token-file {}: {e}", path.display());
+                return Err(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(config)
+}
+
+/// `--upstream`: a relay in front of other dcache servers, its own cache tier `store`.
+async fn relay(args: Settings, store: Arc<dyn Store>, dir: std::path::PathBuf) -> ExitCode {
+    if !args.listen_distcc.is_empty() {
+        eprintln!(
+            "dcache-server: a relay (--upstream) serves dcache clients only, not --listen-distcc"
+        );
+        return ExitCode::FAILURE;
+    }
+    let config = match service_config(&args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let transport = match tls_options(&args) {
+        Ok(t) => t,
+        Err(message) => {
+            eprintln!("dcache-server: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut relay = RelayConfig::new(args.upstream.clone());
+    relay.backoff = std::time::Duration::from_secs(args.upstream_backoff.max(1));
+    match upstream_tls() {
+        Ok(Some(tls)) => relay.transport = relay.transport.with_tls_client(tls),
+        Ok(None) => {}
+        Err(message) => {
+            eprintln!("dcache-server: {message}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Some(path) = &args.upstream_token_file {
+        match dcache_transport::token::read_token_file(path) {
+            Ok(key) => relay.auth = Some(key),
+            Err(e) => {
+                eprintln!(
+                    "dcache-server: --upstream-token-file {}: {e}",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let what = format!(
+        "relay to {}",
+        args.upstream
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let service = Service::relay(store, Upstreams::new(relay), config);
+    run_service(&args, service, &transport, &dir, &what, None).await
+}
+
+/// The TLS client settings for upstreams from `DCACHE_TLS_CA`, `DCACHE_TLS_CERT` and
+/// `DCACHE_TLS_KEY` (the `dcache` client's variables); `None` when none is set.
+fn upstream_tls() -> Result<Option<TlsClient>, String> {
+    let var = |name: &str| std::env::var_os(name).map(std::path::PathBuf::from);
+    let (ca, cert, key) = (
+        var("DCACHE_TLS_CA"),
+        var("DCACHE_TLS_CERT"),
+        var("DCACHE_TLS_KEY"),
+    );
+    let identity = match (&cert, &key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        (None, None) => None,
+        _ => return Err("DCACHE_TLS_CERT and DCACHE_TLS_KEY go together".into()),
+    };
+    if ca.is_none() && identity.is_none() {
+        return Ok(None);
+    }
+    TlsClient::new(ca.as_deref(), identity)
+        .map(Some)
+        .map_err(|e| format!("DCACHE_TLS_*: {e}"))
+}
+
+/// Serves `service` on every `--listen` address (and `--listen-distcc`, with `distcc`)
+/// until SIGINT or SIGTERM, then stops gracefully.
+async fn run_service(
+    args: &Settings,
+    service: Arc<Service>,
+    transport: &TransportOptions,
+    dir: &std::path::Path,
+    what: &str,
+    distcc: Option<Arc<DistccConfig>>,
+) -> ExitCode {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
     for addr in &args.listen {
-        let listener = match bind(addr, &transport).await {
+        let listener = match bind(addr, transport).await {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("dcache-server: cannot listen on {addr}: {e}");
@@ -393,11 +516,10 @@ async fn serve(args: Settings, sandbox: Option<Sandbox>) -> ExitCode {
             }
         };
         tracing::info!(
-            "listening on {} (cache {} up to {} bytes, compilers: {})",
+            "listening on {} (cache {} up to {} bytes, {what})",
             listener.local_addr(),
             dir.display(),
             args.cache_size.0,
-            executor.available().join(", ")
         );
         let service = service.clone();
         let mut stop = stop_rx.clone();
@@ -409,8 +531,11 @@ async fn serve(args: Settings, sandbox: Option<Sandbox>) -> ExitCode {
                 .await;
         }));
     }
-    let distcc = Arc::new(DistccConfig::new(&args.allow_compiler, &args.compiler_path));
-    for addr in &args.listen_distcc {
+    for (addr, distcc) in args
+        .listen_distcc
+        .iter()
+        .filter_map(|a| Some((a, distcc.clone()?)))
+    {
         let listener = match bind(addr, &TransportOptions::default()).await {
             Ok(l) => l,
             Err(e) => {
@@ -419,7 +544,7 @@ async fn serve(args: Settings, sandbox: Option<Sandbox>) -> ExitCode {
             }
         };
         tracing::info!("serving distcc clients on {}", listener.local_addr());
-        let (service, distcc) = (service.clone(), distcc.clone());
+        let service = service.clone();
         let mut stop = stop_rx.clone();
         servers.push(tokio::spawn(async move {
             service
