@@ -45,6 +45,9 @@ shared_key_file = "/etc/dcache/shared.key"
 shared_ttl = 86400
 shared_max_value = "32M"
 shared_deadline = 100
+upstream = ["tcp://10.0.0.7:3633"]
+upstream_token_file = "/etc/dcache/upstream.token"
+upstream_backoff = 30
 verbose = 1
 log_format = "json"
 "#;
