@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::auth::{self, AuthKey, FEATURE_AUTH, Nonce};
+use crate::compress::FEATURE_ZSTD;
 use crate::conn::{
     self, Connection, Core, CoreJob, Endpoint, MAX_TIMEOUT, internal, protocol, unexpected,
 };
@@ -102,6 +103,14 @@ pub struct ClientConfig {
     /// with [`ClientConnection::with_nonce`]. Jobs then wait for the handshake instead of
     /// being pipelined behind HELLO: one round trip per connection, not per job.
     pub auth: Option<AuthKey>,
+    /// Announce the `ZSTD` feature and, when the server announces it too, send SOURCE
+    /// compressed at this zstd level (a chunk that does not shrink goes out as it is) and
+    /// accept compressed result data. `None` (the default) announces nothing: every byte
+    /// is as without the feature. Whether it pays depends on the link: the owner decides
+    /// (dcache-client's rule), and may still turn it off per job with
+    /// [`ClientConnection::set_job_compression`]. Source pipelined before the server's
+    /// HELLO goes out uncompressed (the server's support is not known yet).
+    pub compression: Option<i32>,
 }
 
 impl Default for ClientConfig {
@@ -114,6 +123,7 @@ impl Default for ClientConfig {
             progress_timeout: Duration::from_secs(330),
             max_result_len: 1024 * 1024 * 1024,
             auth: None,
+            compression: None,
         }
     }
 }
@@ -246,6 +256,8 @@ pub(crate) struct Job {
     cancelled: bool,
     /// When the job last heard from the server (or started): its entry in `silent`.
     heard: Instant,
+    /// Whether its source may go out compressed (the connection permitting).
+    compress: bool,
 }
 
 impl Job {
@@ -330,6 +342,12 @@ impl ClientConnection {
             (Some(_), Some(n)) => (FEATURE_AUTH, Bytes::copy_from_slice(&n)),
             _ => (0, Bytes::new()),
         };
+        let features = features
+            | if config.compression.is_some() {
+                FEATURE_ZSTD
+            } else {
+                0
+            };
         let hello = Frame::Hello(Hello {
             min_version: CLIENT_VERSION_MIN,
             max_version: VERSION_MAX,
@@ -448,6 +466,7 @@ impl ClientConnection {
                 download: Download::Waiting,
                 cancelled: false,
                 heard: now,
+                compress: true,
             },
         );
         self.waiting.push_back(id);
@@ -484,6 +503,30 @@ impl ClientConnection {
         }
         self.mark_ready(job.0);
         Ok(())
+    }
+
+    /// Lets a job's source go out compressed, or not, from its next chunk on (default:
+    /// on, when [`ClientConfig::compression`] is set and the server agreed). The owner's
+    /// per-job say: a source too small to gain, or already compressed.
+    pub fn set_job_compression(&mut self, job: JobId, on: bool) -> Result<(), CommandError> {
+        let j = self
+            .core
+            .jobs
+            .get_mut(&job.0)
+            .ok_or(CommandError::UnknownJob(job.0))?;
+        j.compress = on;
+        Ok(())
+    }
+
+    /// Whether both HELLOs announced `ZSTD`, so this connection compresses.
+    pub fn compression_negotiated(&self) -> bool {
+        self.core.compresses()
+    }
+
+    /// Source and result-body bytes handed out so far, as (before compression, on the
+    /// wire): what compression saved on this connection's uploads.
+    pub fn bulk_bytes_sent(&self) -> (u64, u64) {
+        (self.core.bulk_plain_bytes, self.core.bulk_wire_bytes)
     }
 
     /// Cancels a job. No event is reported for it afterwards. A job that has ended (or was
@@ -575,6 +618,11 @@ impl ClientConnection {
                 check_peer_limits(&hello.limits)?;
                 self.core.set_peer(hello.limits);
                 self.authenticate(&hello)?;
+                if let Some(level) = self.config.compression {
+                    if hello.features & FEATURE_ZSTD != 0 {
+                        self.core.enable_zstd(level, true);
+                    }
+                }
                 self.state = State::Open;
                 for _ in 0..std::mem::take(&mut self.stats_held) {
                     self.core.outbox.control(&Frame::StatsRequest);
@@ -662,7 +710,7 @@ impl ClientConnection {
                 self.retime(job.0, now);
                 self.on_result(job, origin, head, body, fin)?;
             }
-            Frame::Data { job, data, fin } => {
+            Frame::Data { job, data, fin, .. } => {
                 self.retime(job.0, now);
                 self.on_data(job, data, fin)?;
             }
@@ -1168,6 +1216,7 @@ impl CoreJob for Job {
             job: JobId(id),
             data,
             fin,
+            zstd: false,
         };
         Some((frame, fin))
     }
@@ -1178,5 +1227,9 @@ impl CoreJob for Job {
 
     fn in_ready(&mut self) -> &mut bool {
         &mut self.in_ready
+    }
+
+    fn compress(&self) -> bool {
+        self.compress
     }
 }

@@ -670,7 +670,7 @@ fn client_run(data: &[u8]) -> Vec<ClientEvent> {
                 assert!(!sent.contains_key(&job), "HASH after SOURCE");
                 assert!(hashed.insert(job), "second HASH");
             }
-            Frame::Source { job, data, fin } => {
+            Frame::Source { job, data, fin, .. } => {
                 assert!(announced.contains(&job), "SOURCE before JOB");
                 let j = &jobs[&job];
                 assert!(j.strategy != Strategy::Lookup, "source sent for a lookup");
@@ -983,6 +983,7 @@ mod seeds {
             job: JobId(job),
             data: Bytes::from_static(data),
             fin,
+            zstd: false,
         }
     }
 
@@ -1093,6 +1094,7 @@ mod seeds {
             job: JobId(job),
             data: Bytes::from_static(b"obj"),
             fin: true,
+            zstd: false,
         };
         vec![
             enc(&[

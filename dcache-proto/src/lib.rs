@@ -51,6 +51,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod compress;
 mod decoder;
 mod error;
 mod error_code;
@@ -63,6 +64,9 @@ mod job;
 mod key;
 
 pub use auth::{AUTH_LEN, AuthKey, FEATURE_AUTH, Nonce};
+pub use compress::{
+    COMPRESSED_PREFIX_LEN, DEFAULT_LEVEL, FEATURE_ZSTD, compress_payload, decompress_payload,
+};
 pub use decoder::{FrameDecoder, MAX_CONSECUTIVE_FILLER};
 pub use error::{CommandError, ConnectionError, DecodeError, FrameError};
 pub use error_code::ErrorCode;

@@ -128,14 +128,16 @@ fn frame() -> impl Strategy<Value = Frame> {
         (job_id(), blob(300), any::<bool>()).prop_map(|(job, data, fin)| Frame::Source {
             job,
             data,
-            fin
+            fin,
+            zstd: false,
         }),
         job_id().prop_map(|job| Frame::Miss { job }),
         result_frame(),
         (job_id(), blob(300), any::<bool>()).prop_map(|(job, data, fin)| Frame::Data {
             job,
             data,
-            fin
+            fin,
+            zstd: false,
         }),
         (job_id(), any::<u16>(), text(40)).prop_map(|(job, c, message)| Frame::Abort {
             job,
@@ -303,6 +305,7 @@ fn a_flood_of_empty_frames_is_cut_off() {
         job: JobId(1),
         data: Bytes::new(),
         fin: false,
+        zstd: false,
     }
     .to_bytes(MAX)
     .unwrap();
@@ -324,6 +327,7 @@ fn source_payloads_are_not_copied() {
         job: JobId(3),
         data: data.clone(),
         fin: true,
+        zstd: false,
     };
     let enc = f.encode(MAX).unwrap();
     assert_eq!(

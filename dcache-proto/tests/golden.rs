@@ -85,11 +85,13 @@ fn frame(name: &str) -> Frame {
             job: JobId(1),
             data: Bytes::from_static(b"int x = 42;\n"),
             fin: true,
+            zstd: false,
         },
         "source-more" => Frame::Source {
             job: JobId(1),
             data: Bytes::from_static(b"int"),
             fin: false,
+            zstd: false,
         },
         "miss" => Frame::Miss { job: JobId(1) },
         "early-result" => Frame::Result {
@@ -138,6 +140,7 @@ fn frame(name: &str) -> Frame {
             job: JobId(3),
             data: Bytes::from_static(b"or\n"),
             fin: true,
+            zstd: false,
         },
         "abort" => Frame::Abort {
             job: JobId(1),
