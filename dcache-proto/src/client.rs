@@ -108,8 +108,11 @@ pub struct ClientConfig {
     /// accept compressed result data. `None` (the default) announces nothing: every byte
     /// is as without the feature. Whether it pays depends on the link: the owner decides
     /// (dcache-client's rule), and may still turn it off per job with
-    /// [`ClientConnection::set_job_compression`]. Source pipelined before the server's
-    /// HELLO goes out uncompressed (the server's support is not known yet).
+    /// [`ClientConnection::set_job_compression`]. Source that would be pipelined before the server's
+    /// HELLO waits for it (the server's support is not known yet, and uncompressed
+    /// chunks pipelined into a socket buffer would defeat the point): JOB and HASH are
+    /// still pipelined, so a hit costs the same, and a miss on a fresh connection waits
+    /// at most one round trip, once per connection.
     pub compression: Option<i32>,
 }
 
@@ -258,6 +261,10 @@ pub(crate) struct Job {
     heard: Instant,
     /// Whether its source may go out compressed (the connection permitting).
     compress: bool,
+    /// Source waits for the server's HELLO: with compression configured, chunks
+    /// pipelined before it would go out uncompressed, and a socket buffer takes far more
+    /// than one round trip's worth. JOB and HASH still go at once, so a hit is as fast.
+    held: bool,
 }
 
 impl Job {
@@ -272,6 +279,7 @@ impl Job {
 
     fn sendable(&self) -> bool {
         self.announced
+            && !self.held
             && self.upload == Upload::Open
             && (!self.source.is_empty() || self.source_fin)
     }
@@ -467,6 +475,8 @@ impl ClientConnection {
                 cancelled: false,
                 heard: now,
                 compress: true,
+                held: self.config.compression.is_some()
+                    && matches!(self.state, State::Handshaking { .. }),
             },
         );
         self.waiting.push_back(id);
@@ -621,6 +631,15 @@ impl ClientConnection {
                 if let Some(level) = self.config.compression {
                     if hello.features & FEATURE_ZSTD != 0 {
                         self.core.enable_zstd(level, true);
+                    }
+                    let held: Vec<u32> = self
+                        .core
+                        .jobs
+                        .iter_mut()
+                        .filter_map(|(&id, j)| std::mem::take(&mut j.held).then_some(id))
+                        .collect();
+                    for id in held {
+                        self.mark_ready(id);
                     }
                 }
                 self.state = State::Open;

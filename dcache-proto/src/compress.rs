@@ -196,8 +196,12 @@ mod tests {
         enc.set_parameter(zstd_safe::CParameter::ContentSizeFlag(false))
             .expect("param");
         let mut frame = Vec::with_capacity(1 << 16);
-        enc.compress2(&mut frame, &vec![7u8; 1 << 20]).expect("compress");
-        assert!(matches!(zstd_safe::get_frame_content_size(&frame), Ok(None)));
+        enc.compress2(&mut frame, &vec![7u8; 1 << 20])
+            .expect("compress");
+        assert!(matches!(
+            zstd_safe::get_frame_content_size(&frame),
+            Ok(None)
+        ));
         let mut lie = BytesMut::new();
         lie.put_u32(4096);
         lie.extend_from_slice(&frame);
