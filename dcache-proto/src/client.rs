@@ -74,6 +74,10 @@ impl std::str::FromStr for Strategy {
     }
 }
 
+/// A job whose declared source is shorter than this sends it uncompressed even on a
+/// connection that compresses: a few hundred bytes rarely shrink, and never by much.
+pub const MIN_COMPRESSED_SOURCE: u64 = 1024;
+
 /// Settings of a [`ClientConnection`].
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -454,6 +458,7 @@ impl ClientConnection {
         }
         .encode(Limits::BASELINE.max_frame_payload)?;
         let id = self.next_job;
+        let desc_len = desc.source_len;
         // The id space is 2^32 jobs per connection; the owner opens a new connection long
         // before, but refuse rather than wrap if it does not.
         self.next_job = self.next_job.checked_add(1).ok_or(CommandError::Closed)?;
@@ -474,7 +479,8 @@ impl ClientConnection {
                 download: Download::Waiting,
                 cancelled: false,
                 heard: now,
-                compress: true,
+                // A source known to be tiny gains nothing worth a frame's CPU.
+                compress: desc_len.is_none_or(|n| n >= MIN_COMPRESSED_SOURCE),
                 held: self.config.compression.is_some()
                     && matches!(self.state, State::Handshaking { .. }),
             },

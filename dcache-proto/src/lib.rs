@@ -100,7 +100,8 @@ mod outbox;
 mod server;
 
 pub use client::{
-    ClientConfig, ClientConnection, ClientEvent, JobOutcome, Strategy, UnknownStrategy,
+    ClientConfig, ClientConnection, ClientEvent, JobOutcome, MIN_COMPRESSED_SOURCE, Strategy,
+    UnknownStrategy,
 };
 pub use conn::{Connection, MAX_TIMEOUT};
 pub use server::{ConnStats, ServerConfig, ServerConnection, ServerEvent};
