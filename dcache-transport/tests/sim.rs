@@ -397,12 +397,19 @@ async fn reference_server(mut h: dcache_transport::ServerConnHandle) {
             }
             ServerEvent::SourceDone { job, key, .. } => {
                 if let Some((d, s)) = jobs.remove(&job) {
-                    let r = dcache_proto::testing::reference_compile(&d, &s);
-                    cache.insert(key, r.clone());
+                    // A HASH-less upload is looked up by the key of what arrived.
+                    let (result, origin) = match cache.get(&key) {
+                        Some(r) => (dcache_proto::JobResult::clone(r), ResultOrigin::Cache),
+                        None => {
+                            let r = dcache_proto::testing::reference_compile(&d, &s);
+                            cache.insert(key, r.clone());
+                            (r, ResultOrigin::Compiled)
+                        }
+                    };
                     let _ = h.commands.send(ServerCommand::Result {
                         job,
-                        result: r,
-                        origin: ResultOrigin::Compiled,
+                        result,
+                        origin,
                     });
                 }
             }
