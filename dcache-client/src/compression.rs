@@ -74,7 +74,7 @@ pub fn parse_link_speed(s: &str) -> Result<u64, BadLinkSpeed> {
     };
     let n: f64 = num.trim().parse().map_err(|_| bad())?;
     let bps = n * mult;
-    if !bps.is_finite() || bps < 1.0 || bps > 1e15 {
+    if !bps.is_finite() || !(1.0..=1e15).contains(&bps) {
         return Err(bad());
     }
     Ok(bps as u64)
