@@ -12,6 +12,7 @@ use dcache_transport::{
     Address, ClientHandle, JobError, TransportError, TransportOptions, connect, spawn_client,
 };
 
+use crate::compression::CompressPolicy;
 use crate::hosts::shared::BackoffDir;
 use crate::hosts::{DEFAULT_BACKOFF, HostHealth};
 
@@ -42,6 +43,10 @@ pub struct ClientOptions {
     /// How long a job may hear nothing from its server before it is given up (and, in
     /// the wrapper, compiled locally): a stuck server never hangs a build.
     pub progress_timeout: Duration,
+    /// Whether each connection offers zstd compression (decided per host by its link:
+    /// see [`crate::compression`]). Default `auto`: across a network yes, on this
+    /// machine no.
+    pub compress: CompressPolicy,
 }
 
 impl ClientOptions {
@@ -57,6 +62,7 @@ impl ClientOptions {
             health_dir: None,
             auth: None,
             progress_timeout: ClientConfig::default().progress_timeout,
+            compress: CompressPolicy::default(),
         }
     }
 }
@@ -426,6 +432,7 @@ impl Client {
                 handshake_timeout: self.options.connect_timeout,
                 auth: self.options.auth.clone(),
                 progress_timeout: self.options.progress_timeout,
+                compression: self.options.compress.level_for(addr),
                 ..ClientConfig::default()
             },
         );

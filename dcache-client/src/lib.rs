@@ -12,6 +12,7 @@
 #[cfg(feature = "embedded")]
 pub mod cache_admin;
 mod client;
+pub mod compression;
 pub mod hosts;
 pub mod stats;
 pub mod wrapper;

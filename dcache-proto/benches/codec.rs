@@ -15,6 +15,7 @@ fn source_frames(c: &mut Criterion) {
         job: JobId(1),
         data: data.clone(),
         fin: false,
+        zstd: false,
     };
     let mut g = c.benchmark_group("source_1MiB");
     g.throughput(Throughput::Bytes(MIB as u64));

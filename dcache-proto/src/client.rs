@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::auth::{self, AuthKey, FEATURE_AUTH, Nonce};
+use crate::compress::FEATURE_ZSTD;
 use crate::conn::{
     self, Connection, Core, CoreJob, Endpoint, MAX_TIMEOUT, internal, protocol, unexpected,
 };
@@ -73,6 +74,10 @@ impl std::str::FromStr for Strategy {
     }
 }
 
+/// A job whose declared source is shorter than this sends it uncompressed even on a
+/// connection that compresses: a few hundred bytes rarely shrink, and never by much.
+pub const MIN_COMPRESSED_SOURCE: u64 = 1024;
+
 /// Settings of a [`ClientConnection`].
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -102,6 +107,17 @@ pub struct ClientConfig {
     /// with [`ClientConnection::with_nonce`]. Jobs then wait for the handshake instead of
     /// being pipelined behind HELLO: one round trip per connection, not per job.
     pub auth: Option<AuthKey>,
+    /// Announce the `ZSTD` feature and, when the server announces it too, send SOURCE
+    /// compressed at this zstd level (a chunk that does not shrink goes out as it is) and
+    /// accept compressed result data. `None` (the default) announces nothing: every byte
+    /// is as without the feature. Whether it pays depends on the link: the owner decides
+    /// (dcache-client's rule), and may still turn it off per job with
+    /// [`ClientConnection::set_job_compression`]. Source that would be pipelined before the server's
+    /// HELLO waits for it (the server's support is not known yet, and uncompressed
+    /// chunks pipelined into a socket buffer would defeat the point): JOB and HASH are
+    /// still pipelined, so a hit costs the same, and a miss on a fresh connection waits
+    /// at most one round trip, once per connection.
+    pub compression: Option<i32>,
 }
 
 impl Default for ClientConfig {
@@ -114,6 +130,7 @@ impl Default for ClientConfig {
             progress_timeout: Duration::from_secs(330),
             max_result_len: 1024 * 1024 * 1024,
             auth: None,
+            compression: None,
         }
     }
 }
@@ -246,6 +263,12 @@ pub(crate) struct Job {
     cancelled: bool,
     /// When the job last heard from the server (or started): its entry in `silent`.
     heard: Instant,
+    /// Whether its source may go out compressed (the connection permitting).
+    compress: bool,
+    /// Source waits for the server's HELLO: with compression configured, chunks
+    /// pipelined before it would go out uncompressed, and a socket buffer takes far more
+    /// than one round trip's worth. JOB and HASH still go at once, so a hit is as fast.
+    held: bool,
 }
 
 impl Job {
@@ -260,6 +283,7 @@ impl Job {
 
     fn sendable(&self) -> bool {
         self.announced
+            && !self.held
             && self.upload == Upload::Open
             && (!self.source.is_empty() || self.source_fin)
     }
@@ -330,6 +354,12 @@ impl ClientConnection {
             (Some(_), Some(n)) => (FEATURE_AUTH, Bytes::copy_from_slice(&n)),
             _ => (0, Bytes::new()),
         };
+        let features = features
+            | if config.compression.is_some() {
+                FEATURE_ZSTD
+            } else {
+                0
+            };
         let hello = Frame::Hello(Hello {
             min_version: CLIENT_VERSION_MIN,
             max_version: VERSION_MAX,
@@ -428,6 +458,7 @@ impl ClientConnection {
         }
         .encode(Limits::BASELINE.max_frame_payload)?;
         let id = self.next_job;
+        let desc_len = desc.source_len;
         // The id space is 2^32 jobs per connection; the owner opens a new connection long
         // before, but refuse rather than wrap if it does not.
         self.next_job = self.next_job.checked_add(1).ok_or(CommandError::Closed)?;
@@ -448,6 +479,10 @@ impl ClientConnection {
                 download: Download::Waiting,
                 cancelled: false,
                 heard: now,
+                // A source known to be tiny gains nothing worth a frame's CPU.
+                compress: desc_len.is_none_or(|n| n >= MIN_COMPRESSED_SOURCE),
+                held: self.config.compression.is_some()
+                    && matches!(self.state, State::Handshaking { .. }),
             },
         );
         self.waiting.push_back(id);
@@ -484,6 +519,30 @@ impl ClientConnection {
         }
         self.mark_ready(job.0);
         Ok(())
+    }
+
+    /// Lets a job's source go out compressed, or not, from its next chunk on (default:
+    /// on, when [`ClientConfig::compression`] is set and the server agreed). The owner's
+    /// per-job say: a source too small to gain, or already compressed.
+    pub fn set_job_compression(&mut self, job: JobId, on: bool) -> Result<(), CommandError> {
+        let j = self
+            .core
+            .jobs
+            .get_mut(&job.0)
+            .ok_or(CommandError::UnknownJob(job.0))?;
+        j.compress = on;
+        Ok(())
+    }
+
+    /// Whether both HELLOs announced `ZSTD`, so this connection compresses.
+    pub fn compression_negotiated(&self) -> bool {
+        self.core.compresses()
+    }
+
+    /// Source and result-body bytes handed out so far, as (before compression, on the
+    /// wire): what compression saved on this connection's uploads.
+    pub fn bulk_bytes_sent(&self) -> (u64, u64) {
+        (self.core.bulk_plain_bytes, self.core.bulk_wire_bytes)
     }
 
     /// Cancels a job. No event is reported for it afterwards. A job that has ended (or was
@@ -575,6 +634,20 @@ impl ClientConnection {
                 check_peer_limits(&hello.limits)?;
                 self.core.set_peer(hello.limits);
                 self.authenticate(&hello)?;
+                if let Some(level) = self.config.compression {
+                    if hello.features & FEATURE_ZSTD != 0 {
+                        self.core.enable_zstd(level, true);
+                    }
+                    let held: Vec<u32> = self
+                        .core
+                        .jobs
+                        .iter_mut()
+                        .filter_map(|(&id, j)| std::mem::take(&mut j.held).then_some(id))
+                        .collect();
+                    for id in held {
+                        self.mark_ready(id);
+                    }
+                }
                 self.state = State::Open;
                 for _ in 0..std::mem::take(&mut self.stats_held) {
                     self.core.outbox.control(&Frame::StatsRequest);
@@ -662,7 +735,7 @@ impl ClientConnection {
                 self.retime(job.0, now);
                 self.on_result(job, origin, head, body, fin)?;
             }
-            Frame::Data { job, data, fin } => {
+            Frame::Data { job, data, fin, .. } => {
                 self.retime(job.0, now);
                 self.on_data(job, data, fin)?;
             }
@@ -1168,6 +1241,7 @@ impl CoreJob for Job {
             job: JobId(id),
             data,
             fin,
+            zstd: false,
         };
         Some((frame, fin))
     }
@@ -1178,5 +1252,9 @@ impl CoreJob for Job {
 
     fn in_ready(&mut self) -> &mut bool {
         &mut self.in_ready
+    }
+
+    fn compress(&self) -> bool {
+        self.compress
     }
 }

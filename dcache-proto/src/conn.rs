@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
+use crate::compress::Codec;
 use crate::decoder::FrameDecoder;
 use crate::error::ConnectionError;
 use crate::error_code::ErrorCode;
@@ -83,6 +84,11 @@ pub(crate) trait CoreJob {
     fn is_done(&self) -> bool;
     /// The flag saying the job is in the round-robin queue (so it is queued once).
     fn in_ready(&mut self) -> &mut bool;
+    /// Whether this job's bulk frames may go out compressed (when the connection has
+    /// negotiated zstd and this end compresses at all).
+    fn compress(&self) -> bool {
+        false
+    }
 }
 
 /// The state both ends keep the same way.
@@ -99,6 +105,17 @@ pub(crate) struct Core<J, E> {
     pub(crate) peer: Limits,
     pub(crate) jobs: BTreeMap<u32, J>,
     ready: VecDeque<u32>,
+    /// Our own announced frame payload limit: also the most a compressed frame may
+    /// inflate to.
+    own_max: u32,
+    /// The zstd contexts, once both HELLOs announced the feature: only then are
+    /// compressed frames accepted.
+    zstd: Option<Codec>,
+    /// Whether this end compresses what it sends (given `zstd`).
+    compress_out: bool,
+    /// Bulk payload bytes sent, as they went on the wire and before compression.
+    pub(crate) bulk_wire_bytes: u64,
+    pub(crate) bulk_plain_bytes: u64,
 }
 
 impl<J: CoreJob, E> Core<J, E> {
@@ -112,6 +129,112 @@ impl<J: CoreJob, E> Core<J, E> {
             peer: Limits::BASELINE,
             jobs: BTreeMap::new(),
             ready: VecDeque::new(),
+            own_max: max_frame_payload,
+            zstd: None,
+            compress_out: false,
+            bulk_wire_bytes: 0,
+            bulk_plain_bytes: 0,
+        }
+    }
+
+    /// Both HELLOs announced `ZSTD`: accept compressed frames from now on, and compress
+    /// our own bulk frames at `level` when `send` is set.
+    pub(crate) fn enable_zstd(&mut self, level: i32, send: bool) {
+        self.zstd = Some(Codec::new(level));
+        self.compress_out = send;
+    }
+
+    /// Whether bulk frames we send now go out compressed (when that shrinks them).
+    pub(crate) fn compresses(&self) -> bool {
+        self.zstd.is_some() && self.compress_out
+    }
+
+    /// Inflates a compressed SOURCE or DATA frame, bounded by our own frame limit; any
+    /// other frame passes as it is. A compressed frame on a connection that did not
+    /// negotiate zstd is a protocol error.
+    fn inflate(&mut self, frame: Frame) -> Result<Frame, ConnectionError> {
+        let own_max = self.own_max;
+        let mut inflate = |data: &Bytes| match self.zstd.as_mut() {
+            Some(codec) => codec
+                .decompress(data, own_max)
+                .map_err(|e| protocol(e.code(), e.to_string())),
+            None => Err(protocol(
+                ErrorCode::PROTOCOL,
+                "compressed frame on a connection that did not negotiate ZSTD".into(),
+            )),
+        };
+        Ok(match frame {
+            Frame::Source {
+                job,
+                data,
+                fin,
+                zstd: true,
+            } => Frame::Source {
+                job,
+                data: inflate(&data)?,
+                fin,
+                zstd: false,
+            },
+            Frame::Data {
+                job,
+                data,
+                fin,
+                zstd: true,
+            } => Frame::Data {
+                job,
+                data: inflate(&data)?,
+                fin,
+                zstd: false,
+            },
+            other => other,
+        })
+    }
+
+    /// Compresses a bulk frame's payload when that makes it smaller.
+    fn deflate(&mut self, frame: Frame) -> Frame {
+        let Some(codec) = self.zstd.as_mut().filter(|_| self.compress_out) else {
+            return frame;
+        };
+        match frame {
+            Frame::Source {
+                job,
+                data,
+                fin,
+                zstd: false,
+            } => match codec.compress_if_smaller(&data) {
+                Some(c) => Frame::Source {
+                    job,
+                    data: c,
+                    fin,
+                    zstd: true,
+                },
+                None => Frame::Source {
+                    job,
+                    data,
+                    fin,
+                    zstd: false,
+                },
+            },
+            Frame::Data {
+                job,
+                data,
+                fin,
+                zstd: false,
+            } => match codec.compress_if_smaller(&data) {
+                Some(c) => Frame::Data {
+                    job,
+                    data: c,
+                    fin,
+                    zstd: true,
+                },
+                None => Frame::Data {
+                    job,
+                    data,
+                    fin,
+                    zstd: false,
+                },
+            },
+            other => other,
         }
     }
 
@@ -228,7 +351,11 @@ pub(crate) fn handle_input<E: Endpoint>(end: &mut E, now: Instant, data: &[u8]) 
                 // Progress is a whole frame, not a byte: a peer trickling one byte at a
                 // time cannot pass for a live one.
                 end.on_progress(now);
-                if let Err(e) = end.on_frame(now, frame) {
+                let result = end
+                    .core()
+                    .inflate(frame)
+                    .and_then(|frame| end.on_frame(now, frame));
+                if let Err(e) = result {
                     end.fail_with(e, true);
                 }
                 if end.is_over() {
@@ -261,9 +388,14 @@ pub(crate) fn poll_transmit<E: Endpoint>(end: &mut E) -> Option<Bytes> {
             continue;
         };
         *job.in_ready() = false;
+        let compress = job.compress();
         let Some((frame, last)) = job.next_frame(id, chunk) else {
             continue;
         };
+        let plain = bulk_len(&frame);
+        let frame = if compress { core.deflate(frame) } else { frame };
+        core.bulk_plain_bytes += plain;
+        core.bulk_wire_bytes += bulk_len(&frame);
         let encoded = match frame.encode(core.peer.max_frame_payload) {
             Ok(e) => e,
             Err(e) => {
@@ -280,6 +412,15 @@ pub(crate) fn poll_transmit<E: Endpoint>(end: &mut E) -> Option<Bytes> {
         }
         end.core().outbox.set_tail(encoded.tail);
         return Some(encoded.head);
+    }
+}
+
+/// Bytes of a bulk frame's payload that count as body or source (0 for other frames).
+fn bulk_len(frame: &Frame) -> u64 {
+    match frame {
+        Frame::Source { data, .. } | Frame::Data { data, .. } => data.len() as u64,
+        Frame::Result { body, .. } => body.len() as u64,
+        _ => 0,
     }
 }
 

@@ -66,6 +66,15 @@ pub enum FrameError {
         /// The limit in force.
         max: u32,
     },
+    /// A compressed payload declares more content than the receiver's announced frame
+    /// limit: refused before anything is allocated or inflated.
+    #[error("compressed payload declares {len} bytes, over the limit of {max}")]
+    InflatesTooLarge {
+        /// Declared uncompressed length.
+        len: u32,
+        /// The limit in force.
+        max: u32,
+    },
 }
 
 impl FrameError {
@@ -73,7 +82,7 @@ impl FrameError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::UnknownType(_) | Self::TlsHandshake => ErrorCode::UNKNOWN_FRAME,
-            Self::TooLarge { .. } => ErrorCode::FRAME_TOO_LARGE,
+            Self::TooLarge { .. } | Self::InflatesTooLarge { .. } => ErrorCode::FRAME_TOO_LARGE,
             _ => ErrorCode::PROTOCOL,
         }
     }

@@ -198,6 +198,10 @@ pub enum Frame {
         data: Bytes,
         /// Whether this is the last chunk.
         fin: bool,
+        /// Whether `data` is a compressed payload (flag ZSTD: `u32 content_len ‖ zstd
+        /// frame`). The state machines inflate it, bounded, before anything else sees
+        /// the frame, so their events always carry plain source.
+        zstd: bool,
     },
     /// The server does not have the result for the HASH it got.
     Miss {
@@ -226,6 +230,8 @@ pub enum Frame {
         data: Bytes,
         /// Whether the body is complete.
         fin: bool,
+        /// Whether `data` is a compressed payload (flag ZSTD), as for SOURCE.
+        zstd: bool,
     },
     /// Ends the sender's direction of a job.
     Abort {
@@ -356,6 +362,8 @@ impl Frame {
     pub fn decode(header: &FrameHeader, payload: Bytes) -> Result<Self, FrameError> {
         let job = JobId(header.job);
         let fin = header.flags & Flags::FIN != 0;
+        // Only SOURCE and DATA define the bit (the header check refuses it elsewhere).
+        let zstd = header.flags & Flags::ZSTD != 0;
         let mut r = Reader::new(payload);
         let frame = match header.ty {
             FrameType::HELLO => {
@@ -443,6 +451,7 @@ impl Frame {
                 job,
                 data: r.rest(),
                 fin,
+                zstd,
             },
             FrameType::MISS => Self::Miss { job },
             FrameType::EARLY_RESULT | FrameType::RESULT => {
@@ -487,6 +496,7 @@ impl Frame {
                 job,
                 data: r.rest(),
                 fin,
+                zstd,
             },
             FrameType::ABORT => Self::Abort {
                 job,
@@ -579,9 +589,17 @@ impl Frame {
                 }
             }
             Self::Hash { key, .. } => head.put_slice(key.as_bytes()),
-            Self::Source { data, fin, .. } | Self::Data { data, fin, .. } => {
+            Self::Source {
+                data, fin, zstd, ..
+            }
+            | Self::Data {
+                data, fin, zstd, ..
+            } => {
                 if *fin {
                     flags |= Flags::FIN;
+                }
+                if *zstd {
+                    flags |= Flags::ZSTD;
                 }
                 tail = data.clone();
             }

@@ -73,7 +73,8 @@ impl FrameType {
     pub fn allowed_flags(self) -> u8 {
         match self {
             Self::RESULT => Flags::FIN | Flags::CACHED,
-            Self::SOURCE | Self::EARLY_RESULT | Self::DATA => Flags::FIN,
+            Self::SOURCE | Self::DATA => Flags::FIN | Flags::ZSTD,
+            Self::EARLY_RESULT => Flags::FIN,
             Self::JOB => Flags::SOURCE_LEN | Flags::IDENTITY,
             t if t.is_ignorable() => 0xFF,
             _ => 0,
@@ -132,4 +133,8 @@ impl Flags {
     /// On JOB (protocol version 2): the payload ends with the client's compiler identity,
     /// after the source length if that is present.
     pub const IDENTITY: u8 = 0x02;
+    /// On SOURCE and DATA: the payload is compressed (`u32 content_len ‖ zstd frame`,
+    /// see [`FEATURE_ZSTD`](crate::FEATURE_ZSTD)). Sent only on a connection where both
+    /// HELLOs announced the feature; anywhere else the receiver refuses it (`PROTOCOL`).
+    pub const ZSTD: u8 = 0x02;
 }

@@ -670,7 +670,7 @@ fn client_run(data: &[u8]) -> Vec<ClientEvent> {
                 assert!(!sent.contains_key(&job), "HASH after SOURCE");
                 assert!(hashed.insert(job), "second HASH");
             }
-            Frame::Source { job, data, fin } => {
+            Frame::Source { job, data, fin, .. } => {
                 assert!(announced.contains(&job), "SOURCE before JOB");
                 let j = &jobs[&job];
                 assert!(j.strategy != Strategy::Lookup, "source sent for a lookup");
@@ -953,6 +953,106 @@ fn pair_run(data: &[u8]) -> Option<Pair> {
     Some(p)
 }
 
+/// Compressed payloads (feature `ZSTD`), on their own and through a server that
+/// negotiated the feature.
+///
+/// The first byte chooses the receiver's frame limit (small or large); the rest is the
+/// payload of a final compressed SOURCE. Invariants: no panic; `decompress_payload`
+/// returns exactly the declared number of bytes, never more than the limit; the same
+/// payload sent to a server that negotiated `ZSTD` either ends the connection with
+/// `PROTOCOL` or `FRAME_TOO_LARGE` (exactly when `decompress_payload` refuses it) or is
+/// taken as the job's whole source, reported under the key of the inflated bytes; and any
+/// plain data compresses and inflates back to itself.
+pub fn compressed_frames(data: &[u8]) {
+    let Some((&first, payload)) = data.split_first() else {
+        return;
+    };
+    let limit = if first & 1 == 0 { MAX } else { 1 << 20 };
+    let inflated = crate::decompress_payload(payload, limit);
+    if let Ok(out) = &inflated {
+        let declared = payload
+            .first_chunk::<4>()
+            .map_or(0, |p| u32::from_be_bytes(*p) as usize);
+        assert_eq!(
+            out.len(),
+            declared,
+            "inflated length is not the declared one"
+        );
+        assert!(out.len() <= limit as usize, "inflated past the limit");
+    }
+    if let Some(c) = crate::compress_payload(payload, 1) {
+        let back = crate::decompress_payload(&c, u32::MAX).expect("own payload inflates");
+        assert_eq!(&back[..], payload, "round trip changed the data");
+    }
+
+    let now = origin();
+    let mut conn = ServerConnection::new(
+        ServerConfig {
+            limits: Limits {
+                max_frame_payload: limit,
+                ..Limits::default()
+            },
+            ..ServerConfig::default()
+        },
+        now,
+    );
+    let desc = JobDesc {
+        compiler: "cc".into(),
+        language: "cpp-output".into(),
+        args: vec!["-c".into()],
+        source_len: None,
+        identity: None,
+    };
+    let mut input = Vec::new();
+    for f in [
+        Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 2,
+            limits: Limits::default(),
+            features: crate::FEATURE_ZSTD,
+            extensions: Bytes::new(),
+        }),
+        Frame::Job {
+            job: JobId(1),
+            desc: desc.clone(),
+        },
+        Frame::Source {
+            job: JobId(1),
+            data: Bytes::copy_from_slice(payload),
+            fin: true,
+            zstd: true,
+        },
+    ] {
+        match f.to_bytes(limit) {
+            Ok(b) => input.extend_from_slice(&b),
+            // A payload over the frame limit cannot be sent at all.
+            Err(_) => return,
+        }
+    }
+    conn.handle_input(now, &input);
+    let mut key = None;
+    let mut error = None;
+    while let Some(e) = conn.poll_event() {
+        match e {
+            ServerEvent::SourceDone { key: k, .. } => key = Some(k),
+            ServerEvent::Closed {
+                error: Some(crate::ConnectionError::Protocol { code, .. }),
+            } => error = Some(code),
+            _ => {}
+        }
+    }
+    match inflated {
+        Ok(out) => {
+            assert_eq!(error, None, "a valid payload failed the connection");
+            assert_eq!(key, Some(CacheKey::compute(&desc, &out)), "wrong key");
+        }
+        Err(e) => {
+            assert_eq!(key, None, "a refused payload reached the job");
+            assert_eq!(error, Some(e.code()), "refused with another code");
+        }
+    }
+}
+
 /// Seed inputs: real frame sequences for each target (also written to `fuzz/corpus/` by
 /// the ignored `write_seed_corpus` test).
 #[cfg(test)]
@@ -983,6 +1083,7 @@ mod seeds {
             job: JobId(job),
             data: Bytes::from_static(data),
             fin,
+            zstd: false,
         }
     }
 
@@ -1093,6 +1194,7 @@ mod seeds {
             job: JobId(job),
             data: Bytes::from_static(b"obj"),
             fin: true,
+            zstd: false,
         };
         vec![
             enc(&[
@@ -1463,7 +1565,46 @@ mod tests {
             ("server_input", server),
             ("client_input", client),
             ("pair_ops", pair_programs()),
+            ("compressed_frames", compressed_seeds()),
         ]
+    }
+
+    /// Compressed payloads: valid ones of several shapes, and the refused kinds.
+    fn compressed_seeds() -> Vec<Vec<u8>> {
+        let text = b"static int v = 42;\nextern void f(int);\n".repeat(200);
+        let real = crate::compress_payload(&text, 1).expect("compress");
+        let bomb = crate::compress_payload(&vec![0u8; 4 << 20], 1).expect("compress");
+        let mut liar = bomb.to_vec();
+        liar[..4].copy_from_slice(&1024u32.to_be_bytes());
+        let rle = vec![
+            0x00, 0x00, 0x00, 0x30, 0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x30, 0x83, 0x01, 0x00, 0x61,
+        ];
+        let mut trailing = rle.clone();
+        trailing.push(0);
+        let mut out = Vec::new();
+        for (flag, p) in [
+            (0u8, real.to_vec()),
+            (1, real.to_vec()),
+            (0, bomb.to_vec()),
+            (1, bomb.to_vec()),
+            (1, liar),
+            (0, rle),
+            (0, trailing),
+            (0, vec![0, 0, 0, 0]),
+            (0, b"plain bytes, not a zstd frame".to_vec()),
+        ] {
+            let mut v = vec![flag];
+            v.extend_from_slice(&p);
+            out.push(v);
+        }
+        out
+    }
+
+    #[test]
+    fn compressed_seeds_hold_the_invariants() {
+        for seed in compressed_seeds() {
+            compressed_frames(&seed);
+        }
     }
 
     fn corpus_root() -> std::path::PathBuf {

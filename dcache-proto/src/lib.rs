@@ -51,6 +51,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod compress;
 mod decoder;
 mod error;
 mod error_code;
@@ -64,6 +65,9 @@ mod key;
 pub mod rendezvous;
 
 pub use auth::{AUTH_LEN, AuthKey, FEATURE_AUTH, Nonce};
+pub use compress::{
+    COMPRESSED_PREFIX_LEN, DEFAULT_LEVEL, FEATURE_ZSTD, compress_payload, decompress_payload,
+};
 pub use decoder::{FrameDecoder, MAX_CONSECUTIVE_FILLER};
 pub use error::{CommandError, ConnectionError, DecodeError, FrameError};
 pub use error_code::ErrorCode;
@@ -97,7 +101,8 @@ mod outbox;
 mod server;
 
 pub use client::{
-    ClientConfig, ClientConnection, ClientEvent, JobOutcome, Strategy, UnknownStrategy,
+    ClientConfig, ClientConnection, ClientEvent, JobOutcome, MIN_COMPRESSED_SOURCE, Strategy,
+    UnknownStrategy,
 };
 pub use conn::{Connection, MAX_TIMEOUT};
 pub use server::{ConnStats, ServerConfig, ServerConnection, ServerEvent};

@@ -132,6 +132,11 @@ impl Segments {
         self.len == 0
     }
 
+    /// Bytes not yet taken.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
     pub(crate) fn clear(&mut self) {
         self.parts.clear();
         self.len = 0;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::auth::{self, AUTH_LEN, AuthKey, FEATURE_AUTH, Nonce};
+use crate::compress::{DEFAULT_LEVEL, FEATURE_ZSTD};
 use crate::conn::{
     self, Connection, Core, CoreJob, Endpoint, MAX_TIMEOUT, internal, protocol, unexpected,
 };
@@ -40,6 +41,14 @@ pub struct ServerConfig {
     /// [`AuthKey`]). Needs a connection made with
     /// [`ServerConnection::with_nonce`]; without a nonce every client is refused.
     pub auth: Option<AuthKey>,
+    /// zstd level for the `ZSTD` feature, announced to clients that announce it (they
+    /// then may compress their source, which we inflate within our frame limit); `None`
+    /// never announces it, and every connection stays uncompressed.
+    pub compression: Option<i32>,
+    /// With the feature negotiated, also compress result bodies (DATA frames). A client
+    /// announces the feature only when its link makes compression pay, so its
+    /// announcement is the hint; turn this off to spend no server CPU on it.
+    pub compress_results: bool,
 }
 
 impl Default for ServerConfig {
@@ -52,9 +61,15 @@ impl Default for ServerConfig {
             stall_timeout: Duration::from_secs(60),
             max_queued_output: 1024 * 1024,
             auth: None,
+            compression: Some(DEFAULT_LEVEL),
+            compress_results: true,
         }
     }
 }
+
+/// A result body at most this long stays inline in RESULT even when the body is
+/// compressed: a compile error's few lines are not worth a DATA frame.
+const MAX_INLINE_WHEN_COMPRESSING: u64 = 1024;
 
 /// Per-connection counters kept by the state machine itself, so they stay true whatever
 /// the owner does.
@@ -184,6 +199,9 @@ enum Download {
     Sending {
         head: Option<(ResultHead, ResultOrigin)>,
         body: Segments,
+        /// The body goes out compressed: it all goes in DATA frames (RESULT's inline
+        /// body is never compressed), unless it is small enough not to matter.
+        compress: bool,
     },
     /// Result sent or ABORT sent.
     Closed,
@@ -351,6 +369,7 @@ impl ServerConnection {
                 "RESULT outputs",
             )));
         }
+        let compress = self.core.compresses();
         let j = self.job_mut(job)?;
         match j.download {
             Download::Closed => return Ok(()),
@@ -400,6 +419,7 @@ impl ServerConnection {
         j.download = Download::Sending {
             head: Some((head, origin)),
             body,
+            compress,
         };
         if early {
             self.stats.early_results += 1;
@@ -465,8 +485,17 @@ impl ServerConnection {
             let version = negotiate(VERSION_MIN, VERSION_MAX, &hello)?;
             check_peer_limits(&hello.limits)?;
             self.core.set_peer(hello.limits);
+            // ZSTD is announced only to a client that announced it, so a client without
+            // it gets the HELLO it always did.
+            let zstd = match self.config.compression {
+                Some(level) if hello.features & FEATURE_ZSTD != 0 => {
+                    self.core.enable_zstd(level, self.config.compress_results);
+                    FEATURE_ZSTD
+                }
+                _ => 0,
+            };
             let Some(key) = self.config.auth.clone() else {
-                self.send_hello(0, Bytes::new());
+                self.send_hello(zstd, Bytes::new());
                 self.state = State::Open;
                 self.core.events.push_back(ServerEvent::Connected {
                     version,
@@ -492,7 +521,7 @@ impl ServerConnection {
             let mut ext = BytesMut::with_capacity(2 * AUTH_LEN);
             ext.extend_from_slice(&server_nonce);
             ext.extend_from_slice(key.server_proof(&client_nonce, &server_nonce).as_bytes());
-            self.send_hello(FEATURE_AUTH, ext.freeze());
+            self.send_hello(FEATURE_AUTH | zstd, ext.freeze());
             self.state = State::Authenticating { client_nonce };
             self.pending_connect = Some((version, hello));
             return Ok(());
@@ -504,7 +533,7 @@ impl ServerConnection {
             Frame::Hello(_) => Err(unexpected("second HELLO".into())),
             Frame::Job { job, desc } => self.on_job(job, desc),
             Frame::Hash { job, key } => self.on_hash(job, key),
-            Frame::Source { job, data, fin } => self.on_source(job, data, fin),
+            Frame::Source { job, data, fin, .. } => self.on_source(job, data, fin),
             Frame::Abort { job, code, message } => self.on_abort(job, code, message),
             Frame::Error { code, message } => {
                 self.fail_with(ConnectionError::PeerError { code, message }, false);
@@ -1048,12 +1077,22 @@ impl CoreJob for Job {
     }
 
     fn next_frame(&mut self, id: u32, chunk: usize) -> Option<(Frame, bool)> {
-        let Download::Sending { head, body } = &mut self.download else {
+        let Download::Sending {
+            head,
+            body,
+            compress,
+        } = &mut self.download
+        else {
             return None;
         };
         let frame = match head.take() {
             Some((head, origin)) => {
-                let first = body.take(chunk.saturating_sub(result_head_len(&head)));
+                let room = if *compress && body.len() > MAX_INLINE_WHEN_COMPRESSING {
+                    0
+                } else {
+                    chunk.saturating_sub(result_head_len(&head))
+                };
+                let first = body.take(room);
                 Frame::Result {
                     job: JobId(id),
                     origin,
@@ -1066,6 +1105,7 @@ impl CoreJob for Job {
                 job: JobId(id),
                 data: body.take(chunk),
                 fin: body.is_empty(),
+                zstd: false,
             },
         };
         let last = body.is_empty();
@@ -1077,6 +1117,10 @@ impl CoreJob for Job {
 
     fn is_done(&self) -> bool {
         matches!(self.upload, Upload::Closed) && matches!(self.download, Download::Closed)
+    }
+
+    fn compress(&self) -> bool {
+        matches!(self.download, Download::Sending { compress: true, .. })
     }
 
     fn in_ready(&mut self) -> &mut bool {

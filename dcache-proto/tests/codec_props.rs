@@ -6,7 +6,8 @@
 use bytes::{Bytes, BytesMut};
 use dcache_proto::{
     CacheKey, CompilerIdentity, DecodeError, ErrorCode, Frame, FrameDecoder, FrameType, Hello,
-    JobDesc, JobId, Limits, OutputMeta, ResultHead, ResultOrigin, Stat,
+    JobDesc, JobId, Limits, OutputMeta, ResultHead, ResultOrigin, Stat, compress_payload,
+    decompress_payload,
 };
 use proptest::prelude::*;
 
@@ -125,17 +126,23 @@ fn frame() -> impl Strategy<Value = Frame> {
             job,
             key: CacheKey::from_bytes(k),
         }),
-        (job_id(), blob(300), any::<bool>()).prop_map(|(job, data, fin)| Frame::Source {
-            job,
-            data,
-            fin
+        (job_id(), blob(300), any::<bool>(), any::<bool>()).prop_map(|(job, data, fin, zstd)| {
+            Frame::Source {
+                job,
+                data,
+                fin,
+                zstd,
+            }
         }),
         job_id().prop_map(|job| Frame::Miss { job }),
         result_frame(),
-        (job_id(), blob(300), any::<bool>()).prop_map(|(job, data, fin)| Frame::Data {
-            job,
-            data,
-            fin
+        (job_id(), blob(300), any::<bool>(), any::<bool>()).prop_map(|(job, data, fin, zstd)| {
+            Frame::Data {
+                job,
+                data,
+                fin,
+                zstd,
+            }
         }),
         (job_id(), any::<u16>(), text(40)).prop_map(|(job, c, message)| Frame::Abort {
             job,
@@ -303,6 +310,7 @@ fn a_flood_of_empty_frames_is_cut_off() {
         job: JobId(1),
         data: Bytes::new(),
         fin: false,
+        zstd: false,
     }
     .to_bytes(MAX)
     .unwrap();
@@ -324,6 +332,7 @@ fn source_payloads_are_not_copied() {
         job: JobId(3),
         data: data.clone(),
         fin: true,
+        zstd: false,
     };
     let enc = f.encode(MAX).unwrap();
     assert_eq!(
@@ -342,4 +351,63 @@ fn source_payloads_are_not_copied() {
         base + 12,
         "decoder shares the receive buffer"
     );
+}
+
+/// Text with the repetition of real source, so compression has something to find.
+fn source_like() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(
+        prop_oneof![
+            Just(&b"int "[..]),
+            Just(&b"static "[..]),
+            Just(&b"x"[..]),
+            Just(&b" = 42;\n"[..]),
+            Just(&b"(void)"[..]),
+            Just(&b"\0\xff"[..]),
+        ],
+        0..2000,
+    )
+    .prop_map(|parts| parts.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Whatever is compressed inflates back to itself, within a limit of its own length,
+    /// and is refused under any smaller limit.
+    #[test]
+    fn compressed_payloads_round_trip_within_their_limit(
+        data in prop_oneof![source_like(), proptest::collection::vec(any::<u8>(), 0..3000)],
+        level in 1i32..4,
+    ) {
+        match compress_payload(&data, level) {
+            None => prop_assert!(data.is_empty()),
+            Some(c) => {
+                let n = data.len() as u32;
+                prop_assert_eq!(&decompress_payload(&c, n).unwrap()[..], &data[..]);
+                let e = decompress_payload(&c, n - 1).unwrap_err();
+                prop_assert_eq!(e.code(), ErrorCode::FRAME_TOO_LARGE);
+            }
+        }
+    }
+
+    /// Arbitrary or mutated compressed payloads never panic, and whatever inflates has
+    /// exactly its declared length, within the limit.
+    #[test]
+    fn mutated_compressed_payloads_never_panic_or_exceed_the_limit(
+        data in source_like(),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        limit in 1u32..(1 << 16),
+    ) {
+        let Some(c) = compress_payload(&data, 1) else { return Ok(()); };
+        let mut c = c.to_vec();
+        for (i, x) in flips {
+            let at = i.index(c.len());
+            c[at] ^= x;
+        }
+        if let Ok(out) = decompress_payload(&c, limit) {
+            let declared = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+            prop_assert_eq!(out.len() as u32, declared);
+            prop_assert!(declared <= limit);
+        }
+    }
 }

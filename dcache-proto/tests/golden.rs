@@ -4,8 +4,9 @@
 
 use bytes::{Bytes, BytesMut};
 use dcache_proto::{
-    CacheKey, CompilerIdentity, DecodeError, ErrorCode, Frame, FrameDecoder, FrameError, FrameType,
-    Hello, JobDesc, JobId, Limits, OutputMeta, ResultHead, ResultOrigin, Stat,
+    CacheKey, CompilerIdentity, DecodeError, ErrorCode, FEATURE_ZSTD, Frame, FrameDecoder,
+    FrameError, FrameType, Hello, JobDesc, JobId, Limits, OutputMeta, ResultHead, ResultOrigin,
+    Stat, decompress_payload,
 };
 
 const SPEC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md"));
@@ -85,11 +86,13 @@ fn frame(name: &str) -> Frame {
             job: JobId(1),
             data: Bytes::from_static(b"int x = 42;\n"),
             fin: true,
+            zstd: false,
         },
         "source-more" => Frame::Source {
             job: JobId(1),
             data: Bytes::from_static(b"int"),
             fin: false,
+            zstd: false,
         },
         "miss" => Frame::Miss { job: JobId(1) },
         "early-result" => Frame::Result {
@@ -138,6 +141,7 @@ fn frame(name: &str) -> Frame {
             job: JobId(3),
             data: Bytes::from_static(b"or\n"),
             fin: true,
+            zstd: false,
         },
         "abort" => Frame::Abort {
             job: JobId(1),
@@ -167,7 +171,67 @@ fn frame(name: &str) -> Frame {
             job: 0,
             payload: Bytes::from_static(b"pad"),
         },
+        "hello-zstd" => Frame::Hello(Hello {
+            min_version: 2,
+            max_version: 2,
+            limits: Limits {
+                max_frame_payload: 1 << 20,
+                max_source_len: 256 << 20,
+                max_jobs: 256,
+            },
+            features: FEATURE_ZSTD,
+            extensions: Bytes::new(),
+        }),
+        "source-zstd" => Frame::Source {
+            job: JobId(1),
+            data: Bytes::from_static(RLE_PAYLOAD),
+            fin: true,
+            zstd: true,
+        },
+        "data-zstd" => Frame::Data {
+            job: JobId(3),
+            data: Bytes::from_static(DATA_ZSTD_PAYLOAD),
+            fin: true,
+            zstd: true,
+        },
         other => panic!("PROTOCOL.md names an unknown vector {other:?}"),
+    }
+}
+
+/// A compressed payload made by hand from RFC 8878: content length 48, then one zstd
+/// frame (magic, descriptor 0x20 = single segment with a 1-byte content size, size 48)
+/// holding one last RLE block (header 0x000183 little-endian) of the byte `a`.
+const RLE_PAYLOAD: &[u8] = &[
+    0x00, 0x00, 0x00, 0x30, 0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x30, 0x83, 0x01, 0x00, 0x61,
+];
+
+/// The `data-zstd` payload, as libzstd 1.5 compressed [`DATA_ZSTD_TEXT`] at level 1
+/// (another compressor may produce other bytes for the same text; any valid frame will do).
+const DATA_ZSTD_PAYLOAD: &[u8] = &[
+    0x00, 0x00, 0x00, 0x30, 0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x30, 0x15, 0x01, 0x00, 0xd0, 0x69, 0x6e,
+    0x74, 0x20, 0x78, 0x20, 0x3d, 0x20, 0x34, 0x32, 0x3b, 0x0a, 0x69, 0x6e, 0x74, 0x20, 0x79, 0x7a,
+    0x77, 0x20, 0x3d, 0x20, 0x34, 0x32, 0x3b, 0x0a, 0x02, 0x00, 0xc0, 0x88, 0x37, 0xca, 0x12,
+];
+
+/// What the `data-zstd` vector inflates to.
+const DATA_ZSTD_TEXT: &[u8] = b"int x = 42;\nint y = 42;\nint z = 42;\nint w = 42;\n";
+
+/// What each valid compressed vector inflates to.
+fn inflated(name: &str) -> Option<Vec<u8>> {
+    match name {
+        "source-zstd" => Some(vec![b'a'; 48]),
+        "data-zstd" => Some(DATA_ZSTD_TEXT.to_vec()),
+        _ => None,
+    }
+}
+
+/// The error each invalid compressed vector gets from a receiver with a 64 KiB limit.
+/// The frames decode (their headers are fine); inflating them fails.
+fn zstd_error(name: &str) -> ErrorCode {
+    match name {
+        "bad-zstd-too-large" => ErrorCode::FRAME_TOO_LARGE,
+        "bad-zstd-bomb" | "bad-zstd-trailing" => ErrorCode::PROTOCOL,
+        other => panic!("PROTOCOL.md names an unknown compressed vector {other:?}"),
     }
 }
 
@@ -241,8 +305,21 @@ fn vectors() -> Vec<Vector> {
 #[test]
 fn every_vector_in_the_spec_holds() {
     let vs = vectors();
-    assert_eq!(vs.len(), 31, "PROTOCOL.md should hold 31 vectors");
+    assert_eq!(vs.len(), 37, "PROTOCOL.md should hold 37 vectors");
     for v in &vs {
+        if v.name.starts_with("bad-zstd-") {
+            let mut buf = BytesMut::from(&v.hex[..]);
+            let frame = FrameDecoder::new(64 * 1024).decode(&mut buf).unwrap();
+            let Some(Frame::Source {
+                data, zstd: true, ..
+            }) = frame
+            else {
+                panic!("{}: not a compressed SOURCE: {frame:?}", v.name);
+            };
+            let err = decompress_payload(&data, 64 * 1024).unwrap_err();
+            assert_eq!(err.code(), zstd_error(&v.name), "{}: {err}", v.name);
+            continue;
+        }
         if v.name.starts_with("bad-") {
             let mut dec = FrameDecoder::new(64 * 1024);
             let mut buf = BytesMut::from(&v.hex[..]);
@@ -254,6 +331,13 @@ fn every_vector_in_the_spec_holds() {
         assert_eq!(hex(&encoded), hex(&v.hex), "{}: encoding differs", v.name);
         let mut buf = BytesMut::from(&v.hex[..]);
         let decoded = FrameDecoder::new(MAX).decode(&mut buf).unwrap();
+        if let Some(want) = inflated(&v.name) {
+            let (Some(Frame::Source { data, .. }) | Some(Frame::Data { data, .. })) = &decoded
+            else {
+                panic!("{}: not a bulk frame", v.name);
+            };
+            assert_eq!(decompress_payload(data, MAX).unwrap(), want, "{}", v.name);
+        }
         assert_eq!(decoded, Some(f), "{}: decoding differs", v.name);
         assert!(buf.is_empty());
     }
@@ -308,6 +392,9 @@ fn print_vectors() {
         "stats",
         "auth",
         "ignorable",
+        "hello-zstd",
+        "source-zstd",
+        "data-zstd",
     ] {
         let b = frame(name).to_bytes(MAX).unwrap();
         println!("```vector\nname: {name}\nhex: {}\n```", wrap(&hex(&b)));

@@ -239,6 +239,7 @@ fn hashed_upload(desc: &JobDesc, key: CacheKey, data: Bytes) -> Vec<u8> {
             job: JobId(1),
             data,
             fin: false,
+            zstd: false,
         },
     ])
 }
@@ -276,6 +277,7 @@ fn source(id: u32, data: &'static [u8], fin: bool) -> Frame {
         job: JobId(id),
         data: Bytes::from_static(data),
         fin,
+        zstd: false,
     }
 }
 

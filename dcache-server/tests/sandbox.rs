@@ -597,6 +597,7 @@ async fn no_compiler_process_outlives_a_client_that_disconnects() {
             job: JobId(1),
             data: src,
             fin: true,
+            zstd: false,
         },
     ] {
         bytes.extend_from_slice(&f.to_bytes(1 << 20).unwrap());

@@ -22,6 +22,7 @@ async fn frames_cross_a_stream_through_the_codec() {
             job: JobId(1),
             data: Bytes::from(vec![7u8; 5000]),
             fin: true,
+            zstd: false,
         },
         Frame::StatsRequest,
     ];

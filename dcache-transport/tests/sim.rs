@@ -366,3 +366,117 @@ async fn a_sim_stream_works_wherever_a_socket_does() {
     assert!(Instant::now() - t0 >= limit, "{:?}", Instant::now() - t0);
     echo.await.unwrap();
 }
+
+/// A server whose application compiles with `reference_compile`, caches by the verified
+/// key and answers HASH from the cache.
+async fn reference_server(mut h: dcache_transport::ServerConnHandle) {
+    use dcache_proto::{ResultOrigin, ServerEvent};
+    use dcache_transport::ServerCommand;
+    let mut cache = std::collections::HashMap::new();
+    let mut jobs = std::collections::HashMap::new();
+    while let Some(ev) = h.events.recv().await {
+        match ev {
+            ServerEvent::JobStarted { job, desc } => {
+                jobs.insert(job, (desc, Vec::new()));
+            }
+            ServerEvent::Lookup { job, key } => {
+                let cmd = match cache.get(&key) {
+                    Some(r) => ServerCommand::Result {
+                        job,
+                        result: dcache_proto::JobResult::clone(r),
+                        origin: ResultOrigin::Early,
+                    },
+                    None => ServerCommand::Miss(job),
+                };
+                let _ = h.commands.send(cmd);
+            }
+            ServerEvent::Source { job, data } => {
+                if let Some(j) = jobs.get_mut(&job) {
+                    j.1.extend_from_slice(&data);
+                }
+            }
+            ServerEvent::SourceDone { job, key, .. } => {
+                if let Some((d, s)) = jobs.remove(&job) {
+                    // A HASH-less upload is looked up by the key of what arrived.
+                    let (result, origin) = match cache.get(&key) {
+                        Some(r) => (dcache_proto::JobResult::clone(r), ResultOrigin::Cache),
+                        None => {
+                            let r = dcache_proto::testing::reference_compile(&d, &s);
+                            cache.insert(key, r.clone());
+                            (r, ResultOrigin::Compiled)
+                        }
+                    };
+                    let _ = h.commands.send(ServerCommand::Result {
+                        job,
+                        result,
+                        origin,
+                    });
+                }
+            }
+            ServerEvent::Closed { .. } => return,
+            _ => {}
+        }
+    }
+}
+
+/// Text shaped like preprocessed C, so compression has something to find.
+fn c_like(len: usize) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(len + 64);
+    let mut i = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(format!("static int v{i} = {};\n", i * 7).as_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out.into()
+}
+
+#[tokio::test(start_paused = true)]
+async fn jobs_complete_with_compression_on_every_link_of_the_matrix() {
+    use dcache_proto::testing::reference_compile;
+    use dcache_proto::{CacheKey, ClientConfig, DEFAULT_LEVEL, JobDesc, ServerConfig, Strategy};
+    for (rtt_us, bandwidth) in [(200u64, MBIT100), (4_000, MBIT100 * 10), (40_000, MBIT100)] {
+        for strategy in [Strategy::Speculative, Strategy::AskFirst, Strategy::SendAll] {
+            let link = LinkConfig::new(Duration::from_micros(rtt_us) / 2, bandwidth)
+                .with_buffer(256 * KIB);
+            let (c, s) = symmetric(link);
+            tokio::spawn(reference_server(dcache_transport::spawn_server_connection(
+                s,
+                ServerConfig::default(),
+            )));
+            let client = dcache_transport::spawn_client(
+                c,
+                ClientConfig {
+                    strategy,
+                    compression: Some(DEFAULT_LEVEL),
+                    ..ClientConfig::default()
+                },
+            );
+            for (n, len) in [10 * KIB, 2 * MIB].into_iter().enumerate() {
+                let src = c_like(len);
+                let d = JobDesc {
+                    compiler: "gcc".into(),
+                    language: "cpp-output".into(),
+                    args: vec!["-c".into(), format!("-DN={n}")],
+                    source_len: Some(len as u64),
+                    identity: None,
+                };
+                let key = CacheKey::compute(&d, &src);
+                let want = reference_compile(&d, &src);
+                let miss =
+                    tokio::time::timeout(HANG, client.submit(d.clone(), Some(key), src.clone()))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                assert!(!miss.origin.is_cached(), "{strategy:?} {rtt_us}us {len}");
+                assert_eq!(miss.result, want);
+                let hit = tokio::time::timeout(HANG, client.submit(d, Some(key), src))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(hit.origin.is_cached(), "{strategy:?} {rtt_us}us {len}");
+                assert_eq!(hit.result, want);
+            }
+        }
+    }
+}

@@ -10,6 +10,9 @@ use dcache_transport::token::{TokenError, read_token_file, token_key};
 use dcache_transport::{Address, AddressError, TlsClient, TlsConfigError};
 
 use crate::ClientOptions;
+use crate::compression::{
+    BadLinkSpeed, CompressMode, CompressPolicy, UnknownCompressMode, parse_link_speed,
+};
 
 /// The embedded cache's size limit when `DCACHE_CACHE_SIZE` is unset: 5 GiB.
 pub const DEFAULT_CACHE_SIZE: u64 = 5 << 30;
@@ -55,6 +58,9 @@ pub struct Config {
     /// `--tls-client-ca`), loaded: what `tls://` hosts are checked with. `None`: the
     /// system roots, no client certificate.
     pub tls: Option<TlsClient>,
+    /// `DCACHE_COMPRESS` (`auto`, `always`, `never`) and `DCACHE_LINK_SPEED`: whether
+    /// connections to servers offer zstd compression (see [`crate::compression`]).
+    pub compress: CompressPolicy,
 }
 
 /// Why the environment does not make a [`Config`]; the message names the variable.
@@ -108,6 +114,12 @@ pub enum ConfigError {
     /// Only one of `DCACHE_TLS_CERT` and `DCACHE_TLS_KEY` is set.
     #[error("DCACHE_TLS_CERT and DCACHE_TLS_KEY go together: set both (PEM files) or neither")]
     TlsHalfIdentity,
+    /// `DCACHE_COMPRESS` is not `auto`, `always` or `never`.
+    #[error("DCACHE_COMPRESS: {0}")]
+    Compress(#[source] UnknownCompressMode),
+    /// `DCACHE_LINK_SPEED` is not a speed.
+    #[error("DCACHE_LINK_SPEED: {0}")]
+    LinkSpeed(#[source] BadLinkSpeed),
 }
 
 /// Why a `DCACHE_LOG` value is not a log filter (see [`check_log_filter`]).
@@ -153,6 +165,7 @@ impl Config {
             host_errors: Vec::new(),
             log: DEFAULT_LOG.to_owned(),
             tls: None,
+            compress: CompressPolicy::default(),
         }
     }
 
@@ -240,7 +253,18 @@ impl Config {
             var("DCACHE_TLS_CERT"),
             var("DCACHE_TLS_KEY"),
         )?;
+        let compress = CompressPolicy {
+            mode: match var("DCACHE_COMPRESS") {
+                Some(m) => m.parse().map_err(ConfigError::Compress)?,
+                None => CompressMode::Auto,
+            },
+            link_speed: var("DCACHE_LINK_SPEED")
+                .map(|s| parse_link_speed(&s))
+                .transpose()
+                .map_err(ConfigError::LinkSpeed)?,
+        };
         Ok(Self {
+            compress,
             hosts,
             strategy,
             fallback,
@@ -267,6 +291,7 @@ impl Config {
         ClientOptions {
             transport,
             strategy: self.strategy,
+            compress: self.compress,
             auth: self.token.clone(),
             progress_timeout: self.timeout.unwrap_or(defaults.progress_timeout),
             connect_timeout: self.connect_timeout.unwrap_or(defaults.connect_timeout),
@@ -364,6 +389,10 @@ environment:
                      started by the first compile and shared by all later ones.
                      An entry that is not an address is skipped with a warning.
   DCACHE_STRATEGY    speculative (default), ask-first or send-all
+  DCACHE_COMPRESS    auto (default), always or never: zstd on the wire. auto compresses
+                     across a network and not to this machine (loopback, unix://)
+  DCACHE_LINK_SPEED  the link's speed, e.g. 100M or 10G (bits/s): auto then compresses
+                     up to 2G and not above, whatever the address
   DCACHE_FALLBACK    0 turns the local fallback into an error
   DCACHE_CONNECT_TIMEOUT  seconds connecting to a server (handshake included) may
                      take, e.g. 0.5 (default 2); a server that fails is skipped by

@@ -1,5 +1,5 @@
 //! The benchmark runner behind `dcache-bench`: the strategy simulation on simulated links
-//! under a virtual clock ([`sim`], [`sim_driver`]), its figures ([`plot`]), and the
+//! under a virtual clock ([`sim`], [`sim_driver`]), with compression ([`sim_zstd`]), its figures ([`plot`]), and the
 //! loopback throughput measurement ([`loopback`]), and the hit latency of each store tier,
 //! Redis included ([`tiers`]); a link emulator over real TCP ([`link`], checked by
 //! [`link_check`]) and the per-hit latency of the `dcache` wrapper through it
@@ -13,4 +13,5 @@ pub mod loopback;
 pub mod plot;
 pub mod sim;
 pub mod sim_driver;
+pub mod sim_zstd;
 pub mod tiers;

@@ -5,6 +5,9 @@
 //! trips of 0.2, 4 and 40 ms (docs/BENCHMARKS.md, "Strategies against the physical limit")
 //! — and prints the time to result beside the physical limit.
 //!
+//! `dcache-bench sim --compress DIR` runs the compression matrix (never, auto, always) on
+//! the real preprocessed source and object `bench/wire-fixture.sh DIR` made.
+//!
 //! `dcache-bench tiers REDIS_URL` measures the hit latency of the memory, disk and Redis
 //! tiers at three object sizes.
 //!
@@ -19,6 +22,32 @@ use std::time::Instant;
 
 use dcache_bench::sim;
 
+/// `sim --compress DIR`: the compression matrix on the fixture `bench/wire-fixture.sh`
+/// wrote to DIR.
+fn sim_compress(dir: &std::path::Path) -> ExitCode {
+    let read = |name: &str| match std::fs::read(dir.join(name)) {
+        Ok(b) => Ok(bytes::Bytes::from(b)),
+        Err(e) => {
+            eprintln!(
+                "dcache-bench sim --compress: {}: {e} (make it with bench/wire-fixture.sh {})",
+                dir.join(name).display(),
+                dir.display()
+            );
+            Err(ExitCode::FAILURE)
+        }
+    };
+    let (source, object) = match (read("lua.i"), read("lua.o")) {
+        (Ok(s), Ok(o)) => (s, o),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    let fx = dcache_bench::sim_zstd::Fixture { source, object };
+    let costs = dcache_bench::sim_zstd::measure(&fx);
+    // The harness runs on a virtual clock; this one reading is its origin only.
+    let cells = dcache_bench::sim_zstd::run_matrix(&fx, costs, Instant::now());
+    print!("{}", dcache_bench::sim_zstd::to_table(&cells, costs));
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -26,10 +55,17 @@ fn main() -> ExitCode {
             let mut json = None;
             let mut svg_dir = None;
             let mut harness = false;
+            let mut compress = None;
             let mut rest = args[1..].iter();
             while let Some(flag) = rest.next() {
                 match flag.as_str() {
                     "--harness" => harness = true,
+                    "--compress" => {
+                        let Some(v) = rest.next() else {
+                            return usage("sim: --compress needs the fixture directory");
+                        };
+                        compress = Some(std::path::PathBuf::from(v));
+                    }
                     "--json" | "--svg" => {
                         let Some(v) = rest.next() else {
                             return usage(&format!("sim: {flag} needs a value"));
@@ -42,6 +78,9 @@ fn main() -> ExitCode {
                     }
                     _ => return usage(&format!("sim: unexpected {flag}")),
                 }
+            }
+            if let Some(dir) = compress {
+                return sim_compress(&dir);
             }
             let cells = if harness {
                 // The harness runs on a virtual clock; this one reading is its origin only.
@@ -271,7 +310,14 @@ fn hit_latency(args: &[String]) -> ExitCode {
 
 fn usage(why: &str) -> ExitCode {
     eprintln!(
-        "dcache-bench: {why}\nusage: dcache-bench sim [--harness] [--json FILE] [--svg DIR]\n       dcache-bench loopback [--json FILE]\n       dcache-bench tiers REDIS_URL\n       dcache-bench link --listen ADDR --to ADDR --rtt 4ms [--rate 100mbit|none]\n       dcache-bench link-check\n       dcache-bench hit-latency [--daemon] [--bin DIR] [--samples N] [--rate 100mbit]"
+        "dcache-bench: {why}
+usage: dcache-bench sim [--harness] [--json FILE] [--svg DIR]
+       dcache-bench sim --compress FIXTURE_DIR
+       dcache-bench loopback [--json FILE]
+       dcache-bench tiers REDIS_URL
+       dcache-bench link --listen ADDR --to ADDR --rtt 4ms [--rate 100mbit|none]
+       dcache-bench link-check
+       dcache-bench hit-latency [--daemon] [--bin DIR] [--samples N] [--rate 100mbit]"
     );
     ExitCode::from(2)
 }
