@@ -17,7 +17,7 @@ use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
 use dcache_server::sandbox::{ResourceLimits, Sandbox};
 use dcache_server::store::shared::{Backend, RedisBackend, SharedConfig, SharedStore};
 use dcache_server::store::{
-    DiskStore, MemoryStore, SealKey, SharedTieredStore, Store, TieredStore,
+    Compression, DiskStore, MemoryStore, SealKey, SharedTieredStore, Store, TieredStore,
 };
 use dcache_server::{Service, ServiceConfig};
 use dcache_transport::{Address, TlsServer, TransportOptions, bind};
@@ -47,6 +47,11 @@ struct Args {
     /// evicted beyond it.
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     cache_size: u64,
+    /// How results are stored on disk and in the shared tier: zstd (level 1), zstd:LEVEL
+    /// (1 to 19: smaller, slower to write) or none. The size limits count the stored
+    /// bytes. Entries of either kind are read whatever this says.
+    #[arg(long, value_name = "zstd[:LEVEL]|none", default_value = "zstd")]
+    store_compression: Compression,
     /// Compiles run at once (default: the number of cores); more wait in a queue.
     #[arg(long)]
     jobs: Option<usize>,
@@ -245,7 +250,7 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
         .cache_dir
         .clone()
         .unwrap_or_else(|| user_cache_dir().join("dcache").join("server"));
-    let disk = match DiskStore::open(&dir, args.cache_size) {
+    let disk = match DiskStore::open_with(&dir, args.cache_size, args.store_compression) {
         Ok(d) => d,
         Err(e) => {
             eprintln!(
@@ -337,10 +342,11 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
             }
         };
         tracing::info!(
-            "listening on {} (cache {} up to {} bytes, compilers: {})",
+            "listening on {} (cache {} up to {} bytes, {}, compilers: {})",
             listener.local_addr(),
             dir.display(),
             args.cache_size,
+            args.store_compression,
             executor.available().join(", ")
         );
         let service = service.clone();
@@ -392,6 +398,7 @@ fn shared_tier(args: &Args, url: &str) -> Result<Arc<dyn Store>, String> {
     let config = SharedConfig {
         ttl: std::time::Duration::from_secs(args.shared_ttl.max(1)),
         max_value: args.shared_max_value,
+        compression: args.store_compression,
         deadline: std::time::Duration::from_millis(args.shared_deadline.max(1)),
         ..SharedConfig::default()
     };
