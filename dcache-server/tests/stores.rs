@@ -724,7 +724,7 @@ fn rle_bomb(declared: u64, blocks: usize) -> Vec<u8> {
     f.extend_from_slice(&declared.to_le_bytes());
     for i in 0..blocks {
         let last = u32::from(i + 1 == blocks);
-        let header = (128u32 << 10) << 3 | 1 << 1 | last; // RLE block of 128 KiB
+        let header = ((128u32 << 10) << 3) | (1 << 1) | last; // RLE block of 128 KiB
         f.extend_from_slice(&header.to_le_bytes()[..3]);
         f.push(0);
     }
