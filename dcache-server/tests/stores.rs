@@ -3,16 +3,42 @@
 
 use bytes::Bytes;
 use dcache_proto::{JobResult, OutputFile};
-use dcache_server::store::{DiskStore, MemoryStore, Store, StoreError, StoreKey, TieredStore};
+use dcache_server::store::{
+    Compression, DiskStore, MemoryStore, Store, StoreError, StoreKey, TieredStore,
+};
 
+/// A result whose object is `size` bytes that do not compress (so its size on disk is
+/// the same with and without compression), different for each `n`.
 fn result(n: u8, size: usize) -> JobResult {
+    let mut data = vec![0u8; size];
+    blake3::Hasher::new()
+        .update(&[n])
+        .finalize_xof()
+        .fill(&mut data);
+    with_object(n, data)
+}
+
+/// A result whose object is `size` bytes of text-like data that compresses about as
+/// object files do (several times), different for each `n`.
+fn text_result(n: u8, size: usize) -> JobResult {
+    let mut data = Vec::with_capacity(size + 64);
+    let mut i = 0u32;
+    while data.len() < size {
+        data.extend_from_slice(format!("sym_{n}_{} = .L{} + {};\n", i % 97, i % 13, i).as_bytes());
+        i += 1;
+    }
+    data.truncate(size);
+    with_object(n, data)
+}
+
+fn with_object(n: u8, data: Vec<u8>) -> JobResult {
     JobResult {
         exit_code: 0,
         stdout: Bytes::new(),
         stderr: Bytes::from(format!("note {n}\n")),
         outputs: vec![OutputFile {
             name: ".o".into(),
-            data: Bytes::from(vec![n; size]),
+            data: Bytes::from(data),
         }],
     }
 }
@@ -375,12 +401,23 @@ async fn an_entry_planted_in_the_cache_directory_is_never_served() {
     let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
     // Someone who can write the directory but not read the secret writes a well-formed
     // entry for a key an honest client will ask for, with a guessed secret.
-    let forged = entry::encode(&SealKey::from_bytes([0; 32]), &key(5), &result(66, 100)).unwrap();
-    let path = entry_path(&s, &key(5));
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(&path, &forged).unwrap();
-    assert_eq!(s.get(&key(5)).await, None, "a planted entry was served");
-    assert_eq!(s.stats().corrupt, 1);
+    for (i, compression) in [Compression::None, Compression::default()]
+        .into_iter()
+        .enumerate()
+    {
+        let forged = entry::encode(
+            &SealKey::from_bytes([0; 32]),
+            &key(5),
+            &text_result(66, 1000),
+            compression,
+        )
+        .unwrap();
+        let path = entry_path(&s, &key(5));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &forged).unwrap();
+        assert_eq!(s.get(&key(5)).await, None, "a planted entry was served");
+        assert_eq!(s.stats().corrupt, i as u64 + 1);
+    }
     // What the server itself wrote still verifies, also for another store on the same
     // directory (a restart, or the next wrapper process).
     s.put(&key(6), &result(6, 100)).await.unwrap();
@@ -463,4 +500,352 @@ async fn usage_counts_entries_and_clear_removes_them_but_keeps_the_store_usable(
     s.put(&key(9), &result(9, 100)).await.unwrap();
     let again = DiskStore::open_lazy(dir.path(), 1 << 30).unwrap();
     assert_eq!(again.get(&key(9)).await, Some(result(9, 100)));
+}
+
+// Compressed entries (issue 18): every format documented in `store::entry` is written
+// here byte for byte, so these tests also pin the format down.
+
+/// The seal of the store rooted at `root` (the server's own user may read it).
+fn secret_of(store: &DiskStore) -> [u8; 32] {
+    std::fs::read(store.root().join("secret"))
+        .unwrap()
+        .try_into()
+        .unwrap()
+}
+
+fn version_of(path: &std::path::Path) -> u16 {
+    let bytes = std::fs::read(path).unwrap();
+    u16::from_be_bytes([bytes[4], bytes[5]])
+}
+
+/// The body of an entry, as `store::entry` documents it.
+fn body_bytes(r: &JobResult) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&r.exit_code.to_be_bytes());
+    b.extend_from_slice(&(r.stdout.len() as u64).to_be_bytes());
+    b.extend_from_slice(&r.stdout);
+    b.extend_from_slice(&(r.stderr.len() as u64).to_be_bytes());
+    b.extend_from_slice(&r.stderr);
+    b.extend_from_slice(&(r.outputs.len() as u16).to_be_bytes());
+    for o in &r.outputs {
+        b.extend_from_slice(&(o.name.len() as u16).to_be_bytes());
+        b.extend_from_slice(o.name.as_bytes());
+        b.extend_from_slice(&(o.data.len() as u64).to_be_bytes());
+        b.extend_from_slice(&o.data);
+    }
+    b
+}
+
+fn body_mac(secret: &[u8; 32], k: &StoreKey, body: &[u8]) -> [u8; 32] {
+    *blake3::Hasher::new_keyed(secret)
+        .update(&k.0)
+        .update(body)
+        .finalize()
+        .as_bytes()
+}
+
+/// A version-3 (compressed) entry, sealed with `secret`: `declared` is the body length
+/// its header claims, `stored` the zstd payload, `mac` the body mac it carries.
+fn packed_entry(
+    secret: &[u8; 32],
+    k: &StoreKey,
+    declared: u64,
+    mac: [u8; 32],
+    stored: &[u8],
+) -> Vec<u8> {
+    let mut e = Vec::new();
+    e.extend_from_slice(b"DCE1");
+    e.extend_from_slice(&3u16.to_be_bytes());
+    e.extend_from_slice(&k.0);
+    e.push(1); // zstd
+    e.extend_from_slice(&declared.to_be_bytes());
+    e.extend_from_slice(&(stored.len() as u64).to_be_bytes());
+    e.extend_from_slice(&mac);
+    let seal = blake3::Hasher::new_keyed(secret)
+        .update(b"dcache entry v3 seal\0")
+        .update(&e)
+        .update(stored)
+        .finalize();
+    e.extend_from_slice(seal.as_bytes());
+    e.extend_from_slice(stored);
+    e
+}
+
+fn plant(store: &DiskStore, k: &StoreKey, bytes: &[u8]) -> std::path::PathBuf {
+    let path = entry_path(store, k);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn compressed_entries_round_trip_take_less_disk_and_mix_with_plain_ones() {
+    let (zdir, pdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let z = DiskStore::open(zdir.path(), 1 << 30).unwrap();
+    let p = DiskStore::open_with(pdir.path(), 1 << 30, Compression::None).unwrap();
+    assert_eq!(z.compression(), Compression::default());
+    let r = text_result(1, 200_000);
+    z.put(&key(1), &r).await.unwrap();
+    p.put(&key(1), &r).await.unwrap();
+    assert_eq!(z.get(&key(1)).await, Some(r.clone()));
+    assert_eq!(p.get(&key(1)).await, Some(r.clone()));
+    assert_eq!(version_of(&entry_path(&z, &key(1))), 3, "compressed");
+    assert_eq!(version_of(&entry_path(&p, &key(1))), 2, "compression off");
+    let (zs, ps) = (z.stats().bytes, p.stats().bytes);
+    assert!(zs * 3 < ps, "compressed {zs} bytes on disk, plain {ps}");
+    assert_eq!(
+        z.tiers()[0].bytes_read,
+        zs,
+        "the disk tier counts what it read"
+    );
+    // Whatever a store writes, it reads the other form: the setting can change.
+    let zp = DiskStore::open_lazy_with(zdir.path(), 1 << 30, Compression::None).unwrap();
+    assert_eq!(zp.get(&key(1)).await, Some(r.clone()));
+    let pz = DiskStore::open_lazy(pdir.path(), 1 << 30).unwrap();
+    assert_eq!(pz.get(&key(1)).await, Some(r.clone()));
+    // Incompressible data is stored as it is, not grown by a frame.
+    z.put(&key(2), &result(2, 20_000)).await.unwrap();
+    assert_eq!(version_of(&entry_path(&z, &key(2))), 2);
+    assert_eq!(z.get(&key(2)).await, Some(result(2, 20_000)));
+    // The memory tier over it keeps the result decompressed: its size is the result's.
+    let t = TieredStore::new(MemoryStore::new(1 << 30), z.clone());
+    assert_eq!(t.get(&key(1)).await, Some(r.clone()));
+    assert!(t.front().stats().bytes >= r.body_len());
+    assert_eq!(t.front().get(&key(1)).await, Some(r));
+}
+
+#[tokio::test]
+async fn an_old_uncompressed_entry_written_byte_for_byte_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+    let secret = secret_of(&s);
+    let r = text_result(7, 5000);
+    let body = body_bytes(&r);
+    // Version 2, as every entry was written before compression.
+    let mut old = Vec::new();
+    old.extend_from_slice(b"DCE1");
+    old.extend_from_slice(&2u16.to_be_bytes());
+    old.extend_from_slice(&key(7).0);
+    old.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    old.extend_from_slice(&body_mac(&secret, &key(7), &body));
+    old.extend_from_slice(&body);
+    let path = plant(&s, &key(7), &old);
+    assert_eq!(s.get(&key(7)).await, Some(r.clone()));
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        old,
+        "read as it is, not rewritten"
+    );
+    // And after a restart (the index rebuilt from the files).
+    let again = DiskStore::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(again.stats().entries, 1);
+    assert_eq!(again.get(&key(7)).await, Some(r));
+    assert_eq!(again.stats().corrupt, 0);
+}
+
+#[tokio::test]
+async fn a_damaged_compressed_payload_is_a_miss_and_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+    let secret = secret_of(&s);
+    let r = text_result(3, 50_000);
+    let body = body_bytes(&r);
+    s.put(&key(3), &r).await.unwrap();
+    let good = std::fs::read(entry_path(&s, &key(3))).unwrap();
+    assert_eq!(version_of(&entry_path(&s, &key(3))), 3);
+    let header = 4 + 2 + 32 + 1 + 8 + 8 + 32 + 32;
+    let stored = good[header..].to_vec();
+    let mac = body_mac(&secret, &key(3), &body);
+    // Re-sealed with the store's own secret, so each damage reaches the decompressor or
+    // the check after it, not only the seal.
+    let mut flipped = stored.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x10;
+    let mut other = body.clone();
+    other[100] ^= 1;
+    let other_frame = zstd::bulk::compress(&other, 1).unwrap();
+    let damages: Vec<(&str, Vec<u8>)> = vec![
+        ("a bit flipped, not re-sealed", {
+            let mut d = good.clone();
+            let i = d.len() - 20;
+            d[i] ^= 1;
+            d
+        }),
+        (
+            "a bit flipped in the frame",
+            packed_entry(&secret, &key(3), body.len() as u64, mac, &flipped),
+        ),
+        (
+            "the frame cut short",
+            packed_entry(
+                &secret,
+                &key(3),
+                body.len() as u64,
+                mac,
+                &stored[..stored.len() - 3],
+            ),
+        ),
+        (
+            "another body's frame (the mac after decompression)",
+            packed_entry(&secret, &key(3), body.len() as u64, mac, &other_frame),
+        ),
+        (
+            "garbage for a frame",
+            packed_entry(&secret, &key(3), body.len() as u64, mac, &[0x55; 64]),
+        ),
+    ];
+    assert_eq!(
+        packed_entry(&secret, &key(3), body.len() as u64, mac, &stored),
+        good,
+        "the format as documented"
+    );
+    for (i, (what, bytes)) in damages.into_iter().enumerate() {
+        let path = plant(&s, &key(3), &bytes);
+        assert_eq!(s.get(&key(3)).await, None, "{what}: served");
+        assert!(!path.exists(), "{what}: left on disk");
+        assert_eq!(s.stats().corrupt, i as u64 + 1, "{what}");
+    }
+}
+
+/// Peak resident memory of this process so far (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// One zstd frame that inflates to `blocks` × 128 KiB of zeros (RLE blocks, four bytes
+/// each) while its header declares `declared` bytes of content.
+fn rle_bomb(declared: u64, blocks: usize) -> Vec<u8> {
+    let mut f = vec![0x28, 0xb5, 0x2f, 0xfd];
+    f.push(0b1100_0000); // 8-byte content size, a window descriptor, no checksum
+    f.push(7 << 3); // window 2^17 = 128 KiB
+    f.extend_from_slice(&declared.to_le_bytes());
+    for i in 0..blocks {
+        let last = u32::from(i + 1 == blocks);
+        let header = ((128u32 << 10) << 3) | (1 << 1) | last; // RLE block of 128 KiB
+        f.extend_from_slice(&header.to_le_bytes()[..3]);
+        f.push(0);
+    }
+    f
+}
+
+#[tokio::test]
+async fn a_zip_bomb_is_a_miss_without_a_big_allocation() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), 1 << 30).unwrap();
+    let secret = secret_of(&s);
+    let mac = [0u8; 32];
+    // 65,536 blocks: 8 GiB of zeros from 256 KiB. Proof that it is a real bomb: a plain
+    // streaming decoder gives far more than any claim below.
+    let blocks = 65_536;
+    let bomb = rle_bomb(1 << 20, blocks);
+    let mut probe = Vec::new();
+    zstd::stream::read::Decoder::new(&bomb[..])
+        .unwrap()
+        .take(100 << 20)
+        .read_to_end(&mut probe)
+        .unwrap();
+    assert_eq!(probe.len(), 100 << 20, "the bomb inflates past 100 MiB");
+    drop(probe);
+    let before = peak_rss();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        // The entry and its frame both claim 1 MiB (within the one-pass ratio).
+        (
+            "claims 1 MiB, inflates to 8 GiB",
+            packed_entry(&secret, &key(1), 1 << 20, mac, &bomb),
+        ),
+        // A claim far past the frame's size: the stepwise decoder, cut at the claim.
+        (
+            "claims 64 MiB, inflates to 8 GiB",
+            packed_entry(&secret, &key(2), 64 << 20, mac, &rle_bomb(64 << 20, blocks)),
+        ),
+        // Past the limit on a body (1 GiB): refused unread.
+        (
+            "claims 1 TiB",
+            packed_entry(&secret, &key(3), 1 << 40, mac, &rle_bomb(1 << 40, blocks)),
+        ),
+        // A frame that claims 8 GiB under an entry claiming 1 MiB.
+        (
+            "frame and entry disagree",
+            packed_entry(&secret, &key(4), 1 << 20, mac, &rle_bomb(8 << 30, blocks)),
+        ),
+    ];
+    for (i, (what, bytes)) in cases.into_iter().enumerate() {
+        let k = key(i as u8 + 1);
+        let path = plant(&s, &k, &bytes);
+        assert_eq!(s.get(&k).await, None, "{what}: served");
+        assert!(!path.exists(), "{what}: left on disk");
+    }
+    assert_eq!(s.stats().corrupt, 4);
+    // The decompressed claims are held at most (64 MiB); the bombs' 8 GiB never are.
+    let grew = peak_rss().saturating_sub(before);
+    assert!(grew < 512 << 20, "peak memory grew by {grew} bytes");
+}
+
+#[tokio::test]
+async fn the_size_limit_counts_compressed_bytes_and_evicts_by_them() {
+    const RAW: usize = 200_000;
+    // What one compressed entry of 200 KB of text takes on disk, measured here.
+    let probe_dir = tempfile::tempdir().unwrap();
+    let probe = DiskStore::open(probe_dir.path(), 1 << 30).unwrap();
+    probe.put(&key(0), &text_result(0, RAW)).await.unwrap();
+    let one = probe.stats().bytes;
+    assert!(
+        one * 4 < RAW as u64,
+        "200 KB of text took {one} bytes on disk"
+    );
+
+    // Room for five such entries; their raw size is five times the limit and more.
+    let limit = 5 * one + one / 2;
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), limit).unwrap();
+    for n in 1..=8 {
+        s.put(&key(n), &text_result(n, RAW)).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let st = s.stats();
+    assert_eq!(st.entries, 5, "{st:?}");
+    assert_eq!(st.evictions, 3);
+    assert!(st.bytes <= limit);
+    for n in 1..=3 {
+        assert_eq!(s.get(&key(n)).await, None, "{n} was among the oldest");
+    }
+    for n in 4..=8 {
+        assert_eq!(s.get(&key(n)).await, Some(text_result(n, RAW)));
+    }
+    // Uncompressed, one entry alone is over that limit.
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = DiskStore::open_with(plain_dir.path(), limit, Compression::None).unwrap();
+    assert!(matches!(
+        plain.put(&key(1), &text_result(1, RAW)).await,
+        Err(StoreError::TooLarge(_))
+    ));
+    // The same holds for a lazy store (the wrapper's), which counts files on disk.
+    let lazy_dir = tempfile::tempdir().unwrap();
+    let lazy = DiskStore::open_lazy(lazy_dir.path(), 1 << 20).unwrap();
+    lazy.put(&key(1), &text_result(1, RAW)).await.unwrap();
+    assert_eq!(DiskStore::usage(lazy_dir.path()).unwrap().entries, 1);
+    assert!(du(&entry_path(&lazy, &key(1))) * 4 < RAW as u64);
+}
+
+#[tokio::test]
+async fn a_file_longer_than_any_entry_is_dropped_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 64 << 10;
+    let s = DiskStore::open(dir.path(), limit).unwrap();
+    // Longer than the store's whole limit: not an entry this store wrote.
+    let f = std::fs::File::create({
+        let p = entry_path(&s, &key(1));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        p
+    })
+    .unwrap();
+    f.set_len(limit + 1).unwrap();
+    drop(f);
+    assert_eq!(s.get(&key(1)).await, None);
+    assert!(!entry_path(&s, &key(1)).exists());
+    assert_eq!(s.stats().corrupt, 1);
 }

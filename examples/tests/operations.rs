@@ -18,6 +18,7 @@ listen = ["tcp://127.0.0.1:4711", "unix:///run/dcache/dcache.sock"]
 listen_distcc = ["tcp://127.0.0.1:4712"]
 cache_dir = "/var/cache/dcache-server"
 cache_size = "20G"
+store_compression = "zstd:3"
 jobs = 7
 allow_compiler = ["gcc", "gcc-12"]
 compiler_path = "/opt/cc/bin:/usr/bin"

@@ -1,6 +1,7 @@
 //! The shared tier's store on a real `redis-server`, through the library: what is
 //! verified on every read (a value replayed under another key, a chunk missing or
-//! swapped, a head that lies about its size), and a Redis that is down at start.
+//! swapped, a head that lies about its size), compressed entries, and a Redis that is down
+//! at start.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
@@ -11,25 +12,48 @@ use bytes::Bytes;
 use common::redis::Redis;
 use dcache_proto::{JobResult, OutputFile};
 use dcache_server::store::shared::{Backend, RedisBackend, SharedConfig, SharedStore};
-use dcache_server::store::{SealKey, Store, StoreKey};
+use dcache_server::store::{Compression, SealKey, Store, StoreKey};
 
+/// A result whose object does not compress, so it is stored at its own size (chunks).
 fn result(object_len: usize) -> JobResult {
+    let mut data = vec![0u8; object_len];
+    blake3::Hasher::new().finalize_xof().fill(&mut data);
+    with_object(data)
+}
+
+/// A result whose object is text-like and compresses several times, as objects do.
+fn text_result(object_len: usize) -> JobResult {
+    let mut data = Vec::with_capacity(object_len + 64);
+    let mut i = 0u32;
+    while data.len() < object_len {
+        data.extend_from_slice(format!("sym_{} = .L{} + {};\n", i % 97, i % 13, i).as_bytes());
+        i += 1;
+    }
+    data.truncate(object_len);
+    with_object(data)
+}
+
+fn with_object(data: Vec<u8>) -> JobResult {
     JobResult {
         exit_code: 0,
         stdout: Bytes::new(),
         stderr: Bytes::from_static(b"warning: something\n"),
         outputs: vec![OutputFile {
             name: ".o".into(),
-            data: Bytes::from((0..object_len).map(|i| (i % 251) as u8).collect::<Vec<_>>()),
+            data: Bytes::from(data),
         }],
     }
 }
 
 fn store(url: &str, key: &[u8]) -> SharedStore<RedisBackend> {
+    store_with(url, key, SharedConfig::default())
+}
+
+fn store_with(url: &str, key: &[u8], base: SharedConfig) -> SharedStore<RedisBackend> {
     let config = SharedConfig {
         chunk_len: 64 << 10,
         deadline: Duration::from_secs(2),
-        ..SharedConfig::default()
+        ..base
     };
     let backend = RedisBackend::new(url, config.transfer_timeout).unwrap();
     SharedStore::new(backend, SealKey::for_shared_tier(key), config)
@@ -150,4 +174,79 @@ async fn a_redis_down_at_start_is_a_miss_and_is_used_once_it_is_up() {
     }
     assert!(stored, "never reconnected");
     assert_eq!(s.get(&k).await, Some(result(10)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_entries_round_trip_and_every_server_reads_both_forms() {
+    let redis = Redis::start();
+    let z = store(&redis.url(), KEY);
+    let plain = SharedConfig {
+        compression: Compression::None,
+        ..SharedConfig::default()
+    };
+    let p = store_with(&redis.url(), KEY, plain);
+    let (k1, k2) = (StoreKey([1; 32]), StoreKey([2; 32]));
+    // 1 MiB of text: compressed, a few chunks of 64 KiB instead of seventeen.
+    let text = text_result(1 << 20);
+    z.put(&k1, &text).await.unwrap();
+    let written = tier(&z).bytes_written;
+    assert!(written * 3 < text.body_len(), "{written} bytes stored");
+    let head = z.backend().get(&z.names(&k1, 1)[0]).await.unwrap().unwrap();
+    // The head's 20 bytes of layout, then the entry: "DCE1", version 3 (compressed).
+    assert_eq!(&head[20..24], b"DCE1");
+    assert_eq!(u16::from_be_bytes([head[24], head[25]]), 3);
+    assert!(redis.keys().len() < 17, "{:?}", redis.keys());
+    assert_eq!(z.get(&k1).await, Some(text.clone()));
+    // A server writing plain entries reads compressed ones, and the other way round.
+    assert_eq!(p.get(&k1).await, Some(text.clone()));
+    p.put(&k2, &text).await.unwrap();
+    let head = p.backend().get(&p.names(&k2, 1)[0]).await.unwrap().unwrap();
+    assert_eq!(u16::from_be_bytes([head[24], head[25]]), 2);
+    assert_eq!(z.get(&k2).await, Some(text.clone()));
+    assert_eq!(tier(&z).refused, 0);
+
+    // A server whose limit on a body is smaller: a miss, not damage, left in place.
+    let small = SharedConfig {
+        max_body: 512 << 10,
+        ..SharedConfig::default()
+    };
+    let s = store_with(&redis.url(), KEY, small);
+    assert_eq!(s.get(&k1).await, None);
+    assert_eq!(
+        tier(&s).refused,
+        0,
+        "another server's larger limit is not damage"
+    );
+    assert!(
+        s.put(&k1, &text).await.is_err(),
+        "too large for it to write"
+    );
+    assert_eq!(z.get(&k1).await, Some(text.clone()), "still there");
+
+    // A byte of the compressed payload flipped (in its last chunk): refused and dropped.
+    let count = {
+        let mut n = 1;
+        while redis.cli(&["EXISTS", &z.names(&k1, n + 1)[n as usize]]) == "1" {
+            n += 1;
+        }
+        n
+    };
+    let names = z.names(&k1, count);
+    let last = names.last().unwrap().clone();
+    let mut chunk = z.backend().get(&last).await.unwrap().unwrap().to_vec();
+    let mid = chunk.len() / 2;
+    chunk[mid] ^= 0x20;
+    z.backend()
+        .put_many(&[(last, Bytes::from(chunk))], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        z.get(&k1).await,
+        None,
+        "a damaged compressed entry was served"
+    );
+    assert_eq!(tier(&z).refused, 1);
+    assert!(common::redis::eventually(Duration::from_secs(30), || redis
+        .cli(&["EXISTS", &names[0]])
+        == "0"));
 }

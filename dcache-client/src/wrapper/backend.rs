@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dcache_proto::{CacheKey, JobDesc, JobResult};
 use dcache_server::exec::{Executor, LocalExecutor, LocalExecutorConfig, store_key};
-use dcache_server::store::{DiskStore, StoreError};
+use dcache_server::store::{Compression, DiskStore, StoreError};
 use dcache_server::{Service, ServiceConfig};
 use dcache_transport::{Address, AddressError, TransportError, TransportOptions, bind};
 
@@ -112,14 +112,16 @@ impl Backend {
             });
         }
         // Lazy: one compile per process, so no scan of the whole cache on every start.
-        // The results' share of the limit, which covers all of DCACHE_DIR.
+        // The results' share of the limit, which covers all of DCACHE_DIR, counted in
+        // compressed bytes: entries are written as a server writes them by default
+        // (`--store-compression zstd`), and either kind is read.
         let limit = crate::cache_admin::Budget::for_limit(config.cache_size).results;
-        let store = DiskStore::open_lazy(&config.dir.join("cache"), limit).map_err(|source| {
-            BackendError::Cache {
-                dir: config.dir.clone(),
-                source,
-            }
-        })?;
+        let store =
+            DiskStore::open_lazy_with(&config.dir.join("cache"), limit, Compression::default())
+                .map_err(|source| BackendError::Cache {
+                    dir: config.dir.clone(),
+                    source,
+                })?;
         // Compiling for the user on the user's machine: in the user's directory and
         // locale, so warnings quote source lines and use the quotes a local compile would.
         // Only the compiler this process runs, and its identity remembered across

@@ -31,6 +31,7 @@ use crate::ServiceConfig;
 use crate::access::Cidr;
 use crate::exec::ExecLimits;
 use crate::sandbox::ResourceLimits;
+use crate::store::Compression;
 use crate::store::shared::SharedConfig;
 
 /// Largest configuration file read: settings take a few dozen lines, and a reader bounds
@@ -80,6 +81,10 @@ pub struct Settings {
     pub cache_dir: Option<PathBuf>,
     /// Largest size of the disk cache.
     pub cache_size: Size,
+    /// How results are stored on disk and in the shared tier: zstd at a level, or as
+    /// they are. Entries of either kind are read whatever this says.
+    #[serde(with = "text::one")]
+    pub store_compression: Compression,
     /// Compiles at once; absent: the number of cores.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jobs: Option<usize>,
@@ -171,6 +176,7 @@ impl Default for Settings {
             listen_distcc: Vec::new(),
             cache_dir: None,
             cache_size: Size(10 << 30),
+            store_compression: Compression::default(),
             jobs: None,
             allow_compiler: ["gcc", "g++", "cc", "c++", "clang", "clang++"]
                 .map(String::from)
@@ -429,6 +435,7 @@ impl Settings {
             ttl: secs(self.shared_ttl),
             max_value: self.shared_max_value.0,
             deadline: Duration::from_millis(self.shared_deadline.max(1)),
+            compression: self.store_compression,
             ..SharedConfig::default()
         }
     }

@@ -14,6 +14,7 @@ fn everything() -> Settings {
         listen_distcc: vec!["tcp://127.0.0.1:3632".parse().unwrap()],
         cache_dir: Some("/var/cache/dcache".into()),
         cache_size: Size(20 << 30),
+        store_compression: "zstd:3".parse().unwrap(),
         jobs: Some(7),
         allow_compiler: vec!["gcc-12".into()],
         compiler_path: "/opt/bin:/usr/bin".into(),

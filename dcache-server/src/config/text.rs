@@ -55,3 +55,23 @@ pub mod opt {
         s.parse().map(Some).map_err(D::Error::custom)
     }
 }
+
+/// One such value, as a string: `#[serde(with = "text::one")]`.
+pub mod one {
+    use super::*;
+
+    /// Writes the value in its text form.
+    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    /// Reads a string parsed by `T::from_str`.
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
+}

@@ -7,6 +7,10 @@
 //! server processes may share one directory: renames are atomic, and a file another process
 //! evicted is simply a miss.
 //!
+//! Entries are compressed with zstd unless told otherwise ([`Compression`]; a store reads
+//! compressed and uncompressed entries alike, whatever it writes), and a read inflates no
+//! body past [`entry::DEFAULT_MAX_BODY`] and reads no file longer than an entry can be.
+//!
 //! Sizes are what the files take on disk (their blocks, as `du` counts), not their
 //! lengths: with 4 KiB blocks a 1.7 KiB object costs 4 KiB, and a limit counted in lengths
 //! would let a cache of small objects take twice its limit or more.
@@ -30,6 +34,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use dcache_proto::JobResult;
 
+use super::codec::Compression;
 use super::lru::Lru;
 use super::seal::SealKey;
 use super::{Store, StoreError, StoreKey, StoreStats, TierStats, entry};
@@ -49,6 +54,10 @@ struct Inner {
     seal: SealKey,
     root: PathBuf,
     limit: u64,
+    /// How entries are written.
+    compression: Compression,
+    /// Largest body (decompressed) written or read.
+    max_body: u64,
     /// Opened with [`DiskStore::open_lazy`]: no index of the whole directory; the size
     /// limit is kept one fan-out directory at a time.
     lazy: bool,
@@ -85,11 +94,30 @@ impl Inner {
         self.root.join("tmp")
     }
 
+    /// The file's bytes, if it is there and no longer than an entry of this store can be
+    /// (`Err(true)`: longer, so not ours to read).
+    fn read(&self, path: &Path) -> Result<Vec<u8>, bool> {
+        use std::io::Read;
+        let f = std::fs::File::open(path).map_err(|_| false)?;
+        let len = f.metadata().map_err(|_| false)?.len();
+        if len > self.limit.min(entry::max_entry_len(self.max_body)) {
+            return Err(true);
+        }
+        let mut data = Vec::with_capacity(usize::try_from(len).map_err(|_| true)?);
+        // One byte more than it had: a file growing meanwhile is refused, not read on.
+        f.take(len + 1).read_to_end(&mut data).map_err(|_| false)?;
+        Ok(data)
+    }
+
     fn get(&self, key: &StoreKey) -> Option<JobResult> {
         let path = self.path(key);
-        let data = match std::fs::read(&path) {
-            Ok(d) => d,
-            Err(_) => {
+        let decoded = match self.read(&path) {
+            Ok(data) => {
+                let len = data.len() as u64;
+                entry::decode(&self.seal, key, Bytes::from(data), self.max_body).map(|r| (r, len))
+            }
+            Err(true) => Err(entry::EntryError::Truncated),
+            Err(false) => {
                 // Gone (evicted by another process, or never there).
                 let mut st = self.lock();
                 st.lru.remove(key);
@@ -97,9 +125,8 @@ impl Inner {
                 return None;
             }
         };
-        let len = data.len() as u64;
-        match entry::decode(&self.seal, key, Bytes::from(data)) {
-            Ok(result) => {
+        match decoded {
+            Ok((result, len)) => {
                 // Refresh the time so the LRU order survives a restart; best effort.
                 let mut size = len;
                 if let Ok(f) = std::fs::File::options().append(true).open(&path) {
@@ -128,7 +155,11 @@ impl Inner {
     }
 
     fn put(&self, key: &StoreKey, value: &JobResult) -> Result<(), StoreError> {
-        let data = entry::encode(&self.seal, key, value)?;
+        if value.body_len() > self.max_body {
+            // Could not be read back.
+            return Err(StoreError::TooLarge(value.body_len()));
+        }
+        let data = entry::encode(&self.seal, key, value, self.compression)?;
         let len = data.len() as u64;
         if len > self.limit {
             return Err(StoreError::TooLarge(len));
@@ -287,14 +318,23 @@ impl Inner {
 
 impl DiskStore {
     /// Opens (creating if needed) a store in `dir` holding at most `limit` bytes, and
-    /// rebuilds its index from the files there.
+    /// rebuilds its index from the files there. Writes entries compressed at the default
+    /// level.
     pub fn open(dir: &Path, limit: u64) -> Result<Self, StoreError> {
+        Self::open_with(dir, limit, Compression::default())
+    }
+
+    /// [`open`](Self::open), writing entries as `compression` says. `limit` counts what
+    /// the (compressed) files take on disk.
+    pub fn open_with(dir: &Path, limit: u64, compression: Compression) -> Result<Self, StoreError> {
         let root = dir.join("v1");
         std::fs::create_dir_all(root.join("tmp"))?;
         let inner = Inner {
             seal: SealKey::load_or_create(&root)?,
             root,
             limit,
+            compression,
+            max_body: entry::DEFAULT_MAX_BODY,
             lazy: false,
             state: Mutex::new(State::default()),
         };
@@ -316,7 +356,17 @@ impl DiskStore {
     /// limit), the write evicts over the whole store instead, which then is small, and
     /// removes fan-out directories it empties. Its counters cover
     /// only what this process saw. Shares a directory safely with [`open`](Self::open).
+    /// Writes entries compressed at the default level.
     pub fn open_lazy(dir: &Path, limit: u64) -> Result<Self, StoreError> {
+        Self::open_lazy_with(dir, limit, Compression::default())
+    }
+
+    /// [`open_lazy`](Self::open_lazy), writing entries as `compression` says.
+    pub fn open_lazy_with(
+        dir: &Path,
+        limit: u64,
+        compression: Compression,
+    ) -> Result<Self, StoreError> {
         let root = dir.join("v1");
         std::fs::create_dir_all(root.join("tmp"))?;
         Ok(Self {
@@ -324,6 +374,8 @@ impl DiskStore {
                 seal: SealKey::load_or_create(&root)?,
                 root,
                 limit,
+                compression,
+                max_body: entry::DEFAULT_MAX_BODY,
                 lazy: true,
                 state: Mutex::new(State::default()),
             }),
@@ -333,6 +385,11 @@ impl DiskStore {
     /// The directory entries live in.
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// How this store writes entries.
+    pub fn compression(&self) -> Compression {
+        self.inner.compression
     }
 
     /// What the store in `dir` (the directory given to [`open`](Self::open)) holds, as

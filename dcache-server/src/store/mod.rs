@@ -2,8 +2,11 @@
 //!
 //! A stored entry is always whole and verified, or absent: the disk store writes to a
 //! temporary file and renames it into place, and checks a digest on every read; a corrupt
-//! entry is removed and reported as a miss.
+//! entry is removed and reported as a miss. The tiers that keep bytes (disk, shared)
+//! compress entries with zstd ([`Compression`]) and count their size limits in the
+//! compressed bytes; the memory tier keeps results decompressed (the hot path).
 
+mod codec;
 mod disk;
 pub mod entry;
 mod lru;
@@ -15,6 +18,7 @@ mod tiered;
 
 use dcache_proto::JobResult;
 
+pub use codec::{Compression, CompressionParseError, DEFAULT_LEVEL, MAX_LEVEL};
 pub use disk::{DiskStore, DiskUsage};
 pub use memory::MemoryStore;
 pub use seal::SealKey;

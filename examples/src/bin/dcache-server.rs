@@ -19,7 +19,7 @@ use dcache_server::relay::{RelayConfig, Upstreams};
 use dcache_server::sandbox::Sandbox;
 use dcache_server::store::shared::{Backend, RedisBackend, SharedStore};
 use dcache_server::store::{
-    DiskStore, MemoryStore, SealKey, SharedTieredStore, Store, TieredStore,
+    Compression, DiskStore, MemoryStore, SealKey, SharedTieredStore, Store, TieredStore,
 };
 use dcache_server::{Service, ServiceConfig};
 use dcache_transport::{Address, TlsClient, TlsServer, TransportOptions, bind};
@@ -63,6 +63,11 @@ struct Args {
     /// evicted beyond it.
     #[arg(long, default_value = "10G", value_parser = size)]
     cache_size: Size,
+    /// How results are stored on disk and in the shared tier: zstd (level 1), zstd:LEVEL
+    /// (1 to 19: smaller, slower to write) or none. The size limits count the stored
+    /// bytes. Entries of either kind are read whatever this says.
+    #[arg(long, value_name = "zstd[:LEVEL]|none", default_value = "zstd")]
+    store_compression: Compression,
     /// Compiles run at once (default: the number of cores); more wait in a queue.
     #[arg(long)]
     jobs: Option<usize>,
@@ -220,7 +225,7 @@ fn settings(args: &Args, given: impl Fn(&str) -> bool) -> Result<Settings, Strin
         None => Settings::default(),
     };
     from_flags!(given, args, s;
-        listen, listen_distcc, cache_dir, cache_size, jobs, allow_compiler, compiler_path,
+        listen, listen_distcc, cache_dir, cache_size, store_compression, jobs, allow_compiler, compiler_path,
         allow, token_file, tls_cert, tls_key, tls_client_ca, insecure_no_sandbox,
         sandbox_path, sandbox_launcher, limit_memory, limit_output, limit_time,
         limit_stderr, limit_spool, min_upload_rate, handshake_timeout, stall_timeout,
@@ -345,7 +350,7 @@ async fn serve(args: Settings, sandbox: Option<Sandbox>) -> ExitCode {
         .cache_dir
         .clone()
         .unwrap_or_else(|| user_cache_dir().join("dcache").join("server"));
-    let disk = match DiskStore::open(&dir, args.cache_size.0) {
+    let disk = match DiskStore::open_with(&dir, args.cache_size.0, args.store_compression) {
         Ok(d) => d,
         Err(e) => {
             eprintln!(
@@ -516,10 +521,11 @@ async fn run_service(
             }
         };
         tracing::info!(
-            "listening on {} (cache {} up to {} bytes, {what})",
+            "listening on {} (cache {} up to {} bytes, {}, {what})",
             listener.local_addr(),
             dir.display(),
             args.cache_size.0,
+            args.store_compression,
         );
         let service = service.clone();
         let mut stop = stop_rx.clone();

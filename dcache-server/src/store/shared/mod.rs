@@ -7,6 +7,11 @@
 //! values: [`RedisBackend`] does it for one Redis or a Redis Cluster, and an object store
 //! (S3-compatible) would be another implementation of the same five methods.
 //!
+//! Entries are compressed as the local ones are ([`SharedConfig::compression`]): the
+//! network and the remote store's memory carry the compressed bytes, `max_value` counts
+//! them, and a read reserves its share of the read budget for the decompressed body
+//! before inflating it (within `max_body`).
+//!
 //! Trust: a value is served only if it verifies under the shared key *and* names the
 //! store key it was read for (see [`SealKey::for_shared_tier`]); anything else is dropped
 //! and counted. Whoever can write to the remote store without the key can delete or
@@ -24,6 +29,7 @@ use bytes::Bytes;
 use dcache_proto::JobResult;
 use tokio::sync::Semaphore;
 
+use super::codec::Compression;
 use super::{SealKey, Store, StoreError, StoreKey, StoreStats, TierStats, entry};
 use health::Health;
 pub use redis::{RedisBackend, RedisUrlError};
@@ -70,9 +76,16 @@ pub trait Backend: Send + Sync + 'static {
 pub struct SharedConfig {
     /// How long an entry lives after it was last written or hit.
     pub ttl: Duration,
-    /// Largest sealed entry written or read; larger results stay in the local tiers, and a
-    /// head declaring more is refused before anything is fetched.
+    /// Largest sealed entry written or read, as stored (compressed); larger results stay
+    /// in the local tiers, and a head declaring more is refused before anything is
+    /// fetched.
     pub max_value: u64,
+    /// Largest result body (decompressed) written or read; a read reserves this much of
+    /// the read budget before it inflates a body, so keep `max_value + max_body` below
+    /// `read_budget`.
+    pub max_body: u64,
+    /// How entries are written (every server reads both forms, so a fleet may mix).
+    pub compression: Compression,
     /// How long a lookup waits for the first answer before it counts as a miss (and an
     /// error): a slow remote store costs a miss at most this much.
     pub deadline: Duration,
@@ -93,6 +106,8 @@ impl Default for SharedConfig {
         Self {
             ttl: Duration::from_secs(7 * 24 * 3600),
             max_value: 64 << 20,
+            max_body: 128 << 20,
+            compression: Compression::default(),
             deadline: Duration::from_millis(250),
             transfer_timeout: Duration::from_secs(10),
             chunk_len: 4 << 20,
@@ -148,6 +163,22 @@ impl<B: Backend> std::fmt::Debug for SharedStore<B> {
             .field("config", &self.inner.config)
             .finish()
     }
+}
+
+/// Entries up to this size are (de)compressed and verified on the task that asked; larger
+/// ones on the blocking pool, so a 64 MiB entry never stalls a runtime thread.
+const INLINE: usize = 256 << 10;
+
+/// `f()`, run off the runtime's threads when `size` says it is long work; `None` if it
+/// panicked there.
+async fn off_runtime<T: Send + 'static>(
+    size: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    if size <= INLINE {
+        return Some(f());
+    }
+    tokio::task::spawn_blocking(f).await.ok()
 }
 
 /// KiB permits for `bytes`, rounded up, at least one.
@@ -268,8 +299,31 @@ impl<B: Backend> Inner<B> {
             head.first
         };
         let size = entry.len() as u64;
-        let result = match entry::decode(&self.seal, key, entry) {
+        if let Some(body) = entry::declared_body_len(&entry) {
+            // The decompressed body is held too, beside the entry: its memory is
+            // reserved first (a claim past `max_body` is refused by `decode` unread).
+            if body <= self.config.max_body {
+                match tokio::time::timeout(deadline, self.reads.acquire_many(kib(body))).await {
+                    Ok(Ok(p)) => permit.merge(p),
+                    _ => {
+                        bump(&self.counts.misses, 1);
+                        return None;
+                    }
+                }
+            }
+        }
+        let (seal, k, max) = (self.seal.clone(), *key, self.config.max_body);
+        let decoded = off_runtime(entry.len(), move || entry::decode(&seal, &k, entry, max)).await;
+        let result = match decoded.unwrap_or(Err(entry::EntryError::Malformed)) {
             Ok(r) => r,
+            Err(entry::EntryError::TooLarge(n)) => {
+                // Another server's larger limit, not damage: left for it.
+                tracing::debug!(
+                    "shared entry {key:?} of a {n}-byte body is over this server's limit"
+                );
+                bump(&self.counts.misses, 1);
+                return None;
+            }
             Err(e) => return self.refuse(key, names.len() as u32, &e),
         };
         drop(permit);
@@ -305,7 +359,19 @@ impl<B: Backend> Inner<B> {
     }
 
     async fn put(&self, key: &StoreKey, value: &JobResult) -> Result<(), StoreError> {
-        let sealed = entry::encode(&self.seal, key, value)?;
+        if value.body_len() > self.config.max_body {
+            return Err(StoreError::TooLarge(value.body_len()));
+        }
+        let (seal, k, v, c) = (
+            self.seal.clone(),
+            *key,
+            value.clone(),
+            self.config.compression,
+        );
+        let size = usize::try_from(value.body_len()).unwrap_or(usize::MAX);
+        let sealed = off_runtime(size, move || entry::encode(&seal, &k, &v, c))
+            .await
+            .ok_or_else(|| StoreError::Io(std::io::Error::other("encoding the entry failed")))??;
         let size = sealed.len() as u64;
         if size > self.config.max_value {
             return Err(StoreError::TooLarge(size));
