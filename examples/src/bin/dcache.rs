@@ -110,20 +110,20 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Some("--clear" | "-C") => match {
+        Some("--clear" | "-C") => {
             // The daemon's memory tier would go on serving what is cleared.
             wrapper::daemon::stop_all(&config, std::time::Duration::from_secs(10));
-            cache_admin::clear(&config)
-        } {
-            Ok(c) => {
-                println!(
-                    "dcache: removed {} results and {} manifests",
-                    c.entries, c.manifests
-                );
-                ExitCode::SUCCESS
+            match cache_admin::clear(&config) {
+                Ok(c) => {
+                    println!(
+                        "dcache: removed {} results and {} manifests",
+                        c.entries, c.manifests
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
             }
-            Err(e) => fail(&e),
-        },
+        }
         Some(opt @ ("--max-size" | "-M")) => match args.get(1).and_then(|a| a.to_str()) {
             Some(value) => match cache_admin::set_max_size(&config.dir, value) {
                 Ok(limit) => {
