@@ -184,18 +184,6 @@ pub fn clear(config: &Config) -> Result<Cleared, AdminError> {
     )
     .sweep();
     let (after, _) = flat_dir_usage(&manifests_dir)?;
-    // What depend mode declined is tried again after a clear.
-    let declined = config
-        .dir
-        .join(crate::wrapper::manifests::DEPEND_DECLINED_DIR);
-    if let Err(e) = std::fs::remove_dir_all(&declined) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            return Err(AdminError::Io {
-                path: declined,
-                source: e,
-            });
-        }
-    }
     Ok(Cleared {
         entries,
         manifests: before.saturating_sub(after),

@@ -82,36 +82,6 @@ pub fn applies(config: &Config, backend: &Backend, args: &[OsString]) -> bool {
     !backend.is_remote() && config.base_dir.is_none() && Deps::of(args).is_some()
 }
 
-/// Whether depend mode already failed to record a compile of `dk`: a source that includes
-/// a header through a macro (`#include LUA_USER_H`), whose closure cannot be known from
-/// `-MD`'s list. Such a compile takes the preprocessor's way, which is cached by the
-/// content it reads, instead of being compiled again, uncached, on every build.
-pub fn declined(config: &Config, dk: DirectKey) -> bool {
-    declined_path(config, dk).exists()
-}
-
-/// Marks `dk` as one depend mode cannot record. Even a passing reason (a header saved
-/// within the last second) only sends later compiles the preprocessor's way, which is
-/// always cached and records direct-mode entries itself; `--clear` removes the marks.
-fn decline(config: &Config, dk: DirectKey) {
-    let path = declined_path(config, dk);
-    let made = path
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::File::create(&path).map(drop));
-    if let Err(e) = made {
-        tracing::debug!("depend mode: cannot mark {}: {e}", path.display());
-    }
-}
-
-fn declined_path(config: &Config, dk: DirectKey) -> PathBuf {
-    let name: String = dk.0.iter().map(|b| format!("{b:02x}")).collect();
-    config
-        .dir
-        .join(super::manifests::DEPEND_DECLINED_DIR)
-        .join(name)
-}
-
 /// The search directories of `plan`'s compile (cached in `DCACHE_DIR/include-dirs`).
 fn dirs_for(config: &Config, plan: &CompilePlan) -> Option<SearchDirs> {
     let cwd = std::env::current_dir().ok()?;
@@ -218,10 +188,9 @@ pub async fn compile(
     };
     let Some(entry) = recorded else {
         tracing::debug!(
-            "{}: depend mode compiled, not recorded; the preprocessor's way next time",
+            "{}: depend mode compiled, not recorded",
             plan.input.display()
         );
-        decline(config, dk);
         backend.count_local_compile();
         return 0;
     };

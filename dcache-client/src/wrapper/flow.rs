@@ -153,7 +153,6 @@ async fn compile(
         if depend::applies(config, backend, args)
             && plan.language != Language::Asm
             && !super::direct::too_new_to_record(&plan.input, started)
-            && !depend::declined(config, dk)
         {
             calls::record_cacheable(&config.dir);
             return depend::compile(config, backend, compiler, args, plan, &desc, dk, started)

@@ -32,12 +32,6 @@ use std::time::{Duration, SystemTime};
 
 use super::direct::{DirectKey, Manifest};
 
-/// The directory under `DCACHE_DIR` marking the direct keys whose depend-mode compile
-/// could not be recorded (`wrapper::depend`): empty files named by the key, so those
-/// compiles take the preprocessor's way. Next to the manifests because `--clear` empties
-/// both.
-pub const DEPEND_DECLINED_DIR: &str = "depend-declined";
-
 /// The first bytes of every manifest file: the format, so a later one can change it.
 const MAGIC: &[u8; 8] = b"DCMANIF1";
 
