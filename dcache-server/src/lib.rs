@@ -11,6 +11,8 @@
 //! - [`Service`]: serves connections: answers HASH lookups at once (EARLY_RESULT or MISS),
 //!   compiles misses with bounded concurrency and single-flight, verifies every received
 //!   source against its HASH before storing anything, and counts what happens.
+//! - [`metrics`]: the Prometheus and health endpoint, reading the same counters as
+//!   STATS.
 //! - [`distcc`]: the distcc front end, so stock distcc clients reach the same service
 //!   ([`Service::serve_distcc`]).
 #![forbid(unsafe_code)]
@@ -22,6 +24,7 @@ pub mod exec;
 mod flight;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics;
 pub mod sandbox;
 mod service;
 mod slots;
@@ -29,8 +32,11 @@ mod spool;
 pub mod store;
 mod store_writer;
 
-pub use counters::Counters;
-pub use service::{Service, ServiceConfig};
+pub use counters::{
+    BUCKETS, ConnectionErrors, Counters, ErrorKind, Front, Histogram, HistogramSnapshot, JobCounts,
+    Outcome, SandboxLimit, SandboxLimits,
+};
+pub use service::{Service, ServiceConfig, SlotUsage};
 
 /// The exit code a shell would report (128 + signal when the process was killed).
 pub(crate) fn exit_code(status: std::process::ExitStatus) -> i32 {

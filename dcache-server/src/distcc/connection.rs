@@ -179,7 +179,11 @@ async fn submit(
     let key = CacheKey::compute(&desc, &source);
     let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
     let server = service.clone();
-    tokio::spawn(async move { server.handle_connection(Box::new(theirs), stop).await });
+    tokio::spawn(async move {
+        server
+            .handle_distcc_connection(Box::new(theirs), stop)
+            .await
+    });
     let client = spawn_client(
         ours,
         ClientConfig {

@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::task::AbortHandle;
 
 use super::Service;
-use crate::counters::Counters;
+use crate::counters::{Counters, Front, Outcome, SandboxLimit};
 use crate::exec::{CompilerId, ExecError, store_key};
 use crate::flight::{Flight, Lead, Published};
 use crate::slots::{ConnId, SlotPermit};
@@ -27,6 +27,7 @@ pub(super) async fn run(
     stream: BoxedStream,
     mut stop: watch::Receiver<bool>,
     mut handshake: Option<OwnedSemaphorePermit>,
+    front: Front,
 ) {
     Counters::bump(&service.counters.connections);
     let _open = OpenGuard::new(&service.open);
@@ -38,6 +39,7 @@ pub(super) async fn run(
         commands: conn.commands.clone(),
         internal: internal_tx,
         jobs: HashMap::new(),
+        front,
     };
     let mut stopping = *stop.borrow();
     if stopping {
@@ -51,8 +53,8 @@ pub(super) async fn run(
             biased;
             ev = conn.events.recv() => match ev {
                 Some(ServerEvent::Closed { error }) => {
-                    if error.is_some() {
-                        Counters::bump(&service.counters.connection_errors);
+                    if let Some(e) = &error {
+                        service.counters.connection_errors.bump(e);
                     }
                     break;
                 }
@@ -94,6 +96,7 @@ enum Internal {
     Compiled {
         job: JobId,
         result: Result<JobResult, ExecError>,
+        took: std::time::Duration,
     },
 }
 
@@ -130,6 +133,8 @@ struct Job {
     received_at_check: u64,
     /// The ticker of upload-rate checks while the job streams into a compile slot.
     watchdog: Option<AbortHandle>,
+    /// When its latest lookup started, for the hit latency.
+    looked_up_at: Option<tokio::time::Instant>,
 }
 
 /// The actor's state: the connection's jobs and the ways to reach the driver and itself.
@@ -139,6 +144,9 @@ struct Connection {
     commands: mpsc::UnboundedSender<ServerCommand>,
     internal: mpsc::UnboundedSender<Internal>,
     jobs: HashMap<JobId, Job>,
+    /// The front end this connection serves (distcc requests come through in-process
+    /// connections of their own).
+    front: Front,
 }
 
 impl Connection {
@@ -167,11 +175,12 @@ impl Connection {
                             received: 0,
                             received_at_check: 0,
                             watchdog: None,
+                            looked_up_at: None,
                         },
                     );
                 }
                 Err(e) => {
-                    Counters::bump(&counters.jobs_refused);
+                    counters.jobs.bump(self.front, Outcome::Refused);
                     self.send(ServerCommand::Abort {
                         job,
                         code: e.error_code(),
@@ -259,6 +268,7 @@ impl Connection {
         let sk = store_key(&j.compiler, &key);
         j.claimed = Some(sk);
         j.lookup_pending = true;
+        j.looked_up_at = Some(tokio::time::Instant::now());
         let service = self.service.clone();
         let internal = self.internal.clone();
         // Join an identical compile in flight, or lead one: decided now, synchronously, so
@@ -298,6 +308,7 @@ impl Connection {
             return;
         };
         j.lookup_pending = true;
+        j.looked_up_at = Some(tokio::time::Instant::now());
         tokio::spawn(async move {
             let result = service.store.get(&sk).await;
             let _ = internal.send(Internal::Looked { job, result });
@@ -315,12 +326,15 @@ impl Connection {
                 j.task = None;
                 match result {
                     Some(result) => {
-                        Counters::bump(&counters.hits);
+                        counters.jobs.bump(self.front, Outcome::Hit);
+                        if let Some(at) = j.looked_up_at {
+                            counters.hit_latency.observe(at.elapsed());
+                        }
                         // The answer to a HASH is EARLY_RESULT even when the upload
                         // happened to finish first; a HASH-less upload gets RESULT.
                         let early = j.claimed.is_some();
                         if early {
-                            Counters::bump(&counters.early_results);
+                            counters.jobs.bump(self.front, Outcome::Early);
                         }
                         if let Some(j) = self.jobs.remove(&job) {
                             j.finish(Some(&result));
@@ -337,7 +351,7 @@ impl Connection {
                         });
                     }
                     None => {
-                        Counters::bump(&counters.misses);
+                        counters.jobs.bump(self.front, Outcome::Miss);
                         let verdict = j.claimed.is_some() && j.verified.is_none();
                         let complete = j.verified.is_some();
                         if verdict {
@@ -364,7 +378,11 @@ impl Connection {
                 }
             }
             Internal::CheckUpload { job } => self.check_upload(job),
-            Internal::Compiled { job, result } => {
+            Internal::Compiled { job, result, took } => {
+                counters.compile_duration.observe(took);
+                if let Some(limit) = limit_hit(&result) {
+                    counters.sandbox_limits.bump(limit);
+                }
                 let Some(mut j) = self.jobs.remove(&job) else {
                     return;
                 };
@@ -372,7 +390,7 @@ impl Connection {
                     Ok(result) => {
                         Counters::bump(&counters.compiles);
                         if result.exit_code != 0 {
-                            Counters::bump(&counters.compile_failures);
+                            counters.jobs.bump(self.front, Outcome::Failed);
                         }
                         let publish = j.verified.is_some()
                             && j.verified == j.claimed
@@ -482,8 +500,10 @@ impl Connection {
         let desc = j.desc.clone();
         let handle = tokio::spawn(async move {
             let _permit = permit;
+            let started = tokio::time::Instant::now();
             let result = service.executor.compile(desc, rx).await;
-            let _ = internal.send(Internal::Compiled { job, result });
+            let took = started.elapsed();
+            let _ = internal.send(Internal::Compiled { job, result, took });
         });
         j.task = Some(handle.abort_handle());
     }
@@ -550,6 +570,21 @@ impl Job {
             lead.publish(result.clone());
         }
         // Dropping `self` drops its lead, if any: that ends the group.
+    }
+}
+
+/// The sandbox limit that stopped a compile, when the result shows one: the time limit
+/// or an output over the limit (the executor says so), or the kernel's signal for CPU
+/// time (SIGXCPU) or file size (SIGXFSZ) as the exit status of a killed compiler.
+fn limit_hit(result: &Result<JobResult, ExecError>) -> Option<SandboxLimit> {
+    const KILLED_BY_SIGXCPU: i32 = 128 + 24;
+    const KILLED_BY_SIGXFSZ: i32 = 128 + 25;
+    match result {
+        Err(ExecError::Timeout(_)) => Some(SandboxLimit::Time),
+        Err(ExecError::OutputTooLarge { .. }) => Some(SandboxLimit::Output),
+        Ok(r) if r.exit_code == KILLED_BY_SIGXCPU => Some(SandboxLimit::Cpu),
+        Ok(r) if r.exit_code == KILLED_BY_SIGXFSZ => Some(SandboxLimit::Output),
+        _ => None,
     }
 }
 

@@ -130,6 +130,7 @@ impl Service {
     pub fn stats(&self) -> Vec<Stat> {
         let mut stats = self.counters.snapshot();
         let s = self.store.stats();
+        let slots = self.compile_slots();
         for (name, value) in [
             ("stored_entries", s.entries),
             ("stored_bytes", s.bytes),
@@ -141,6 +142,8 @@ impl Service {
                 self.budget.disk_used() as u64,
             ),
             ("connections_open", self.open_connections() as u64),
+            ("compile_slots_busy", slots.busy as u64),
+            ("compile_queue_depth", slots.queued as u64),
         ] {
             stats.push(Stat {
                 name: name.into(),
@@ -155,6 +158,10 @@ impl Service {
                 ("refused", t.refused),
                 ("bytes_read", t.bytes_read),
                 ("bytes_written", t.bytes_written),
+                ("entries", t.entries),
+                ("bytes", t.bytes),
+                ("limit", t.limit),
+                ("evictions", t.evictions),
             ] {
                 stats.push(Stat {
                     name: format!("{}_{what}", t.name),
@@ -163,6 +170,33 @@ impl Service {
             }
         }
         stats
+    }
+
+    /// The compile slots: how many, how many in use, how many jobs wait for one.
+    pub fn compile_slots(&self) -> SlotUsage {
+        let (busy, queued) = self.slots.usage();
+        SlotUsage {
+            total: self.config.compile_slots.max(1),
+            busy,
+            queued,
+        }
+    }
+
+    /// Per-tier counters of the store, front tier first (as in STATS).
+    pub fn tier_stats(&self) -> Vec<crate::store::TierStats> {
+        self.store.tiers()
+    }
+
+    /// Source bytes of jobs waiting for a compile slot: held in memory, and spooled to
+    /// temporary files.
+    pub fn waiting_source_bytes(&self) -> (u64, u64) {
+        (self.budget.used() as u64, self.budget.disk_used() as u64)
+    }
+
+    /// Whether the store can keep results now (each tier writable or reachable), with
+    /// the reason when not; see [`Store::ready`].
+    pub async fn ready(&self) -> Result<(), String> {
+        self.store.ready().await
     }
 
     /// Connections being served right now. Every connection, however it ends, gives its
@@ -233,7 +267,14 @@ impl Service {
                             let handshake = admitted.handshake;
                             match front {
                                 Front::Dcache => {
-                                    connection::run(me, stream, stop, Some(handshake)).await;
+                                    connection::run(
+                                        me,
+                                        stream,
+                                        stop,
+                                        Some(handshake),
+                                        crate::counters::Front::Dcache,
+                                    )
+                                    .await;
                                 }
                                 Front::Distcc(config) => {
                                     crate::distcc::serve_connection(
@@ -349,8 +390,43 @@ impl Service {
         stream: BoxedStream,
         stop: watch::Receiver<bool>,
     ) {
-        connection::run(self.clone(), stream, stop, None).await;
+        connection::run(
+            self.clone(),
+            stream,
+            stop,
+            None,
+            crate::counters::Front::Dcache,
+        )
+        .await;
     }
+
+    /// Serves the in-process connection a distcc request is submitted through, counting
+    /// its jobs under the distcc front end.
+    pub(crate) async fn handle_distcc_connection(
+        self: &Arc<Self>,
+        stream: BoxedStream,
+        stop: watch::Receiver<bool>,
+    ) {
+        connection::run(
+            self.clone(),
+            stream,
+            stop,
+            None,
+            crate::counters::Front::Distcc,
+        )
+        .await;
+    }
+}
+
+/// The state of the compile slots at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotUsage {
+    /// Slots in all.
+    pub total: usize,
+    /// Slots running a compile.
+    pub busy: usize,
+    /// Jobs with their whole source waiting for a slot.
+    pub queued: usize,
 }
 
 /// Which protocol an accept loop serves.

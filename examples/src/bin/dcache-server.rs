@@ -14,6 +14,7 @@ use dcache_examples::util::{init_logging, parse_size, user_cache_dir};
 use dcache_server::distcc::DistccConfig;
 use dcache_server::exec::ExecLimits;
 use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
+use dcache_server::metrics::{MetricsConfig, Readiness, SandboxState};
 use dcache_server::sandbox::{ResourceLimits, Sandbox};
 use dcache_server::store::shared::{Backend, RedisBackend, SharedConfig, SharedStore};
 use dcache_server::store::{
@@ -164,6 +165,15 @@ struct Args {
     /// Milliseconds a lookup waits for the shared tier before counting a miss.
     #[arg(long, default_value_t = 250)]
     shared_deadline: u64,
+    /// Serve Prometheus metrics (/metrics) and health checks (/healthz, /readyz) over
+    /// plain HTTP on tcp://HOST:PORT, a listener of its own. Off by default; loopback
+    /// only unless --metrics-allow names the ranges that may scrape it.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<Address>,
+    /// Address range that may scrape --metrics, e.g. 10.1.0.0/16 (repeatable; default:
+    /// loopback only). Required to bind --metrics beyond loopback.
+    #[arg(long = "metrics-allow", value_name = "CIDR", requires = "metrics")]
+    metrics_allow: Vec<dcache_server::access::Cidr>,
     /// Log each job (repeat for more detail).
     #[arg(long, short, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -183,11 +193,16 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
+    let sandbox_state = match &sandbox {
+        Some(s) => SandboxState::Active(s.protections().to_string()),
+        None if args.insecure_no_sandbox => SandboxState::Disabled,
+        None => SandboxState::Unavailable("the kernel cannot enforce it (see the log)".into()),
+    };
     if args.check_sandbox {
         return ExitCode::SUCCESS;
     }
     match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt.block_on(serve(args, sandbox)),
+        Ok(rt) => rt.block_on(serve(args, sandbox, sandbox_state)),
         Err(e) => {
             eprintln!("dcache-server: cannot start the runtime: {e}");
             ExitCode::FAILURE
@@ -240,7 +255,7 @@ fn probe_sandbox(args: &Args) -> Result<Option<Sandbox>, ExitCode> {
     }
 }
 
-async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
+async fn serve(args: Args, sandbox: Option<Sandbox>, sandbox_state: SandboxState) -> ExitCode {
     let dir = args
         .cache_dir
         .clone()
@@ -372,6 +387,34 @@ async fn serve(args: Args, sandbox: Option<Sandbox>) -> ExitCode {
                 })
                 .await;
         }));
+    }
+    if let Some(addr) = &args.metrics {
+        let mut config = MetricsConfig::default();
+        if !args.metrics_allow.is_empty() {
+            config.allow = args.metrics_allow.clone();
+        }
+        let listener = match dcache_server::metrics::bind(addr, &config.allow).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("dcache-server: --metrics: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Ok(local) = listener.local_addr() {
+            tracing::info!("metrics endpoint on http://{local}/metrics (/healthz, /readyz)");
+        }
+        let readiness = Readiness {
+            sandbox: sandbox_state,
+        };
+        let service = service.clone();
+        let mut stop = stop_rx.clone();
+        // Not among `servers`: it stops with the listeners, and open jobs do not wait for it.
+        tokio::spawn(async move {
+            dcache_server::metrics::serve(listener, service, readiness, config, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        });
     }
     wait_for_signal().await;
     tracing::info!("shutting down: finishing open jobs");
