@@ -5,6 +5,9 @@
 //! trips of 0.2, 4 and 40 ms (docs/BENCHMARKS.md, "Strategies against the physical limit")
 //! — and prints the time to result beside the physical limit.
 //!
+//! `dcache-bench metrics-cost [ROUNDS]` compares loopback hits/s against a server with
+//! the metrics endpoint (scraped every 100 ms) and one without, alternating.
+//!
 //! `dcache-bench tiers REDIS_URL` measures the hit latency of the memory, disk and Redis
 //! tiers at three object sizes.
 
@@ -122,6 +125,26 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some("metrics-cost") => {
+            let rounds = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(7);
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("dcache-bench: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(dcache_bench::loopback::metrics_cost(rounds)) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dcache-bench metrics-cost: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         // Internal: the server child of `loopback`.
         Some("serve-fake") => {
             let (Some(addr), Some(ms), Some(div)) = (
@@ -138,7 +161,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(dcache_bench::loopback::serve_fake(addr, ms, div)) {
+            let metrics = args.get(4).is_some_and(|a| a == "metrics");
+            match rt.block_on(dcache_bench::loopback::serve_fake(addr, ms, div, metrics)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("dcache-bench serve-fake: {e}");
@@ -152,7 +176,7 @@ fn main() -> ExitCode {
 
 fn usage(why: &str) -> ExitCode {
     eprintln!(
-        "dcache-bench: {why}\nusage: dcache-bench sim [--harness] [--json FILE] [--svg DIR]\n       dcache-bench loopback [--json FILE]\n       dcache-bench tiers REDIS_URL"
+        "dcache-bench: {why}\nusage: dcache-bench sim [--harness] [--json FILE] [--svg DIR]\n       dcache-bench loopback [--json FILE]\n       dcache-bench metrics-cost [ROUNDS]\n       dcache-bench tiers REDIS_URL"
     );
     ExitCode::from(2)
 }
