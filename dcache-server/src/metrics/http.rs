@@ -22,7 +22,7 @@ const TEXT: &str = "text/plain; charset=utf-8";
 const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Serves the metrics endpoint on `listener` until `shutdown` resolves. Each connection
-/// runs in a task of its own, within `config`'s bounds (see [`super`]).
+/// runs in a task of its own, within `config`'s bounds (see the [module](super)).
 pub async fn serve(
     listener: TcpListener,
     service: Arc<Service>,

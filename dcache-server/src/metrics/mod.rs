@@ -13,9 +13,9 @@
 //! Every figure comes from the service's own counters ([`crate::Counters`]), the ones
 //! STATS reads: `/metrics` is another encoding of the same numbers, not a second tally.
 //!
-//! - [`encode`]: the Prometheus text (via `prometheus-client`).
-//! - [`ready`]: the readiness checks.
-//! - [`http`]: the bounded HTTP/1 server (via `hyper`).
+//! - `encode`: the Prometheus text ([`render`], via `prometheus-client`).
+//! - `ready`: the readiness checks ([`Readiness`]).
+//! - `http`: the bounded HTTP/1 server ([`serve`], via `hyper`).
 
 mod encode;
 mod http;
