@@ -16,6 +16,8 @@
 //! - [`relay`]: the relay back end, a service whose back end is other dcache servers
 //!   ([`Service::relay`]): jobs passed on to them over persistent connections, with a
 //!   local cache tier in front.
+//! - [`metrics`]: the Prometheus and health endpoint, reading the same counters as
+//!   STATS.
 //! - [`distcc`]: the distcc front end, so stock distcc clients reach the same service
 //!   ([`Service::serve_distcc`]).
 #![forbid(unsafe_code)]
@@ -30,6 +32,7 @@ mod flight;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod relay;
+pub mod metrics;
 pub mod sandbox;
 mod service;
 mod slots;
@@ -37,8 +40,11 @@ mod spool;
 pub mod store;
 mod store_writer;
 
-pub use counters::Counters;
-pub use service::{Service, ServiceConfig};
+pub use counters::{
+    BUCKETS, ConnectionErrors, Counters, ErrorKind, Front, Histogram, HistogramSnapshot, JobCounts,
+    Outcome, SandboxLimit, SandboxLimits,
+};
+pub use service::{Service, ServiceConfig, SlotUsage};
 
 /// The exit code a shell would report (128 + signal when the process was killed).
 pub(crate) fn exit_code(status: std::process::ExitStatus) -> i32 {

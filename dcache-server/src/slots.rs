@@ -25,6 +25,8 @@ struct Inner {
 #[derive(Debug)]
 pub(crate) struct FairSlots {
     inner: Mutex<Inner>,
+    /// Slots in all, busy or free.
+    total: usize,
 }
 
 /// One compile slot; given back (to the next connection in turn) when dropped.
@@ -46,6 +48,7 @@ impl FairSlots {
                 free: n,
                 ..Inner::default()
             }),
+            total: n,
         })
     }
 
@@ -125,6 +128,17 @@ impl FairSlots {
             }
         }
         drop(bounced);
+    }
+
+    /// Slots in use now, and jobs queued for one (waiters that left are not counted).
+    pub(crate) fn usage(&self) -> (usize, usize) {
+        let inner = self.lock();
+        let waiting = inner
+            .waiters
+            .values()
+            .map(|q| q.iter().filter(|tx| !tx.is_closed()).count())
+            .sum();
+        (self.total.saturating_sub(inner.free), waiting)
     }
 
     /// Slots free now.

@@ -473,10 +473,7 @@ async fn malformed_and_out_of_order_frames_cost_only_their_connection(t: Transpo
     // and counted it: read the counter only once every connection is let go.
     settle(&h).await;
     assert_eq!(
-        h.service
-            .counters()
-            .connection_errors
-            .load(Ordering::Relaxed),
+        h.service.counters().connection_errors.total(),
         count,
         "each attack failed its own connection, and only that"
     );
@@ -683,10 +680,7 @@ async fn a_client_killed_mid_upload_leaves_nothing_behind(t: Transport) {
     }
     settle_to(&h, 1).await; // the honest client's connection is all that is left
     assert_eq!(
-        h.service
-            .counters()
-            .connection_errors
-            .load(Ordering::Relaxed),
+        h.service.counters().connection_errors.total(),
         5,
         "each cut-off upload failed its own connection"
     );
@@ -858,8 +852,8 @@ async fn a_lying_hash_for_a_cached_key_is_never_counted_as_a_hit(t: Transport) {
     drop(c);
     settle(&h).await;
     let counters = h.service.counters();
-    let hits = counters.hits.load(Ordering::Relaxed);
-    let early = counters.early_results.load(Ordering::Relaxed);
+    let hits = counters.jobs.total(dcache_server::Outcome::Hit);
+    let early = counters.jobs.total(dcache_server::Outcome::Early);
     // 40 liars: that key, another source, all in one write.
     for _ in 0..40 {
         let mut s = h.raw().await;
@@ -889,11 +883,11 @@ async fn a_lying_hash_for_a_cached_key_is_never_counted_as_a_hit(t: Transport) {
     }
     settle(&h).await;
     assert_eq!(
-        counters.hits.load(Ordering::Relaxed),
+        counters.jobs.total(dcache_server::Outcome::Hit),
         hits,
         "a liar counted as a hit"
     );
-    assert_eq!(counters.early_results.load(Ordering::Relaxed), early);
+    assert_eq!(counters.jobs.total(dcache_server::Outcome::Early), early);
     assert_eq!(counters.hash_mismatches.load(Ordering::Relaxed), 40);
 }
 

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use dcache_proto::{CacheKey, JobDesc, JobResult};
 use dcache_server::exec::{Executor, LocalExecutor, LocalExecutorConfig, store_key};
 use dcache_server::store::{Compression, DiskStore, StoreError};
-use dcache_server::{Service, ServiceConfig};
+use dcache_server::{Outcome, Service, ServiceConfig};
 use dcache_transport::{Address, AddressError, TransportError, TransportOptions, bind};
 
 use super::config::Config;
@@ -322,9 +322,9 @@ impl Backend {
         stats_file::record(
             &config.dir,
             &stats_file::Delta {
-                hits: c.hits.load(Ordering::Relaxed),
-                misses: c.misses.load(Ordering::Relaxed) + local,
-                early_results: c.early_results.load(Ordering::Relaxed),
+                hits: c.jobs.total(Outcome::Hit),
+                misses: c.jobs.total(Outcome::Miss) + local,
+                early_results: c.jobs.total(Outcome::Early),
                 compiles: c.compiles.load(Ordering::Relaxed) + local,
                 source_bytes_received: c.source_bytes_received.load(Ordering::Relaxed),
                 source_bytes_saved: c.source_bytes_saved.load(Ordering::Relaxed),

@@ -159,6 +159,12 @@ pub struct Settings {
     pub upstream_token_file: Option<PathBuf>,
     /// Seconds an upstream that failed is skipped before it is tried again.
     pub upstream_backoff: u64,
+    /// The Prometheus and health endpoint's address (`tcp://HOST:PORT`); absent: none.
+    #[serde(default, with = "text::opt", skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Address>,
+    /// Address ranges that may scrape [`metrics`](Self::metrics); empty: loopback only.
+    #[serde(with = "text::list")]
+    pub metrics_allow: Vec<Cidr>,
     /// Log detail: 0 the service's events, 1 (`-v`) also one line per job, 2 (`-vv`)
     /// everything.
     pub verbose: u8,
@@ -209,6 +215,8 @@ impl Default for Settings {
             upstream: Vec::new(),
             upstream_token_file: None,
             upstream_backoff: 10,
+            metrics: None,
+            metrics_allow: Vec::new(),
             verbose: 0,
             log_format: LogFormat::Text,
         }

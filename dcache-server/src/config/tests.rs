@@ -45,6 +45,8 @@ fn everything() -> Settings {
         upstream: vec!["tcp://10.0.0.7:3633".parse().unwrap()],
         upstream_token_file: Some("/etc/dcache/upstream.token".into()),
         upstream_backoff: 30,
+        metrics: Some("tcp://127.0.0.1:9633".parse().unwrap()),
+        metrics_allow: vec!["10.2.0.0/16".parse().unwrap()],
         verbose: 2,
         log_format: LogFormat::Json,
     }

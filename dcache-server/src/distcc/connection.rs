@@ -184,7 +184,7 @@ async fn submit(
     let server = service.clone();
     tokio::spawn(async move {
         server
-            .handle_connection_for(Box::new(theirs), stop, peer)
+            .handle_distcc_connection(Box::new(theirs), stop, peer)
             .await;
     });
     let client = spawn_client(

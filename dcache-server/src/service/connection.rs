@@ -13,7 +13,7 @@ use tokio::task::AbortHandle;
 
 use super::Service;
 use super::job_log::{self, Clock, Outcome};
-use crate::counters::Counters;
+use crate::counters::{Counters, Front, Outcome as Tally, SandboxLimit};
 use crate::exec::{CompilerId, ExecError, store_key};
 use crate::flight::{Flight, Lead, Published};
 use crate::slots::{ConnId, SlotPermit};
@@ -29,6 +29,7 @@ pub(super) async fn run(
     mut stop: watch::Receiver<bool>,
     mut handshake: Option<OwnedSemaphorePermit>,
     peer: Arc<str>,
+    front: Front,
 ) {
     Counters::bump(&service.counters.connections);
     let _open = OpenGuard::new(&service.open);
@@ -41,6 +42,7 @@ pub(super) async fn run(
         internal: internal_tx,
         jobs: HashMap::new(),
         peer,
+        front,
     };
     let mut stopping = *stop.borrow();
     if stopping {
@@ -54,8 +56,8 @@ pub(super) async fn run(
             biased;
             ev = conn.events.recv() => match ev {
                 Some(ServerEvent::Closed { error }) => {
-                    if error.is_some() {
-                        Counters::bump(&service.counters.connection_errors);
+                    if let Some(e) = &error {
+                        service.counters.connection_errors.bump(e);
                     }
                     break;
                 }
@@ -97,6 +99,7 @@ enum Internal {
     Compiled {
         job: JobId,
         result: Result<JobResult, ExecError>,
+        took: std::time::Duration,
     },
 }
 
@@ -135,6 +138,8 @@ struct Job {
     watchdog: Option<AbortHandle>,
     /// When it started, and its compile: the durations its log line reports.
     clock: Clock,
+    /// When its latest lookup started, for the hit latency.
+    looked_up_at: Option<tokio::time::Instant>,
 }
 
 /// The actor's state: the connection's jobs and the ways to reach the driver and itself.
@@ -146,6 +151,9 @@ struct Connection {
     jobs: HashMap<JobId, Job>,
     /// Who is on the other end, for the log.
     peer: Arc<str>,
+    /// The front end this connection serves (distcc requests come through in-process
+    /// connections of their own).
+    front: Front,
 }
 
 impl Connection {
@@ -190,11 +198,12 @@ impl Connection {
                             received_at_check: 0,
                             watchdog: None,
                             clock: Clock::start(),
+                            looked_up_at: None,
                         },
                     );
                 }
                 Err(e) => {
-                    Counters::bump(&counters.jobs_refused);
+                    counters.jobs.bump(self.front, Tally::Refused);
                     let message = e.to_string();
                     job_log::Line {
                         outcome: Outcome::Refused,
@@ -299,6 +308,7 @@ impl Connection {
         let sk = store_key(&j.compiler, &key);
         j.claimed = Some(sk);
         j.lookup_pending = true;
+        j.looked_up_at = Some(tokio::time::Instant::now());
         let service = self.service.clone();
         let internal = self.internal.clone();
         // Join an identical compile in flight, or lead one: decided now, synchronously, so
@@ -338,6 +348,7 @@ impl Connection {
             return;
         };
         j.lookup_pending = true;
+        j.looked_up_at = Some(tokio::time::Instant::now());
         tokio::spawn(async move {
             let result = service.store.get(&sk).await;
             let _ = internal.send(Internal::Looked { job, result });
@@ -355,12 +366,15 @@ impl Connection {
                 j.task = None;
                 match result {
                     Some(result) => {
-                        Counters::bump(&counters.hits);
+                        counters.jobs.bump(self.front, Tally::Hit);
+                        if let Some(at) = j.looked_up_at {
+                            counters.hit_latency.observe(at.elapsed());
+                        }
                         // The answer to a HASH is EARLY_RESULT even when the upload
                         // happened to finish first; a HASH-less upload gets RESULT.
                         let early = j.claimed.is_some();
                         if early {
-                            Counters::bump(&counters.early_results);
+                            counters.jobs.bump(self.front, Tally::Early);
                         }
                         if let Some(j) = self.jobs.remove(&job) {
                             let outcome = if early { Outcome::Early } else { Outcome::Hit };
@@ -379,7 +393,7 @@ impl Connection {
                         });
                     }
                     None => {
-                        Counters::bump(&counters.misses);
+                        counters.jobs.bump(self.front, Tally::Miss);
                         let verdict = j.claimed.is_some() && j.verified.is_none();
                         let complete = j.verified.is_some();
                         if verdict {
@@ -406,7 +420,11 @@ impl Connection {
                 }
             }
             Internal::CheckUpload { job } => self.check_upload(job),
-            Internal::Compiled { job, result } => {
+            Internal::Compiled { job, result, took } => {
+                counters.compile_duration.observe(took);
+                if let Some(limit) = limit_hit(&result) {
+                    counters.sandbox_limits.bump(limit);
+                }
                 let Some(mut j) = self.jobs.remove(&job) else {
                     return;
                 };
@@ -415,7 +433,7 @@ impl Connection {
                     Ok(result) => {
                         Counters::bump(&counters.compiles);
                         if result.exit_code != 0 {
-                            Counters::bump(&counters.compile_failures);
+                            counters.jobs.bump(self.front, Tally::Failed);
                         }
                         let publish = j.verified.is_some()
                             && j.verified == j.claimed
@@ -537,8 +555,10 @@ impl Connection {
         j.clock.compile_starts();
         let handle = tokio::spawn(async move {
             let _permit = permit;
+            let started = tokio::time::Instant::now();
             let result = service.executor.compile(desc, rx).await;
-            let _ = internal.send(Internal::Compiled { job, result });
+            let took = started.elapsed();
+            let _ = internal.send(Internal::Compiled { job, result, took });
         });
         j.task = Some(handle.abort_handle());
     }
@@ -618,6 +638,21 @@ fn server_fault(desc: &JobDesc, e: &ExecError) -> Option<String> {
     match e {
         ExecError::Io(io) => Some(format!("exec {}: {:?}", desc.compiler, io.kind())),
         ExecError::Sandbox(_) => Some(format!("sandbox {}", desc.compiler)),
+        _ => None,
+    }
+}
+
+/// The sandbox limit that stopped a compile, when the result shows one: the time limit
+/// or an output over the limit (the executor says so), or the kernel's signal for CPU
+/// time (SIGXCPU) or file size (SIGXFSZ) as the exit status of a killed compiler.
+fn limit_hit(result: &Result<JobResult, ExecError>) -> Option<SandboxLimit> {
+    const KILLED_BY_SIGXCPU: i32 = 128 + 24;
+    const KILLED_BY_SIGXFSZ: i32 = 128 + 25;
+    match result {
+        Err(ExecError::Timeout(_)) => Some(SandboxLimit::Time),
+        Err(ExecError::OutputTooLarge { .. }) => Some(SandboxLimit::Output),
+        Ok(r) if r.exit_code == KILLED_BY_SIGXCPU => Some(SandboxLimit::Cpu),
+        Ok(r) if r.exit_code == KILLED_BY_SIGXFSZ => Some(SandboxLimit::Output),
         _ => None,
     }
 }

@@ -167,6 +167,7 @@ impl Service {
     pub fn stats(&self) -> Vec<Stat> {
         let mut stats = self.counters.snapshot();
         let s = self.store.stats();
+        let slots = self.compile_slots();
         for (name, value) in [
             ("stored_entries", s.entries),
             ("stored_bytes", s.bytes),
@@ -182,6 +183,8 @@ impl Service {
                 "upstream_connections_open",
                 self.relay.as_ref().map_or(0, |u| u.open_connections()),
             ),
+            ("compile_slots_busy", slots.busy as u64),
+            ("compile_queue_depth", slots.queued as u64),
         ] {
             stats.push(Stat {
                 name: name.into(),
@@ -196,6 +199,10 @@ impl Service {
                 ("refused", t.refused),
                 ("bytes_read", t.bytes_read),
                 ("bytes_written", t.bytes_written),
+                ("entries", t.entries),
+                ("bytes", t.bytes),
+                ("limit", t.limit),
+                ("evictions", t.evictions),
             ] {
                 stats.push(Stat {
                     name: format!("{}_{what}", t.name),
@@ -204,6 +211,33 @@ impl Service {
             }
         }
         stats
+    }
+
+    /// The compile slots: how many, how many in use, how many jobs wait for one.
+    pub fn compile_slots(&self) -> SlotUsage {
+        let (busy, queued) = self.slots.usage();
+        SlotUsage {
+            total: self.config.compile_slots.max(1),
+            busy,
+            queued,
+        }
+    }
+
+    /// Per-tier counters of the store, front tier first (as in STATS).
+    pub fn tier_stats(&self) -> Vec<crate::store::TierStats> {
+        self.store.tiers()
+    }
+
+    /// Source bytes of jobs waiting for a compile slot: held in memory, and spooled to
+    /// temporary files.
+    pub fn waiting_source_bytes(&self) -> (u64, u64) {
+        (self.budget.used() as u64, self.budget.disk_used() as u64)
+    }
+
+    /// Whether the store can keep results now (each tier writable or reachable), with
+    /// the reason when not; see [`Store::ready`].
+    pub async fn ready(&self) -> Result<(), String> {
+        self.store.ready().await
     }
 
     /// Connections being served right now. Every connection, however it ends, gives its
@@ -275,7 +309,14 @@ impl Service {
                             match front {
                                 Front::Dcache => {
                                     let peer = peer.to_string().into();
-                                    me.run_connection(stream, stop, Some(handshake), peer).await;
+                                    me.run_connection(
+                                        stream,
+                                        stop,
+                                        Some(handshake),
+                                        peer,
+                                        crate::counters::Front::Dcache,
+                                    )
+                                    .await;
                                 }
                                 Front::Distcc(config) => {
                                     crate::distcc::serve_connection(
@@ -391,36 +432,55 @@ impl Service {
         stream: BoxedStream,
         stop: watch::Receiver<bool>,
     ) {
-        self.run_connection(stream, stop, None, "in-process".into())
-            .await;
+        self.run_connection(
+            stream,
+            stop,
+            None,
+            "in-process".into(),
+            crate::counters::Front::Dcache,
+        )
+        .await;
     }
 
-    /// [`handle_connection`](Self::handle_connection) for a connection made inside the
-    /// server on behalf of `peer` (the distcc front end's), so its jobs' log lines name
-    /// the real client.
-    pub(crate) async fn handle_connection_for(
-        self: &Arc<Self>,
-        stream: BoxedStream,
-        stop: watch::Receiver<bool>,
-        peer: Arc<str>,
-    ) {
-        self.run_connection(stream, stop, None, peer).await;
-    }
-
-    /// Serves one dcache-protocol connection from `peer` with this service's back end:
-    /// compiled here, or passed on upstream by a relay.
+    /// Serves one dcache-protocol connection from `peer`, arrived through `front`, with
+    /// this service's back end: compiled here, or passed on upstream by a relay.
     async fn run_connection(
         self: &Arc<Self>,
         stream: BoxedStream,
         stop: watch::Receiver<bool>,
         handshake: Option<OwnedSemaphorePermit>,
         peer: Arc<str>,
+        front: crate::counters::Front,
     ) {
         match &self.relay {
             Some(up) => crate::relay::run(self.clone(), up.clone(), stream, stop, handshake).await,
-            None => connection::run(self.clone(), stream, stop, handshake, peer).await,
+            None => connection::run(self.clone(), stream, stop, handshake, peer, front).await,
         }
     }
+
+    /// Serves the in-process connection a distcc request from `peer` is submitted
+    /// through, counting its jobs under the distcc front end and naming the real client
+    /// in their log lines.
+    pub(crate) async fn handle_distcc_connection(
+        self: &Arc<Self>,
+        stream: BoxedStream,
+        stop: watch::Receiver<bool>,
+        peer: Arc<str>,
+    ) {
+        self.run_connection(stream, stop, None, peer, crate::counters::Front::Distcc)
+            .await;
+    }
+}
+
+/// The state of the compile slots at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotUsage {
+    /// Slots in all.
+    pub total: usize,
+    /// Slots running a compile.
+    pub busy: usize,
+    /// Jobs with their whole source waiting for a slot.
+    pub queued: usize,
 }
 
 /// Which protocol an accept loop serves.

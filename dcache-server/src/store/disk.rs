@@ -621,6 +621,26 @@ impl Store for DiskStore {
             .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }
 
+    /// Writes and removes a small file where entries are written first, so a directory
+    /// that is gone, read-only, full or replaced by a file reports not ready (a check
+    /// of permission bits alone would pass as root).
+    async fn ready(&self) -> Result<(), String> {
+        let tmp = self.inner.root.join("tmp");
+        let probe = tmp.clone();
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = tempfile::Builder::new()
+                .prefix(".ready")
+                .tempfile_in(&probe)?;
+            f.write_all(b"ready")?;
+            f.as_file().sync_data()
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        written.map_err(|e| format!("disk cache {} is not writable: {e}", tmp.display()))
+    }
+
     fn stats(&self) -> StoreStats {
         let st = self.inner.lock();
         StoreStats {
@@ -642,6 +662,10 @@ impl Store for DiskStore {
             refused: st.corrupt,
             bytes_read: st.bytes_read,
             bytes_written: st.bytes_written,
+            entries: st.lru.len(),
+            bytes: st.lru.bytes(),
+            limit: self.inner.limit,
+            evictions: st.evictions,
         }]
     }
 }

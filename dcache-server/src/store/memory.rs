@@ -103,6 +103,10 @@ impl Store for MemoryStore {
             misses: inner.misses,
             bytes_read: inner.bytes_read,
             bytes_written: inner.bytes_written,
+            entries: inner.lru.len(),
+            bytes: inner.lru.bytes(),
+            limit: self.limit,
+            evictions: inner.evictions,
             ..TierStats::default()
         }]
     }

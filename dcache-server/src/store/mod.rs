@@ -94,6 +94,15 @@ pub struct TierStats {
     pub bytes_read: u64,
     /// Bytes of entries written.
     pub bytes_written: u64,
+    /// Entries the tier holds now (0 where it cannot know: a shared tier).
+    pub entries: u64,
+    /// Bytes the tier holds now, counted the way its limit counts them.
+    pub bytes: u64,
+    /// The tier's size limit in bytes (0 where it has none of its own: a shared tier
+    /// expires entries by TTL and leaves space to the remote store).
+    pub limit: u64,
+    /// Entries removed to stay under the limit.
+    pub evictions: u64,
 }
 
 /// A place to keep results. Implementations are safe to share between tasks.
@@ -121,6 +130,13 @@ pub trait Store: Send + Sync + 'static {
     /// stack. Empty for a store that does not count its lookups.
     fn tiers(&self) -> Vec<TierStats> {
         Vec::new()
+    }
+    /// Whether the store can serve and keep results now: `Err` names the tier and why
+    /// not (a cache directory that cannot be written, a shared tier that does not
+    /// answer). For a readiness probe; it costs a small write or a round trip, so it is
+    /// not for the hot path. The default, for stores that cannot fail this way: ready.
+    async fn ready(&self) -> Result<(), String> {
+        Ok(())
     }
     /// Entries held (as far as this store knows: other processes sharing a disk cache
     /// add entries it only learns about when it reads them or restarts).

@@ -72,6 +72,11 @@ impl Store for SharedTieredStore {
         s
     }
 
+    async fn ready(&self) -> Result<(), String> {
+        self.local.ready().await?;
+        self.shared.ready().await
+    }
+
     fn tiers(&self) -> Vec<TierStats> {
         let mut tiers = self.local.tiers();
         tiers.extend(self.shared.tiers());

@@ -58,6 +58,11 @@ impl<F: Store, B: Store> Store for TieredStore<F, B> {
         self.back.stats()
     }
 
+    async fn ready(&self) -> Result<(), String> {
+        self.front.ready().await?;
+        self.back.ready().await
+    }
+
     fn tiers(&self) -> Vec<TierStats> {
         let mut tiers = self.front.tiers();
         tiers.extend(self.back.tiers());

@@ -18,8 +18,13 @@ use dcache_server::{Service, ServiceConfig};
 use dcache_transport::{Address, ClientHandle, TransportOptions, bind, connect, spawn_client};
 
 /// Runs a server with the stand-in compiler on `addr` until killed; prints the bound
-/// address on stdout first.
-pub async fn serve_fake(addr: &str, compile_ms: u64, output_divisor: usize) -> Result<(), String> {
+/// address on stdout first, then, with `metrics`, the address of its metrics endpoint.
+pub async fn serve_fake(
+    addr: &str,
+    compile_ms: u64,
+    output_divisor: usize,
+    metrics: bool,
+) -> Result<(), String> {
     let addr: Address = addr.parse().map_err(|e| format!("{e}"))?;
     let service = Service::new(
         Arc::new(MemoryStore::new(16 << 30)),
@@ -39,6 +44,25 @@ pub async fn serve_fake(addr: &str, compile_ms: u64, output_divisor: usize) -> R
         .await
         .map_err(|e| e.to_string())?;
     println!("listening on {}", listener.local_addr());
+    if metrics {
+        let ep = dcache_server::metrics::bind(
+            &"tcp://127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+            &dcache_server::access::Cidr::loopback(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        println!("metrics on {}", ep.local_addr().map_err(|e| e.to_string())?);
+        let readiness = dcache_server::metrics::Readiness {
+            sandbox: dcache_server::metrics::SandboxState::Disabled,
+        };
+        tokio::spawn(dcache_server::metrics::serve(
+            ep,
+            service.clone(),
+            readiness,
+            dcache_server::metrics::MetricsConfig::default(),
+            std::future::pending(),
+        ));
+    }
     service.serve(listener, std::future::pending()).await;
     Ok(())
 }
@@ -47,6 +71,8 @@ pub async fn serve_fake(addr: &str, compile_ms: u64, output_divisor: usize) -> R
 struct Server {
     child: Child,
     addr: Address,
+    /// The metrics endpoint, when started with one.
+    metrics: Option<String>,
 }
 
 impl Drop for Server {
@@ -58,6 +84,15 @@ impl Drop for Server {
 
 impl Server {
     fn start(addr: &str, compile_ms: u64, output_divisor: usize) -> Result<Self, String> {
+        Self::start_with(addr, compile_ms, output_divisor, false)
+    }
+
+    fn start_with(
+        addr: &str,
+        compile_ms: u64,
+        output_divisor: usize,
+        metrics: bool,
+    ) -> Result<Self, String> {
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut child = Command::new(me)
             .args([
@@ -66,21 +101,37 @@ impl Server {
                 &compile_ms.to_string(),
                 &output_divisor.to_string(),
             ])
+            .args(metrics.then_some("metrics"))
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut stdout = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
+        stdout.read_line(&mut line).map_err(|e| e.to_string())?;
         let addr = line
             .trim()
             .strip_prefix("listening on ")
             .ok_or_else(|| format!("server said {line:?}"))?
             .parse()
             .map_err(|e| format!("{e}"))?;
-        Ok(Self { child, addr })
+        let metrics = if metrics {
+            let mut line = String::new();
+            stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+            Some(
+                line.trim()
+                    .strip_prefix("metrics on ")
+                    .ok_or_else(|| format!("server said {line:?}"))?
+                    .to_owned(),
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            child,
+            addr,
+            metrics,
+        })
     }
 
     /// Peak resident memory (VmHWM) of the server process, in bytes.
@@ -306,4 +357,87 @@ pub async fn run() -> Result<(String, String), String> {
         2 << 20
     );
     Ok((text, json))
+}
+
+/// Scrapes `addr`'s `/metrics` every `every` until `stop` turns true; returns how many
+/// scrapes succeeded.
+async fn scrape_until(
+    addr: String,
+    every: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut done = 0;
+    let mut tick = tokio::time::interval(every);
+    while !*stop.borrow() {
+        tick.tick().await;
+        let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
+            continue;
+        };
+        let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        if s.write_all(req.as_bytes()).await.is_err() {
+            continue;
+        }
+        let mut body = Vec::new();
+        if s.read_to_end(&mut body).await.is_ok() && body.starts_with(b"HTTP/1.1 200") {
+            done += 1;
+        }
+    }
+    done
+}
+
+/// The cost of the metrics endpoint on the hot path: loopback hits per second over TCP
+/// (one connection; 1, 16 and 256 in flight) against a server without `--metrics` and
+/// one with it, scraped every 100 ms (150 times Prometheus' default rate), alternating
+/// `rounds` times so both see the same machine; medians per cell.
+pub async fn metrics_cost(rounds: usize) -> Result<String, String> {
+    let cells = [1usize, 16, 256];
+    // [without, with][cell] -> hits/s of each round
+    let mut seen = vec![vec![Vec::new(); cells.len()]; 2];
+    let mut p50 = vec![vec![Vec::new(); cells.len()]; 2];
+    let mut scrapes = 0;
+    let warm: Arc<Vec<_>> = Arc::new((0..256).map(|n| job(n, 10 * 1024)).collect());
+    for _ in 0..rounds {
+        for (side, with) in [false, true].into_iter().enumerate() {
+            let server = Server::start_with("tcp://127.0.0.1:0", 0, 4, with)?;
+            let c = client(&server.addr).await?;
+            for (d, s, k) in warm.iter() {
+                c.submit(d.clone(), Some(*k), s.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let scraper = server
+                .metrics
+                .clone()
+                .map(|m| tokio::spawn(scrape_until(m, Duration::from_millis(100), stop_rx)));
+            for (i, in_flight) in cells.iter().enumerate() {
+                let cell = hit_cell("tcp", &server.addr, 1, *in_flight, &warm, 4000).await?;
+                seen[side][i].push(cell.hits_per_s);
+                p50[side][i].push(cell.p50_ms);
+            }
+            let _ = stop_tx.send(true);
+            if let Some(s) = scraper {
+                scrapes += s.await.map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut text = format!(
+        "loopback hits/s, TCP, 1 connection, 4,000 hits per cell, medians of {rounds} alternating rounds ({scrapes} scrapes served)\n\
+         {:>9} {:>14} {:>14} {:>7} {:>12} {:>12}\n",
+        "in_flight", "without", "with+scrape", "ratio", "p50_ms w/o", "p50_ms with"
+    );
+    for (i, in_flight) in cells.iter().enumerate() {
+        let (a, b) = (median(&mut seen[0][i]), median(&mut seen[1][i]));
+        let (pa, pb) = (median(&mut p50[0][i]), median(&mut p50[1][i]));
+        text.push_str(&format!(
+            "{in_flight:>9} {a:>14.0} {b:>14.0} {:>7.3} {pa:>12.3} {pb:>12.3}\n",
+            b / a
+        ));
+    }
+    Ok(text)
 }

@@ -15,6 +15,7 @@ use dcache_examples::util::{init_server_logging, user_cache_dir};
 use dcache_server::config::{LogFormat, Settings, Size};
 use dcache_server::distcc::DistccConfig;
 use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
+use dcache_server::metrics::{MetricsConfig, Readiness, SandboxState};
 use dcache_server::relay::{RelayConfig, Upstreams};
 use dcache_server::sandbox::Sandbox;
 use dcache_server::store::shared::{Backend, RedisBackend, SharedStore};
@@ -199,6 +200,15 @@ struct Args {
     /// Seconds an upstream that failed is skipped before it is tried again.
     #[arg(long, default_value_t = 10)]
     upstream_backoff: u64,
+    /// Serve Prometheus metrics (/metrics) and health checks (/healthz, /readyz) over
+    /// plain HTTP on tcp://HOST:PORT, a listener of its own. Off by default; loopback
+    /// only unless --metrics-allow names the ranges that may scrape it.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<Address>,
+    /// Address range that may scrape --metrics, e.g. 10.1.0.0/16 (repeatable; default:
+    /// loopback only). Required to bind --metrics beyond loopback.
+    #[arg(long = "metrics-allow", value_name = "CIDR")]
+    metrics_allow: Vec<dcache_server::access::Cidr>,
     /// Log one line per job (outcome, key prefix, sizes, durations, peer); twice for
     /// every detail.
     #[arg(long, short, action = clap::ArgAction::Count)]
@@ -231,7 +241,7 @@ fn settings(args: &Args, given: impl Fn(&str) -> bool) -> Result<Settings, Strin
         limit_stderr, limit_spool, min_upload_rate, handshake_timeout, stall_timeout,
         idle_timeout, max_handshaking, max_connections_per_address, shared,
         shared_key_file, shared_ttl, shared_max_value, shared_deadline, upstream,
-        upstream_token_file, upstream_backoff, verbose, log_format,
+        upstream_token_file, upstream_backoff, metrics, metrics_allow, verbose, log_format,
     );
     // What an absent option means, made explicit: --print-config shows what will be used.
     if s.cache_dir.is_none() {
@@ -288,11 +298,18 @@ fn main() -> ExitCode {
             Err(code) => return code,
         }
     };
+    let sandbox_state = match &sandbox {
+        Some(s) => SandboxState::Active(s.protections().to_string()),
+        None if settings.insecure_no_sandbox => SandboxState::Disabled,
+        // A relay compiles nothing, so it has nothing to confine.
+        None if relay => SandboxState::Disabled,
+        None => SandboxState::Unavailable("the kernel cannot enforce it (see the log)".into()),
+    };
     if args.check_sandbox {
         return ExitCode::SUCCESS;
     }
     match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt.block_on(serve(settings, sandbox)),
+        Ok(rt) => rt.block_on(serve(settings, sandbox, sandbox_state)),
         Err(e) => {
             eprintln!("dcache-server: cannot start the runtime: {e}");
             ExitCode::FAILURE
@@ -345,7 +362,7 @@ fn probe_sandbox(args: &Settings, check_sandbox: bool) -> Result<Option<Sandbox>
     }
 }
 
-async fn serve(args: Settings, sandbox: Option<Sandbox>) -> ExitCode {
+async fn serve(args: Settings, sandbox: Option<Sandbox>, sandbox_state: SandboxState) -> ExitCode {
     let dir = args
         .cache_dir
         .clone()
@@ -371,7 +388,7 @@ async fn serve(args: Settings, sandbox: Option<Sandbox>) -> ExitCode {
         }
     }
     if !args.upstream.is_empty() {
-        return relay(args, store, dir).await;
+        return relay(args, store, dir, sandbox_state).await;
     }
     let executor = LocalExecutor::new(LocalExecutorConfig {
         allowed: args.allow_compiler.clone(),
@@ -407,7 +424,10 @@ async fn serve(args: Settings, sandbox: Option<Sandbox>) -> ExitCode {
     let service = Service::new(store, Arc::new(executor.clone()), config);
     let what = format!("compilers: {}", executor.available().join(", "));
     let distcc = Arc::new(DistccConfig::new(&args.allow_compiler, &args.compiler_path));
-    run_service(&args, service, &transport, &dir, &what, Some(distcc)).await
+    let readiness = Readiness {
+        sandbox: sandbox_state,
+    };
+    run_service(&args, service, &transport, &dir, &what, Some(distcc), readiness).await
 }
 
 /// The service settings, with the clients' token read from --token-file.
@@ -426,7 +446,12 @@ fn service_config(args: &Settings) -> Result<ServiceConfig, ExitCode> {
 }
 
 /// `--upstream`: a relay in front of other dcache servers, its own cache tier `store`.
-async fn relay(args: Settings, store: Arc<dyn Store>, dir: std::path::PathBuf) -> ExitCode {
+async fn relay(
+    args: Settings,
+    store: Arc<dyn Store>,
+    dir: std::path::PathBuf,
+    sandbox_state: SandboxState,
+) -> ExitCode {
     if !args.listen_distcc.is_empty() {
         eprintln!(
             "dcache-server: a relay (--upstream) serves dcache clients only, not --listen-distcc"
@@ -475,7 +500,10 @@ async fn relay(args: Settings, store: Arc<dyn Store>, dir: std::path::PathBuf) -
             .join(", ")
     );
     let service = Service::relay(store, Upstreams::new(relay), config);
-    run_service(&args, service, &transport, &dir, &what, None).await
+    let readiness = Readiness {
+        sandbox: sandbox_state,
+    };
+    run_service(&args, service, &transport, &dir, &what, None, readiness).await
 }
 
 /// The TLS client settings for upstreams from `DCACHE_TLS_CA`, `DCACHE_TLS_CERT` and
@@ -509,6 +537,7 @@ async fn run_service(
     dir: &std::path::Path,
     what: &str,
     distcc: Option<Arc<DistccConfig>>,
+    readiness: Readiness,
 ) -> ExitCode {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
@@ -559,6 +588,31 @@ async fn run_service(
                 })
                 .await;
         }));
+    }
+    if let Some(addr) = &args.metrics {
+        let mut config = MetricsConfig::default();
+        if !args.metrics_allow.is_empty() {
+            config.allow = args.metrics_allow.clone();
+        }
+        let listener = match dcache_server::metrics::bind(addr, &config.allow).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("dcache-server: --metrics: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Ok(local) = listener.local_addr() {
+            tracing::info!("metrics endpoint on http://{local}/metrics (/healthz, /readyz)");
+        }
+        let service = service.clone();
+        let mut stop = stop_rx.clone();
+        // Not among `servers`: it stops with the listeners, and open jobs do not wait for it.
+        tokio::spawn(async move {
+            dcache_server::metrics::serve(listener, service, readiness, config, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        });
     }
     wait_for_signal().await;
     tracing::info!("shutting down: finishing open jobs");

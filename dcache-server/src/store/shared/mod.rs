@@ -430,6 +430,23 @@ impl<B: Backend> Store for SharedStore<B> {
         Ok(true)
     }
 
+    /// Reads a name no entry has, within the transfer timeout: an answer, even "absent",
+    /// proves the remote store reachable. Not counted in the tier's errors (a probe is
+    /// not a lookup) and not logged (the outage is logged by the lookups).
+    async fn ready(&self) -> Result<(), String> {
+        let inner = &self.inner;
+        let name = format!("{}ready-probe", inner.config.prefix);
+        let limit = inner.config.transfer_timeout;
+        match tokio::time::timeout(limit, inner.backend.get(&name)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("shared tier {}: {e}", inner.backend.describe())),
+            Err(_) => Err(format!(
+                "shared tier {}: no answer within {limit:?}",
+                inner.backend.describe()
+            )),
+        }
+    }
+
     /// The remote store's size and eviction belong to it (maxmemory and its policy);
     /// only what this server refused is counted here.
     fn stats(&self) -> StoreStats {
@@ -451,6 +468,7 @@ impl<B: Backend> Store for SharedStore<B> {
             refused: get(&c.refused),
             bytes_read: get(&c.bytes_read),
             bytes_written: get(&c.bytes_written),
+            ..TierStats::default()
         }]
     }
 }

@@ -7,6 +7,8 @@
 //!
 //! `dcache-bench sim --compress DIR` runs the compression matrix (never, auto, always) on
 //! the real preprocessed source and object `bench/wire-fixture.sh DIR` made.
+//! `dcache-bench metrics-cost [ROUNDS]` compares loopback hits/s against a server with
+//! the metrics endpoint (scraped every 100 ms) and one without, alternating.
 //!
 //! `dcache-bench tiers REDIS_URL` measures the hit latency of the memory, disk and Redis
 //! tiers at three object sizes.
@@ -179,6 +181,26 @@ fn main() -> ExitCode {
             }
         },
         Some("hit-latency") => hit_latency(&args[1..]),
+        Some("metrics-cost") => {
+            let rounds = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(7);
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("dcache-bench: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(dcache_bench::loopback::metrics_cost(rounds)) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dcache-bench metrics-cost: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         // Internal: the server child of `loopback`.
         Some("serve-fake") => {
             let (Some(addr), Some(ms), Some(div)) = (
@@ -195,7 +217,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(dcache_bench::loopback::serve_fake(addr, ms, div)) {
+            let metrics = args.get(4).is_some_and(|a| a == "metrics");
+            match rt.block_on(dcache_bench::loopback::serve_fake(addr, ms, div, metrics)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("dcache-bench serve-fake: {e}");
@@ -314,6 +337,7 @@ fn usage(why: &str) -> ExitCode {
 usage: dcache-bench sim [--harness] [--json FILE] [--svg DIR]
        dcache-bench sim --compress FIXTURE_DIR
        dcache-bench loopback [--json FILE]
+       dcache-bench metrics-cost [ROUNDS]
        dcache-bench tiers REDIS_URL
        dcache-bench link --listen ADDR --to ADDR --rtt 4ms [--rate 100mbit|none]
        dcache-bench link-check
