@@ -31,8 +31,8 @@ pub mod exec;
 mod flight;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod relay;
 pub mod metrics;
+pub mod relay;
 pub mod sandbox;
 mod service;
 mod slots;

@@ -13,7 +13,7 @@ use tokio::task::AbortHandle;
 
 use super::Upstreams;
 use super::forward::{Chunk, Report, Shared, forward};
-use crate::Counters;
+use crate::counters::{Counters, Front, Outcome};
 use crate::exec::{CompilerId, store_key};
 use crate::service::{OpenGuard, Service};
 use crate::store::StoreKey;
@@ -52,8 +52,8 @@ pub(crate) async fn run(
             biased;
             ev = conn.events.recv() => match ev {
                 Some(ServerEvent::Closed { error }) => {
-                    if error.is_some() {
-                        Counters::bump(&service.counters.connection_errors);
+                    if let Some(e) = &error {
+                        service.counters.connection_errors.bump(e);
                     }
                     break;
                 }
@@ -170,7 +170,7 @@ impl Relay {
                     );
                 }
                 Err(e) => {
-                    Counters::bump(&counters.jobs_refused);
+                    counters.jobs.bump(Front::Dcache, Outcome::Refused);
                     self.send(ServerCommand::Abort {
                         job,
                         code: e.error_code(),
@@ -249,9 +249,9 @@ impl Relay {
         };
         j.task = None;
         if let Some(result) = result {
-            Counters::bump(&counters.hits);
+            counters.jobs.bump(Front::Dcache, Outcome::Hit);
             let origin = if j.key.is_some() {
-                Counters::bump(&counters.early_results);
+                counters.jobs.bump(Front::Dcache, Outcome::Early);
                 ResultOrigin::Early
             } else {
                 ResultOrigin::Cache
@@ -266,7 +266,7 @@ impl Relay {
             });
             return;
         }
-        Counters::bump(&counters.misses);
+        counters.jobs.bump(Front::Dcache, Outcome::Miss);
         // Not here: pass it on, HASH first (the client's, or the key of the whole source
         // this relay received and hashed itself), then what source there is.
         let Some(key) = j.key.or(j.verified) else {
@@ -345,7 +345,7 @@ impl Relay {
                     (false, _) => ResultOrigin::Compiled,
                 };
                 if origin == ResultOrigin::Early {
-                    Counters::bump(&counters.early_results);
+                    counters.jobs.bump(Front::Dcache, Outcome::Early);
                 }
                 j.end();
                 self.send(ServerCommand::Result {

@@ -427,7 +427,16 @@ async fn serve(args: Settings, sandbox: Option<Sandbox>, sandbox_state: SandboxS
     let readiness = Readiness {
         sandbox: sandbox_state,
     };
-    run_service(&args, service, &transport, &dir, &what, Some(distcc), readiness).await
+    run_service(
+        &args,
+        service,
+        &transport,
+        &dir,
+        &what,
+        Some(distcc),
+        readiness,
+    )
+    .await
 }
 
 /// The service settings, with the clients' token read from --token-file.
