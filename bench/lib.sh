@@ -15,8 +15,13 @@ need_commands() {
 
 # Builds the release binaries of dcache and sets $bin to their directory (honouring
 # CARGO_TARGET_DIR, so a bench never clobbers another build's target directory).
+# DCACHE_BIN=DIR uses the binaries already built there instead.
 build_dcache() {
   local repo="$1"
+  if [ -n "${DCACHE_BIN:-}" ]; then
+    bin="$DCACHE_BIN"
+    return 0
+  fi
   cargo build -q --release -p dcache-examples --manifest-path "$repo/Cargo.toml"
   bin="${CARGO_TARGET_DIR:-$repo/target}/release"
 }
