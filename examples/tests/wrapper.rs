@@ -16,6 +16,11 @@ fn project() -> tempfile::TempDir {
         let e = e.unwrap();
         std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
     }
+    // Past the wrapper's one-second freshness rule, so the cold build records every file
+    // and the warm one finds it, whatever the load (a file compiled within a second of
+    // being written goes the preprocessor's way unrecorded, and a later depend-mode
+    // compile of it uses another key).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     dir
 }
 
