@@ -203,7 +203,7 @@ impl Backend {
         self.embedded.is_some()
     }
 
-    /// Sends a compile with its key ([`Client::compile_keyed`]), counting it for the
+    /// Sends a compile with its key (`Client::compile_keyed`), counting it for the
     /// statistics when the daemon serves it.
     pub async fn compile_keyed(
         &self,

@@ -7,7 +7,7 @@
 //! it keeps a cache tier of its own (the service's store, memory over disk): a result
 //! fetched once is served from here the next time.
 //!
-//! Per job ([`connection`], [`forward`]): the client's HASH is looked up in the local tier
+//! Per job (`connection.rs`, `forward.rs`): the client's HASH is looked up in the local tier
 //! and, on a miss, goes up at once with the job description unchanged (the compiler
 //! identity included, so the upstream checks the client's compiler); source chunks follow
 //! as they arrive; an upstream MISS, EARLY_RESULT, RESULT or ABORT is passed down at once,

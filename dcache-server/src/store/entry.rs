@@ -16,7 +16,7 @@
 //! Every read checks the magic, version, key and lengths first. A compressed entry is
 //! checked twice: its seal before the decompressor sees a byte (a planted or damaged
 //! entry never reaches zstd), then, after a decompression bounded by the declared body
-//! length and the reader's limit ([`super::codec`]), the body mac over what came out, as
+//! length and the reader's limit (`store/codec.rs`), the body mac over what came out, as
 //! an uncompressed entry's is. The parser then checks every length against the bytes
 //! present: a torn, truncated, tampered or planted entry (one not written by a holder of
 //! the cache's secret) is refused, never served. Version 1 entries (an unkeyed digest)

@@ -203,7 +203,7 @@ impl ClientHandle {
 
     /// Opens a speculative job with HASH `key` whose source the caller pushes chunk by
     /// chunk ([`OpenJob::push`]) and whose MISS verdict it is told of
-    /// ([`OpenJob::missed`]): what a relay needs to pass a client's job on as it arrives,
+    /// (its `missed` flag): what a relay needs to pass a client's job on as it arrives,
     /// HASH first, and to pass the server's verdict and result back at once. Dropping the
     /// [`OpenJob`] before its outcome cancels the job (ABORT goes to the server).
     ///

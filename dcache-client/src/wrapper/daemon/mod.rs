@@ -15,7 +15,7 @@
 //! - `daemon.log`: what the daemons log (`DCACHE_LOG` sets the level).
 //!
 //! The parts: [`connect`] (the wrapper's side: reach the daemon, or start it and go on
-//! without it), [`serve`] (the daemon's life: lock, bind, serve, idle exit),
+//! without it), [`serve`](mod@serve) (the daemon's life: lock, bind, serve, idle exit),
 //! [`executor`] (the compilers it runs, found by name on the configured `PATH`).
 //!
 //! Never on the critical path of a build: a daemon that is not there, is starting, has
