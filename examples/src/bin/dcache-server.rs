@@ -410,16 +410,9 @@ async fn serve(args: Settings, sandbox: Option<Sandbox>, sandbox_state: SandboxS
         );
         return ExitCode::FAILURE;
     }
-    let config = match service_config(&args) {
-        Ok(c) => c,
+    let (config, transport) = match service_and_transport(&args) {
+        Ok(both) => both,
         Err(code) => return code,
-    };
-    let transport = match tls_options(&args) {
-        Ok(t) => t,
-        Err(message) => {
-            eprintln!("dcache-server: {message}");
-            return ExitCode::FAILURE;
-        }
     };
     let service = Service::new(store, Arc::new(executor.clone()), config);
     let what = format!("compilers: {}", executor.available().join(", "));
@@ -437,6 +430,17 @@ async fn serve(args: Settings, sandbox: Option<Sandbox>, sandbox_state: SandboxS
         readiness,
     )
     .await
+}
+
+/// What every service takes from the settings, a compile server's and a relay's alike:
+/// its configuration (with the clients' token) and its listeners' transport (TLS).
+fn service_and_transport(args: &Settings) -> Result<(ServiceConfig, TransportOptions), ExitCode> {
+    let config = service_config(args)?;
+    let transport = tls_options(args).map_err(|message| {
+        eprintln!("dcache-server: {message}");
+        ExitCode::FAILURE
+    })?;
+    Ok((config, transport))
 }
 
 /// The service settings, with the clients' token read from --token-file.
@@ -467,16 +471,9 @@ async fn relay(
         );
         return ExitCode::FAILURE;
     }
-    let config = match service_config(&args) {
-        Ok(c) => c,
+    let (config, transport) = match service_and_transport(&args) {
+        Ok(both) => both,
         Err(code) => return code,
-    };
-    let transport = match tls_options(&args) {
-        Ok(t) => t,
-        Err(message) => {
-            eprintln!("dcache-server: {message}");
-            return ExitCode::FAILURE;
-        }
     };
     let mut relay = RelayConfig::new(args.upstream.clone());
     relay.backoff = std::time::Duration::from_secs(args.upstream_backoff.max(1));
