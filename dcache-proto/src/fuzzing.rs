@@ -1462,6 +1462,53 @@ mod tests {
     /// the client ignores GOAWAY's `last_job`, so it keeps waiting for a job the server
     /// has said it did not accept. Over TCP the job only ends with the connection
     /// (`UnexpectedEof`, or a reset if the server closes with the JOB unread).
+    /// Found by CI's fuzz run: a client that aborts a job the server refused at JOB
+    /// (declared source over the limit) made the server report `SourceSkipped` to an
+    /// owner that never heard of the job. The first frame is an ignorable one whose type
+    /// (0x90) selects the harness's valid HELLO and its 4 KiB source limit.
+    #[test]
+    fn regression_abort_of_a_job_refused_at_job() {
+        let mut input = Vec::new();
+        let frames = [
+            Frame::Ignorable {
+                ty: FrameType(0x90),
+                flags: 0,
+                job: 0,
+                payload: Bytes::new(),
+            },
+            Frame::Job {
+                job: JobId(1),
+                desc: JobDesc {
+                    compiler: "cc".into(),
+                    language: "cpp-output".into(),
+                    args: vec![],
+                    source_len: Some(10_000),
+                    identity: None,
+                },
+            },
+            Frame::Abort {
+                job: JobId(1),
+                code: crate::ErrorCode::CANCELLED,
+                message: "cancelled".into(),
+            },
+        ];
+        for f in frames {
+            input.extend_from_slice(&f.to_bytes(MAX).expect("frames encode"));
+        }
+        assert_eq!(input[0] & 0x11, 0x10, "selects HELLO and the small limit");
+        let out = server_run(&input);
+        assert!(
+            out.iter().any(|f| matches!(
+                f,
+                Frame::Abort {
+                    code: crate::ErrorCode::SOURCE_TOO_LARGE,
+                    ..
+                }
+            )),
+            "the job was refused: {out:?}"
+        );
+    }
+
     #[test]
     fn regression_job_in_flight_at_goaway_ends() {
         let mut p = Pair::default_with_seed(1, origin());

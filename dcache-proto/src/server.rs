@@ -218,6 +218,10 @@ pub(crate) struct Job {
     declared: Option<u64>,
     received: u64,
     in_ready: bool,
+    /// Whether the owner has this job: it heard `JobStarted` and no `JobCancelled` since.
+    /// Events about the upload go to the owner only while it has the job; a job refused
+    /// at JOB, or failed by the protocol, is the state machine's alone.
+    owned: bool,
 }
 
 /// The server end of a dcache connection, without IO.
@@ -648,6 +652,7 @@ impl ServerConnection {
                     declared: desc.source_len,
                     received: 0,
                     in_ready: false,
+                    owned: false,
                 },
             );
             self.core.outbox.abort(job, code, &message);
@@ -668,6 +673,7 @@ impl ServerConnection {
                 declared: desc.source_len,
                 received: 0,
                 in_ready: false,
+                owned: true,
             },
         );
         self.core
@@ -803,6 +809,7 @@ impl ServerConnection {
             message: message.clone(),
         });
         if let Some(j) = self.core.jobs.get_mut(&job.0) {
+            j.owned = false;
             if !matches!(j.download, Download::Closed) {
                 j.download = Download::Closed;
                 self.core.outbox.abort(job, code, &message);
@@ -830,7 +837,7 @@ impl ServerConnection {
         let was_uploading = !matches!(j.upload, Upload::Closed);
         let was_receiving = matches!(j.upload, Upload::Receiving { .. });
         j.upload = Upload::Closed;
-        if was_uploading {
+        if was_uploading && j.owned {
             let skipped = j.declared.map_or(0, |d| d.saturating_sub(j.received));
             if skipped > 0 {
                 self.stats.source_bytes_saved += skipped;
@@ -847,6 +854,7 @@ impl ServerConnection {
         // result ("no more source"), and cutting it would lose the result.
         if matches!(j.download, Download::Open { .. }) {
             j.download = Download::Closed;
+            j.owned = false;
             self.core
                 .outbox
                 .abort(job, ErrorCode::CANCELLED, "cancelled by client");
@@ -854,6 +862,7 @@ impl ServerConnection {
                 .events
                 .push_back(ServerEvent::JobCancelled { job, code, message });
         } else if was_receiving {
+            j.owned = false;
             self.core
                 .events
                 .push_back(ServerEvent::JobCancelled { job, code, message });
