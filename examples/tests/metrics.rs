@@ -290,6 +290,7 @@ fn counters_rise_during_a_real_build_and_equal_stats_afterwards() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    documented_queries_fit(m, tmp.path());
     let (status, health) = get(&metrics, "/healthz");
     assert_eq!((status, health.as_str()), (200, "alive\n"));
     assert_eq!(get(&metrics, "/nowhere").0, 404);
@@ -424,5 +425,90 @@ fn stalled_and_flooding_scrapers_do_not_delay_compiles() {
             try_get(&metrics, "/healthz").is_ok_and(|(status, _)| status == 200)
         }),
         "the endpoint never came back"
+    );
+}
+
+/// The dashboard queries in the README and docs/OPERATIONS.md, one per group of lines
+/// between comments and blank lines in their `promql` blocks.
+fn documented_queries() -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut queries = Vec::new();
+    for doc in ["README.md", "docs/OPERATIONS.md"] {
+        let text = std::fs::read_to_string(root.join(doc)).unwrap();
+        let mut in_block = false;
+        let mut current = String::new();
+        for line in text.lines() {
+            let t = line.trim();
+            if !in_block {
+                in_block = t == "```promql";
+                continue;
+            }
+            if t.starts_with("```") || t.is_empty() || t.starts_with('#') {
+                if !current.is_empty() {
+                    queries.push((doc.to_owned(), std::mem::take(&mut current)));
+                }
+                in_block = !t.starts_with("```");
+                continue;
+            }
+            current.push_str(t);
+            current.push(' ');
+        }
+    }
+    queries
+}
+
+/// Every documented query parses (`promtool check rules`, with each as a recording rule),
+/// names only series this server exports, and matches only label values that exist.
+fn documented_queries_fit(metrics: &str, tmp: &Path) {
+    let queries = documented_queries();
+    assert!(queries.len() >= 4, "queries found: {queries:?}");
+    let mut rules = String::from("groups:\n  - name: documented\n    rules:\n");
+    for (i, (doc, q)) in queries.iter().enumerate() {
+        rules.push_str(&format!(
+            "      - record: documented:query{i}\n        expr: '{}'\n",
+            q.trim()
+        ));
+        // Metric names: each is a series (or a histogram's part) in the scrape.
+        for name in q
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("dcache_"))
+        {
+            assert!(
+                metrics.lines().any(|l| l
+                    .strip_prefix(name)
+                    .is_some_and(|r| r.starts_with(['{', ' ']))),
+                "{doc}: `{q}` names {name}, which /metrics does not export"
+            );
+        }
+        // Label matchers `label="v"` and `label=~"a|b"`: each value is exported.
+        for part in q.split(['{', ',']).skip(1) {
+            let Some((label, rest)) = part.split_once('=') else {
+                continue;
+            };
+            let label = label.trim();
+            let Some(values) = rest.trim_start_matches('~').split('"').nth(1) else {
+                continue;
+            };
+            for v in values.split('|') {
+                let series = format!("{label}=\"{v}\"");
+                assert!(
+                    metrics.contains(&series),
+                    "{doc}: `{q}` matches {series}, which no series has"
+                );
+            }
+        }
+    }
+    let file = tmp.join("documented.rules.yml");
+    std::fs::write(&file, &rules).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}\n{rules}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
