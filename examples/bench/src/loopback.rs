@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,15 +16,19 @@ use dcache_proto::{CacheKey, ClientConfig, JobDesc};
 use dcache_server::exec::FakeExecutor;
 use dcache_server::store::MemoryStore;
 use dcache_server::{Service, ServiceConfig};
-use dcache_transport::{Address, ClientHandle, TransportOptions, bind, connect, spawn_client};
+use dcache_transport::{
+    Address, ClientHandle, TlsClient, TlsServer, TransportOptions, bind, connect, spawn_client,
+};
 
 /// Runs a server with the stand-in compiler on `addr` until killed; prints the bound
 /// address on stdout first, then, with `metrics`, the address of its metrics endpoint.
+/// `tls` (certificate and key PEM files) is what a `tls://` address serves.
 pub async fn serve_fake(
     addr: &str,
     compile_ms: u64,
     output_divisor: usize,
     metrics: bool,
+    tls: Option<(PathBuf, PathBuf)>,
 ) -> Result<(), String> {
     let addr: Address = addr.parse().map_err(|e| format!("{e}"))?;
     let service = Service::new(
@@ -40,9 +45,11 @@ pub async fn serve_fake(
             ..ServiceConfig::default()
         },
     );
-    let listener = bind(&addr, &TransportOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut options = TransportOptions::default();
+    if let Some((cert, key)) = tls {
+        options.tls_server = Some(TlsServer::new(&cert, &key, None).map_err(|e| e.to_string())?);
+    }
+    let listener = bind(&addr, &options).await.map_err(|e| e.to_string())?;
     println!("listening on {}", listener.local_addr());
     if metrics {
         let ep = dcache_server::metrics::bind(
@@ -71,6 +78,8 @@ pub async fn serve_fake(
 struct Server {
     child: Child,
     addr: Address,
+    /// What a client needs to reach it: the test CA for a `tls://` server.
+    options: TransportOptions,
     /// The metrics endpoint, when started with one.
     metrics: Option<String>,
 }
@@ -84,7 +93,7 @@ impl Drop for Server {
 
 impl Server {
     fn start(addr: &str, compile_ms: u64, output_divisor: usize) -> Result<Self, String> {
-        Self::start_with(addr, compile_ms, output_divisor, false)
+        Self::start_with(addr, compile_ms, output_divisor, false, None)
     }
 
     fn start_with(
@@ -92,16 +101,25 @@ impl Server {
         compile_ms: u64,
         output_divisor: usize,
         metrics: bool,
+        pki: Option<&BenchPki>,
     ) -> Result<Self, String> {
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut child = Command::new(me)
+        let mut command = Command::new(me);
+        command
             .args([
                 "serve-fake",
                 addr,
                 &compile_ms.to_string(),
                 &output_divisor.to_string(),
             ])
-            .args(metrics.then_some("metrics"))
+            .args(metrics.then_some("metrics"));
+        let mut options = TransportOptions::default();
+        if let Some(pki) = pki {
+            command.arg("--tls").arg(&pki.cert).arg(&pki.key);
+            options.tls_client =
+                Some(TlsClient::new(Some(&pki.ca), None).map_err(|e| e.to_string())?);
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
@@ -130,6 +148,7 @@ impl Server {
         Ok(Self {
             child,
             addr,
+            options,
             metrics,
         })
     }
@@ -146,10 +165,51 @@ impl Server {
     }
 }
 
-async fn client(addr: &Address) -> Result<ClientHandle, String> {
-    let s = connect(addr, &TransportOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
+/// A CA made for this run and a server certificate it signed for 127.0.0.1, as PEM files
+/// in a directory that lives as long as this value: no certificate is kept in the
+/// repository to expire.
+struct BenchPki {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl BenchPki {
+    fn new() -> Result<Self, String> {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let err = |e: rcgen::Error| e.to_string();
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().map_err(err)?)
+            .map_err(err)?;
+        let key = KeyPair::generate().map_err(err)?;
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .map_err(err)?
+            .signed_by(&key, &ca)
+            .map_err(err)?;
+        let write = |name: &str, pem: String| -> Result<PathBuf, String> {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(path)
+        };
+        Ok(Self {
+            ca: write("ca.pem", ca.pem())?,
+            cert: write("cert.pem", cert.pem())?,
+            key: write("key.pem", key.serialize_pem())?,
+            _dir: dir,
+        })
+    }
+}
+
+/// A client of `server` on a connection of its own.
+async fn client(server: &Server) -> Result<ClientHandle, String> {
+    client_to(&server.addr, &server.options).await
+}
+
+async fn client_to(addr: &Address, options: &TransportOptions) -> Result<ClientHandle, String> {
+    let s = connect(addr, options).await.map_err(|e| e.to_string())?;
     Ok(spawn_client(s, ClientConfig::default()))
 }
 
@@ -169,7 +229,7 @@ fn job(n: usize, len: usize) -> (JobDesc, Bytes, CacheKey) {
 /// One measured hit cell.
 #[derive(Debug, Clone)]
 pub struct HitCell {
-    /// `tcp` or `unix`.
+    /// `tcp`, `tls` or `unix`.
     pub transport: &'static str,
     /// Connections used.
     pub connections: usize,
@@ -185,7 +245,7 @@ pub struct HitCell {
 
 async fn hit_cell(
     transport: &'static str,
-    addr: &Address,
+    server: &Server,
     connections: usize,
     in_flight: usize,
     warmed: &Arc<Vec<(JobDesc, Bytes, CacheKey)>>,
@@ -193,7 +253,7 @@ async fn hit_cell(
 ) -> Result<HitCell, String> {
     let mut handles = Vec::new();
     for _ in 0..connections {
-        handles.push(client(addr).await?);
+        handles.push(client(server).await?);
     }
     let per_task = total / in_flight;
     let t0 = Instant::now();
@@ -245,17 +305,22 @@ pub async fn run() -> Result<(String, String), String> {
         "link", "conns", "in_flight", "hits/s", "p50_ms", "p99_ms"
     );
     let mut cells = Vec::new();
-    for (name, spec) in [("tcp", "tcp://127.0.0.1:0"), ("unix", unix.as_str())] {
-        let server = Server::start(spec, 0, 4)?;
+    let pki = BenchPki::new()?;
+    for (name, spec, tls) in [
+        ("tcp", "tcp://127.0.0.1:0", None),
+        ("tls", "tls://127.0.0.1:0", Some(&pki)),
+        ("unix", unix.as_str(), None),
+    ] {
+        let server = Server::start_with(spec, 0, 4, false, tls)?;
         let warm: Arc<Vec<_>> = Arc::new((0..256).map(|n| job(n, 10 * 1024)).collect());
-        let c = client(&server.addr).await?;
+        let c = client(&server).await?;
         for (d, s, k) in warm.iter() {
             c.submit(d.clone(), Some(*k), s.clone())
                 .await
                 .map_err(|e| e.to_string())?;
         }
         for (conns, in_flight) in [(1, 1), (1, 16), (1, 256), (16, 16), (16, 256)] {
-            let cell = hit_cell(name, &server.addr, conns, in_flight, &warm, 4000).await?;
+            let cell = hit_cell(name, &server, conns, in_flight, &warm, 4000).await?;
             let _ = writeln!(
                 text,
                 "{:<5} {:>5} {:>9} {:>10.0} {:>8.3} {:>8.3}",
@@ -315,7 +380,7 @@ pub async fn run() -> Result<(String, String), String> {
     let idle = server.peak_rss();
     let mut handles = Vec::new();
     for _ in 0..1000 {
-        handles.push(client(&server.addr).await?);
+        handles.push(client(&server).await?);
     }
     let shared = Bytes::from(vec![7u8; 2 << 20]);
     let t0 = Instant::now();
@@ -326,7 +391,7 @@ pub async fn run() -> Result<(String, String), String> {
             let desc = JobDesc {
                 compiler: "gcc".into(),
                 language: "cpp-output".into(),
-                args: vec![format!("-DCLIENT={i}")],
+                args: vec!["-c".into(), format!("-DCLIENT={i}")],
                 source_len: Some(src.len() as u64),
                 identity: None,
             };
@@ -335,10 +400,12 @@ pub async fn run() -> Result<(String, String), String> {
         });
     }
     let mut failed = 0;
+    let mut first_failure = None;
     let mut peak = 0;
     while let Some(r) = tasks.join_next().await {
         if !matches!(r, Ok(Ok(()))) {
             failed += 1;
+            first_failure.get_or_insert_with(|| format!("{r:?}"));
         }
         peak = peak.max(server.peak_rss());
     }
@@ -351,6 +418,9 @@ pub async fn run() -> Result<(String, String), String> {
         failed,
         t0.elapsed().as_secs_f64()
     );
+    if let Some(why) = first_failure {
+        let _ = writeln!(text, "first failure: {why}");
+    }
     let _ = writeln!(
         json,
         "  \"memory\": {{\"clients\": 1000, \"source_bytes\": {}, \"server_peak_rss\": {peak}, \"server_idle_rss\": {idle}, \"failed\": {failed}}}\n}}",
@@ -399,8 +469,8 @@ pub async fn metrics_cost(rounds: usize) -> Result<String, String> {
     let warm: Arc<Vec<_>> = Arc::new((0..256).map(|n| job(n, 10 * 1024)).collect());
     for _ in 0..rounds {
         for (side, with) in [false, true].into_iter().enumerate() {
-            let server = Server::start_with("tcp://127.0.0.1:0", 0, 4, with)?;
-            let c = client(&server.addr).await?;
+            let server = Server::start_with("tcp://127.0.0.1:0", 0, 4, with, None)?;
+            let c = client(&server).await?;
             for (d, s, k) in warm.iter() {
                 c.submit(d.clone(), Some(*k), s.clone())
                     .await
@@ -412,7 +482,7 @@ pub async fn metrics_cost(rounds: usize) -> Result<String, String> {
                 .clone()
                 .map(|m| tokio::spawn(scrape_until(m, Duration::from_millis(100), stop_rx)));
             for (i, in_flight) in cells.iter().enumerate() {
-                let cell = hit_cell("tcp", &server.addr, 1, *in_flight, &warm, 4000).await?;
+                let cell = hit_cell("tcp", &server, 1, *in_flight, &warm, 4000).await?;
                 seen[side][i].push(cell.hits_per_s);
                 p50[side][i].push(cell.p50_ms);
             }

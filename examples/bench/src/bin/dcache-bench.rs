@@ -208,7 +208,9 @@ fn main() -> ExitCode {
                 args.get(2).and_then(|m| m.parse().ok()),
                 args.get(3).and_then(|d| d.parse().ok()),
             ) else {
-                return usage("serve-fake ADDR COMPILE_MS OUTPUT_DIVISOR");
+                return usage(
+                    "serve-fake ADDR COMPILE_MS OUTPUT_DIVISOR [metrics] [--tls CERT KEY]",
+                );
             };
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -217,8 +219,18 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let metrics = args.get(4).is_some_and(|a| a == "metrics");
-            match rt.block_on(dcache_bench::loopback::serve_fake(addr, ms, div, metrics)) {
+            let rest = &args[4.min(args.len())..];
+            let metrics = rest.iter().any(|a| a == "metrics");
+            let tls = match rest.iter().position(|a| a == "--tls") {
+                Some(i) => match (rest.get(i + 1), rest.get(i + 2)) {
+                    (Some(cert), Some(key)) => Some((cert.into(), key.into())),
+                    _ => return usage("serve-fake: --tls takes CERT KEY"),
+                },
+                None => None,
+            };
+            match rt.block_on(dcache_bench::loopback::serve_fake(
+                addr, ms, div, metrics, tls,
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("dcache-bench serve-fake: {e}");
