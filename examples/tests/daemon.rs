@@ -261,6 +261,50 @@ fn later_compiles_reuse_the_daemon_and_stats_show_it() {
     assert!(common::stat(&json, "hits") >= 2, "{json}");
 }
 
+/// Found on bzip2 with Debian's flags (`bzip2.c` warns about `fchown`): through the daemon,
+/// depend mode compiled a file with warnings here and recorded it without its
+/// diagnostics, and the daemon does not vouch for them (it compiles elsewhere), so every
+/// warm build compiled the file again. Now the entry keeps the local compile's exact
+/// stderr, and the warm compile is a direct hit that prints gcc's very bytes.
+#[test]
+fn a_result_with_warnings_through_the_daemon_is_a_direct_hit_with_gccs_stderr() {
+    let s = Setup::new();
+    s.started_daemon();
+    s.write("w.c", "int f(int a)\n{\n  int unused;\n  return a;\n}\n");
+    // Past the freshness rule, so the first compile records a direct-mode entry.
+    std::thread::sleep(Duration::from_millis(1100));
+    let args = ["gcc", "-Wall", "-O2", "-c", "w.c", "-o", "w.o"];
+    let gcc = Command::new("gcc")
+        .args(&args[1..5])
+        .args(["-o", "plain.o"])
+        .current_dir(s.dir())
+        .env_remove("COLUMNS")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&gcc.stderr).contains("unused variable"),
+        "gcc warns"
+    );
+    let cold = s.dcache(&args, &[("DCACHE_LOG", "dcache_client=debug")]);
+    let log = String::from_utf8_lossy(&cold.stderr);
+    assert!(log.contains("depend mode compiled and recorded"), "{log}");
+    let warm = s.dcache(&args, &[("DCACHE_LOG", "dcache_client=debug")]);
+    let log = String::from_utf8_lossy(&warm.stderr);
+    assert!(log.contains("direct hit from unix://"), "{log}");
+    assert!(!log.contains("depend mode compiled"), "{log}");
+    let quiet = s.dcache(&args, &[]);
+    assert!(quiet.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&quiet.stderr),
+        String::from_utf8_lossy(&gcc.stderr),
+        "not gcc's stderr byte for byte"
+    );
+    assert_eq!(
+        std::fs::read(s.dir().join("w.o")).unwrap(),
+        std::fs::read(s.dir().join("plain.o")).unwrap()
+    );
+}
+
 #[test]
 fn an_idle_daemon_exits_by_itself() {
     let s = Setup::new();

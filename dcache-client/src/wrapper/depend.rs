@@ -186,7 +186,7 @@ pub async fn compile(
         Some(p) => record(config, plan, deps, &p, dk, started),
         None => None,
     };
-    let Some(entry) = recorded else {
+    let Some(mut entry) = recorded else {
         tracing::debug!(
             "{}: depend mode compiled, not recorded",
             plan.input.display()
@@ -198,6 +198,13 @@ pub async fn compile(
         backend.count_local_compile();
         return 0;
     };
+    // This compile ran here, in the user's directory: its diagnostics are exact. Kept in
+    // the entry, they are what the next identical compile replays; without them, a result
+    // with warnings is one no backend vouches for, and every warm build would compile the
+    // file again (bzip2.c with Debian's flags did). Not when a terminal got colours.
+    if !out.stderr.is_empty() && !std::io::stderr().is_terminal() {
+        entry.stderr = Some(out.stderr.clone());
+    }
     let result = JobResult {
         exit_code: 0,
         stdout: Bytes::from(out.stdout),
