@@ -1455,13 +1455,6 @@ mod tests {
         }
     }
 
-    /// Found by `pair_ops` (input `44 00 0a 08 06 00 00 08 00 00 00 0a 08 06 00 00`): a JOB
-    /// the client sent before it received GOAWAY never ends. The server, with no job open,
-    /// closes as soon as it queues GOAWAY and ignores all later input, so it never answers
-    /// the in-flight JOB with ABORT `SHUTTING_DOWN` as PROTOCOL.md section 6 requires; and
-    /// the client ignores GOAWAY's `last_job`, so it keeps waiting for a job the server
-    /// has said it did not accept. Over TCP the job only ends with the connection
-    /// (`UnexpectedEof`, or a reset if the server closes with the JOB unread).
     /// Found by CI's fuzz run: a client that aborts a job the server refused at JOB
     /// (declared source over the limit) made the server report `SourceSkipped` to an
     /// owner that never heard of the job. The first frame is an ignorable one whose type
@@ -1509,6 +1502,13 @@ mod tests {
         );
     }
 
+    /// Found by `pair_ops` (input `44 00 0a 08 06 00 00 08 00 00 00 0a 08 06 00 00`): a JOB
+    /// the client sent before it received GOAWAY never ends. The server, with no job open,
+    /// closes as soon as it queues GOAWAY and ignores all later input, so it never answers
+    /// the in-flight JOB with ABORT `SHUTTING_DOWN` as PROTOCOL.md section 6 requires; and
+    /// the client ignores GOAWAY's `last_job`, so it keeps waiting for a job the server
+    /// has said it did not accept. Over TCP the job only ends with the connection
+    /// (`UnexpectedEof`, or a reset if the server closes with the JOB unread).
     #[test]
     fn regression_job_in_flight_at_goaway_ends() {
         let mut p = Pair::default_with_seed(1, origin());

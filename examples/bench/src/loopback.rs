@@ -205,11 +205,9 @@ impl BenchPki {
 
 /// A client of `server` on a connection of its own.
 async fn client(server: &Server) -> Result<ClientHandle, String> {
-    client_to(&server.addr, &server.options).await
-}
-
-async fn client_to(addr: &Address, options: &TransportOptions) -> Result<ClientHandle, String> {
-    let s = connect(addr, options).await.map_err(|e| e.to_string())?;
+    let s = connect(&server.addr, &server.options)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(spawn_client(s, ClientConfig::default()))
 }
 
