@@ -94,7 +94,8 @@ fn probe_files(
     let children: Vec<_> = queries
         .iter()
         .map(|q| {
-            Command::new(&driver)
+            let mut command = Command::new(&driver);
+            command
                 .arg(q)
                 .env_clear()
                 .env("PATH", search_path)
@@ -108,8 +109,8 @@ fn probe_files(
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 // Its own group, so whatever it leaves behind is killed with it.
-                .process_group(0)
-                .spawn()
+                .process_group(0);
+            super::busy::retry_blocking(|| command.spawn())
         })
         .collect();
     let deadline = Instant::now() + PROBE_TIME_LIMIT;

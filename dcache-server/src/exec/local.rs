@@ -338,14 +338,14 @@ async fn run(
     } else {
         command.envs(config.locale.iter().map(|(k, v)| (k, v)));
     }
-    let mut child = command
+    command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own process group: whatever the compiler starts is killed with it.
         .process_group(0)
-        .kill_on_drop(true)
-        .spawn()?;
+        .kill_on_drop(true);
+    let mut child = super::busy::retry_async(|| command.spawn()).await?;
     let mut tree = ProcessTree::new(child.id());
     let (Some(mut stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())

@@ -4,6 +4,7 @@
 //! option outside the allow-list, or make it write outside the job's private directory.
 
 pub mod args;
+mod busy;
 mod fake;
 mod handle;
 pub mod identity;
