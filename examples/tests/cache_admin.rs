@@ -49,7 +49,7 @@ fn project(n: usize) -> tempfile::TempDir {
         .unwrap();
         objects.push(format!("f{i}.o"));
     }
-    // A source changed within the last second is never recorded (its next edit could keep
+    // A source changed just before the compile is never recorded (its next edit could keep
     // the same mtime), and depend mode has no preprocessed key to fall back on: age them.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     std::fs::write(

@@ -31,7 +31,7 @@ fn stderr(o: &Output) -> String {
 fn source_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("a.c"), "int a(int x) { return x * 7; }\n").unwrap();
-    // Past the one-second freshness rule: a source this new is compiled the preprocessor's
+    // Past the freshness rule: a source this new is compiled the preprocessor's
     // way and not recorded, and whether the next compile still sees it as new would
     // depend on the machine's load (a cold compile then a depend-mode miss, not a hit).
     std::thread::sleep(std::time::Duration::from_millis(1100));

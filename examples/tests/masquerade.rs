@@ -69,7 +69,7 @@ fn project() -> tempfile::TempDir {
          clean:\n\trm -f *.o prog\n",
     )
     .unwrap();
-    // Older than the wrapper's freshness rule (a file changed within the last second is
+    // Older than the wrapper's freshness rule (a file changed just before a compile is
     // never recorded, and its status-change time cannot be set back), so every compile
     // of the cold build takes the same way, and the warm build finds what it recorded.
     std::thread::sleep(std::time::Duration::from_millis(1100));

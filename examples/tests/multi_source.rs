@@ -46,8 +46,8 @@ fn project(broken: bool) -> tempfile::TempDir {
         "objs:\n\t$(CC) -O2 -MMD -c src/a.c src/b.c src/c.c src/d.cpp\n",
     )
     .unwrap();
-    // Past the wrapper's one-second freshness rule, so the cold build records every file
-    // and the warm one finds it, whatever the load (a file compiled within a second of
+    // Past the wrapper's freshness rule (with a wide margin), so the cold build records
+    // every file and the warm one finds it, whatever the load (a file compiled just after
     // being written goes the preprocessor's way unrecorded, and a later depend-mode
     // compile of it uses another key).
     std::thread::sleep(std::time::Duration::from_millis(1100));

@@ -16,8 +16,8 @@ fn project() -> tempfile::TempDir {
         let e = e.unwrap();
         std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
     }
-    // Past the wrapper's one-second freshness rule, so the cold build records every file
-    // and the warm one finds it, whatever the load (a file compiled within a second of
+    // Past the wrapper's freshness rule (with a wide margin), so the cold build records
+    // every file and the warm one finds it, whatever the load (a file compiled just after
     // being written goes the preprocessor's way unrecorded, and a later depend-mode
     // compile of it uses another key).
     std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -105,8 +105,8 @@ fn make_through_a_tcp_server_links_runs_and_rebuilds_from_cache() {
 fn the_embedded_default_is_a_local_compiler_cache() {
     let cache = tempfile::tempdir().unwrap();
     let dir = project();
-    // Depend mode records a file only once it is a second old (it might have changed
-    // between the compile and the recording); a fresh copy would compile twice.
+    // Depend mode records a file only once it is past the freshness rule (it might have
+    // changed between the compile and the recording); a fresh copy would compile twice.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let cc = format!("{DCACHE} gcc");
     let env = [("DCACHE_DIR", cache.path().to_str().unwrap())];
@@ -168,7 +168,7 @@ fn warnings_are_gccs_own_bytes_in_the_users_locale_remote_and_embedded() {
         "int f(void) {\n    int unused = 3;\n    return 0;\n}\n",
     )
     .unwrap();
-    // Depend mode (the embedded cache) records only files at least a second old.
+    // Depend mode (the embedded cache) records only files past the freshness rule.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let run = |cmd: &mut Command| {
         let out = cmd
@@ -335,7 +335,7 @@ fn direct_mode_skips_the_preprocessor_only_while_every_file_is_unchanged() {
     )
     .unwrap();
     std::fs::write(p.join("t.c"), "const char *t(void) { return __TIME__; }\n").unwrap();
-    // Files changed within a second of a compile are not trusted to be what it read.
+    // Files changed just before a compile are not trusted to be what it read.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let run = |src: &str, extra: &[(&str, &str)]| {
         let obj = src.replace(".c", ".o");

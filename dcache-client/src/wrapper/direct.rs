@@ -18,11 +18,13 @@
 //!   a header created earlier on the search path (shadowing the recorded one), removed
 //!   or renamed, and any `__has_include` answer changing, invalidates the entry;
 //! - `-P` (no line markers, so no list of files) turns direct mode off;
-//! - a symlink on the way to an included file that changed within a second of the
-//!   compile's start blocks recording, like a changed file (a switched `inc -> inc_v2`
-//!   link during the compile would otherwise pair the old text's key with the new files);
-//! - a file modified within a second of the compile's start is not recorded (it might have
-//!   changed between preprocessing and hashing);
+//! - a file that may have changed after the compile started is not recorded (it might
+//!   have changed between preprocessing and hashing): one whose modification or
+//!   status-change time is within its timestamps' granularity of the start
+//!   ([`Stamp::margin`]), a tenth of a second where the filesystem keeps nanoseconds;
+//! - a symlink on the way to an included file that changed as recently blocks recording,
+//!   like a changed file (a switched `inc -> inc_v2` link during the compile would
+//!   otherwise pair the old text's key with the new files);
 //! - names with escapes in the line markers are not recorded (they are not decoded);
 //! - a stale entry only costs a lookup: the server is asked for a key, and a miss falls
 //!   back to preprocessing as usual.
@@ -82,19 +84,24 @@ const MAGIC: &[u8; 4] = b"DCM3";
 /// Most entries one manifest keeps (one per distinct set of header contents seen).
 const MAX_ENTRIES: usize = 16;
 
-/// Files changed this recently before the compile started are not trusted to be what the
-/// preprocessor read (timestamps have coarse granularity on some filesystems).
-const TOO_NEW: Duration = Duration::from_secs(1);
+/// How far a file's timestamp may lag the moment it changed, where the filesystem keeps
+/// nanoseconds. The kernel stamps files from its coarse clock, which can trail the clock
+/// a compile's start is read from by one scheduler tick (4 ms at the usual 250 Hz, 10 ms
+/// at the slowest 100 Hz); a tenth of a second is ten times the worst. CMake's configure
+/// step touches the status of every file it generates (`config.h`), so a build that
+/// starts half a second after it must still be recorded.
+const FINE_MARGIN: Duration = Duration::from_millis(100);
 
-/// Whether `path` changed so shortly before `started` that no entry could be recorded for
-/// a compile reading it (within a second). Depend mode asks this of the source first: a
-/// file just saved then takes the preprocessor's way, which is cached by content, rather
-/// than a compile that could not be recorded at all.
+/// The same where timestamps are whole seconds (their nanoseconds are zero): a change up
+/// to a second after the stamp shows the same stamp, and FAT's times are even seconds.
+const WHOLE_SECOND_MARGIN: Duration = Duration::from_secs(2);
+
+/// Whether `path` may have changed after `started`, so that no entry could be recorded
+/// for a compile reading it. Depend mode asks this of the source first: a file just saved
+/// then takes the preprocessor's way, which is cached by content, rather than a compile
+/// that could not be recorded at all.
 pub fn too_new_to_record(path: &Path, started: SystemTime) -> bool {
-    match (changed_at(path), started.checked_sub(TOO_NEW)) {
-        (Some(changed), Some(limit)) => changed >= limit,
-        _ => true,
-    }
+    changed_at(path).is_none_or(|changed| changed >= started)
 }
 
 /// The key of everything a compile's preprocessed source depends on, except the contents
@@ -197,34 +204,63 @@ fn unrecordable(text: &[u8]) -> bool {
         .any(|m| text.windows(m.len()).any(|w| w == *m))
 }
 
-/// When `path`, or any symlink on the way to it, last changed.
+/// The latest moment `path`, or any symlink on the way to it, may last have changed:
+/// its newest timestamp plus that timestamp's [margin](Stamp::margin). A compile that
+/// started after it read what is there now.
 pub(crate) fn changed_at(path: &Path) -> Option<SystemTime> {
-    let mut latest = stamp(&std::fs::metadata(path).ok()?)?;
+    let mut latest = Stamp::of(&std::fs::metadata(path).ok()?).latest_change()?;
     let mut prefix = PathBuf::new();
     for c in path.components() {
         prefix.push(c);
         if let Ok(m) = std::fs::symlink_metadata(&prefix) {
             if m.file_type().is_symlink() {
-                latest = latest.max(stamp(&m)?);
+                latest = latest.max(Stamp::of(&m).latest_change()?);
             }
         }
     }
     Some(latest)
 }
 
-/// The later of a file's modification and status-change times, to the nanosecond: whole
-/// seconds would make a file changed a tenth of a second before the compile look a second
-/// old.
-fn stamp(meta: &std::fs::Metadata) -> Option<SystemTime> {
-    let at = |secs: i64, nanos: i64| -> Option<SystemTime> {
-        Some(
-            SystemTime::UNIX_EPOCH
-                + Duration::new(u64::try_from(secs).ok()?, u32::try_from(nanos).ok()?),
-        )
-    };
-    let modified = at(meta.mtime(), meta.mtime_nsec())?;
-    let changed = at(meta.ctime(), meta.ctime_nsec())?;
-    Some(modified.max(changed))
+/// A file's modification and status-change times, as seconds and nanoseconds.
+#[derive(Clone, Copy, Debug)]
+struct Stamp {
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            modified: (meta.mtime(), meta.mtime_nsec()),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// How long after its stamp a change may really have happened: whole-second stamps
+    /// (both nanosecond fields zero: ext3, FAT, some network filesystems) hide two
+    /// seconds; nanosecond ones only the kernel's clock tick.
+    fn margin(&self) -> Duration {
+        if self.modified.1 == 0 && self.changed.1 == 0 {
+            WHOLE_SECOND_MARGIN
+        } else {
+            FINE_MARGIN
+        }
+    }
+
+    /// The later of the two times, to the nanosecond, plus the margin. The status-change
+    /// time counts too: a copy that keeps the old modification time (`cp -p`, `rsync`,
+    /// `tar`) still changes it.
+    fn latest_change(&self) -> Option<SystemTime> {
+        let at = |(secs, nanos): (i64, i64)| -> Option<SystemTime> {
+            SystemTime::UNIX_EPOCH.checked_add(Duration::new(
+                u64::try_from(secs).ok()?,
+                u32::try_from(nanos).ok()?,
+            ))
+        };
+        at(self.modified)?
+            .max(at(self.changed)?)
+            .checked_add(self.margin())
+    }
 }
 
 /// One way the included files were, and the key the result then had.
@@ -270,8 +306,8 @@ pub struct Sources<'a> {
 impl Entry {
     /// The entry for a compile that just ran, from what it read (`src`), hashed now.
     /// `None` when it must not be recorded: no files, a file (or a symlink on its path,
-    /// or an existing lookup candidate) that changed after `started` less a second, a
-    /// clock macro in a file, or a lookup that cannot be known (see
+    /// or an existing lookup candidate) that may have changed after `started` (see
+    /// [`changed_at`]), a clock macro in a file, or a lookup that cannot be known (see
     /// [`lookups::scan`]).
     pub fn record(
         key: CacheKey,
@@ -279,13 +315,12 @@ impl Entry {
         src: Sources<'_>,
         depend: bool,
     ) -> Option<Self> {
-        let limit = src.started.checked_sub(TOO_NEW)?;
         if src.files.is_empty() {
             return None;
         }
         let mut texts = Vec::with_capacity(src.files.len());
         for path in &src.files {
-            if changed_at(path)? >= limit {
+            if changed_at(path)? >= src.started {
                 return None;
             }
             let text = std::fs::read(path).ok()?;
@@ -301,7 +336,7 @@ impl Entry {
             .map(|(path, text)| lookups::Read { path, text })
             .collect();
         let candidates = lookups::candidates(src.main, &read, src.dirs, src.forced)?;
-        let probes = lookups::record(candidates, limit)?;
+        let probes = lookups::record(candidates, src.started)?;
         let files = src
             .files
             .iter()
@@ -617,20 +652,44 @@ mod tests {
             .open(&file)
             .and_then(|f| f.set_modified(old))
             .unwrap_or_default();
-        // ...but the link to its directory was switched just now.
+        // ...but the link to its directory was switched just now, by a compile that had
+        // started (read before the link, so however slow this machine is).
+        let linked = SystemTime::now();
         std::os::unix::fs::symlink(dir.path().join("v2"), dir.path().join("inc"))
             .unwrap_or_default();
-        let linked = SystemTime::now();
         let h = dir.path().join("inc/h.h");
-        let recent = linked - Duration::from_secs(1);
         // (Here the file's status-change time is new as well, since setting its mtime
         // changed it; the end-to-end test of the wrapper switches a link to old files.)
-        assert!(changed_at(&h).is_some_and(|t| t >= recent));
+        assert!(changed_at(&h).is_some_and(|t| t >= linked));
         let pre = format!("# 1 \"{}\" 1\nint h;\n", h.display());
         let key = CacheKey::from_bytes([7; 32]);
         assert_eq!(record_pre(key, pre.as_bytes(), linked), None);
         let later = linked + Duration::from_secs(5);
         assert!(record_pre(key, pre.as_bytes(), later).is_some());
+    }
+
+    #[test]
+    fn whole_second_timestamps_get_the_wider_margin() {
+        let stamp = |m: (i64, i64), c: (i64, i64)| Stamp {
+            modified: m,
+            changed: c,
+        };
+        let whole = stamp((100, 0), (200, 0));
+        assert_eq!(whole.margin(), WHOLE_SECOND_MARGIN);
+        assert_eq!(
+            whole.latest_change(),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(202))
+        );
+        // One nanosecond field set: the filesystem keeps them (a copy may have set the
+        // modification time to a whole second).
+        let fine = stamp((300, 0), (200, 5));
+        assert_eq!(fine.margin(), FINE_MARGIN);
+        assert_eq!(
+            fine.latest_change(),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(300) + FINE_MARGIN)
+        );
+        // A time before 1970 is never trusted.
+        assert_eq!(stamp((-1, 0), (5, 0)).latest_change(), None);
     }
 
     #[test]
@@ -716,13 +775,22 @@ mod tests {
     fn fresh_files_and_time_macros_are_not_recorded() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let h = dir.path().join("h.h");
+        // The compile "started" just before the write: the file may have changed under it
+        // (read before, so however slow this machine is).
+        let started = SystemTime::now();
         std::fs::write(&h, "int h;").unwrap_or_default();
-        // The compile "started" right after the write (however slow this machine is).
-        let written = SystemTime::now();
         let pre = format!("# 1 \"{}\" 1\nint h;\n", h.display());
         let key = CacheKey::from_bytes([7; 32]);
-        // Written just before: too new.
-        assert_eq!(record_pre(key, pre.as_bytes(), written), None);
+        assert_eq!(record_pre(key, pre.as_bytes(), started), None);
+        // A compile that started a margin after the write read it as it is (a build right
+        // after CMake regenerated its headers). (File times come from the kernel's coarse
+        // clock, never ahead of the one read here.)
+        let written = SystemTime::now();
+        let soon = written + FINE_MARGIN + Duration::from_millis(1);
+        assert_eq!(
+            record_pre(key, pre.as_bytes(), soon).map(|e| e.files.len()),
+            Some(1)
+        );
         // The same file for a compile that starts later is fine.
         let later = SystemTime::now() + Duration::from_secs(5);
         let e = record_pre(key, pre.as_bytes(), later);
