@@ -21,7 +21,7 @@
 //! - a file that may have changed after the compile started is not recorded (it might
 //!   have changed between preprocessing and hashing): one whose modification or
 //!   status-change time is within its timestamps' granularity of the start
-//!   ([`Stamp::margin`]), a tenth of a second where the filesystem keeps nanoseconds;
+//!   (`Stamp::margin`), a tenth of a second where the filesystem keeps nanoseconds;
 //! - a symlink on the way to an included file that changed as recently blocks recording,
 //!   like a changed file (a switched `inc -> inc_v2` link during the compile would
 //!   otherwise pair the old text's key with the new files);
@@ -205,7 +205,7 @@ fn unrecordable(text: &[u8]) -> bool {
 }
 
 /// The latest moment `path`, or any symlink on the way to it, may last have changed:
-/// its newest timestamp plus that timestamp's [margin](Stamp::margin). A compile that
+/// its newest timestamp plus that timestamp's margin (`Stamp::margin`). A compile that
 /// started after it read what is there now.
 pub(crate) fn changed_at(path: &Path) -> Option<SystemTime> {
     let mut latest = Stamp::of(&std::fs::metadata(path).ok()?).latest_change()?;
@@ -307,7 +307,7 @@ impl Entry {
     /// The entry for a compile that just ran, from what it read (`src`), hashed now.
     /// `None` when it must not be recorded: no files, a file (or a symlink on its path,
     /// or an existing lookup candidate) that may have changed after `started` (see
-    /// [`changed_at`]), a clock macro in a file, or a lookup that cannot be known (see
+    /// `changed_at`), a clock macro in a file, or a lookup that cannot be known (see
     /// [`lookups::scan`]).
     pub fn record(
         key: CacheKey,

@@ -355,7 +355,7 @@ pub fn candidates(
 
 /// What is at each candidate now, or `None` when one that exists (or a symlink on the
 /// way to it) may have changed after the compile `started` (see
-/// [`changed_at`](super::direct::changed_at)), so is not to be trusted as what the
+/// `direct::changed_at`), so is not to be trusted as what the
 /// compile saw: a header created between the compile's lookups and this recording would
 /// otherwise be recorded as if the compile had found it.
 pub fn record(candidates: BTreeSet<PathBuf>, started: SystemTime) -> Option<Vec<(PathBuf, Probe)>> {
