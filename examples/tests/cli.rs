@@ -237,6 +237,8 @@ fn a_hung_server_is_named_once_and_skipped_by_every_later_process() {
     let env = [
         ("DCACHE_HOSTS", addr.as_str()),
         ("DCACHE_CONNECT_TIMEOUT", "0.5"),
+        // Straight to the server: the relay daemon has its own tests (daemon.rs).
+        ("DCACHE_DAEMON", "0"),
     ];
     let first = dcache(dir.path(), cache.path(), &["gcc", "-c", "a.c"], &env);
     assert!(first.status.success(), "{}", stderr(&first));
@@ -284,6 +286,8 @@ fn parallel_processes_share_one_record_of_a_dead_host() {
                 .current_dir(dir.path())
                 .env("DCACHE_DIR", cache.path())
                 .env("DCACHE_HOSTS", &dead)
+                // Straight to the server: the relay daemon has its own tests (daemon.rs).
+                .env("DCACHE_DAEMON", "0")
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()

@@ -21,6 +21,8 @@ fn dcache(dir: &Path, server: &Server, compiler: &str, out: &str, path: &str) ->
     Command::new(DCACHE)
         .args([compiler, "-c", "u.c", "-o", out])
         .env("DCACHE_HOSTS", &server.addr)
+        // Straight to the server: the relay daemon has its own tests (daemon.rs).
+        .env("DCACHE_DAEMON", "0")
         .env("DCACHE_DIR", dir.join(".dcache"))
         .env("PATH", path)
         .env_remove("DCACHE_TOKEN")

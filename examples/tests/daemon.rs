@@ -550,3 +550,127 @@ fn bad_bytes_to_the_daemon_get_what_any_dcache_server_gives() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("from unix://"));
 }
+
+impl Setup {
+    /// Compiles `start.c` with `envs` until a compile goes through a daemon (the first
+    /// may start it without waiting for it); returns how many did not.
+    fn compile_until_through_daemon(&self, envs: &[(&str, &str)]) -> usize {
+        self.write("start.c", "int start(void) { return 1; }\n");
+        let deadline = Instant::now() + PATIENCE;
+        let mut direct = 0;
+        loop {
+            let out = self.compile("start.c", "start.o", envs);
+            if String::from_utf8_lossy(&out.stderr).contains("from unix://") {
+                return direct;
+            }
+            direct += 1;
+            assert!(
+                Instant::now() < deadline,
+                "no compile went through a daemon"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// With hosts configured the daemon is the relay to them: every compile of every process
+/// reaches the server over the daemon's one authenticated connection (no handshake or
+/// token exchange per compile), and a result fetched once is served by the daemon itself
+/// the next time, byte-identical to gcc's object.
+#[test]
+fn with_hosts_the_daemon_relays_over_one_connection_and_serves_repeats_itself() {
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, "a token for the relay daemon test\n").unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let server = common::server_on(
+        cache.path(),
+        &["--token-file", token_file.to_str().unwrap()],
+        &[],
+    );
+    let s = Setup::new();
+    let envs = [
+        ("DCACHE_HOSTS", server.addr.as_str()),
+        ("DCACHE_TOKEN", "a token for the relay daemon test"),
+        // Every compile sends its preprocessed source (no direct-mode shortcut).
+        ("DCACHE_DIRECT", "0"),
+        ("DCACHE_LOG", "debug"),
+    ];
+    let direct = s.compile_until_through_daemon(&envs);
+    let sources: Vec<String> = (0..4)
+        .map(|i| {
+            let name = format!("r{i}.c");
+            s.write(
+                &name,
+                &format!("int r{i}(int x) {{ return x * {}; }}\n", i + 3),
+            );
+            name
+        })
+        .collect();
+    for round in 0..2 {
+        for src in &sources {
+            let obj = format!("{src}.{round}.o");
+            let out = s.compile(src, &obj, &envs);
+            let log = String::from_utf8_lossy(&out.stderr);
+            let expected = if round == 0 {
+                "compiled from unix://"
+            } else {
+                "hit from unix://"
+            };
+            assert!(log.contains(expected), "round {round}, {src}: {log}");
+            assert_eq!(
+                std::fs::read(s.dir().join(&obj)).unwrap(),
+                s.reference(src),
+                "{src}"
+            );
+        }
+    }
+    let on_server = common::stats_json(&envs[..2]);
+    // start.c and the four sources, each compiled once; the repeats never reached it
+    // (its only hits: start.c again, after a first compile that went direct).
+    assert_eq!(common::stat(&on_server, "compiles"), 5, "{on_server}");
+    assert_eq!(
+        common::stat(&on_server, "hits"),
+        direct as u64,
+        "{on_server}"
+    );
+    // One connection for the daemon's nine jobs, one per compile that went direct
+    // while it started, and this query's own.
+    assert!(
+        common::stat(&on_server, "connections") <= direct as u64 + 2,
+        "{direct} direct compiles: {on_server}"
+    );
+    // `dcache --stats` shows the daemon's counters beside the server's.
+    let json = String::from_utf8(s.dcache(&["--stats", "--json"], &envs).stdout).unwrap();
+    assert_eq!(common::stat(&json, "daemon_hits"), 4, "{json}");
+    assert_eq!(common::stat(&json, "daemon_upstream_jobs"), 5, "{json}");
+    assert_eq!(common::stat(&json, "compiles"), 5, "{json}");
+}
+
+/// A relay daemon whose host is down answers at once, and the wrapper compiles locally,
+/// correctly, with one warning naming the host.
+#[test]
+fn with_its_host_down_the_relay_daemon_lets_the_wrapper_compile_locally() {
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("tcp://127.0.0.1:{port}");
+    let s = Setup::new();
+    let envs = [("DCACHE_HOSTS", addr.as_str()), ("DCACHE_LOG", "debug")];
+    s.write("d.c", "int d(int x) { return x - 9; }\n");
+    wait_for("the relay daemon", || {
+        s.compile("d.c", "d.o", &envs);
+        s.daemons().len() == 1 && s.sockets().len() == 1
+    });
+    let out = s.compile("d.c", "d.o", &envs);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains(&addr), "the host is named: {log}");
+    assert_eq!(
+        std::fs::read(s.dir().join("d.o")).unwrap(),
+        s.reference("d.c")
+    );
+}

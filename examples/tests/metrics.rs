@@ -102,6 +102,8 @@ fn compile(dir: &Path, name: &str, addr: &str) -> Output {
             &format!("{name}.o"),
         ])
         .env("DCACHE_HOSTS", addr)
+        // Straight to the server: the relay daemon has its own tests (daemon.rs).
+        .env("DCACHE_DAEMON", "0")
         .env("DCACHE_DIR", dir.join(".dcache"))
         .env("DCACHE_FALLBACK", "0")
         .env_remove("DCACHE_TOKEN")

@@ -19,6 +19,8 @@ fn compile(dir: &Path, compiler: &str, src: &str, addr: &str, envs: &[(&str, &st
     cmd.args([compiler, "-c", src, "-o"])
         .arg(&obj)
         .env("DCACHE_HOSTS", addr)
+        // Straight to the server: the relay daemon has its own tests (daemon.rs).
+        .env("DCACHE_DAEMON", "0")
         .env("DCACHE_DIR", dir.join(".dcache"))
         .env_remove("DCACHE_TOKEN")
         .env_remove("DCACHE_TOKEN_FILE")

@@ -24,6 +24,8 @@ fn compile(dir: &Path, src: &str, addr: &str, envs: &[(&str, &str)]) -> Output {
     cmd.args(["gcc", "-c", src, "-o"])
         .arg(&obj)
         .env("DCACHE_HOSTS", addr)
+        // Straight to the server: the relay daemon has its own tests (daemon.rs).
+        .env("DCACHE_DAEMON", "0")
         .env("DCACHE_DIR", dir.join(".dcache"))
         .env("DCACHE_DIRECT", "0")
         .env_remove("DCACHE_TOKEN")

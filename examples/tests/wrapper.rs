@@ -278,6 +278,8 @@ fn zero_stats_with_servers_counts_from_now_for_this_user_only() {
         let out = Command::new(DCACHE)
             .args(["gcc", "-c", "z.c", "-o", "z.o"])
             .env("DCACHE_HOSTS", &s.addr)
+            // Straight to the server: the relay daemon has its own tests (daemon.rs).
+            .env("DCACHE_DAEMON", "0")
             .env("DCACHE_DIR", dir.path().join(".dcache"))
             .current_dir(dir.path())
             .output()
@@ -614,6 +616,8 @@ fn a_dead_server_falls_back_to_a_local_compile_unless_told_not_to() {
     let out = Command::new(DCACHE)
         .args(["gcc", "-c", "ok.c", "-o", "ok.o"])
         .env("DCACHE_HOSTS", &dead)
+        // Straight to the server: the relay daemon has its own tests (daemon.rs).
+        .env("DCACHE_DAEMON", "0")
         .env("DCACHE_DIR", dir.path().join(".dcache"))
         .current_dir(dir.path())
         .output()
@@ -628,6 +632,8 @@ fn a_dead_server_falls_back_to_a_local_compile_unless_told_not_to() {
     let out = Command::new(DCACHE)
         .args(["gcc", "-c", "ok.c", "-o", "ok.o"])
         .env("DCACHE_HOSTS", &dead)
+        // Straight to the server: the relay daemon has its own tests (daemon.rs).
+        .env("DCACHE_DAEMON", "0")
         .env("DCACHE_DIR", dir.path().join(".dcache"))
         .env("DCACHE_FALLBACK", "0")
         .current_dir(dir.path())
@@ -657,6 +663,8 @@ fn two_hosts_split_keys_and_a_stopped_hosts_keys_move() {
             let st = Command::new(DCACHE)
                 .args(["gcc", "-c", f])
                 .env("DCACHE_HOSTS", hosts)
+                // Straight to the server: the relay daemon has its own tests (daemon.rs).
+                .env("DCACHE_DAEMON", "0")
                 .env("DCACHE_DIR", dir.path().join(".dcache"))
                 .env("DCACHE_FALLBACK", "0")
                 .current_dir(dir.path())
@@ -733,6 +741,8 @@ fn distro_flags_are_cached_remotely_with_the_object_gcc_makes() {
     let env = [
         ("DCACHE_HOSTS", s.addr.as_str()),
         ("DCACHE_DIR", cache.path().to_str().unwrap()),
+        // Straight to the server: the relay daemon has its own tests (daemon.rs).
+        ("DCACHE_DAEMON", "0"),
     ];
     let same = |a: &str, b: &str| {
         std::fs::read(dir.path().join(a)).unwrap() == std::fs::read(dir.path().join(b)).unwrap()

@@ -119,10 +119,20 @@ pub async fn gather(config: &Config) -> Report {
             unreachable: Vec::new(),
         };
     }
-    let mut report = remote(config).await;
+    let daemon = crate::wrapper::daemon::connect::running_daemon(config);
+    let mut report = remote(config, daemon.as_ref()).await;
+    let daemon = daemon.map(|a| a.to_string());
     for set in &mut report.sets {
         let counters = std::mem::take(&mut set.counters);
         set.counters = baseline::since_zero(&config.dir, &set.name, counters);
+        if daemon.as_ref() == Some(&set.name) {
+            // The relay daemon's own counters (jobs it served from its tier, passed up,
+            // or let fall through) beside the hosts': named apart, so the totals of
+            // `--json` count each compile once.
+            for (name, _) in &mut set.counters {
+                name.insert_str(0, "daemon_");
+            }
+        }
     }
     report.sets.push(calls);
     report
@@ -136,7 +146,8 @@ pub async fn zero(config: &Config) -> Result<(), ZeroError> {
         calls::reset(&config.dir)?;
         return Ok(local::reset(&config.dir)?);
     }
-    let report = remote(config).await;
+    let daemon = crate::wrapper::daemon::connect::running_daemon(config);
+    let report = remote(config, daemon.as_ref()).await;
     if !report.unreachable.is_empty() {
         return Err(ZeroError::Unanswered(report.unreachable));
     }
@@ -149,10 +160,20 @@ pub async fn zero(config: &Config) -> Result<(), ZeroError> {
     Ok(calls::reset(&config.dir)?)
 }
 
-/// Each configured server's counters as it reports them.
-async fn remote(config: &Config) -> Report {
-    let client = Client::new(config.client_options());
+/// Each configured server's counters as it reports them, after those of the relay daemon
+/// at `daemon` (this configuration's, when one runs).
+async fn remote(config: &Config, daemon: Option<&Address>) -> Report {
     let mut report = Report::default();
+    if let Some(addr) = daemon {
+        let daemon = Client::new(crate::ClientOptions::new(vec![addr.clone()]));
+        if let Some((_, Ok(stats))) = daemon.stats().await.into_iter().next() {
+            report.sets.push(CounterSet {
+                name: addr.to_string(),
+                counters: stats.into_iter().map(|s| (s.name, s.value)).collect(),
+            });
+        }
+    }
+    let client = Client::new(config.client_options());
     for (host, r) in client.stats().await {
         match r {
             Ok(stats) => report.sets.push(CounterSet {

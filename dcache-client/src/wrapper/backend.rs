@@ -21,6 +21,12 @@ use super::config::Config;
 use crate::stats::local as stats_file;
 use crate::{Client, ClientOptions};
 
+/// How much longer than a host may, a job through the relay daemon may go without news:
+/// the daemon gives up on a silent host after the configured time-out and answers (so
+/// the wrapper compiles locally), and that answer must arrive before the wrapper's own
+/// time-out says less.
+const RELAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The client jobs go through, and for the embedded default the server behind it.
 #[derive(Debug)]
 pub struct Backend {
@@ -94,8 +100,23 @@ impl Backend {
     /// would.
     pub async fn start(config: &Config, compiler: &std::ffi::OsStr) -> Result<Self, BackendError> {
         if !config.hosts.is_empty() {
+            // The relay daemon holds warm connections to the hosts; without one, they are
+            // reached directly, as before it existed.
+            let client = match super::daemon::reach(config, compiler) {
+                Some(addr) => Client::new(ClientOptions {
+                    // The wrapper's way of using HASH, on this hop too.
+                    strategy: config.strategy,
+                    // Its time-outs are the hosts', so it reports them before ours.
+                    progress_timeout: config.client_options().progress_timeout + RELAY_GRACE,
+                    // A Unix socket: no token, no TLS, no compression, and no shared
+                    // back-off record (a daemon that failed one job is not skipped by
+                    // the next process, which starts a new one if need be).
+                    ..ClientOptions::new(vec![addr])
+                }),
+                None => Client::new(config.client_options()),
+            };
             return Ok(Self {
-                client: Client::new(config.client_options()),
+                client,
                 embedded: None,
                 daemon: None,
             });

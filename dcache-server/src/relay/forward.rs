@@ -223,8 +223,16 @@ pub(super) async fn forward(
         None => (
             ErrorCode::OVERLOADED,
             if failures.is_empty() {
-                "no upstream reachable: every upstream failed recently and is being skipped"
-                    .to_owned()
+                let names: Vec<String> = upstreams
+                    .addresses()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                format!(
+                    "no upstream reachable: every upstream ({}) failed recently and is being \
+                     skipped",
+                    names.join(", ")
+                )
             } else {
                 format!("no upstream reachable: {}", failures.join("; "))
             },

@@ -63,6 +63,12 @@ pub struct RelayConfig {
     /// How long a job may hear nothing from its upstream before it is given up (and
     /// passed to the next upstream when its source can be replayed).
     pub progress_timeout: Duration,
+    /// The zstd level each upstream's connection offers (see
+    /// [`ClientConfig::compression`]), by its index in [`upstreams`](Self::upstreams); an
+    /// upstream with no entry, or `None`, gets no compression. Per upstream because it
+    /// pays only across a network: a relay in front of a loopback server and a remote
+    /// farm compresses for the farm alone.
+    pub compression: Vec<Option<i32>>,
 }
 
 impl RelayConfig {
@@ -76,6 +82,7 @@ impl RelayConfig {
             connect_timeout: Duration::from_secs(2),
             backoff: Duration::from_secs(10),
             progress_timeout: ClientConfig::default().progress_timeout,
+            compression: Vec::new(),
         }
     }
 }
@@ -149,6 +156,7 @@ impl Upstreams {
                 handshake_timeout: timeout,
                 auth: self.config.auth.clone(),
                 progress_timeout: self.config.progress_timeout,
+                compression: self.config.compression.get(i).copied().flatten(),
                 ..ClientConfig::default()
             },
         );

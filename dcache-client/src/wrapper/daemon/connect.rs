@@ -25,16 +25,16 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(10);
 const LOG_LIMIT: u64 = 1 << 20;
 
 /// The address of the daemon that serves `config` for `compiler`, starting it if none
-/// runs; `None` when there is none to use right now (turned off, hosts configured, a
-/// compiler the daemon would not find by name, a socket or directory that is not this
-/// user's alone, or a daemon still starting).
+/// runs; `None` when there is none to use right now (turned off, a compiler the local
+/// cache daemon would not find by name, a socket or directory that is not this user's
+/// alone, or a daemon still starting). With hosts configured the daemon is the relay to
+/// them, which runs no compiler, so any compiler goes through it.
 pub fn reach(config: &Config, compiler: &OsStr) -> Option<Address> {
     let settings = Settings::from_env();
-    // With hosts, the daemon will be the relay; until then those go direct.
-    if !settings.enabled || !config.hosts.is_empty() {
+    if !settings.enabled {
         return None;
     }
-    if !found_by_name(compiler) {
+    if config.hosts.is_empty() && !found_by_name(compiler) {
         tracing::debug!(
             "daemon: {} is not the {} on PATH; using the embedded server",
             compiler.to_string_lossy(),
@@ -70,6 +70,14 @@ pub fn reach(config: &Config, compiler: &OsStr) -> Option<Address> {
         }
     }
     None
+}
+
+/// The address of this configuration's daemon if one runs now, never starting one (for
+/// `dcache --stats`).
+pub fn running_daemon(config: &Config) -> Option<Address> {
+    let layout = Layout::of(config);
+    let socket = layout.socket();
+    (running(&layout) && check_private(&socket, false).is_ok()).then_some(Address::Unix(socket))
 }
 
 /// Starts the daemon detached, unless another wrapper is starting it or it failed to

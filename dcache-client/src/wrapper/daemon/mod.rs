@@ -1,7 +1,10 @@
 //! The wrapper's local daemon: one long-lived `dcache --daemon` per user, per
-//! `DCACHE_DIR` and per configuration, serving the embedded default over a Unix socket so
-//! the store is opened and indexed once, the memory tier is shared by every process of a
-//! `make -j`, and compiler identities are probed once, not once per compile.
+//! `DCACHE_DIR` and per configuration, over a Unix socket. With no hosts it serves the
+//! embedded default, so the store is opened and indexed once, the memory tier is shared
+//! by every process of a `make -j`, and compiler identities are probed once, not once per
+//! compile. With hosts it is the relay to them: one warm, authenticated connection per
+//! host instead of a handshake (and a token exchange) per compile, and a cache tier of
+//! its own in front of them.
 //!
 //! Everything lives in `DCACHE_DIR/daemon/`, a directory only its owner may enter:
 //! - `FINGERPRINT.sock`: the socket (mode 0600), named by a hash of the configuration
@@ -20,7 +23,7 @@
 //!
 //! Never on the critical path of a build: a daemon that is not there, is starting, has
 //! another owner or dies mid-job leaves the wrapper doing exactly what it does without
-//! one (the embedded server in process, or a local compile).
+//! one (the hosts directly, the embedded server in process, or a local compile).
 
 pub mod connect;
 pub mod executor;
@@ -99,8 +102,8 @@ impl Layout {
     }
 
     /// A hash of everything a daemon's answers depend on: the user, the cache directory
-    /// and its size limit, hosts, token and strategy (for the relay the daemon will be
-    /// with hosts), `PATH` and the locale (which compilers run, in which language they
+    /// and its size limit, hosts, token, strategy and the link settings (for the relay it
+    /// is with hosts), `PATH` and the locale (which compilers run, in which language they
     /// speak), and this very binary (an upgraded `dcache` replaces the old daemon).
     pub fn fingerprint(config: &Config) -> String {
         let mut h = blake3::Hasher::new_derive_key("dcache 2026 daemon configuration v1");
@@ -120,9 +123,17 @@ impl Layout {
         let hosts: Vec<String> = config.hosts.iter().map(ToString::to_string).collect();
         field("hosts", hosts.join(" ").as_bytes());
         field("strategy", format!("{:?}", config.strategy).as_bytes());
+        // The relay's link to the hosts: token, TLS, compression and time-outs.
         for var in [
             "DCACHE_TOKEN",
             "DCACHE_TOKEN_FILE",
+            "DCACHE_TLS_CA",
+            "DCACHE_TLS_CERT",
+            "DCACHE_TLS_KEY",
+            "DCACHE_COMPRESS",
+            "DCACHE_LINK_SPEED",
+            "DCACHE_TIMEOUT",
+            "DCACHE_CONNECT_TIMEOUT",
             "PATH",
             "LANG",
             "LANGUAGE",

@@ -1,6 +1,7 @@
 //! The daemon's life: `dcache --daemon`, started detached by the first wrapper that
 //! finds none ([`super::connect`]). It takes its lock (losing the race to another daemon
-//! of the same configuration is a quiet exit), opens and indexes the store once, binds
+//! of the same configuration is a quiet exit), opens and indexes the store once, becomes
+//! the local cache (no hosts) or the relay to the configured hosts ([`service_for`]), binds
 //! its socket owner-only, replaces the daemons of other configurations of this
 //! `DCACHE_DIR`, serves, and exits when idle, when its socket file is removed
 //! (`dcache --stop-daemon`, a newer daemon, or the directory deleted) or on SIGTERM,
@@ -12,7 +13,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dcache_server::store::{DiskStore, MemoryStore, Store, TieredStore};
+use dcache_server::relay::{RelayConfig, Upstreams};
+use dcache_server::store::{DiskStore, MemoryStore, TieredStore};
 use dcache_server::{Service, ServiceConfig};
 use dcache_transport::{Address, BoxedStream, Listener, Peer, TransportOptions, bind};
 
@@ -44,29 +46,53 @@ pub enum ServeError {
     Runtime(std::io::Error),
 }
 
-/// What the daemon serves with: the seam where, with hosts configured, the daemon
-/// becomes the relay (its back end other dcache servers); for now only the no-hosts case
-/// reaches it (a wrapper with hosts talks to them directly), and it is the local cache.
-pub struct DaemonBackend {
-    /// Memory over the disk store of `DCACHE_DIR/cache`.
-    pub store: Arc<dyn Store>,
-    /// The compilers on the daemon's `PATH`, by name.
-    pub executor: Arc<ByName>,
-}
-
-/// Builds the daemon's back end from the configuration: the disk store opened with its
-/// index (once for the daemon's whole life), a memory tier over it, and compilers found
-/// on this process's `PATH`.
-pub fn backend_for(config: &Config) -> Result<DaemonBackend, ServeError> {
+/// Builds the daemon's service from the configuration, over memory in front of the disk
+/// store of `DCACHE_DIR/cache` (opened with its index once for the daemon's whole life):
+/// - no hosts: the local cache, running the compilers found by name on this process's
+///   `PATH`;
+/// - hosts: the relay to them ([`dcache_server::relay`]), over one persistent,
+///   authenticated connection per host, with the wrapper's token, TLS settings,
+///   compression rule and time-outs, so a compile through it pays no handshake, and a
+///   result fetched once is served from this machine the next time. Its entries are
+///   bound to the compiler identity each job names, a key space of their own beside the
+///   local cache's.
+pub fn service_for(config: &Config) -> Result<Arc<Service>, ServeError> {
     let limit = crate::cache_admin::Budget::for_limit(config.cache_size).results;
     let disk = DiskStore::open(&config.dir.join("cache"), limit).map_err(ServeError::Store)?;
     let memory = MemoryStore::new(MEMORY_TIER.min(limit));
-    let path = std::env::var("PATH")
-        .unwrap_or_else(|_| dcache_server::exec::LocalExecutorConfig::default().path);
-    Ok(DaemonBackend {
-        store: Arc::new(TieredStore::new(memory, disk)),
-        executor: Arc::new(ByName::new(&config.dir, path)),
-    })
+    let store = Arc::new(TieredStore::new(memory, disk));
+    let service_config = ServiceConfig {
+        // Every connection comes from this user's processes through one socket.
+        max_connections_per_address: ServiceConfig::default().max_connections,
+        ..ServiceConfig::default()
+    };
+    if config.hosts.is_empty() {
+        let path = std::env::var("PATH")
+            .unwrap_or_else(|_| dcache_server::exec::LocalExecutorConfig::default().path);
+        let executor = Arc::new(ByName::new(&config.dir, path));
+        return Ok(Service::new(store, executor, service_config));
+    }
+    Ok(Service::relay(
+        store,
+        Upstreams::new(relay_config(config)),
+        service_config,
+    ))
+}
+
+/// The relay's settings from the wrapper's: what a direct connection would use.
+fn relay_config(config: &Config) -> RelayConfig {
+    let client = config.client_options();
+    let mut relay = RelayConfig::new(config.hosts.clone());
+    relay.compression = config
+        .hosts
+        .iter()
+        .map(|h| config.compress.level_for(h))
+        .collect();
+    relay.transport = client.transport;
+    relay.auth = client.auth;
+    relay.connect_timeout = client.connect_timeout;
+    relay.progress_timeout = client.progress_timeout;
+    relay
 }
 
 /// Runs the daemon in this process until it is idle or stopped; returns the exit code.
@@ -122,16 +148,7 @@ pub fn serve(config: &Config) -> i32 {
 
 async fn run(config: &Config, settings: &Settings, layout: &Layout) -> Result<(), ServeError> {
     let started = Instant::now();
-    let back = backend_for(config)?;
-    let service = Service::new(
-        back.store,
-        back.executor,
-        ServiceConfig {
-            // Every connection comes from this user's processes through one socket.
-            max_connections_per_address: ServiceConfig::default().max_connections,
-            ..ServiceConfig::default()
-        },
-    );
+    let service = service_for(config)?;
     let socket = layout.socket();
     let addr = Address::Unix(socket.clone());
     let listener = bind(&addr, &TransportOptions::default())
