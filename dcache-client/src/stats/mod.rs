@@ -119,7 +119,7 @@ pub async fn gather(config: &Config) -> Report {
             unreachable: Vec::new(),
         };
     }
-    let daemon = crate::wrapper::daemon::connect::running_daemon(config);
+    let daemon = running_daemon(config);
     let mut report = remote(config, daemon.as_ref()).await;
     let daemon = daemon.map(|a| a.to_string());
     for set in &mut report.sets {
@@ -146,7 +146,7 @@ pub async fn zero(config: &Config) -> Result<(), ZeroError> {
         calls::reset(&config.dir)?;
         return Ok(local::reset(&config.dir)?);
     }
-    let daemon = crate::wrapper::daemon::connect::running_daemon(config);
+    let daemon = running_daemon(config);
     let report = remote(config, daemon.as_ref()).await;
     if !report.unreachable.is_empty() {
         return Err(ZeroError::Unanswered(report.unreachable));
@@ -158,6 +158,20 @@ pub async fn zero(config: &Config) -> Result<(), ZeroError> {
         .collect();
     baseline::save(&config.dir, &sets)?;
     Ok(calls::reset(&config.dir)?)
+}
+
+/// This configuration's relay daemon, when one runs (never in a build without the
+/// `embedded` feature, which the daemon is part of).
+fn running_daemon(config: &Config) -> Option<Address> {
+    #[cfg(feature = "embedded")]
+    {
+        crate::wrapper::daemon::connect::running_daemon(config)
+    }
+    #[cfg(not(feature = "embedded"))]
+    {
+        let _ = config;
+        None
+    }
 }
 
 /// Each configured server's counters as it reports them, after those of the relay daemon
