@@ -267,12 +267,7 @@ fn a_hung_server_is_named_once_and_skipped_by_every_later_process() {
 
 #[test]
 fn parallel_processes_share_one_record_of_a_dead_host() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dead = format!("tcp://127.0.0.1:{port}");
+    let dead = common::dead_address();
     let dir = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     for i in 0..8 {

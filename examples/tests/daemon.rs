@@ -580,9 +580,11 @@ impl Setup {
 #[test]
 fn with_hosts_the_daemon_relays_over_one_connection_and_serves_repeats_itself() {
     let secrets = tempfile::tempdir().unwrap();
-    let token_file = secrets.path().join("token");
-    std::fs::write(&token_file, "a token for the relay daemon test\n").unwrap();
-    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token_file = common::private_file(
+        secrets.path(),
+        "token",
+        "a token for the relay daemon test\n",
+    );
     let cache = tempfile::tempdir().unwrap();
     let server = common::server_on(
         cache.path(),
@@ -652,13 +654,7 @@ fn with_hosts_the_daemon_relays_over_one_connection_and_serves_repeats_itself() 
 /// correctly, with one warning naming the host.
 #[test]
 fn with_its_host_down_the_relay_daemon_lets_the_wrapper_compile_locally() {
-    // A port nothing listens on: bound, then closed.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("tcp://127.0.0.1:{port}");
+    let addr = common::dead_address();
     let s = Setup::new();
     let envs = [("DCACHE_HOSTS", addr.as_str()), ("DCACHE_LOG", "debug")];
     s.write("d.c", "int d(int x) { return x - 9; }\n");

@@ -330,12 +330,7 @@ fn readyz_turns_503_with_the_reason_when_the_cache_dir_is_gone_and_back_after() 
 #[test]
 fn readyz_follows_a_shared_tier_on_redis() {
     let tmp = tempfile::tempdir().unwrap();
-    let key = tmp.path().join("fleet.key");
-    std::fs::write(&key, b"0123456789abcdef0123456789abcdef").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    let key = common::private_file(tmp.path(), "fleet.key", "0123456789abcdef0123456789abcdef");
     let mut redis = Redis::start();
     let url = redis.url();
     let (_s, metrics) = server_with_metrics(

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -33,9 +32,11 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn a_relay_in_front_of_a_token_server_caches_and_falls_back() {
     let secrets = tempfile::tempdir().unwrap();
-    let token = secrets.path().join("farm-token");
-    std::fs::write(&token, "the farm's shared secret token\n").unwrap();
-    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token = common::private_file(
+        secrets.path(),
+        "farm-token",
+        "the farm's shared secret token\n",
+    );
     let up_cache = tempfile::tempdir().unwrap();
     let mut upstream = server_on(
         up_cache.path(),

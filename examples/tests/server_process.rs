@@ -39,9 +39,8 @@ fn stderr(o: &Output) -> String {
 fn a_token_protected_server_serves_only_clients_holding_the_token() {
     let cache = tempfile::tempdir().unwrap();
     let secrets = tempfile::tempdir().unwrap();
-    let token_file = secrets.path().join("token");
-    std::fs::write(&token_file, "correct horse battery staple\n").unwrap();
-    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token_file =
+        common::private_file(secrets.path(), "token", "correct horse battery staple\n");
     let s = server_on(
         cache.path(),
         &["--token-file", token_file.to_str().unwrap()],
@@ -123,9 +122,7 @@ fn refused(args: &[&str]) -> (bool, String) {
 #[test]
 fn weak_or_exposed_tokens_are_refused_at_start() {
     let secrets = tempfile::tempdir().unwrap();
-    let short = secrets.path().join("short");
-    std::fs::write(&short, "hunter2\n").unwrap();
-    std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let short = common::private_file(secrets.path(), "short", "hunter2\n");
     let (ok, err) = refused(&["--token-file", short.to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("fewer than 16"), "{err}");

@@ -7,20 +7,12 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::redis::{Cluster, Redis, eventually};
-use common::{DCACHE, Server, server_on, stat, stats_json};
-
-/// A shared key file (mode 600) in `dir`.
-fn key_file(dir: &Path, name: &str, key: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, key).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
-}
+use common::{DCACHE, Server, private_file, server_on, stat, stats_json};
 
 /// A server with a cache directory of its own over the shared tier at `url`.
 struct Member {
@@ -98,7 +90,7 @@ fn source(i: usize) -> String {
 fn a_second_server_serves_the_first_ones_compile_from_redis() {
     let redis = Redis::start();
     let secrets = tempfile::tempdir().unwrap();
-    let key = key_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
+    let key = private_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
     let a = member(&redis.url(), &key, &[]);
     let b = member(&redis.url(), &key, &[]);
 
@@ -136,8 +128,8 @@ fn a_second_server_serves_the_first_ones_compile_from_redis() {
 fn values_altered_in_redis_or_sealed_with_another_key_are_refused_and_recompiled() {
     let redis = Redis::start();
     let secrets = tempfile::tempdir().unwrap();
-    let key = key_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
-    let other = key_file(secrets.path(), "other", "another fleet's key 0123\n");
+    let key = private_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
+    let other = private_file(secrets.path(), "other", "another fleet's key 0123\n");
     let a = member(&redis.url(), &key, &[]);
     let b = member(&redis.url(), &key, &[]);
     let stranger = member(&redis.url(), &other, &[]);
@@ -171,7 +163,7 @@ fn values_altered_in_redis_or_sealed_with_another_key_are_refused_and_recompiled
 fn a_redis_cluster_spreads_entries_over_its_nodes_and_serves_the_fleet() {
     let cluster = Cluster::start();
     let secrets = tempfile::tempdir().unwrap();
-    let key = key_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
+    let key = private_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
     // Entries as they are, so the 6 MiB object below is stored in chunks (see the
     // large-object test).
     let plain = ["--store-compression", "none"];
@@ -218,7 +210,7 @@ fn a_redis_cluster_spreads_entries_over_its_nodes_and_serves_the_fleet() {
 fn redis_stopped_mid_build_costs_misses_only_and_writes_resume_after_its_restart() {
     let mut redis = Redis::start();
     let secrets = tempfile::tempdir().unwrap();
-    let key = key_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
+    let key = private_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
     let a = member(&redis.url(), &key, &[]);
     let first = compile(&source(10), a.addr());
     a.wait_written(1);
@@ -261,7 +253,7 @@ fn redis_stopped_mid_build_costs_misses_only_and_writes_resume_after_its_restart
 fn a_large_object_crosses_redis_in_chunks_intact() {
     let redis = Redis::start();
     let secrets = tempfile::tempdir().unwrap();
-    let key = key_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
+    let key = private_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
     // Entries as they are: zstd would shrink this zero-filled object to a few KiB, one
     // value, and the chunking under test would not happen.
     let plain = ["--store-compression", "none"];
@@ -283,7 +275,7 @@ fn a_large_object_crosses_redis_in_chunks_intact() {
 fn a_slow_redis_does_not_delay_local_hits_and_bounds_misses() {
     let redis = Redis::start();
     let secrets = tempfile::tempdir().unwrap();
-    let key = key_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
+    let key = private_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
     let a = member(&redis.url(), &key, &["--shared-deadline", "200"]);
     let first = compile(&source(30), a.addr());
     a.wait_written(1);
@@ -315,7 +307,7 @@ fn a_slow_redis_does_not_delay_local_hits_and_bounds_misses() {
 fn rediss_carries_the_fleet_over_tls() {
     let redis = Redis::start_tls();
     let secrets = tempfile::tempdir().unwrap();
-    let key = key_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
+    let key = private_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
     // rustls trusts the system's roots, or the file SSL_CERT_FILE names.
     let cert = redis.cert();
     let trust = [("SSL_CERT_FILE", cert.to_str().unwrap())];
@@ -331,9 +323,9 @@ fn rediss_carries_the_fleet_over_tls() {
 #[test]
 fn the_shared_tier_needs_a_private_key_file() {
     let secrets = tempfile::tempdir().unwrap();
-    let exposed = key_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
+    let exposed = private_file(secrets.path(), "k", "fleet key 0123456789abcdef\n");
     std::fs::set_permissions(&exposed, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let short = key_file(secrets.path(), "short", "hunter2\n");
+    let short = private_file(secrets.path(), "short", "hunter2\n");
     let cache = tempfile::tempdir().unwrap();
     for (extra, hint) in [
         (vec![], "--shared-key-file"),

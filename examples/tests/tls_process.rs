@@ -9,7 +9,6 @@ mod common;
 #[path = "../../dcache-transport/tests/pki/mod.rs"]
 mod pki;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -52,9 +51,7 @@ fn path(p: &Path) -> &str {
 fn a_compile_and_a_hit_over_tls_with_the_token_inside() {
     let ca = Pki::new("site CA");
     let (cert, key) = ca.server_files(&["127.0.0.1", "localhost"], Validity::Current);
-    let token_file = ca.dir.path().join("token");
-    std::fs::write(&token_file, "correct horse battery staple\n").unwrap();
-    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token_file = common::private_file(ca.dir.path(), "token", "correct horse battery staple\n");
     let cache = tempfile::tempdir().unwrap();
     let s = server_at(
         "tls://127.0.0.1:0",

@@ -604,13 +604,7 @@ fn output_to_dev_null_works_and_leaves_the_device_alone() {
 
 #[test]
 fn a_dead_server_falls_back_to_a_local_compile_unless_told_not_to() {
-    // A port nothing listens on: bind, note the port, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dead = format!("tcp://127.0.0.1:{port}");
+    let dead = common::dead_address();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ok.c"), "int ok(void) { return 1; }\n").unwrap();
     let out = Command::new(DCACHE)

@@ -12,6 +12,27 @@ use std::sync::{Arc, Mutex};
 pub const DCACHE: &str = env!("CARGO_BIN_EXE_dcache");
 pub const SERVER: &str = env!("CARGO_BIN_EXE_dcache-server");
 
+/// Writes `text` to `dir/name` readable by its owner only (mode 600), as dcache wants a
+/// token or a shared key file; returns the path.
+pub fn private_file(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// A loopback address nothing listens on (a port bound, noted and closed again): a dead
+/// host.
+pub fn dead_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("tcp://127.0.0.1:{port}")
+}
+
 /// A server process, killed when dropped.
 pub struct Server {
     pub child: Child,
