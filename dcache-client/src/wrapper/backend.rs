@@ -102,18 +102,19 @@ impl Backend {
         if !config.hosts.is_empty() {
             // The relay daemon holds warm connections to the hosts; without one, they are
             // reached directly, as before it existed.
+            let direct = config.client_options();
             let client = match super::daemon::reach(config, compiler) {
                 Some(addr) => Client::new(ClientOptions {
                     // The wrapper's way of using HASH, on this hop too.
-                    strategy: config.strategy,
+                    strategy: direct.strategy,
                     // Its time-outs are the hosts', so it reports them before ours.
-                    progress_timeout: config.client_options().progress_timeout + RELAY_GRACE,
+                    progress_timeout: direct.progress_timeout + RELAY_GRACE,
                     // A Unix socket: no token, no TLS, no compression, and no shared
                     // back-off record (a daemon that failed one job is not skipped by
                     // the next process, which starts a new one if need be).
                     ..ClientOptions::new(vec![addr])
                 }),
-                None => Client::new(config.client_options()),
+                None => Client::new(direct),
             };
             return Ok(Self {
                 client,
