@@ -82,11 +82,11 @@ pub fn service_for(config: &Config) -> Result<Arc<Service>, ServeError> {
 /// The relay's settings from the wrapper's: what a direct connection would use.
 fn relay_config(config: &Config) -> RelayConfig {
     let client = config.client_options();
-    let mut relay = RelayConfig::new(config.hosts.clone());
-    relay.compression = config
+    let mut relay = RelayConfig::new(client.hosts.clone());
+    relay.compression = client
         .hosts
         .iter()
-        .map(|h| config.compress.level_for(h))
+        .map(|h| client.compress.level_for(h))
         .collect();
     relay.transport = client.transport;
     relay.auth = client.auth;
