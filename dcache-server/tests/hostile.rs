@@ -317,10 +317,14 @@ impl FrameReader {
             .dec
             .get_or_insert_with(|| FrameDecoder::new(Limits::MAX_FRAME_PAYLOAD));
         while !got.iter().any(done) {
-            tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut self.buf))
+            let read = tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut self.buf))
                 .await
-                .expect("no answer")
+                .unwrap_or_else(|_| panic!("no answer within 10 s; so far: {got:?}"))
                 .unwrap();
+            assert!(
+                read > 0,
+                "the server closed the connection; so far: {got:?}"
+            );
             while let Ok(Some(f)) = dec.decode(&mut self.buf) {
                 got.push(f);
             }
@@ -803,6 +807,14 @@ async fn a_stalled_upload_gives_its_compile_slot_back(t: Transport) {
     reader
         .until(&mut staller, &mut got, |f| matches!(f, Frame::Miss { .. }))
         .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while h.service.compile_slots().busy == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the staller never took the slot"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // The honest job, on its own connection, waits for the only slot.
     let honest = spawn_client(
         connect(&h.addr, &h.opts).await.unwrap(),
