@@ -10,9 +10,16 @@
 //!
 //! Round trips are counted by the emulator: one per connection (the modelled handshake)
 //! plus one per turn (client → server flow followed by server → client flow), as deltas
-//! around each process, read after its connections have closed. With `--daemon` the
-//! wrapper is left to its default (the daemon branch enables a per-user daemon); without,
-//! `DCACHE_DAEMON=0` is set, which turns it off there and is ignored today.
+//! around each process, read after its connections have closed.
+//!
+//! Without `--daemon`, `DCACHE_DAEMON=0` is set: each process connects to the server
+//! itself, and every sample is a direct-mode hit of the same `hit.c`. With `--daemon`
+//! the wrapper keeps its default, the relay daemon in front of the server, which would
+//! serve a repeated `hit.c` from its own tier without crossing the link. So there each
+//! sample compiles a source of its own, which a wrapper with `DCACHE_DAEMON=0` and the
+//! same `DCACHE_DIR` compiled beforehand straight to the server (off the link): the server
+//! has the result and the manifest has its key, the daemon has never seen it, and the
+//! timed hit is a direct-mode lookup that the daemon passes up over its warm connection.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -163,9 +170,43 @@ impl Wrapper<'_> {
 
     /// One compile of `source`, timed from spawn to exit.
     fn compile(&self, source: &str) -> Result<Duration, String> {
+        self.compile_with(self.command(), source)
+    }
+
+    /// Compiles `source` as [`compile`](Self::compile) would, but with no daemon and
+    /// straight to `server` (off the link): the server gets the result, this directory's
+    /// manifest its key, and the daemon nothing.
+    fn prime(&self, source: &str, server: SocketAddr) -> Result<(), String> {
+        let mut cmd = self.command();
+        cmd.env("DCACHE_HOSTS", format!("tcp://{server}"))
+            .env("DCACHE_DAEMON", "0");
+        self.compile_with(cmd, source).map(|_| ())
+    }
+
+    /// Until this directory's daemon has its socket: the first compiles of a cell start
+    /// it without waiting for it.
+    fn wait_for_daemon(&self) -> Result<(), String> {
+        let has_socket = || {
+            std::fs::read_dir(self.dir.join("daemon")).is_ok_and(|d| {
+                d.flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == "sock"))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !has_socket() {
+            if Instant::now() > deadline {
+                return Err(format!("no daemon started in {}", self.dir.display()));
+            }
+            self.compile("hit.c")?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Once more, so the daemon's connection to the server is open.
+        self.compile("hit.c").map(|_| ())
+    }
+
+    fn compile_with(&self, mut cmd: Command, source: &str) -> Result<Duration, String> {
         let t = Instant::now();
-        let out = self
-            .command()
+        let out = cmd
             .args(["gcc", "-O2", "-c", source, "-o"])
             .arg(format!("{source}.o"))
             .output()
@@ -239,8 +280,10 @@ fn median_u64(v: &mut [u64]) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-fn settle(link: Option<&Link>) -> LinkStats {
-    link.map(|l| l.settle(Duration::from_secs(10)))
+/// The link's counters once the compile that just ended has no connection left open; the
+/// relay daemon keeps its one to the server (`daemon`), and is not waited for.
+fn settle(link: Option<&Link>, daemon: bool) -> LinkStats {
+    link.map(|l| l.settle_keeping(u64::from(daemon), Duration::from_secs(10)))
         .unwrap_or_default()
 }
 
@@ -258,6 +301,9 @@ struct Run<'a> {
     times: Vec<Duration>,
     rts: Vec<u64>,
     down: Vec<u64>,
+    /// With the daemon: each sample's own source, primed on the server; else empty
+    /// (every sample compiles `hit.c`).
+    sources: Vec<String>,
 }
 
 impl<'a> Run<'a> {
@@ -299,6 +345,25 @@ impl<'a> Run<'a> {
         };
         wrapper.compile("hit.c")?;
         wrapper.compile("hit.c")?;
+        let sources = if opts.daemon {
+            wrapper.wait_for_daemon()?;
+            let names: Vec<String> = (0..n).map(|i| format!("hit-{tag}-{i}.c")).collect();
+            for (i, name) in names.iter().enumerate() {
+                let text = format!(
+                    "{HIT_SOURCE}\nint sample_{}_{i}(void) {{ return {i}; }}\n",
+                    tag.replace('-', "_")
+                );
+                std::fs::write(work.join(name), text).map_err(|e| e.to_string())?;
+            }
+            // Past the wrapper's freshness rule, so priming records each manifest entry.
+            std::thread::sleep(Duration::from_millis(300));
+            for name in &names {
+                wrapper.prime(name, server.addr)?;
+            }
+            names
+        } else {
+            Vec::new()
+        };
         let miss_src = format!("miss-{tag}.c");
         std::fs::write(
             work.join(&miss_src),
@@ -308,9 +373,9 @@ impl<'a> Run<'a> {
             ),
         )
         .map_err(|e| e.to_string())?;
-        let before = settle(link.as_ref());
+        let before = settle(link.as_ref(), opts.daemon);
         let miss = wrapper.compile(&miss_src)?;
-        let miss_stats = settle(link.as_ref()).since(&before);
+        let miss_stats = settle(link.as_ref(), opts.daemon).since(&before);
         let (hits_before, _) = wrapper.counters()?;
         Ok(Run {
             link,
@@ -324,14 +389,19 @@ impl<'a> Run<'a> {
             times: Vec::with_capacity(n),
             rts: Vec::with_capacity(n),
             down: Vec::with_capacity(n),
+            sources,
         })
     }
 
     /// One timed hit, with its round trips and bytes read after its connections closed.
     fn sample(&mut self) -> Result<(), String> {
-        let before = settle(self.link.as_ref());
-        self.times.push(self.wrapper.compile("hit.c")?);
-        let d = settle(self.link.as_ref()).since(&before);
+        let source = self
+            .sources
+            .get(self.times.len())
+            .map_or("hit.c", String::as_str);
+        let before = settle(self.link.as_ref(), self.wrapper.opts.daemon);
+        self.times.push(self.wrapper.compile(source)?);
+        let d = settle(self.link.as_ref(), self.wrapper.opts.daemon).since(&before);
         self.rts.push(d.round_trips());
         self.down.push(d.bytes_down);
         Ok(())
@@ -437,7 +507,7 @@ fn report(opts: &Options, cells: &[Cell]) -> String {
         out,
         "hits through `dcache gcc -O2 -c hit.c` (daemon: {}), link rate {}; limit = R + O/B + L (L = the direct p50)",
         if opts.daemon {
-            "default"
+            "the relay daemon; each sample a source of its own, primed on the server"
         } else {
             "DCACHE_DAEMON=0"
         },

@@ -240,10 +240,16 @@ impl Link {
     /// Waits (up to `limit`) until every accepted connection has closed, so counters read
     /// afterwards are final; returns the stats then, settled or not.
     pub fn settle(&self, limit: Duration) -> LinkStats {
+        self.settle_keeping(0, limit)
+    }
+
+    /// [`settle`](Self::settle) for a client that keeps `open` connections for good (a
+    /// relay daemon's one to its server): waits until no more than those are open.
+    pub fn settle_keeping(&self, open: u64, limit: Duration) -> LinkStats {
         let deadline = Instant::now() + limit;
         loop {
             let s = self.stats();
-            if s.closed == s.accepted || Instant::now() >= deadline {
+            if s.accepted.saturating_sub(s.closed) <= open || Instant::now() >= deadline {
                 return s;
             }
             std::thread::sleep(Duration::from_millis(1));
