@@ -355,7 +355,9 @@ report_project() {
     local whits nd
     whits=$(get "$s" hits)
     read -r direct lh _ _ fwarm reruns < <(log_census "$work/logs/$p-$t-warm-$r.log")
-    [ -s "$s" ] || whits=$((direct + lh))
+    # Through the relay daemon the server's counters miss the hits the daemon answered
+    # from its own tier (they are its daemon_hits): count what the wrapper was told.
+    if [ ! -s "$s" ] || [ "$(get "$s" daemon_hits)" -gt 0 ]; then whits=$((direct + lh)); fi
     # A counter of direct hits, if the statistics gain one, is the better source.
     [ "$(get "$s" direct_hits)" -gt 0 ] && direct=$(get "$s" direct_hits)
     printf '   %-16s cold: %s of compiles cached (%s)   warm: %s hits, %s direct (%s)\n' "${tool_name[$t]}" \
