@@ -178,7 +178,9 @@ fn shadowing_and_removal(via: Via<'_>) {
         ("second/q.h", "#define Q 20\n"),
         ("first/README", "not a header\n"),
     ]);
-    let args = ["-Ifirst", "-Isecond", "-c", "s.c", "-o", "s.o"];
+    // zero/ does not exist at all: gcc drops it from the path, but it would be searched
+    // first once created.
+    let args = ["-Izero", "-Ifirst", "-Isecond", "-c", "s.c", "-o", "s.o"];
     assert!(!p.compile_checked(via, "gcc", &args));
     assert!(p.compile_checked(via, "gcc", &args));
     // A header earlier on the path, in a subdirectory that did not exist.
@@ -209,6 +211,12 @@ fn shadowing_and_removal(via: Via<'_>) {
     assert!(
         p.compile_checked(via, "gcc", &args),
         "and back: the last entry"
+    );
+    // Two directories that did not exist, created with a header in the innermost.
+    p.write("zero/sub/v.h", "#define V 0\n");
+    assert!(
+        !p.compile_checked(via, "gcc", &args),
+        "shadowed by zero/sub/v.h"
     );
 }
 

@@ -33,7 +33,7 @@
 //! detected.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -41,7 +41,7 @@ use std::time::{Duration, SystemTime};
 use dcache_proto::CacheKey;
 
 use super::include_dirs::SearchDirs;
-use super::lookups::{self, Probe};
+use super::lookups::{self, Probe, Prober};
 
 /// Words that make a compile's output depend on something no file hash captures: the
 /// clock (`__DATE__`, `__TIME__`, `__TIMESTAMP__`).
@@ -138,8 +138,7 @@ impl DirectKey {
                 a == "-P"
                     || a == "-I-"
                     || unrecordable(b)
-                    || b.windows(UNRECORDABLE_ARG.len())
-                        .any(|w| w == UNRECORDABLE_ARG)
+                    || memchr::memmem::find(b, UNRECORDABLE_ARG).is_some()
             })
         {
             return None;
@@ -201,7 +200,37 @@ pub(crate) fn resolve(compiler: &OsString) -> Option<PathBuf> {
 fn unrecordable(text: &[u8]) -> bool {
     UNRECORDABLE
         .iter()
-        .any(|m| text.windows(m.len()).any(|w| w == *m))
+        .any(|m| memchr::memmem::find(text, m).is_some())
+}
+
+/// The read size of [`hash_file`]: larger than almost every header, so one read takes a
+/// whole file.
+const HASH_BUFFER: usize = 1 << 18;
+
+/// The digest of the file at `path` (as `blake3::hash` of its contents), read through
+/// `buf`; `None` when it cannot be read.
+///
+/// Three system calls for a file that fits in `buf` (open, read, close), against five
+/// for `std::fs::read` (which also asks the size and reads once more to see the end):
+/// a warm hit hashes every header the compile read, about a hundred. A read returning
+/// less than asked is taken as the end of the file, which is what Linux does for regular
+/// files; were a read ever short before the end, the digest would differ from the
+/// recorded one and the lookup would miss, never hit wrongly.
+fn hash_file(path: &Path, buf: &mut [u8]) -> Option<[u8; 32]> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut hasher = blake3::Hasher::new();
+    loop {
+        let n = match file.read(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        };
+        hasher.update(&buf[..n]);
+        if n < buf.len() {
+            return Some(*hasher.finalize().as_bytes());
+        }
+    }
 }
 
 /// The latest moment `path`, or any symlink on the way to it, may last have changed:
@@ -430,19 +459,23 @@ impl Manifest {
     /// all find what they found, reading each file and examining each path once;
     /// `local` says whether depend-mode entries can be served (only by the local cache).
     pub fn find_current(&self, local: bool) -> Option<&Entry> {
-        let mut hashes: HashMap<&Path, Option<[u8; 32]>> = HashMap::new();
-        let mut probes: HashMap<&Path, Probe> = HashMap::new();
+        // Keyed by the paths' bytes: hashing a `Path` parses its components.
+        let mut hashes: HashMap<&OsStr, Option<[u8; 32]>> = HashMap::new();
+        let mut probes: HashMap<&OsStr, Probe> = HashMap::new();
+        let mut prober = Prober::default();
+        let mut buf = vec![0; HASH_BUFFER];
         self.entries.iter().find(|e| {
             (local || !e.depend)
                 && e.probes.iter().all(|(path, want)| {
-                    *probes.entry(path).or_insert_with(|| Probe::at(path)) == *want
+                    *probes
+                        .entry(path.as_os_str())
+                        .or_insert_with(|| prober.probe(path))
+                        == *want
                 })
                 && e.files.iter().all(|(path, want)| {
-                    let now = hashes.entry(path).or_insert_with(|| {
-                        std::fs::read(path)
-                            .ok()
-                            .map(|text| *blake3::hash(&text).as_bytes())
-                    });
+                    let now = hashes
+                        .entry(path.as_os_str())
+                        .or_insert_with(|| hash_file(path, &mut buf));
                     *now == Some(*want)
                 })
         })
@@ -580,6 +613,24 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_hashes_as_its_contents_whatever_its_size_against_the_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buf = [0u8; 8];
+        for len in [0, 1, 7, 8, 9, 16, 17, 100] {
+            let text: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let path = dir.path().join(format!("f{len}"));
+            std::fs::write(&path, &text).unwrap();
+            assert_eq!(
+                hash_file(&path, &mut buf),
+                Some(*blake3::hash(&text).as_bytes()),
+                "{len} bytes"
+            );
+        }
+        assert_eq!(hash_file(&dir.path().join("missing"), &mut buf), None);
+        assert_eq!(hash_file(dir.path(), &mut buf), None, "a directory");
+    }
 
     /// Records from preprocessed text as the wrapper does, with no search directories.
     fn record_pre(key: CacheKey, pre: &[u8], started: SystemTime) -> Option<Entry> {

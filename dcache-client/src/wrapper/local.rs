@@ -157,8 +157,17 @@ pub fn exit_code(status: ExitStatus) -> i32 {
     1
 }
 
-/// Writes `data` to `path` atomically: a temporary file in the same directory, synced,
-/// then renamed over the target, so a reader (or a crash) never sees half an object.
+/// Writes `data` to `path` atomically: a temporary file in the same directory, renamed
+/// over the target, so a reader (or a crash of this process) never sees half an object.
+///
+/// Not synced to disk, as gcc and ccache do not sync their outputs either: after a power
+/// loss the object may be missing or empty, never a mix of two, and the build redoes it
+/// as it would a compiler's. A sync cost a warm hit a third of a millisecond and more
+/// with a busy disk, a tenth of ccache's whole hit. For the same reason the old file is
+/// removed before the rename rather than renamed over: ext4 (`auto_da_alloc`) writes a
+/// file renamed over another out at once, 0.27 ms for a 150 KB object against 0.085 ms
+/// (measured on this machine's ext4), twice per compile with a `.d` file. Between the two
+/// steps the path is briefly absent, as it is while gcc writes it.
 ///
 /// The file gets the mode the compiler would give it: created with 0666, which the
 /// kernel narrows by the process's umask (0644 under the usual 022), not the 0600 of a
@@ -186,7 +195,8 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
     builder.permissions(mode);
     let mut tmp = builder.tempfile_in(dir)?;
     tmp.write_all(data)?;
-    tmp.as_file().sync_data()?;
+    // A failure to remove shows again, with its cause, as the rename's.
+    let _ = std::fs::remove_file(path);
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }

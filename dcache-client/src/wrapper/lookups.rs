@@ -24,7 +24,8 @@
 //! nothing cannot be known, so a file using one is not recorded, nor one with `#embed`
 //! or `__has_embed` (a file read that no list names).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -77,6 +78,54 @@ impl Probe {
             2 => Some(Self::Other),
             _ => None,
         }
+    }
+}
+
+/// Examines candidate paths as [`Probe::at`] does, with fewer system calls: most
+/// candidates lie in directories that do not exist (`bits/types/X.h` under each of the
+/// system directories that has no `bits`), and a path whose parent does not resolve to a
+/// directory is absent whatever its last component is, so each such parent is examined
+/// once instead of every path under it. On Debian 12 a C file including `<signal.h>` and
+/// `<unistd.h>` has about 520 candidates, 420 of them under 48 missing directories.
+///
+/// Path resolution goes component by component, so "the parent is absent or a regular
+/// file" proves "absent" for every path below it, `..` components included. A parent that
+/// cannot be examined (permissions) proves nothing; its paths are examined one by one.
+#[derive(Debug, Default)]
+pub struct Prober {
+    /// Directories examined (by their bytes: hashing a `Path` parses its components),
+    /// and whether nothing can be below them.
+    empty_below: HashMap<OsString, bool>,
+}
+
+impl Prober {
+    /// What is at `path` now.
+    pub fn probe(&mut self, path: &Path) -> Probe {
+        match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && self.nothing_below(dir) => Probe::Absent,
+            _ => Probe::at(path),
+        }
+    }
+
+    /// Whether no path below `dir` can resolve: walks up to the nearest directory
+    /// already examined, then examines the ones below it from the top, so a missing
+    /// directory answers for all its descendants and each directory costs at most one
+    /// system call per prober.
+    fn nothing_below(&mut self, dir: &Path) -> bool {
+        let mut pending = Vec::new();
+        let mut nothing = false;
+        for a in dir.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+            if let Some(&known) = self.empty_below.get(a.as_os_str()) {
+                nothing = known;
+                break;
+            }
+            pending.push(a);
+        }
+        for a in pending.into_iter().rev() {
+            nothing = nothing || matches!(Probe::at(a), Probe::Absent | Probe::File);
+            self.empty_below.insert(a.as_os_str().to_owned(), nothing);
+        }
+        nothing
     }
 }
 
@@ -360,8 +409,9 @@ pub fn candidates(
 /// otherwise be recorded as if the compile had found it.
 pub fn record(candidates: BTreeSet<PathBuf>, started: SystemTime) -> Option<Vec<(PathBuf, Probe)>> {
     let mut out = Vec::with_capacity(candidates.len());
+    let mut prober = Prober::default();
     for path in candidates {
-        let probe = Probe::at(&path);
+        let probe = prober.probe(&path);
         if probe != Probe::Absent && super::direct::changed_at(&path)? >= started {
             return None;
         }
@@ -391,6 +441,43 @@ pub fn forced_includes(args: &[std::ffi::OsString]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_prober_answers_as_probing_each_path_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("inc/bits")).unwrap();
+        std::fs::write(d.join("inc/bits/types.h"), "").unwrap();
+        std::fs::write(d.join("inc/plain.h"), "").unwrap();
+        std::os::unix::fs::symlink(d.join("inc"), d.join("link")).unwrap();
+        std::os::unix::fs::symlink(d.join("gone"), d.join("dangling")).unwrap();
+        let paths = [
+            "missing/bits/types/x.h",
+            "missing/bits/y.h",
+            "missing/z.h",
+            "inc/bits/types.h",
+            "inc/bits/other.h",
+            "inc/plain.h/under.h",
+            "inc/plain.h",
+            "inc/bits/../plain.h",
+            "missing/../inc/plain.h",
+            "inc/bits",
+            "link/bits/types.h",
+            "link/missing/x.h",
+            "dangling/x.h",
+            "dangling",
+        ];
+        // In one order and the reverse, so which directory is examined first varies.
+        for order in [paths.to_vec(), paths.iter().rev().copied().collect()] {
+            let mut prober = Prober::default();
+            for p in order {
+                let path = d.join(p);
+                assert_eq!(prober.probe(&path), Probe::at(&path), "{p}");
+            }
+        }
+        let mut prober = Prober::default();
+        assert_eq!(prober.probe(Path::new("relative-missing.h")), Probe::Absent);
+    }
 
     fn names(text: &str) -> Option<Vec<(bool, bool, String)>> {
         scan(text.as_bytes()).map(|n| {
