@@ -10,7 +10,6 @@
 //! hosts, Unix sockets and in-process servers are fast, and any other host is taken to be
 //! across a network no faster than the threshold.
 
-use std::net::IpAddr;
 use std::str::FromStr;
 
 use dcache_transport::Address;
@@ -100,7 +99,7 @@ impl CompressPolicy {
             CompressMode::Never => false,
             CompressMode::Auto => match self.link_speed {
                 Some(bps) => bps <= AUTO_MAX_LINK_SPEED,
-                None => !is_local(addr),
+                None => !addr.is_on_this_machine(),
             },
         }
     }
@@ -109,19 +108,6 @@ impl CompressPolicy {
     /// [`ClientConfig::compression`](dcache_proto::ClientConfig::compression) takes).
     pub fn level_for(&self, addr: &Address) -> Option<i32> {
         self.pays(addr).then_some(dcache_proto::DEFAULT_LEVEL)
-    }
-}
-
-/// Whether an address is on this machine, where bytes move at memory speed.
-fn is_local(addr: &Address) -> bool {
-    match addr {
-        Address::Unix(_) | Address::Mem(_) => true,
-        Address::Tcp { host, .. } | Address::Tls { host, .. } => {
-            host.eq_ignore_ascii_case("localhost")
-                || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-        }
-        // A kind of address added later: assume a network, where compression is safe.
-        _ => false,
     }
 }
 

@@ -75,6 +75,23 @@ pub enum AddressError {
     EmptyName(String),
 }
 
+impl Address {
+    /// Whether the peer is on this machine, where bytes move at memory speed: a Unix
+    /// socket, an in-process listener, or TCP to `localhost` or a loopback address. What
+    /// decides, for instance, whether compressing the bytes to it can pay.
+    pub fn is_on_this_machine(&self) -> bool {
+        match self {
+            Self::Unix(_) | Self::Mem(_) => true,
+            Self::Tcp { host, .. } | Self::Tls { host, .. } => {
+                host.eq_ignore_ascii_case("localhost")
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        }
+    }
+}
+
 impl FromStr for Address {
     type Err = AddressError;
 
@@ -171,6 +188,28 @@ mod tests {
 
     fn err(s: &str) -> AddressError {
         s.parse::<Address>().unwrap_err()
+    }
+
+    #[test]
+    fn loopback_unix_and_in_process_peers_are_on_this_machine() {
+        for local in [
+            "tcp://127.0.0.1:1",
+            "tcp://localhost:1",
+            "tls://LOCALHOST:1",
+            "tcp://[::1]:1",
+            "tcp://127.9.0.1:1",
+            "unix:///run/x.sock",
+            "mem://a",
+        ] {
+            assert!(parse(local).is_on_this_machine(), "{local}");
+        }
+        for remote in [
+            "tcp://10.0.0.1:1",
+            "tls://build.example:1",
+            "tcp://[2001:db8::1]:1",
+        ] {
+            assert!(!parse(remote).is_on_this_machine(), "{remote}");
+        }
     }
 
     #[test]

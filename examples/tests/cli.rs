@@ -39,6 +39,32 @@ fn source_dir() -> tempfile::TempDir {
 }
 
 #[test]
+fn output_into_a_closed_pipe_is_dropped_without_a_panic() {
+    // `dcache --stats | head -1`: the reader is gone before the writer writes. The read
+    // end is closed before the process starts, so every write meets EPIPE.
+    let dir = tempfile::tempdir().unwrap();
+    for (bin, args) in [
+        (DCACHE, &["--stats"][..]),
+        (DCACHE, &["--help"][..]),
+        (DCACHE, &["--version"][..]),
+        (SERVER, &["--print-config"][..]),
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(bin)
+            .args(args)
+            .env("DCACHE_DIR", dir.path().join("cache"))
+            .env_remove("DCACHE_HOSTS")
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{bin} {args:?}: {err}");
+        assert!(out.status.success(), "{bin} {args:?}: {err}");
+    }
+}
+
+#[test]
 fn versions_and_help_name_the_binary_itself() {
     let v = Command::new(DCACHE).arg("--version").output().unwrap();
     assert!(v.status.success());

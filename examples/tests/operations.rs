@@ -49,6 +49,7 @@ shared_deadline = 100
 upstream = ["tcp://10.0.0.7:3633"]
 upstream_token_file = "/etc/dcache/upstream.token"
 upstream_backoff = 30
+upstream_compress = "never"
 metrics = "tcp://127.0.0.1:9633"
 metrics_allow = ["10.2.0.0/16"]
 verbose = 1

@@ -105,3 +105,43 @@ fn a_relay_in_front_of_a_token_server_caches_and_falls_back() {
     );
     assert!(dir.path().join("b.o").exists());
 }
+
+#[test]
+fn a_relay_compressing_to_its_upstream_serves_gccs_object() {
+    let up_cache = tempfile::tempdir().unwrap();
+    let upstream = server_on(up_cache.path(), &[], &[]);
+    let relay_cache = tempfile::tempdir().unwrap();
+    // The upstream is on loopback, where `auto` would not compress: `always` makes both
+    // directions go through zstd frames.
+    let relay = server_on(
+        relay_cache.path(),
+        &[
+            "--upstream",
+            &upstream.addr,
+            "--upstream-compress",
+            "always",
+        ],
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // Large and repetitive, so compressed frames are what crosses.
+    let body: String = (0..2000)
+        .map(|i| format!("int f{i}(int x) {{ return x * {i} + 1; }}\n"))
+        .collect();
+    std::fs::write(dir.path().join("big.c"), &body).unwrap();
+    let plain = Command::new("gcc")
+        .args(["-O2", "-c", "big.c", "-o", "plain.o"])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(plain.success());
+    let out = compile(dir.path(), "big.c", "big.o", &relay.addr);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "", "compiled upstream, silently");
+    assert_eq!(
+        std::fs::read(dir.path().join("big.o")).unwrap(),
+        std::fs::read(dir.path().join("plain.o")).unwrap()
+    );
+    let up_stats = stats_json(&[("DCACHE_HOSTS", upstream.addr.as_str())]);
+    assert_eq!(stat(&up_stats, "compiles"), 1, "{up_stats}");
+}

@@ -63,6 +63,48 @@ impl FromStr for LogFormat {
     }
 }
 
+/// Whether a relay's connections to its upstreams offer zstd compression
+/// (`upstream_compress`), as the `dcache` client's `DCACHE_COMPRESS` decides for its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum UpstreamCompress {
+    /// To upstreams across a network, not to one on this machine (loopback, a Unix
+    /// socket), where compressing costs more than the bytes it saves.
+    #[default]
+    Auto,
+    /// To every upstream.
+    Always,
+    /// To none.
+    Never,
+}
+
+impl UpstreamCompress {
+    /// The zstd level a connection to `upstream` offers, `None` for none (what
+    /// `RelayConfig::compression` holds per upstream).
+    pub fn level_for(self, upstream: &Address) -> Option<i32> {
+        let offer = match self {
+            Self::Always => true,
+            Self::Never => false,
+            Self::Auto => !upstream.is_on_this_machine(),
+        };
+        offer.then_some(dcache_proto::DEFAULT_LEVEL)
+    }
+}
+
+impl FromStr for UpstreamCompress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            _ => Err(format!("{s:?} is not auto, always or never")),
+        }
+    }
+}
+
 /// Every setting of `dcache-server`. Field names are the file's keys; the flag of each is
 /// `--` and the name with `-` for `_`. Optional settings absent from the file are `None`;
 /// their meaning when absent is on the field.
@@ -159,6 +201,8 @@ pub struct Settings {
     pub upstream_token_file: Option<PathBuf>,
     /// Seconds an upstream that failed is skipped before it is tried again.
     pub upstream_backoff: u64,
+    /// Whether the connections to the upstreams offer compression.
+    pub upstream_compress: UpstreamCompress,
     /// The Prometheus and health endpoint's address (`tcp://HOST:PORT`); absent: none.
     #[serde(default, with = "text::opt", skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Address>,
@@ -215,6 +259,7 @@ impl Default for Settings {
             upstream: Vec::new(),
             upstream_token_file: None,
             upstream_backoff: 10,
+            upstream_compress: UpstreamCompress::Auto,
             metrics: None,
             metrics_allow: Vec::new(),
             verbose: 0,

@@ -45,6 +45,7 @@ fn everything() -> Settings {
         upstream: vec!["tcp://10.0.0.7:3633".parse().unwrap()],
         upstream_token_file: Some("/etc/dcache/upstream.token".into()),
         upstream_backoff: 30,
+        upstream_compress: UpstreamCompress::Always,
         metrics: Some("tcp://127.0.0.1:9633".parse().unwrap()),
         metrics_allow: vec!["10.2.0.0/16".parse().unwrap()],
         verbose: 2,
@@ -212,4 +213,17 @@ fn settings_become_the_service_and_exec_limits() {
         s.service_config().protocol.idle_timeout,
         Duration::from_secs(1)
     );
+}
+
+#[test]
+fn upstream_compression_auto_offers_it_across_a_network_only() {
+    let far: Address = "tls://farm.example:3633".parse().unwrap();
+    let near: Address = "tcp://127.0.0.1:3633".parse().unwrap();
+    let level = Some(dcache_proto::DEFAULT_LEVEL);
+    assert_eq!(UpstreamCompress::Auto.level_for(&far), level);
+    assert_eq!(UpstreamCompress::Auto.level_for(&near), None);
+    assert_eq!(UpstreamCompress::Always.level_for(&near), level);
+    assert_eq!(UpstreamCompress::Never.level_for(&far), None);
+    assert_eq!("always".parse(), Ok(UpstreamCompress::Always));
+    assert!("sometimes".parse::<UpstreamCompress>().is_err());
 }

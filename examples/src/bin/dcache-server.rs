@@ -12,7 +12,7 @@ use std::sync::Arc;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use dcache_examples::util::{init_server_logging, user_cache_dir};
-use dcache_server::config::{LogFormat, Settings, Size};
+use dcache_server::config::{LogFormat, Settings, Size, UpstreamCompress};
 use dcache_server::distcc::DistccConfig;
 use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
 use dcache_server::metrics::{MetricsConfig, Readiness, SandboxState};
@@ -200,6 +200,10 @@ struct Args {
     /// Seconds an upstream that failed is skipped before it is tried again.
     #[arg(long, default_value_t = 10)]
     upstream_backoff: u64,
+    /// Whether the connections to the upstreams offer zstd compression: auto (to
+    /// upstreams across a network, not to one on this machine), always or never.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    upstream_compress: UpstreamCompress,
     /// Serve Prometheus metrics (/metrics) and health checks (/healthz, /readyz) over
     /// plain HTTP on tcp://HOST:PORT, a listener of its own. Off by default; loopback
     /// only unless --metrics-allow names the ranges that may scrape it.
@@ -241,7 +245,7 @@ fn settings(args: &Args, given: impl Fn(&str) -> bool) -> Result<Settings, Strin
         limit_stderr, limit_spool, min_upload_rate, handshake_timeout, stall_timeout,
         idle_timeout, max_handshaking, max_connections_per_address, shared,
         shared_key_file, shared_ttl, shared_max_value, shared_deadline, upstream,
-        upstream_token_file, upstream_backoff, metrics, metrics_allow, verbose, log_format,
+        upstream_token_file, upstream_backoff, upstream_compress, metrics, metrics_allow, verbose, log_format,
     );
     // What an absent option means, made explicit: --print-config shows what will be used.
     if s.cache_dir.is_none() {
@@ -257,6 +261,27 @@ fn settings(args: &Args, given: impl Fn(&str) -> bool) -> Result<Settings, Strin
 /// Whether the option `id` was given on the command line.
 fn on_command_line(matches: &ArgMatches, id: &str) -> bool {
     matches.value_source(id) == Some(ValueSource::CommandLine)
+}
+
+/// `println!` that does not panic when stdout is closed (`dcache --stats | head`): what
+/// could not be written is dropped, as other tools' output is.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        out(&format!("{}\n", format_args!($($t)*)))
+    };
+}
+
+/// `print!`, likewise.
+macro_rules! outp {
+    ($($t:tt)*) => {
+        out(&format!($($t)*))
+    };
+}
+
+/// Writes `text` to stdout, dropping it when stdout is closed.
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 fn main() -> ExitCode {
@@ -278,7 +303,7 @@ fn main() -> ExitCode {
     if args.print_config {
         return match settings.to_toml() {
             Ok(text) => {
-                print!("{text}");
+                outp!("{text}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -338,13 +363,13 @@ fn probe_sandbox(args: &Settings, check_sandbox: bool) -> Result<Option<Sandbox>
     match Sandbox::probe(&launcher) {
         Ok(sandbox) => {
             if check_sandbox {
-                println!("sandbox: {}", sandbox.protections());
+                outln!("sandbox: {}", sandbox.protections());
             }
             tracing::info!("compiles are sandboxed: {}", sandbox.protections());
             Ok(Some(sandbox))
         }
         Err(e) if check_sandbox => {
-            println!("sandbox: NOT AVAILABLE: {e}");
+            outln!("sandbox: NOT AVAILABLE: {e}");
             Err(ExitCode::FAILURE)
         }
         Err(e) if beyond_loopback => {
@@ -477,6 +502,11 @@ async fn relay(
     };
     let mut relay = RelayConfig::new(args.upstream.clone());
     relay.backoff = std::time::Duration::from_secs(args.upstream_backoff.max(1));
+    relay.compression = args
+        .upstream
+        .iter()
+        .map(|u| args.upstream_compress.level_for(u))
+        .collect();
     match upstream_tls() {
         Ok(Some(tls)) => relay.transport = relay.transport.with_tls_client(tls),
         Ok(None) => {}

@@ -10,11 +10,26 @@ use std::process::ExitCode;
 use dcache_client::{cache_admin, stats, wrapper};
 use dcache_examples::util;
 
+/// `println!` that does not panic when stdout is closed (`dcache --stats | head`): what
+/// could not be written is dropped, as other tools' output is.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        out(&format!("{}\n", format_args!($($t)*)))
+    };
+}
+
+/// `print!`, likewise.
+macro_rules! outp {
+    ($($t:tt)*) => {
+        out(&format!($($t)*))
+    };
+}
+
 fn main() -> ExitCode {
     let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let first = args.first().and_then(|a| a.to_str()).map(str::to_owned);
     if first.as_deref() == Some("--version") {
-        println!("dcache {}", env!("CARGO_PKG_VERSION"));
+        outln!("dcache {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
     let config = match wrapper::Config::from_env() {
@@ -55,7 +70,7 @@ fn main() -> ExitCode {
     }
     match first.as_deref() {
         None | Some("--help" | "-h") => {
-            print!("{}", wrapper::HELP);
+            outp!("{}", wrapper::HELP);
             ExitCode::SUCCESS
         }
         Some("--stats") => {
@@ -68,10 +83,10 @@ fn main() -> ExitCode {
                 eprintln!("dcache: {host}: {e}");
             }
             if json {
-                println!("{}", report.to_json());
+                outln!("{}", report.to_json());
             } else {
-                print!("{}", report.to_text());
-                print!("{}", runtime.block_on(daemon_stats(&config)));
+                outp!("{}", report.to_text());
+                outp!("{}", runtime.block_on(daemon_stats(&config)));
             }
             ExitCode::SUCCESS
         }
@@ -80,10 +95,10 @@ fn main() -> ExitCode {
                 wrapper::daemon::stop_all(&config, std::time::Duration::from_secs(10));
             for d in &stopped {
                 let pid = d.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
-                println!("dcache: stopping daemon {} (pid {pid})", d.fingerprint);
+                outln!("dcache: stopping daemon {} (pid {pid})", d.fingerprint);
             }
             if stopped.is_empty() {
-                println!("dcache: no daemon running for {}", config.dir.display());
+                outln!("dcache: no daemon running for {}", config.dir.display());
             }
             if gone {
                 ExitCode::SUCCESS
@@ -115,9 +130,10 @@ fn main() -> ExitCode {
             wrapper::daemon::stop_all(&config, std::time::Duration::from_secs(10));
             match cache_admin::clear(&config) {
                 Ok(c) => {
-                    println!(
+                    outln!(
                         "dcache: removed {} results and {} manifests",
-                        c.entries, c.manifests
+                        c.entries,
+                        c.manifests
                     );
                     ExitCode::SUCCESS
                 }
@@ -127,7 +143,7 @@ fn main() -> ExitCode {
         Some(opt @ ("--max-size" | "-M")) => match args.get(1).and_then(|a| a.to_str()) {
             Some(value) => match cache_admin::set_max_size(&config.dir, value) {
                 Ok(limit) => {
-                    println!(
+                    outln!(
                         "dcache: max size {} set in {}",
                         cache_admin::format_size(limit),
                         wrapper::config_file::path(&config.dir).display()
