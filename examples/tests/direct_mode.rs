@@ -428,3 +428,44 @@ fn a_header_regenerated_just_before_the_build_is_recorded_by_its_first_compile()
         );
     }
 }
+
+fn rewritten_in_place(via: Via<'_>) {
+    let p = Project::new(&[
+        ("r.c", "#include \"k.h\"\nint k = K;\n"),
+        ("k.h", "#define K 1\n"),
+    ]);
+    let args = ["-O2", "-c", "r.c", "-o", "r.o"];
+    assert!(!p.compile_checked(via, "gcc", &args), "cold");
+    assert!(p.compile_checked(via, "gcc", &args), "warm");
+    // Same size, same inode, other bytes: only the header's timestamps say it changed,
+    // and a hit would be the old object (compile_checked compares with gcc's).
+    let path = p.path().join("k.h");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::io::Write::write_all(&mut f, b"#define K 2\n").unwrap();
+    drop(f);
+    assert!(
+        !p.compile_checked(via, "gcc", &args),
+        "k.h rewritten in place"
+    );
+    p.settle(via, "gcc", &args);
+    // Touched with its contents unchanged: read and hashed again, still the same entry.
+    age();
+    let now = std::time::SystemTime::now();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(now)
+        .unwrap();
+    assert!(
+        p.compile_checked(via, "gcc", &args),
+        "touched: the same bytes, a hit"
+    );
+}
+
+#[test]
+fn a_header_rewritten_in_place_with_the_same_size_is_seen() {
+    rewritten_in_place(Via::Depend);
+    let s = server();
+    rewritten_in_place(Via::Server(&s));
+}

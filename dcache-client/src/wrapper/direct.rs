@@ -40,6 +40,7 @@ use std::time::{Duration, SystemTime};
 
 use dcache_proto::CacheKey;
 
+use super::file_id::{self, FileId};
 use super::include_dirs::SearchDirs;
 use super::lookups::{self, Probe, Prober};
 
@@ -79,7 +80,7 @@ pub(crate) const ENV: [&str; 19] = [
 
 /// The stored form's first bytes; version 2 added lookups and depend mode, version 3 the
 /// replayed diagnostics (an older manifest reads as none, and is recorded again).
-const MAGIC: &[u8; 4] = b"DCM3";
+const MAGIC: &[u8; 4] = b"DCM4";
 
 /// Most entries one manifest keeps (one per distinct set of header contents seen).
 const MAX_ENTRIES: usize = 16;
@@ -302,6 +303,11 @@ pub struct Entry {
     pub dep_file: Option<Vec<u8>>,
     /// Every file the preprocessor read, with the BLAKE3 hash of its contents.
     pub files: Vec<(PathBuf, [u8; 32])>,
+    /// What each of [`files`](Self::files) was when it was hashed, by the same index (as
+    /// long as `files`): a lookup that finds a file still so takes its recorded hash
+    /// without reading it (see [`super::file_id`]). A file with `None` here (or, in an
+    /// entry built by hand, none at all) is read and hashed.
+    pub seen: Vec<Option<FileId>>,
     /// Every candidate path of every header lookup, and what was there (see
     /// [`super::lookups`]).
     pub probes: Vec<(PathBuf, Probe)>,
@@ -348,15 +354,20 @@ impl Entry {
             return None;
         }
         let mut texts = Vec::with_capacity(src.files.len());
+        let mut seen = Vec::with_capacity(src.files.len());
         for path in &src.files {
+            // Read first, then checked: unchanged from the compile's start until the
+            // check, so the text is what the compile read and what `seen` describes.
+            let text = std::fs::read(path).ok()?;
+            let meta = std::fs::metadata(path).ok()?;
             if changed_at(path)? >= src.started {
                 return None;
             }
-            let text = std::fs::read(path).ok()?;
             if unrecordable(&text) {
                 return None;
             }
             texts.push(text);
+            seen.push(FileId::of(&meta));
         }
         let read: Vec<lookups::Read<'_>> = src
             .files
@@ -376,6 +387,7 @@ impl Entry {
             key,
             dep_file,
             files,
+            seen,
             probes,
             depend,
             stderr: None,
@@ -472,7 +484,15 @@ impl Manifest {
                         .or_insert_with(|| prober.probe(path))
                         == *want
                 })
-                && e.files.iter().all(|(path, want)| {
+                && e.files.iter().enumerate().all(|(i, (path, want))| {
+                    if e.seen
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|id| id.matches(path))
+                    {
+                        return true;
+                    }
                     let now = hashes
                         .entry(path.as_os_str())
                         .or_insert_with(|| hash_file(path, &mut buf));
@@ -505,9 +525,16 @@ impl Manifest {
                 None => out.push(0),
             }
             put_len(&mut out, e.files.len());
-            for (path, hash) in &e.files {
+            for (i, (path, hash)) in e.files.iter().enumerate() {
                 put_bytes(&mut out, path.as_os_str().as_encoded_bytes());
                 out.extend_from_slice(hash);
+                match e.seen.get(i).copied().flatten() {
+                    Some(id) => {
+                        out.push(1);
+                        out.extend_from_slice(&id.to_bytes());
+                    }
+                    None => out.push(0),
+                }
             }
             put_len(&mut out, e.probes.len());
             for (path, probe) in &e.probes {
@@ -540,9 +567,17 @@ impl Manifest {
             };
             let n = r.len()?;
             let mut files = Vec::with_capacity(n.min(4096));
+            let mut seen = Vec::with_capacity(n.min(4096));
             for _ in 0..n {
                 let name = std::str::from_utf8(r.bytes()?).ok()?;
                 files.push((PathBuf::from(name), r.array()?));
+                seen.push(match r.take(1)?[0] {
+                    0 => None,
+                    1 => Some(FileId::from_bytes(
+                        r.take(file_id::ENCODED_LEN)?.try_into().ok()?,
+                    )),
+                    _ => return None,
+                });
             }
             let n = r.len()?;
             let mut probes = Vec::with_capacity(n.min(1 << 16));
@@ -564,6 +599,7 @@ impl Manifest {
                 key,
                 dep_file,
                 files,
+                seen,
                 probes,
                 depend,
                 stderr,
@@ -758,6 +794,7 @@ mod tests {
                 key: CacheKey::from_bytes([i; 32]),
                 dep_file: (i % 2 == 0).then(|| b"x.o: x.c h.h\n".to_vec()),
                 files: vec![(PathBuf::from(format!("h{i}.h")), [i; 32])],
+                seen: vec![(i % 2 == 0).then(|| FileId::from_bytes(&[i; file_id::ENCODED_LEN]))],
                 probes: vec![(PathBuf::from(format!("/i/h{i}.h")), Probe::Absent)],
                 depend: i % 3 == 0,
                 stderr: (i % 2 == 1).then(|| b"x.c:1:1: warning: w\n".to_vec()),
@@ -791,6 +828,7 @@ mod tests {
             key: CacheKey::from_bytes([1; 32]),
             dep_file: None,
             files: vec![(h.clone(), hash("int v1;"))],
+            seen: vec![None],
             probes: vec![],
             depend: false,
             stderr: None,
@@ -799,6 +837,7 @@ mod tests {
             key: CacheKey::from_bytes([2; 32]),
             dep_file: None,
             files: vec![(h.clone(), hash("int v2;"))],
+            seen: vec![None],
             probes: vec![],
             depend: false,
             stderr: None,
@@ -820,6 +859,44 @@ mod tests {
             None,
             "a vanished file matches nothing"
         );
+    }
+
+    #[test]
+    fn a_file_still_as_recorded_is_not_read_again_and_a_changed_one_is() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let h = dir.path().join("h.h");
+        std::fs::write(&h, "int h;").unwrap_or_default();
+        let pre = format!("# 1 \"{}\" 1\nint h;\n", h.display());
+        let key = CacheKey::from_bytes([7; 32]);
+        let later = SystemTime::now() + Duration::from_secs(5);
+        let mut e = record_pre(key, pre.as_bytes(), later).expect("recorded");
+        assert_eq!(e.seen.len(), 1);
+        assert!(e.seen[0].is_some(), "a regular file");
+        // Proof that the recorded identity stands in for the contents: with a wrong hash
+        // the entry is still current while the file is as it was when recorded.
+        e.files[0].1 = [0; 32];
+        let mut m = Manifest::default();
+        m.add(e.clone());
+        assert_eq!(m.find_current(true).map(|e| e.key), Some(key));
+        // Once the file changes, the identity no longer matches and the (wrong) hash
+        // decides: not current. The sleep lets the kernel's coarse clock move on.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&h, "int h;").unwrap_or_default();
+        assert_eq!(
+            m.find_current(true),
+            None,
+            "rewritten, even with the same bytes"
+        );
+        // And the stored form keeps the identity.
+        let fresh = record_pre(
+            key,
+            pre.as_bytes(),
+            SystemTime::now() + Duration::from_secs(5),
+        )
+        .expect("recorded");
+        let mut m = Manifest::default();
+        m.add(fresh);
+        assert_eq!(Manifest::decode(&m.encode()), Some(m));
     }
 
     #[test]
@@ -859,6 +936,7 @@ mod tests {
             key: CacheKey::from_bytes([1; 32]),
             dep_file: None,
             files: vec![],
+            seen: vec![],
             probes: vec![(shadow.clone(), Probe::Absent)],
             depend: true,
             stderr: None,

@@ -368,7 +368,7 @@ async fn try_direct(
     let entry = manifest.find_current(!backend.is_remote())?;
     // What a hit costs in file reads and lookups (docs/BENCHMARKS.md quotes it).
     tracing::debug!(
-        "{}: manifest entry current: {} files hashed, {} lookups checked in {:?}",
+        "{}: manifest entry current: {} files and {} lookups checked in {:?}",
         plan.input.display(),
         entry.files.len(),
         entry.probes.len(),

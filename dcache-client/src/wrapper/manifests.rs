@@ -292,6 +292,7 @@ mod tests {
             files: (0..files)
                 .map(|i| (PathBuf::from(format!("/inc/h{seed}_{i}.h")), [seed; 32]))
                 .collect(),
+            seen: vec![None; files],
             probes: Vec::new(),
             depend: false,
             stderr: None,

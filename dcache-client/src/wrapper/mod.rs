@@ -35,6 +35,7 @@ pub mod daemon;
 #[cfg(feature = "embedded")]
 pub mod depend;
 pub mod direct;
+pub mod file_id;
 #[cfg(feature = "embedded")]
 pub mod flow;
 #[cfg(feature = "embedded")]
