@@ -40,7 +40,7 @@ use std::time::{Duration, SystemTime};
 
 use dcache_proto::CacheKey;
 
-use super::file_id::{self, FileId};
+use super::file_id::{self, FileId, LocalFilesystems};
 use super::include_dirs::SearchDirs;
 use super::lookups::{self, Probe, Prober};
 
@@ -468,7 +468,8 @@ impl Manifest {
     }
 
     /// The newest entry whose files all still hash as recorded and whose lookups would
-    /// all find what they found, reading each file and examining each path once;
+    /// all find what they found, reading each file not known to be unchanged (see
+    /// [`super::file_id`]) and examining each path once;
     /// `local` says whether depend-mode entries can be served (only by the local cache).
     pub fn find_current(&self, local: bool) -> Option<&Entry> {
         // Keyed by the paths' bytes: hashing a `Path` parses its components.
@@ -476,6 +477,7 @@ impl Manifest {
         let mut probes: HashMap<&OsStr, Probe> = HashMap::new();
         let mut prober = Prober::default();
         let mut buf = vec![0; HASH_BUFFER];
+        let mut filesystems = LocalFilesystems::default();
         self.entries.iter().find(|e| {
             (local || !e.depend)
                 && e.probes.iter().all(|(path, want)| {
@@ -489,7 +491,7 @@ impl Manifest {
                         .get(i)
                         .copied()
                         .flatten()
-                        .is_some_and(|id| id.matches(path))
+                        .is_some_and(|id| id.matches(path, &mut filesystems))
                     {
                         return true;
                     }
@@ -877,7 +879,12 @@ mod tests {
         e.files[0].1 = [0; 32];
         let mut m = Manifest::default();
         m.add(e.clone());
-        assert_eq!(m.find_current(true).map(|e| e.key), Some(key));
+        let dev = std::fs::metadata(&h).map(|m| m.dev()).unwrap_or_default();
+        if LocalFilesystems::default().holds(dev, &h) {
+            assert_eq!(m.find_current(true).map(|e| e.key), Some(key));
+        } else {
+            assert_eq!(m.find_current(true), None, "not trusted on this filesystem");
+        }
         // Once the file changes, the identity no longer matches and the (wrong) hash
         // decides: not current. The sleep lets the kernel's coarse clock move on.
         std::thread::sleep(Duration::from_millis(20));
