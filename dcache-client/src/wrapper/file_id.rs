@@ -32,7 +32,8 @@ const LOCAL: &[FsType] = &[
     statfs::F2FS_SUPER_MAGIC,
 ];
 
-/// Which devices hold a filesystem on the [`LOCAL`] list, asked once per device.
+/// Which devices hold one of the filesystems this kernel keeps itself (ext2/3/4, xfs,
+/// btrfs, tmpfs, overlayfs, f2fs), asked once per device.
 #[derive(Debug, Default)]
 pub struct LocalFilesystems {
     known: HashMap<u64, bool>,
