@@ -46,3 +46,27 @@ pub fn init_logging_as(filter: &str, format: LogFormat) {
             .try_init(),
     };
 }
+
+/// Writes `text` to stdout, dropping it when stdout is closed (`dcache --stats | head`):
+/// what could not be written is lost, as with other tools' output, where `print!` would
+/// panic.
+pub fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+/// `println!` through [`out`]: no panic when stdout is closed.
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::util::out(&format!("{}\n", format_args!($($t)*)))
+    };
+}
+
+/// `print!` through [`out`].
+#[macro_export]
+macro_rules! outp {
+    ($($t:tt)*) => {
+        $crate::util::out(&format!($($t)*))
+    };
+}

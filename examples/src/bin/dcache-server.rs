@@ -12,6 +12,7 @@ use std::sync::Arc;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use dcache_examples::util::{init_server_logging, user_cache_dir};
+use dcache_examples::{outln, outp};
 use dcache_server::config::{LogFormat, Settings, Size, UpstreamCompress};
 use dcache_server::distcc::DistccConfig;
 use dcache_server::exec::{LocalExecutor, LocalExecutorConfig};
@@ -245,7 +246,8 @@ fn settings(args: &Args, given: impl Fn(&str) -> bool) -> Result<Settings, Strin
         limit_stderr, limit_spool, min_upload_rate, handshake_timeout, stall_timeout,
         idle_timeout, max_handshaking, max_connections_per_address, shared,
         shared_key_file, shared_ttl, shared_max_value, shared_deadline, upstream,
-        upstream_token_file, upstream_backoff, upstream_compress, metrics, metrics_allow, verbose, log_format,
+        upstream_token_file, upstream_backoff, upstream_compress, metrics, metrics_allow, verbose,
+        log_format,
     );
     // What an absent option means, made explicit: --print-config shows what will be used.
     if s.cache_dir.is_none() {
@@ -261,27 +263,6 @@ fn settings(args: &Args, given: impl Fn(&str) -> bool) -> Result<Settings, Strin
 /// Whether the option `id` was given on the command line.
 fn on_command_line(matches: &ArgMatches, id: &str) -> bool {
     matches.value_source(id) == Some(ValueSource::CommandLine)
-}
-
-/// `println!` that does not panic when stdout is closed (`dcache --stats | head`): what
-/// could not be written is dropped, as other tools' output is.
-macro_rules! outln {
-    ($($t:tt)*) => {
-        out(&format!("{}\n", format_args!($($t)*)))
-    };
-}
-
-/// `print!`, likewise.
-macro_rules! outp {
-    ($($t:tt)*) => {
-        out(&format!($($t)*))
-    };
-}
-
-/// Writes `text` to stdout, dropping it when stdout is closed.
-fn out(text: &str) {
-    use std::io::Write;
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 fn main() -> ExitCode {

@@ -8,22 +8,7 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 
 use dcache_client::{cache_admin, stats, wrapper};
-use dcache_examples::util;
-
-/// `println!` that does not panic when stdout is closed (`dcache --stats | head`): what
-/// could not be written is dropped, as other tools' output is.
-macro_rules! outln {
-    ($($t:tt)*) => {
-        out(&format!("{}\n", format_args!($($t)*)))
-    };
-}
-
-/// `print!`, likewise.
-macro_rules! outp {
-    ($($t:tt)*) => {
-        out(&format!($($t)*))
-    };
-}
+use dcache_examples::{outln, outp, util};
 
 fn main() -> ExitCode {
     let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
@@ -115,12 +100,12 @@ fn main() -> ExitCode {
                 eprintln!("dcache: {host}: {e}");
             }
             match cache_admin::report(&config) {
-                Ok(cache) if json => out(&format!(
+                Ok(cache) if json => util::out(&format!(
                     "{{\"counters\": {}, \"cache\": {}}}\n",
                     report.to_json(),
                     cache.to_json()
                 )),
-                Ok(cache) => out(&format!("{}{}", report.to_text(), cache.to_text())),
+                Ok(cache) => util::out(&format!("{}{}", report.to_text(), cache.to_text())),
                 Err(e) => return fail(&e),
             }
             ExitCode::SUCCESS
@@ -162,7 +147,7 @@ fn main() -> ExitCode {
         },
         Some("--show-config" | "-p") => {
             let settings = cache_admin::show_config(&config, |n| std::env::var(n).ok());
-            out(&cache_admin::settings_text(&settings));
+            util::out(&cache_admin::settings_text(&settings));
             ExitCode::SUCCESS
         }
         Some("--demo") => ExitCode::from(u8::try_from(dcache_examples::demo::run()).unwrap_or(1)),
@@ -221,12 +206,6 @@ async fn daemon_stats(config: &wrapper::Config) -> String {
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("dcache: {e}");
     ExitCode::FAILURE
-}
-
-/// Prints to stdout; a closed pipe (`dcache -s | head`) is not an error worth a panic.
-fn out(text: &str) {
-    use std::io::Write;
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 /// One compiler command: split into one compile per source when it has several (each
