@@ -238,7 +238,12 @@ fn hash_file(path: &Path, buf: &mut [u8]) -> Option<[u8; 32]> {
 /// its newest timestamp plus that timestamp's margin (`Stamp::margin`). A compile that
 /// started after it read what is there now.
 pub(crate) fn changed_at(path: &Path) -> Option<SystemTime> {
-    let mut latest = Stamp::of(&std::fs::metadata(path).ok()?).latest_change()?;
+    changed_at_from(path, &std::fs::metadata(path).ok()?)
+}
+
+/// [`changed_at`], with `meta` the file's own metadata (`stat` of `path`) already in hand.
+fn changed_at_from(path: &Path, meta: &std::fs::Metadata) -> Option<SystemTime> {
+    let mut latest = Stamp::of(meta).latest_change()?;
     let mut prefix = PathBuf::new();
     for c in path.components() {
         prefix.push(c);
@@ -356,11 +361,12 @@ impl Entry {
         let mut texts = Vec::with_capacity(src.files.len());
         let mut seen = Vec::with_capacity(src.files.len());
         for path in &src.files {
-            // Read first, then checked: unchanged from the compile's start until the
-            // check, so the text is what the compile read and what `seen` describes.
+            // Read first, then checked with one `stat`: unchanged from the compile's
+            // start until then, so the text is what the compile read and what `seen`
+            // (from the same `stat`) describes.
             let text = std::fs::read(path).ok()?;
             let meta = std::fs::metadata(path).ok()?;
-            if changed_at(path)? >= src.started {
+            if changed_at_from(path, &meta)? >= src.started {
                 return None;
             }
             if unrecordable(&text) {
